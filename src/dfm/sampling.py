@@ -1,0 +1,186 @@
+"""Samplers over a :class:`~dfm.schedule.StageSchedule` (method.md section 6).
+
+Every stage starts from its own Gaussian noise at t = 0 and is integrated to t = 1 (data) along the schedule's
+grid; no noise is re-injected between stages. At each step the model sees the active stages only (inactive ones
+are zeroed and sit at t = 0) and is told the stage being generated (the schedule's phase) as ``main_stage``.
+
+Euler:  x_{n+1} = x_n + Δt_n ⊙ v(x_n, t_n)
+Heun:   x̃ = x_n + Δt_n ⊙ v(x_n, t_n),   x_{n+1} = x_n + Δt_n ⊙ (v(x_n, t_n) + v(x̃, t_{n+1})) / 2
+
+where Δt_n is the per-stage time increment (zero for stages that do not move). Classifier-free guidance, per
+stage s: v_s = v_s(∅) + w_s · (v_s(y) - v_s(∅)).
+
+Example:
+    >>> import torch
+    >>> from dfm.decomposition import LaplacianPyramid
+    >>> from dfm.schedule import StageSchedule
+    >>> from dfm.sampling import sample
+    >>> model = lambda levels, t, y, main_stage: [-lv for lv in levels]  # any velocity field
+    >>> out = sample(model, LaplacianPyramid(2), StageSchedule((6, 2), (0.7,)), (2, 1, 8, 8), seeds=[0, 1])
+    >>> out.images.shape, len(out.previews)
+    (torch.Size([2, 1, 8, 8]), 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dfm.decomposition import Decomposition
+from dfm.objective import VelocityModel
+from dfm.schedule import StageSchedule
+
+SOLVERS = ("euler", "heun")
+
+#: ``callback(stage, preview)``: called when ``stage`` (0-based) reaches its threshold, with the partial
+#: reconstruction of the denoised estimate at that stage's resolution.
+PreviewCallback = Callable[[int, Tensor], None]
+
+
+@dataclass
+class SampleOutput:
+    images: Tensor  #: final samples, recomposed at full resolution
+    levels: list[Tensor]  #: final per-stage levels
+    previews: list[Tensor] = field(default_factory=list)  #: one per stage, at that stage's resolution
+    trajectory: list[list[Tensor]] | None = None  #: levels at every grid row (with ``return_trajectory``)
+
+
+def initial_noise(
+    level_shapes: Sequence[Sequence[int]],
+    seeds: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """Gaussian noise for every level. With ``seeds`` (one per sample), sample i's noise depends on seeds[i] only,
+    so an image does not depend on the batch it was drawn in, nor on how many processes share the work."""
+    if seeds is None:
+        return [torch.randn(*shape, generator=generator).to(device) for shape in level_shapes]
+    b = level_shapes[0][0]
+    if len(seeds) != b:
+        raise ValueError(f"need one seed per sample: got {len(seeds)} seeds for a batch of {b}")
+    per_sample: list[list[Tensor]] = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(int(seed))
+        per_sample.append([torch.randn(*shape[1:], generator=g) for shape in level_shapes])
+    return [torch.stack([p[s] for p in per_sample]).to(device) for s in range(len(level_shapes))]
+
+
+def _guidance_scales(guidance: float | Sequence[float], num_stages: int) -> list[float]:
+    if isinstance(guidance, (int, float)):
+        return [float(guidance)] * num_stages
+    scales = [float(g) for g in guidance]
+    if len(scales) != num_stages:
+        raise ValueError(f"per-stage guidance needs {num_stages} scales (one per stage), got {len(scales)}")
+    return scales
+
+
+def sample(
+    model: VelocityModel,
+    decomposition: Decomposition,
+    schedule: StageSchedule,
+    shape: Sequence[int],
+    y: Tensor | None = None,
+    *,
+    seeds: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    noise: Sequence[Tensor] | None = None,
+    guidance: float | Sequence[float] = 1.0,
+    null_class: int | None = None,
+    solver: str = "euler",
+    device: torch.device | str | None = None,
+    callback: PreviewCallback | None = None,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """Generate ``shape[0]`` samples coarse to fine.
+
+    Args:
+        model: ``model(levels_t, t, y, main_stage) -> velocities`` (see :mod:`dfm.objective`).
+        decomposition: the decomposition the model was trained with (gives level shapes and recomposition).
+        schedule: per-stage time grid; its number of stages must match the decomposition's.
+        shape: full-resolution output shape (B, C, H, W) or (B, C, T, H, W).
+        y: (B,) class labels, or None for an unconditional model.
+        seeds: one seed per sample (batch-independent noise); otherwise ``generator`` or the global RNG.
+        noise: explicit initial noise per level (overrides seeds/generator).
+        guidance: classifier-free guidance scale, one for all stages or one per stage (1 = no guidance).
+        null_class: label of the unconditional branch; defaults to ``model.null_class``.
+        solver: ``"euler"`` or ``"heun"``.
+        callback: called as ``callback(stage, preview)`` when a stage reaches its threshold.
+        return_trajectory: also return the levels at every grid row.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: choose one of {SOLVERS}")
+    num_stages = decomposition.num_stages
+    if schedule.num_stages != num_stages:
+        raise ValueError(
+            f"the schedule has {schedule.num_stages} stages but the decomposition has {num_stages}: "
+            f"give one step count per stage"
+        )
+    shapes = decomposition.level_shapes(shape)
+    b = shapes[0][0]
+    scales = _guidance_scales(guidance, num_stages)
+    use_cfg = any(w != 1.0 for w in scales)
+    if use_cfg:
+        null_class = null_class if null_class is not None else getattr(model, "null_class", None)
+        if y is None or null_class is None:
+            raise ValueError("classifier-free guidance needs class labels y and a null class (model.null_class)")
+    if y is not None:
+        y = y.to(device)
+        if y.shape != (b,):
+            raise ValueError(f"y must have shape ({b},), got {tuple(y.shape)}")
+
+    if noise is not None:
+        x = [n.to(device=device, dtype=torch.float32).clone() for n in noise]
+        if [tuple(n.shape) for n in x] != [tuple(s) for s in shapes]:
+            raise ValueError(f"noise shapes {[tuple(n.shape) for n in x]} do not match levels {shapes}")
+    else:
+        x = initial_noise(shapes, seeds, generator, device)
+
+    grid = schedule.grid.to(device=device, dtype=torch.float32)
+    active = schedule.active.to(device)
+    phase = schedule.phase.to(device)
+
+    def velocity(levels: list[Tensor], n: int, t_row: Tensor) -> list[Tensor]:
+        mask = active[n]
+        inputs = [lv * mask[s] for s, lv in enumerate(levels)]
+        t = t_row.expand(b, num_stages)
+        main_stage = phase[n].expand(b)
+        if not use_cfg:
+            return list(model(inputs, t, y, main_stage))
+        y_null = torch.full_like(y, null_class)
+        out = model([torch.cat([v, v]) for v in inputs], torch.cat([t, t]), torch.cat([y, y_null]),
+                    torch.cat([main_stage, main_stage]))
+        guided = []
+        for s, v in enumerate(out):
+            v_cond, v_uncond = v.chunk(2)
+            guided.append(v_uncond + scales[s] * (v_cond - v_uncond))
+        return guided
+
+    trajectory = [[lv.clone() for lv in x]] if return_trajectory else None
+    previews: list[Tensor] = []
+    phase_ends = set(schedule.phase_ends)
+    for n in range(schedule.num_steps):
+        t0, t1 = grid[n], grid[n + 1]
+        dt = t1 - t0
+        v = [vel.float() for vel in velocity(x, n, t0)]
+        if solver == "euler":
+            x = [lv + dt[s] * v[s] for s, lv in enumerate(x)]
+        else:
+            x_pred = [lv + dt[s] * v[s] for s, lv in enumerate(x)]
+            v2 = [vel.float() for vel in velocity(x_pred, n, t1)]
+            x = [lv + dt[s] * (v[s] + v2[s]) / 2 for s, lv in enumerate(x)]
+            v = v2
+        if return_trajectory:
+            trajectory.append([lv.clone() for lv in x])
+        if n + 1 in phase_ends:
+            stage = int(phase[n])
+            # Denoised estimate x̂ = x + (1 - t) v from the latest velocity: at a threshold τ < 1 the state still
+            # holds (1 - τ) noise, the estimate does not.
+            denoised = [x[s] + (1 - t1[s]) * v[s] for s in range(stage + 1)]
+            preview = decomposition.recompose(denoised)
+            previews.append(preview)
+            if callback is not None:
+                callback(stage, preview)
+    return SampleOutput(decomposition.recompose(x), x, previews, trajectory)

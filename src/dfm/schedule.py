@@ -1,0 +1,97 @@
+"""The stage schedule used at sampling time (method.md section 6).
+
+Stages are generated in phases. Phase i (0-based) takes ``steps[i]`` Euler/Heun steps during which stage i moves
+linearly from 0 to its threshold τ_i and every earlier stage moves linearly from τ_{i-1} to τ_i; later stages stay
+at t = 0 and are masked. The last threshold is 1, so all stages end at t = 1 (data) together.
+
+Example, the paper's two-stage default at 512 px (30 + 10 steps, τ = 0.7)::
+
+    >>> from dfm.schedule import StageSchedule
+    >>> sched = StageSchedule(steps=(30, 10), thresholds=(0.7,))
+    >>> sched.grid.shape
+    torch.Size([41, 2])
+    >>> [round(v, 4) for v in sched.grid[31].tolist()]
+    [0.73, 0.1]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class StageSchedule:
+    """Time grid of every stage for a multi-stage sampler.
+
+    Args:
+        steps: number of steps per stage, coarse to fine (N_1 .. N_S), each >= 1.
+        thresholds: τ_1 < ... < τ_{S-1}, strictly inside (0, 1); τ_S = 1 is implied.
+
+    Attributes:
+        grid: (sum(steps) + 1, S) float64 tensor, row n = times of all stages after n steps (row 0 = all zeros).
+        phase: (sum(steps),) long tensor, the stage being generated (the main stage) at each step.
+        active: (sum(steps), S) bool tensor, stages that move (and are fed to the model) at each step.
+    """
+
+    def __init__(self, steps: Sequence[int] = (30, 10), thresholds: Sequence[float] = (0.7,)) -> None:
+        steps = tuple(steps)
+        thresholds = tuple(float(t) for t in thresholds)
+        if len(steps) == 0:
+            raise ValueError("steps must name at least one stage")
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in steps):
+            raise ValueError(f"steps must be positive integers (at least one step per stage), got {steps}")
+        if len(thresholds) != len(steps) - 1:
+            raise ValueError(
+                f"{len(steps)} stages need {len(steps) - 1} thresholds (the last stage ends at 1), got {thresholds}"
+            )
+        if any(not (0.0 < t < 1.0) or not math.isfinite(t) for t in thresholds):
+            raise ValueError(f"thresholds must lie strictly inside (0, 1), got {thresholds}")
+        if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
+            raise ValueError(f"thresholds must be strictly increasing, got {thresholds}")
+        self.steps = steps
+        self.thresholds = thresholds
+        self.num_stages = len(steps)
+        self.grid, self.phase = self._build()
+        self.active = torch.arange(self.num_stages)[None, :] <= self.phase[:, None]
+
+    @classmethod
+    def single(cls, steps: int) -> StageSchedule:
+        """One-stage (plain Flow Matching) schedule: a uniform grid from 0 to 1."""
+        return cls((steps,), ())
+
+    @property
+    def num_steps(self) -> int:
+        return sum(self.steps)
+
+    @property
+    def phase_ends(self) -> list[int]:
+        """Step index (row of ``grid``) at which each stage reaches its threshold."""
+        ends, n = [], 0
+        for k in self.steps:
+            n += k
+            ends.append(n)
+        return ends
+
+    def _build(self) -> tuple[Tensor, Tensor]:
+        taus = self.thresholds + (1.0,)
+        rows = [torch.zeros(self.num_stages, dtype=torch.float64)]
+        phase = []
+        start = 0.0  # where earlier stages stand at the start of this phase (τ_{i-1})
+        for i, (n, tau) in enumerate(zip(self.steps, taus)):
+            for k in range(1, n + 1):
+                frac = k / n
+                row = torch.zeros(self.num_stages, dtype=torch.float64)
+                row[:i] = start + (tau - start) * frac
+                row[i] = tau * frac
+                if k == n:  # land exactly on the threshold despite rounding
+                    row[: i + 1] = tau
+                rows.append(row)
+                phase.append(i)
+            start = tau
+        return torch.stack(rows), torch.tensor(phase, dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return f"StageSchedule(steps={self.steps}, thresholds={self.thresholds})"
