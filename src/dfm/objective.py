@@ -50,16 +50,25 @@ def default_stage_probs(num_stages: int) -> tuple[float, ...]:
     return (1.0 - 0.1 * (num_stages - 1),) + (0.1,) * (num_stages - 1)
 
 
-def randn(shape: Sequence[int], generator: torch.Generator | None = None,
-          device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def randn(
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Standard normal draws on ``device``; with a generator, drawn on the generator's device, then moved."""
     if generator is None:
         return torch.randn(*shape, device=device, dtype=dtype)
     return torch.randn(*shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
 
 
-def logit_normal(shape: Sequence[int], loc: float, scale: float, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> Tensor:
+def logit_normal(
+    shape: Sequence[int],
+    loc: float,
+    scale: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Samples of ``sigmoid(N(loc, scale²))`` in (0, 1)."""
     return torch.sigmoid(loc + scale * randn(shape, generator, device))
 
@@ -126,8 +135,9 @@ class DFMObjective:
         self.tied = bool(tied)
 
     # -- draws ----------------------------------------------------------------------------------------------
-    def sample_main_stage(self, batch: int, generator: torch.Generator | None = None,
-                          device: torch.device | str | None = None) -> Tensor:
+    def sample_main_stage(
+        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
         """(B,) 0-based main stages drawn independently per sample from ``stage_probs``."""
         probs = torch.tensor(self.stage_probs, dtype=torch.float64)
         q = torch.multinomial(probs, batch, replacement=True, generator=generator)
@@ -143,8 +153,9 @@ class DFMObjective:
         t = torch.where(idx == q, main_t.expand(b, s), torch.where(idx < q, prev_t, torch.zeros(())))
         return t.to(main_stage.device)
 
-    def sample_path(self, levels: Sequence[Tensor], main_stage: Tensor | None = None,
-                    generator: torch.Generator | None = None) -> PathSample:
+    def sample_path(
+        self, levels: Sequence[Tensor], main_stage: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> PathSample:
         """Noise every level with its own ε and t; zero the inactive ones."""
         b, device = levels[0].shape[0], levels[0].device
         if main_stage is None:
@@ -162,8 +173,14 @@ class DFMObjective:
         return PathSample(levels_t, targets, t, mask, main_stage)
 
     # -- loss -----------------------------------------------------------------------------------------------
-    def loss(self, model: VelocityModel, x: Tensor, y: Tensor | None = None,
-             generator: torch.Generator | None = None, main_stage: Tensor | None = None) -> LossOutput:
+    def loss(
+        self,
+        model: VelocityModel,
+        x: Tensor,
+        y: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        main_stage: Tensor | None = None,
+    ) -> LossOutput:
         """Decompose ``x``, draw the path and return the masked per-stage flow-matching loss."""
         levels = self.decomposition.decompose(x)
         path = self.sample_path(levels, main_stage, generator)

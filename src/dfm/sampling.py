@@ -150,8 +150,12 @@ def sample(
         if not use_cfg:
             return list(model(inputs, t, y, main_stage))
         y_null = torch.full_like(y, null_class)
-        out = model([torch.cat([v, v]) for v in inputs], torch.cat([t, t]), torch.cat([y, y_null]),
-                    torch.cat([main_stage, main_stage]))
+        out = model(
+            [torch.cat([v, v]) for v in inputs],
+            torch.cat([t, t]),
+            torch.cat([y, y_null]),
+            torch.cat([main_stage, main_stage]),
+        )
         guided = []
         for s, v in enumerate(out):
             v_cond, v_uncond = v.chunk(2)
