@@ -14,7 +14,7 @@ from dfm.decomposition import (
     build_decomposition,
     estimate_level_std,
 )
-from dfm.objective import DFMObjective, LossOutput, PathSample, default_stage_probs
+from dfm.objective import DFMObjective, LossOutput, PathDraw, PathSample, default_stage_probs
 from dfm.sampling import SampleOutput, initial_noise, sample
 from dfm.schedule import StageSchedule
 
@@ -28,6 +28,7 @@ __all__ = [
     "Identity",
     "LaplacianPyramid",
     "LossOutput",
+    "PathDraw",
     "PathSample",
     "SampleOutput",
     "StageSchedule",

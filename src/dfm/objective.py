@@ -90,6 +90,22 @@ class PathSample:
 
 
 @dataclass
+class PathDraw:
+    """The random part of a path sample, drawn before the data is seen; slicing it selects samples.
+
+    Drawing for a whole global batch and slicing per rank (``draw[lo:hi]``) makes training independent of the
+    number of processes: a sample's noise and times depend only on the step's seed and its index in the batch.
+    """
+
+    main_stage: Tensor  #: (B,)
+    t: Tensor  #: (B, S)
+    noise: list[Tensor]  #: one (B, ...) tensor per stage
+
+    def __getitem__(self, index: slice) -> PathDraw:
+        return PathDraw(self.main_stage[index], self.t[index], [n[index] for n in self.noise])
+
+
+@dataclass
 class LossOutput:
     loss: Tensor  #: scalar, mean over the batch of Σ_s mask_s · MSE_s
     stage_losses: Tensor  #: (S,) mean MSE of each stage over the samples where it is active (0 where none)
@@ -153,24 +169,42 @@ class DFMObjective:
         t = torch.where(idx == q, main_t.expand(b, s), torch.where(idx < q, prev_t, torch.zeros(())))
         return t.to(main_stage.device)
 
-    def sample_path(
-        self, levels: Sequence[Tensor], main_stage: Tensor | None = None, generator: torch.Generator | None = None
-    ) -> PathSample:
-        """Noise every level with its own ε and t; zero the inactive ones."""
-        b, device = levels[0].shape[0], levels[0].device
+    def draw(
+        self,
+        level_shapes: Sequence[Sequence[int]],
+        main_stage: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> PathDraw:
+        """All the randomness of one training step: main stages, per-stage times and per-stage noise."""
+        b = level_shapes[0][0]
         if main_stage is None:
             main_stage = self.sample_main_stage(b, generator)
-        t = self.sample_timesteps(main_stage.cpu(), generator).to(device)
-        main_stage = main_stage.to(device)
-        mask = stage_mask(main_stage, self.num_stages)
+        t = self.sample_timesteps(main_stage.cpu(), generator)
+        noise = [randn(shape, generator, device, dtype) for shape in level_shapes]
+        return PathDraw(main_stage.to(device), t.to(device), noise)
+
+    def sample_path(
+        self,
+        levels: Sequence[Tensor],
+        main_stage: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        draw: PathDraw | None = None,
+    ) -> PathSample:
+        """Noise every level with its own ε and t (from ``draw`` if given); zero the inactive ones."""
+        if draw is None:
+            shapes = [tuple(lv.shape) for lv in levels]
+            draw = self.draw(shapes, main_stage, generator, levels[0].device, levels[0].dtype)
+        mask = stage_mask(draw.main_stage, self.num_stages)
         levels_t, targets = [], []
         for s, x1 in enumerate(levels):
-            noise = randn(x1.shape, generator, device, x1.dtype)
-            shape = (b,) + (1,) * (x1.dim() - 1)
-            ts = t[:, s].view(shape).to(x1.dtype)
+            noise = draw.noise[s].to(x1.dtype)
+            shape = (x1.shape[0],) + (1,) * (x1.dim() - 1)
+            ts = draw.t[:, s].view(shape).to(x1.dtype)
             levels_t.append((ts * x1 + (1 - ts) * noise) * mask[:, s].view(shape).to(x1.dtype))
             targets.append(x1 - noise)
-        return PathSample(levels_t, targets, t, mask, main_stage)
+        return PathSample(levels_t, targets, draw.t, mask, draw.main_stage)
 
     # -- loss -----------------------------------------------------------------------------------------------
     def loss(
@@ -180,10 +214,11 @@ class DFMObjective:
         y: Tensor | None = None,
         generator: torch.Generator | None = None,
         main_stage: Tensor | None = None,
+        draw: PathDraw | None = None,
     ) -> LossOutput:
-        """Decompose ``x``, draw the path and return the masked per-stage flow-matching loss."""
+        """Decompose ``x``, draw the path (or use ``draw``) and return the masked per-stage flow-matching loss."""
         levels = self.decomposition.decompose(x)
-        path = self.sample_path(levels, main_stage, generator)
+        path = self.sample_path(levels, main_stage, generator, draw)
         preds = model(path.levels_t, path.t, y, path.main_stage)
         if len(preds) != self.num_stages:
             raise ValueError(f"the model returned {len(preds)} velocities for {self.num_stages} stages")
