@@ -1,0 +1,203 @@
+"""Building blocks of the DFM-DiT: patchify, embedders, adaLN-Zero blocks and output heads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dfm.models.positions import apply_rope
+
+#################################################################################
+#                              Patchify / unpatchify                            #
+#################################################################################
+
+
+def patchify(x: Tensor, patch: int) -> Tensor:
+    """(B, C, H, W) or (B, C, T, H, W) -> (B, N, C * patch^2), tokens row-major over (T, h, w).
+
+    Video frames are patchified independently (patch 1 x p x p) and their tokens concatenated over time.
+    """
+    video = x.ndim == 5
+    if not video:
+        x = x.unsqueeze(2)
+    b, c, t, h, w = x.shape
+    x = x.reshape(b, c, t, h // patch, patch, w // patch, patch)
+    x = x.permute(0, 2, 3, 5, 1, 4, 6)  # (B, T, h, w, C, p, p)
+    return x.reshape(b, t * (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpatchify(x: Tensor, size: tuple[int, ...], channels: int, patch: int) -> Tensor:
+    """Inverse of :func:`patchify`: (B, N, C * patch^2) -> (B, C, *size) with size (H, W) or (T, H, W)."""
+    t = size[0] if len(size) == 3 else 1
+    h, w = size[-2] // patch, size[-1] // patch
+    b = x.shape[0]
+    x = x.reshape(b, t, h, w, channels, patch, patch)
+    x = x.permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, T, h, p, w, p)
+    x = x.reshape(b, channels, t, h * patch, w * patch)
+    return x if len(size) == 3 else x.squeeze(2)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN: x * (1 + scale) + shift, with (B, D) modulations broadcast over the tokens of x (B, N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                                   Embedders                                   #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """e(t) = MLP([cos(s t w_k), sin(s t w_k)]_k), w_k = 10000^(-k / (F/2)), s = ``time_scale``.
+
+    t lies in [0, 1]; ``time_scale`` = 1000 spreads it over the range the DiT frequencies were designed for.
+    """
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, time_scale: float = 1000.0) -> None:
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.time_scale = time_scale
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def sinusoidal(self, t: Tensor) -> Tensor:
+        half = self.frequency_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = self.time_scale * t.float()[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: Tensor) -> Tensor:  # (B,) -> (B, D)
+        return self.mlp(self.sinusoidal(t))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with a null class (index ``num_classes``) for classifier-free guidance.
+
+    In training mode each label is replaced by the null class with probability ``dropout`` (DiT-style).
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.embedding = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        null = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if y is None:
+            y = null
+        elif self.training and self.dropout > 0:
+            y = torch.where(torch.rand(batch, device=device) < self.dropout, null, y)
+        return self.embedding(y)
+
+
+#################################################################################
+#                                 Core DiT model                                #
+#################################################################################
+
+
+class StageLinear(nn.Linear):
+    """A linear layer with optional per-stage expert copies (parameter specialisation).
+
+    Without experts it is ``nn.Linear``. With experts, the weights used for a sample whose main stage is q
+    are the 50/50 average of the shared and the expert weights, W_q = (W + E_q) / 2, b_q = (b + e_q) / 2,
+    so y = (x W^T + b) / 2 + (x E_q^T + e_q) / 2. Experts start as copies of the shared weights.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int = 0) -> None:
+        super().__init__(in_features, out_features)
+        self.expert_weight: nn.Parameter | None = None
+        self.expert_bias: nn.Parameter | None = None
+        if num_experts:
+            self.expert_weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+            self.expert_bias = nn.Parameter(torch.empty(num_experts, out_features))
+
+    @torch.no_grad()
+    def reset_experts(self) -> None:
+        if self.expert_weight is not None and self.expert_bias is not None:
+            self.expert_weight.copy_(self.weight.expand_as(self.expert_weight))
+            self.expert_bias.copy_(self.bias.expand_as(self.expert_bias))
+
+    def forward(self, x: Tensor, stage_mask: Tensor | None = None) -> Tensor:
+        """x: (B, ..., in); stage_mask: (B, S) bool one-hot of the main stage (needed with experts)."""
+        shared = F.linear(x, self.weight, self.bias)
+        if self.expert_weight is None or self.expert_bias is None:
+            return shared
+        if stage_mask is None:
+            raise ValueError("a specialised layer needs the main stage of every sample")
+        # One pass per stage over the whole batch, then a select: static shapes (torch.compile friendly),
+        # and a sample's output depends only on its own stage's expert.
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        expert = F.linear(x, self.expert_weight[0], self.expert_bias[0])
+        for s in range(1, self.expert_weight.shape[0]):
+            out_s = F.linear(x, self.expert_weight[s], self.expert_bias[s])
+            expert = torch.where(stage_mask[:, s].view(shape), out_s, expert)
+        return 0.5 * (shared + expert)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``, RoPE applied to q and k."""
+
+    def __init__(self, dim: int, num_heads: int, num_experts: int = 0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = StageLinear(dim, 3 * dim, num_experts)
+        self.proj = StageLinear(dim, dim, num_experts)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, stage_mask: Tensor | None) -> Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x, stage_mask).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d), stage_mask)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, num_experts: int = 0) -> None:
+        super().__init__()
+        self.fc1 = StageLinear(dim, hidden, num_experts)
+        self.fc2 = StageLinear(hidden, dim, num_experts)
+
+    def forward(self, x: Tensor, stage_mask: Tensor | None) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x, stage_mask), approximate="tanh"), stage_mask)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: x += g1 * Attn(mod(LN(x))); x += g2 * MLP(mod(LN(x))), modulations from c."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, specialise: str = "none", num_stages: int = 1
+    ) -> None:
+        super().__init__()
+        experts = num_stages if specialise != "none" else 0
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, experts if specialise in ("attention", "all") else 0)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), experts if specialise in ("mlp", "all") else 0)
+        self.adaLN_act = nn.SiLU()
+        self.adaLN_modulation = StageLinear(dim, 6 * dim, experts if specialise == "all" else 0)
+
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None, stage_mask: Tensor | None) -> Tensor:
+        mods = self.adaLN_modulation(self.adaLN_act(c), stage_mask).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, stage_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), stage_mask)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Output head of one stage: adaLN-modulated LayerNorm, then a linear map to patch^2 * C values."""
+
+    def __init__(self, dim: int, patch: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
