@@ -1,0 +1,177 @@
+"""``dfm prepare``: encode an image dataset through a VAE once, into a latent directory.
+
+Training in latent space then reads the posterior means and stds from disk instead of running the
+encoder every step (see ``dfm.data.latents`` for the format). Images are encoded without flips.
+
+Usage::
+
+    dfm prepare --data data/pets --vae path/to/vae --out data/pets-latents --resolution 256 --batch-size 32
+    python -m dfm.data.prepare --data data/pets --vae path/to/vae --out data/pets-latents --resolution 256
+
+Run it again with ``--split test --data data/pets-test`` into the same ``--out`` to add a test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dfm.data.latents import LatentWriter, is_latent_dir, read_latent_info
+from dfm.data.vae import VAE, load_vae
+
+__all__ = ["add_prepare_parser", "main", "prepare_latents", "run_prepare"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def prepare_latents(
+    data: str,
+    vae: str | VAE,
+    out: str | Path,
+    resolution: int,
+    batch_size: int = 32,
+    split: str = "train",
+    device: str = "cpu",
+    shard_size: int = 10_000,
+    dtype: str = "float32",
+    num_workers: int = 0,
+    upscale: bool = False,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Encode ``data`` (an image folder or ``"fashion-mnist"``) into the latent directory ``out``.
+
+    Returns ``out``. Existing splits in ``out`` are kept when they come from the same VAE and
+    resolution; the split being written is replaced.
+    """
+    from dfm.data import build_dataset  # the registry imports this module's siblings
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size} must be at least 1")
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    if not isinstance(vae, VAE):
+        vae = load_vae(vae, device=device)
+    latent_shape = vae.latent_shape(vae.latent_channels, resolution)
+    dataset_kwargs: dict[str, Any] = {}
+    if Path(data).is_dir():
+        dataset_kwargs = {"upscale": upscale, "skip_bad": skip_bad}
+    # train=False: no flips, so stored latents are of the images as they are.
+    dataset = build_dataset(data, resolution=resolution, train=False, **dataset_kwargs)
+    if dataset.needs_vae or dataset.is_video:
+        raise ValueError(f"--data {data} is not an image dataset; pass a folder of images or 'fashion-mnist'")
+    in_channels = int(vae.model.config.in_channels)
+    if dataset.channels not in (1, in_channels):
+        raise ValueError(
+            f"--data {data} has {dataset.channels} channels but the VAE expects {in_channels}; "
+            "convert the images or pick a matching VAE"
+        )
+
+    out = Path(out)
+    old_splits: dict[str, Any] = {}
+    if is_latent_dir(out):
+        old = read_latent_info(out)
+        same = (
+            old["latent_shape"] == list(latent_shape)
+            and old["vae"] == vae.source
+            and old.get("image_resolution") == resolution
+            and old["class_names"] == dataset.class_names
+        )
+        if not same:
+            raise ValueError(
+                f"--out {out} already holds latents of another VAE, resolution or class list; "
+                "choose a new --out directory"
+            )
+        old_splits = {name: s for name, s in old["splits"].items() if name != split}
+
+    writer = LatentWriter(
+        out,
+        latent_shape=latent_shape,
+        vae=vae.source,
+        shift=vae.shift,
+        scale=vae.scale,
+        class_names=dataset.class_names,
+        shard_size=shard_size,
+        dtype=_DTYPES[dtype],
+        extra={"image_resolution": resolution, "source_data": str(data)},
+    )
+    writer.info["splits"].update(old_splits)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    with writer:
+        for x, y in tqdm(loader, desc=f"encoding {split}", unit="batch", disable=not progress):
+            if x.shape[1] == 1 and in_channels != 1:
+                x = x.expand(-1, in_channels, -1, -1)
+            mean, std = vae.encode(x)
+            writer.add(split, mean, std, y)
+    return out
+
+
+def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``prepare`` sub-command to an ``argparse`` sub-parser set; returns its parser."""
+    parser = subparsers.add_parser(
+        "prepare",
+        help="encode an image dataset through a VAE into a latent directory",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    _add_arguments(parser)
+    parser.set_defaults(func=run_prepare)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="image folder (class subfolders) or 'fashion-mnist'")
+    parser.add_argument("--vae", required=True, help="AutoencoderKL folder (save_pretrained) or hub id")
+    parser.add_argument("--out", required=True, help="output latent directory")
+    parser.add_argument("--resolution", type=int, required=True, help="image size before encoding")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--split", default="train", help="name of the split to write (default: train)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="samples per safetensors file")
+    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="storage dtype")
+    parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
+    parser.add_argument("--upscale", action="store_true", help="allow images smaller than --resolution")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Handler of ``dfm prepare``; returns the process exit code."""
+    out = prepare_latents(
+        data=args.data,
+        vae=args.vae,
+        out=args.out,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        split=args.split,
+        device=args.device,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        num_workers=args.num_workers,
+        upscale=args.upscale,
+        skip_bad=args.skip_bad,
+    )
+    info = read_latent_info(out)
+    count = info["splits"][args.split]["num_samples"]
+    print(f"wrote {count} latents of shape {tuple(info['latent_shape'])} to {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dfm.data.prepare", description=__doc__)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_prepare(args)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
