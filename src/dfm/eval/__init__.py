@@ -1,0 +1,31 @@
+"""Evaluation: Fréchet distances (FDD, FID, ...), Inception Score, precision/recall, SWD, and `dfm eval`.
+
+The math lives in `frechet`, `inception_score`, `precision_recall` and `swd`; the networks in
+`extractors`; `evaluate` ties them to a recorded protocol and `cli` exposes it. See docs/evaluation.md.
+"""
+
+from .evaluate import EvalConfig, build_reference, evaluate
+from .extractors import EXTRACTORS, build_extractor
+from .frechet import FeatureStats, frechet_distance, sqrtm_psd
+from .inception_score import inception_score
+from .precision_recall import precision_recall
+from .reference import ReferenceStats, load_reference, save_reference
+from .swd import SWDConfig, sliced_wasserstein_distance
+
+__all__ = [
+    "EXTRACTORS",
+    "EvalConfig",
+    "FeatureStats",
+    "ReferenceStats",
+    "SWDConfig",
+    "build_extractor",
+    "build_reference",
+    "evaluate",
+    "frechet_distance",
+    "inception_score",
+    "load_reference",
+    "precision_recall",
+    "save_reference",
+    "sliced_wasserstein_distance",
+    "sqrtm_psd",
+]

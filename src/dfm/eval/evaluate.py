@@ -1,0 +1,278 @@
+"""The evaluation protocol: which metrics, which extractors, which references, recorded together.
+
+Metric names (`metrics` argument):
+
+- `fid` (= `fd:inception-v3`), `fdd` (= `fd:dinov2-vitl14`), `fd:<extractor>`: Fréchet distance.
+- `is` (= `is:inception-v3`), `is:<extractor>`: Inception Score over 10 splits.
+- `pr` (= `pr:inception-v3`), `pr:<extractor>`: precision and recall, k = 3.
+- `swd`: multi-scale sliced Wasserstein distance (no network).
+- `accuracy`: class accuracy of labelled samples under the `fashion-cnn` classifier.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .extractors import FeatureExtractor, build_extractor
+from .frechet import FeatureStats
+from .images import ImageSet, load_images, read_sampling_settings
+from .inception_score import inception_score
+from .precision_recall import precision_recall
+from .reference import ReferenceStats, is_reference_file, load_reference
+from .swd import SWDConfig, sliced_wasserstein_distance
+
+__all__ = ["EvalConfig", "parse_metric", "extract", "evaluate", "build_reference"]
+
+_ALIASES = {"fid": "fd:inception-v3", "fdd": "fd:dinov2-vitl14", "is": "is:inception-v3", "pr": "pr:inception-v3"}
+_SCORE_NAMES = {"fd:inception-v3": "fid", "fd:dinov2-vitl14": "fdd"}
+
+
+def parse_metric(metric: str) -> tuple[str, str | None]:
+    """'fid' -> ('fd', 'inception-v3'); 'swd' -> ('swd', None); 'accuracy' -> ('accuracy', 'fashion-cnn')."""
+    from .extractors import EXTRACTORS
+
+    name = _ALIASES.get(metric, metric)
+    if name == "swd":
+        return "swd", None
+    if name == "accuracy":
+        return "accuracy", "fashion-cnn"
+    kind, _, extractor = name.partition(":")
+    if kind not in ("fd", "is", "pr") or extractor not in EXTRACTORS:
+        raise ValueError(
+            f"unknown metric {metric!r}; use fid, fdd, is, pr, swd, accuracy, or fd:/is:/pr:<extractor> "
+            f"with an extractor from {', '.join(sorted(EXTRACTORS))}"
+        )
+    return kind, extractor
+
+
+@dataclass
+class EvalConfig:
+    """Every setting that changes a score. Defaults are the paper's headline metrics."""
+
+    metrics: Sequence[str] = ("fdd", "fid", "is")
+    num_samples: int | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+    weights: dict[str, str] = field(default_factory=dict)  # extractor name -> weights file
+    download: bool = True
+    pr_k: int = 3
+    is_splits: int = 10
+    swd: SWDConfig = field(default_factory=SWDConfig)
+    swd_max_images: int = 8192
+    progress: bool = True
+
+
+@dataclass
+class Extracted:
+    stats: FeatureStats
+    features: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+def extract(
+    extractor: FeatureExtractor,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    keep_features: bool = False,
+    keep_logits: bool = False,
+    progress: bool = True,
+    desc: str = "",
+) -> Extracted:
+    """Stream images (uint8 (N, C, H, W)) through `extractor` in batches into float64 statistics.
+
+    Under torch.distributed each rank takes every world_size-th image and the statistics are merged
+    across ranks; kept features and logits then hold this rank's share only.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        images = images[dist.get_rank() :: dist.get_world_size()]
+    stats = FeatureStats(extractor.feature_dim)
+    features, logits = [], []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc or extractor.name, disable=not progress, unit="batch"):
+        out = extractor(images[start : start + batch_size])
+        stats.update(out.features)
+        if keep_features:
+            features.append(out.features.float().cpu())
+        if keep_logits:
+            if out.logits is None:
+                raise ValueError(f"extractor {extractor.name} has no classifier head; it cannot give IS or accuracy")
+            logits.append(out.logits.float().cpu())
+    stats.all_reduce()
+    return Extracted(stats, torch.cat(features) if features else None, torch.cat(logits) if logits else None)
+
+
+def _match_for_swd(samples: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Equal counts, channels and size for the SWD; the reference adapts to the samples."""
+    notes: dict = {}
+    count = min(len(samples), len(reference))
+    samples, reference = samples[:count], reference[:count]
+    if reference.shape[1] != samples.shape[1]:
+        if reference.shape[1] == 1:
+            reference = reference.expand(-1, 3, -1, -1)
+        else:
+            samples = samples.expand(-1, 3, -1, -1)
+        notes["channels"] = "grey repeated to RGB"
+    if reference.shape[-2:] != samples.shape[-2:]:
+        notes["reference_resized"] = (
+            f"{tuple(reference.shape[-2:])} -> {tuple(samples.shape[-2:])} (bilinear, antialias)"
+        )
+        resized = F.interpolate(
+            reference.float(), size=samples.shape[-2:], mode="bilinear", antialias=True, align_corners=False
+        )
+        reference = resized.round().clamp(0, 255).to(torch.uint8)
+    notes["images"] = count
+    return samples, reference, notes
+
+
+def _environment(device: str) -> dict:
+    try:
+        from importlib.metadata import version
+
+        dfm_version = version("dfm")
+    except Exception:
+        dfm_version = None
+    return {
+        "dfm": dfm_version,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+
+
+def evaluate(
+    samples: str | Path | ImageSet, references: Sequence[str | Path], config: EvalConfig | None = None
+) -> dict:
+    """Score `samples` against `references`; returns {"scores": {...}, "protocol": {...}}.
+
+    A reference is an image source (see `load_images`) or a reference-statistics `.npz`; a statistics
+    file serves only its own extractor.
+    """
+    config = config or EvalConfig()
+    parsed = [parse_metric(m) for m in config.metrics]
+    sample_set = samples if isinstance(samples, ImageSet) else load_images(samples)
+    sample_set = sample_set.subset(config.num_samples)
+
+    ref_images: ImageSet | None = None
+    ref_stats: dict[str, ReferenceStats] = {}
+    for ref in references:
+        if is_reference_file(ref):
+            loaded = load_reference(ref)
+            ref_stats[loaded.extractor] = loaded
+        elif ref_images is None:
+            ref_images = load_images(ref)
+        else:
+            raise ValueError(f"only one image reference can be given, got a second one: {ref}")
+
+    needs_reference = {kind for kind, _ in parsed if kind in ("fd", "pr", "swd")}
+    if needs_reference and not references:
+        raise ValueError(f"metrics {sorted(needs_reference)} need a reference: pass --ref DATASET|FOLDER|NPZ|STATS.npz")
+
+    scores: dict[str, float] = {}
+    protocol: dict = {
+        "metrics": list(config.metrics),
+        "samples": {**sample_set.source, "count": len(sample_set)},
+        "references": [],
+        "extractors": {},
+        "settings": {"batch_size": config.batch_size, "pr_k": config.pr_k, "is_splits": config.is_splits},
+        "sampling": None if isinstance(samples, ImageSet) else read_sampling_settings(samples),
+        "environment": _environment(config.device),
+    }
+    if ref_images is not None:
+        protocol["references"].append(ref_images.source)
+    for name, ref in ref_stats.items():
+        protocol["references"].append(
+            {"kind": "statistics", "extractor": name, "count": ref.stats.count, **ref.protocol}
+        )
+
+    for extractor_name in dict.fromkeys(e for _, e in parsed if e is not None):
+        kinds = {kind for kind, e in parsed if e == extractor_name}
+        extractor = build_extractor(extractor_name, config.weights.get(extractor_name), config.device, config.download)
+        protocol["extractors"][extractor_name] = extractor.describe()
+        fake = extract(
+            extractor,
+            sample_set.images,
+            config.batch_size,
+            keep_features="pr" in kinds,
+            keep_logits=bool(kinds & {"is", "accuracy"}),
+            progress=config.progress,
+            desc=f"{extractor_name} samples",
+        )
+        real: Extracted | None = None
+        if kinds & {"fd", "pr"}:
+            stats_file = ref_stats.get(extractor_name)
+            if stats_file is not None and ("pr" not in kinds or stats_file.features is not None):
+                features = None if stats_file.features is None else torch.from_numpy(stats_file.features)
+                real = Extracted(stats_file.stats, features, None)
+            elif ref_images is not None:
+                real = extract(
+                    extractor,
+                    ref_images.subset(min(len(ref_images), config.num_samples or len(ref_images))).images,
+                    config.batch_size,
+                    keep_features="pr" in kinds,
+                    progress=config.progress,
+                    desc=f"{extractor_name} reference",
+                )
+            else:
+                raise ValueError(
+                    f"no reference for extractor {extractor_name}: pass reference images, or statistics built with "
+                    f"`dfm eval ref --extractor {extractor_name}`" + (" --save-features" if "pr" in kinds else "")
+                )
+        suffix = "" if extractor_name == "inception-v3" else f"_{extractor_name}"
+        if "fd" in kinds:
+            scores[_SCORE_NAMES.get(f"fd:{extractor_name}", f"fd_{extractor_name}")] = fake.stats.frechet_distance(
+                real.stats
+            )
+        if "pr" in kinds:
+            precision, recall = precision_recall(real.features, fake.features, config.pr_k)
+            scores[f"precision{suffix}"], scores[f"recall{suffix}"] = precision, recall
+        if "is" in kinds:
+            mean, std = inception_score(fake.logits, min(config.is_splits, len(fake.logits)))
+            scores[f"is{suffix}_mean"], scores[f"is{suffix}_std"] = mean, std
+        if "accuracy" in kinds:
+            if sample_set.labels is None:
+                raise ValueError(
+                    "metric 'accuracy' needs labelled samples: an npz key 'labels' or file names containing class<K>"
+                )
+            predictions = fake.logits.argmax(1)
+            scores["class_accuracy"] = (predictions == sample_set.labels[: len(predictions)]).double().mean().item()
+        del extractor
+
+    if any(kind == "swd" for kind, _ in parsed):
+        if ref_images is None:
+            raise ValueError("metric 'swd' needs reference images (a dataset, folder or npz), not a statistics file")
+        count = min(len(sample_set), len(ref_images), config.swd_max_images)
+        a, b, notes = _match_for_swd(sample_set.images[:count], ref_images.images[:count])
+        scores.update(sliced_wasserstein_distance(a, b, config.swd))
+        protocol["settings"]["swd"] = {**config.swd.to_dict(), **notes}
+    return {"scores": scores, "protocol": protocol}
+
+
+def build_reference(
+    source: str | Path | ImageSet,
+    extractor_name: str,
+    num_samples: int | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    weights: str | None = None,
+    save_features: bool = False,
+    download: bool = True,
+    progress: bool = True,
+) -> ReferenceStats:
+    """Fit the reference Gaussian of `extractor_name` features over an image source."""
+    image_set = (source if isinstance(source, ImageSet) else load_images(source)).subset(num_samples)
+    extractor = build_extractor(extractor_name, weights, device, download)
+    out = extract(extractor, image_set.images, batch_size, keep_features=save_features, progress=progress)
+    protocol = {"source": {**image_set.source, "count": len(image_set)}, "extractor": extractor.describe()}
+    features = None if out.features is None else out.features.numpy()
+    return ReferenceStats(extractor_name, out.stats, protocol, features)

@@ -1,0 +1,151 @@
+"""Reading image sets for evaluation: PNG folders, ADM-style `.npz` files and named datasets.
+
+Every loader returns `ImageSet(images uint8 (N, C, H, W), labels int64 (N,) or None, source dict)`.
+Labels of PNG folders come from file names containing `class<K>` or `label<K>` (e.g. `000123_class7.png`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["ImageSet", "load_images", "load_fashion_mnist", "read_sampling_settings", "FASHION_MNIST_ROOT"]
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+_LABEL_PATTERN = re.compile(r"(?:class|label)[_-]?(\d+)", re.IGNORECASE)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor | None = None  # int64 (N,)
+    source: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, count: int | None) -> ImageSet:
+        """The first `count` images (all if None); asking for more than exist is an error."""
+        if count is None or count == len(self):
+            return self
+        if count > len(self):
+            raise ValueError(f"asked for {count} images but {self.source.get('path', 'the set')} holds {len(self)}")
+        labels = None if self.labels is None else self.labels[:count]
+        return ImageSet(self.images[:count], labels, {**self.source, "count": count})
+
+
+def _to_nchw(array: np.ndarray, where: str) -> torch.Tensor:
+    if array.dtype != np.uint8:
+        raise ValueError(f"{where}: images must be uint8 in [0, 255], got dtype {array.dtype}")
+    if array.ndim == 3:  # (N, H, W) greyscale
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"{where}: expected images of shape (N, H, W, 1 or 3), got {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST as (uint8 (N, 28, 28), int64 (N,)); `split` is "train" or "test".
+
+    Uses `dfm.data.fashion_mnist.load_fashion_mnist` when that module exists, else reads the idx files.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+    try:
+        from dfm.data.fashion_mnist import load_fashion_mnist as shared_loader
+    except ImportError:
+        shared_loader = None
+    if shared_loader is not None:
+        return shared_loader(root=root, split=split)
+    root = Path(root) if root else FASHION_MNIST_ROOT
+    prefix = "train" if split == "train" else "t10k"
+    images_file, labels_file = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images_file.is_file() or not labels_file.is_file():
+        raise FileNotFoundError(
+            f"Fashion-MNIST files not found under {root}; pass the folder holding {images_file.name}"
+        )
+    images = torch.from_numpy(_read_idx(images_file).copy())
+    labels = torch.from_numpy(_read_idx(labels_file).astype(np.int64))
+    return images, labels
+
+
+def _load_folder(path: Path) -> ImageSet:
+    from PIL import Image
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"no PNG/JPEG images in folder {path}")
+    arrays, labels = [], []
+    for file in files:
+        with Image.open(file) as image:
+            mode = "L" if image.mode in ("L", "I;16", "1") else "RGB"
+            arrays.append(np.asarray(image.convert(mode)))
+        match = _LABEL_PATTERN.search(file.stem)
+        labels.append(int(match.group(1)) if match else None)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"images in {path} have different shapes {sorted(shapes)}; all samples must share one size")
+    has_labels = all(label is not None for label in labels)
+    return ImageSet(
+        _to_nchw(np.stack(arrays), str(path)),
+        torch.tensor(labels, dtype=torch.int64) if has_labels else None,
+        {"kind": "folder", "path": str(path), "count": len(files)},
+    )
+
+
+def _load_npz(path: Path) -> ImageSet:
+    with np.load(path) as data:
+        if "arr_0" not in data:
+            raise ValueError(f"{path} has no 'arr_0' key (keys: {sorted(data.keys())}); expected ADM-style samples")
+        images = _to_nchw(data["arr_0"], str(path))
+        labels = torch.from_numpy(data["labels"].astype(np.int64)) if "labels" in data else None
+    return ImageSet(images, labels, {"kind": "npz", "path": str(path), "count": len(images)})
+
+
+def load_images(spec: str | Path) -> ImageSet:
+    """Load a folder of images, an ADM `.npz` (key arr_0, uint8 NHWC, optional `labels`), or a dataset.
+
+    Datasets: `fashion-mnist` (= `fashion-mnist:train`) or `fashion-mnist:test`.
+    """
+    text = str(spec)
+    if text.startswith("fashion-mnist"):
+        _, _, split = text.partition(":")
+        images, labels = load_fashion_mnist(split=split or "train")
+        return ImageSet(
+            images[:, None],
+            labels,
+            {"kind": "dataset", "name": "fashion-mnist", "split": split or "train", "count": len(images)},
+        )
+    path = Path(spec)
+    if path.is_dir():
+        return _load_folder(path)
+    if path.suffix == ".npz" and path.is_file():
+        return _load_npz(path)
+    raise ValueError(
+        f"cannot read images from {text!r}: give a folder of PNGs, an .npz with key arr_0, "
+        "or 'fashion-mnist[:train|:test]'"
+    )
+
+
+def read_sampling_settings(spec: str | Path) -> dict | None:
+    """The `sampling.json` written next to samples by a run (in the folder, or beside the .npz), if any."""
+    path = Path(spec)
+    candidate = path / "sampling.json" if path.is_dir() else path.parent / "sampling.json"
+    if candidate.is_file():
+        return json.loads(candidate.read_text())
+    return None
