@@ -1,0 +1,185 @@
+"""Latent datasets on disk, the VAE wrapper on a tiny random AutoencoderKL, and `dfm prepare`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfm.data import LatentDataset, build_dataset
+from dfm.data.latents import LatentWriter, is_latent_dir
+
+
+def write_latents(root, n=7, shape=(2, 4, 4), shift=0.5, scale=2.0, shard_size=3, splits=("train",)):
+    generator = torch.Generator().manual_seed(0)
+    data = {}
+    with LatentWriter(
+        root, shape, vae="some/vae", shift=shift, scale=scale, class_names=["a", "b", "c"], shard_size=shard_size
+    ) as writer:
+        for split in splits:
+            mean = torch.randn((n, *shape), generator=generator)
+            std = torch.rand((n, *shape), generator=generator) + 0.1
+            labels = torch.arange(n) % 3
+            writer.add(split, mean[:4], std[:4], labels[:4])  # two batches that straddle shards
+            writer.add(split, mean[4:], std[4:], labels[4:])
+            data[split] = (mean, std, labels)
+    return data
+
+
+def test_latent_round_trip_and_normalisation(tmp_path):
+    mean, std, labels = write_latents(tmp_path)["train"]
+    info = json.loads((tmp_path / "latents.json").read_text())
+    assert info["splits"]["train"] == {
+        "num_samples": 7,
+        "files": ["train-00000.safetensors", "train-00001.safetensors", "train-00002.safetensors"],
+    }
+    ds = LatentDataset(tmp_path, sample_posterior=False)
+    assert len(ds) == 7 and ds.sample_shape == (2, 4, 4) and ds.channels == 2 and ds.resolution == 4
+    assert ds.num_classes == 3 and ds.class_names == ["a", "b", "c"]
+    assert ds.needs_vae and ds.vae_path == "some/vae"
+    x, y = ds.tensors()
+    torch.testing.assert_close(x, (mean - 0.5) * 2.0)
+    assert torch.equal(y, labels)
+
+
+def test_latent_posterior_sampling(tmp_path):
+    mean, std, _ = write_latents(tmp_path)["train"]
+    ds = LatentDataset(tmp_path)
+    x, _ = ds.get_batch(torch.arange(7), generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x, (mean + std * eps - 0.5) * 2.0)
+    # augment=False uses the posterior mean
+    torch.testing.assert_close(ds.get_batch(torch.arange(7), augment=False)[0], (mean - 0.5) * 2.0)
+
+
+def test_interrupted_writer_leaves_no_json(tmp_path):
+    with pytest.raises(RuntimeError), LatentWriter(tmp_path, (1, 2, 2), "v", 0.0, 1.0, ["a"]) as writer:
+        writer.add("train", torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))
+        raise RuntimeError("killed")
+    assert not is_latent_dir(tmp_path)
+
+
+def test_writer_rejects_wrong_shapes(tmp_path):
+    writer = LatentWriter(tmp_path, (1, 2, 2), "v", 0.0, 1.0, ["a"])
+    with pytest.raises(ValueError, match=r"latent shape \(1, 2, 2\)"):
+        writer.add("train", torch.zeros(1, 1, 3, 3), torch.ones(1, 1, 3, 3), torch.zeros(1, dtype=torch.long))
+
+
+def test_latent_errors(tmp_path):
+    write_latents(tmp_path)
+    with pytest.raises(ValueError, match="split 'test'.*'train'"):
+        LatentDataset(tmp_path, split="test")
+    (tmp_path / "train-00001.safetensors").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="train-00001.safetensors"):
+        LatentDataset(tmp_path)
+    (tmp_path / "latents.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="dfm prepare"):
+        LatentDataset(tmp_path)
+
+
+def test_build_dataset_detects_latents(tmp_path):
+    write_latents(tmp_path, splits=("train", "test"))
+    train = build_dataset(tmp_path)
+    test = build_dataset(tmp_path, train=False)
+    assert isinstance(train, LatentDataset) and train.split == "train" and train.sample_posterior
+    assert test.split == "test" and not test.sample_posterior
+    with pytest.raises(ValueError, match="resolution 64 does not match"):
+        build_dataset(tmp_path, resolution=64)
+
+
+# ----------------------------------------------------------------------------- VAE and prepare
+
+
+def tiny_vae_dir(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        scaling_factor=0.5,
+        shift_factor=0.25,
+    )
+    model.save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae"
+
+
+def test_vae_encode_decode_shapes(tmp_path):
+    from dfm.data.vae import load_vae
+
+    vae = load_vae(tiny_vae_dir(tmp_path))
+    assert vae.shift == 0.25 and vae.scale == 0.5 and vae.downsample_factor == 2
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, std = vae.encode(x)
+    assert mean.shape == std.shape == (2, 4, 8, 8) and torch.all(std > 0)
+    images = vae.decode(mean)
+    assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    z = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(vae.normalize(z), (z - 0.25) * 0.5)
+    torch.testing.assert_close(vae.denormalize(vae.normalize(z)), z)
+    with pytest.raises(ValueError, match="not divisible"):
+        vae.latent_shape(4, 15)
+
+
+def test_load_vae_without_config_is_an_error(tmp_path):
+    pytest.importorskip("diffusers")
+    from dfm.data.vae import load_vae
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_vae(tmp_path)
+
+
+def test_missing_diffusers_says_how_to_install(monkeypatch):
+    from dfm.data.vae import load_vae
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ImportError, match=r'pip install "dfm\[vae\]"'):
+        load_vae("anything")
+
+
+def test_prepare_end_to_end(tmp_path, capsys):
+    from dfm.data.prepare import add_prepare_parser, main
+    from dfm.data.vae import load_vae
+
+    vae_dir = tiny_vae_dir(tmp_path)
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        for i in range(3):
+            (tmp_path / "images" / name).mkdir(parents=True, exist_ok=True)
+            array = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+            Image.fromarray(array).save(tmp_path / "images" / name / f"{i}.png")
+    out = tmp_path / "latents"
+    argv = ["--data", str(tmp_path / "images"), "--vae", str(vae_dir), "--out", str(out)]
+    assert main([*argv, "--resolution", "16", "--batch-size", "4", "--shard-size", "5"]) == 0
+
+    ds = build_dataset(out, train=False)
+    assert len(ds) == 6 and ds.sample_shape == (4, 8, 8) and ds.class_names == ["cat", "dog"]
+    assert ds.vae_path == str(vae_dir) and ds.latent_shift == 0.25 and ds.latent_scale == 0.5
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # the stored means are the VAE's posterior means of the centre-cropped images
+    images = build_dataset(tmp_path / "images", resolution=16, train=False)
+    vae = load_vae(vae_dir)
+    mean, _ = vae.encode(images.tensors()[0])
+    torch.testing.assert_close(ds.tensors()[0], vae.normalize(mean), atol=1e-5, rtol=1e-5)
+
+    # a second split goes into the same directory; a different resolution is refused
+    assert main([*argv, "--resolution", "16", "--split", "test"]) == 0
+    assert set(json.loads((out / "latents.json").read_text())["splits"]) == {"train", "test"}
+    assert main([*argv, "--resolution", "8"]) == 2
+    assert "choose a new --out directory" in capsys.readouterr().err
+
+    parser = argparse.ArgumentParser()
+    add_prepare_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["prepare", *argv, "--resolution", "16"])
+    assert args.batch_size == 32 and args.func.__name__ == "run_prepare"
