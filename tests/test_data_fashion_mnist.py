@@ -181,3 +181,39 @@ def test_real_debian_files(monkeypatch):
     x, y = load_fashion_mnist(split="test")
     assert x.shape == (10_000, 28, 28) and y.shape == (10_000,)
     assert torch.bincount(y).tolist() == [1000] * 10
+
+
+def test_download_writes_files_atomically(tmp_path, monkeypatch):
+    source = tmp_path / "server"
+    images, _ = make_split(source, "test")
+    requested = []
+
+    class Response:
+        def __init__(self, url):
+            requested.append(url)
+            self.data = (source / url.rsplit("/", 1)[1]).read_bytes()
+
+        def read(self):
+            return self.data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+    monkeypatch.setattr(fm.urllib.request, "urlopen", lambda url, timeout: Response(url))
+    x, _ = load_fashion_mnist(tmp_path / "dl", "test", download=True)
+    np.testing.assert_array_equal(x.numpy(), images)
+    assert requested == [fm.URL + name for name in fm.FILES["test"]]
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == sorted(fm.FILES["test"])
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(url, timeout):
+        raise fm.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(fm.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match="download failed.*apt-get install"):
+        load_fashion_mnist(tmp_path / "dl", "test", download=True)
+    assert list((tmp_path / "dl").iterdir()) == []  # no half-written files
