@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from dfm.data import ImageFolderDataset, VideoFolderDataset, build_dataset
@@ -24,10 +26,10 @@ def save_image(path: Path, height: int, width: int, value: int | None = None, se
     return array
 
 
-@pytest.mark.parametrize("size", [(17, 40), (64, 48), (301, 97), (16, 16), (200, 1000)])
-@pytest.mark.parametrize("resolution", [8, 16])
-def test_center_crop_adm_exact_size(size, resolution):
-    image = Image.new("RGB", size, (10, 20, 30))
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(16, 400), height=st.integers(16, 400), resolution=st.integers(1, 16))
+def test_center_crop_adm_exact_size(width, height, resolution):
+    image = Image.new("RGB", (width, height), (10, 20, 30))
     out = center_crop_adm(image, resolution)
     assert out.size == (resolution, resolution)
     assert np.asarray(out)[resolution // 2, resolution // 2].tolist() == [10, 20, 30]
@@ -161,10 +163,13 @@ def test_video_folder_short_clip_error(tmp_path):
 def test_video_folder_gif_and_missing_imageio(tmp_path, monkeypatch):
     pytest.importorskip("imageio")
     frames = [Image.fromarray(np.full((12, 12, 3), 40 * t, np.uint8)) for t in range(4)]
-    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=50)
+    for name in ("jump", "sit"):
+        (tmp_path / name).mkdir()
+        frames[0].save(tmp_path / name / "a.gif", save_all=True, append_images=frames[1:], duration=50)
     ds = build_dataset(tmp_path, resolution=8, frames=4, train=False)
-    x, _ = ds[0]
-    assert x.shape == (3, 4, 8, 8)
+    assert ds.class_names == ["jump", "sit"] and len(ds) == 2
+    x, y = ds[1]
+    assert x.shape == (3, 4, 8, 8) and y.item() == 1
     torch.testing.assert_close(x[0, :, 4, 4], torch.tensor([0.0, 40, 80, 120]) / 127.5 - 1, atol=0.02, rtol=0)
     monkeypatch.setitem(sys.modules, "imageio", None)
     monkeypatch.setitem(sys.modules, "imageio.v3", None)

@@ -183,3 +183,18 @@ def test_prepare_end_to_end(tmp_path, capsys):
     add_prepare_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["prepare", *argv, "--resolution", "16"])
     assert args.batch_size == 32 and args.func.__name__ == "run_prepare"
+
+
+def test_prepare_fashion_mnist_split_and_grey_to_rgb(tmp_path, monkeypatch):
+    from dfm.data.prepare import prepare_latents
+    from test_data_fashion_mnist import make_split
+
+    vae_dir = tiny_vae_dir(tmp_path)
+    make_split(tmp_path / "fm" / "fashion-mnist", "train", n=5)
+    make_split(tmp_path / "fm" / "fashion-mnist", "test", n=3)
+    monkeypatch.setenv("DFM_DATA_DIR", str(tmp_path / "fm"))
+    for split in ("train", "test"):
+        prepare_latents("fashion-mnist", str(vae_dir), tmp_path / "out", resolution=32, split=split, progress=False)
+    assert len(LatentDataset(tmp_path / "out", "train")) == 5
+    test = LatentDataset(tmp_path / "out", "test")
+    assert len(test) == 3 and test.sample_shape == (4, 16, 16) and test.class_names[0] == "T-shirt/top"

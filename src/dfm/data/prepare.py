@@ -63,8 +63,8 @@ def prepare_latents(
     dataset_kwargs: dict[str, Any] = {}
     if Path(data).is_dir():
         dataset_kwargs = {"upscale": upscale, "skip_bad": skip_bad}
-    # train=False: no flips, so stored latents are of the images as they are.
-    dataset = build_dataset(data, resolution=resolution, train=False, **dataset_kwargs)
+    # No flips: stored latents are of the images as they are. The split picks Fashion-MNIST's files.
+    dataset = build_dataset(data, resolution=resolution, train=split != "test", random_flip=False, **dataset_kwargs)
     if dataset.needs_vae or dataset.is_video:
         raise ValueError(f"--data {data} is not an image dataset; pass a folder of images or 'fashion-mnist'")
     in_channels = int(vae.model.config.in_channels)

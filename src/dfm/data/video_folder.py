@@ -44,7 +44,8 @@ def _is_video_file(path: Path) -> bool:
 
 
 def _frame_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if is_image(p))
+    # .gif counts as a video here, so that a class folder of GIF clips is not taken for one clip
+    return sorted(p for p in directory.iterdir() if is_image(p) and p.suffix.lower() not in VIDEO_EXTENSIONS)
 
 
 def _is_clip(path: Path) -> bool:
