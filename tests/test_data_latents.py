@@ -42,7 +42,8 @@ def test_latent_round_trip_and_normalisation(tmp_path):
     assert len(ds) == 7 and ds.sample_shape == (2, 4, 4) and ds.channels == 2 and ds.resolution == 4
     assert ds.num_classes == 3 and ds.class_names == ["a", "b", "c"]
     assert ds.needs_vae and ds.vae_path == "some/vae"
-    x, y = ds.tensors()
+    assert not hasattr(ds, "tensors")  # a frozen tensor would hide the per-step posterior draw
+    x, y = ds.get_batch(torch.arange(7))
     torch.testing.assert_close(x, (mean - 0.5) * 2.0)
     assert torch.equal(y, labels)
 
@@ -170,8 +171,11 @@ def test_prepare_end_to_end(tmp_path, capsys):
     # the stored means are the VAE's posterior means of the centre-cropped images
     images = build_dataset(tmp_path / "images", resolution=16, train=False)
     vae = load_vae(vae_dir)
-    mean, _ = vae.encode(images.tensors()[0])
-    torch.testing.assert_close(ds.tensors()[0], vae.normalize(mean), atol=1e-5, rtol=1e-5)
+    mean, _ = vae.encode(images.get_batch(torch.arange(6), augment=False)[0])
+    x, _ = ds.get_batch(torch.arange(6), augment=False)
+    torch.testing.assert_close(x, vae.normalize(mean), atol=1e-5, rtol=1e-5)
+    decoded = ds.decode(x[:2])
+    torch.testing.assert_close(decoded, vae.decode(mean[:2]), atol=1e-5, rtol=1e-5)
 
     # a second split goes into the same directory; a different resolution is refused
     assert main([*argv, "--resolution", "16", "--split", "test"]) == 0

@@ -4,7 +4,9 @@ Items are ``(x, y)``: ``x`` a float32 tensor in model space (pixels in [-1, 1], 
 latents), shaped ``(C, H, W)`` for images and ``(C, T, H, W)`` for videos; ``y`` a scalar int64
 class label. Besides ``__getitem__`` a dataset describes itself (``num_classes``, ``channels``,
 ``sample_shape`` ...) so that the trainer can build a model without knowing where data came from,
-and offers ``get_batch`` so that CPU training can index tensors instead of looping in Python.
+and offers ``get_batch`` (vectorised where the data sit in memory). Datasets that hold the whole
+split as one tensor (Fashion-MNIST) also offer ``tensors()``; the others do not, on purpose: for
+them it would mean decoding every file (folders) or freezing the random latent draw (latents).
 """
 
 from __future__ import annotations
@@ -100,11 +102,3 @@ class DFMDataset(Dataset):
         x = torch.stack([item[0] for item in items])
         y = torch.stack([torch.as_tensor(item[1], dtype=torch.long) for item in items])
         return x, y
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole dataset as ``(x (N, *sample_shape), y (N,))``, without random augmentation.
-
-        Convenient for small datasets (evaluation statistics, CPU training). The default builds it
-        item by item; in-memory datasets override it.
-        """
-        return self.get_batch(torch.arange(len(self)), augment=False)

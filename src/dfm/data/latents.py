@@ -203,6 +203,20 @@ class LatentDataset(DFMDataset):
         self.latent_shift = float(info["shift"])
         self.latent_scale = float(info["scale"])
         self.image_resolution = info.get("image_resolution")
+        self._vae: Any = None
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from model-space latents ``x (B, c, h, w)``, through the recorded VAE.
+
+        The VAE is loaded on first use (needs diffusers) on ``x``'s device and kept.
+        """
+        from dfm.data.vae import load_vae
+
+        if self._vae is None:
+            self._vae = load_vae(self.vae_path, device=x.device, shift=self.latent_shift, scale=self.latent_scale)
+        elif self._vae.device != x.device:
+            self._vae.model.to(x.device)
+        return self._vae.decode_normalized(x)
 
     def __len__(self) -> int:
         return self.mean.shape[0]
