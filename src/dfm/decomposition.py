@@ -42,9 +42,7 @@ def _normalise_factors(
         raise ValueError(f"stages must be a positive integer, got {stages!r}")
     if factors is None:
         return (default,) * (stages - 1)
-    if isinstance(factors, int):
-        return (factors,) * (stages - 1)
-    factors = tuple(int(f) for f in factors)
+    factors = (factors,) * (stages - 1) if isinstance(factors, int) else tuple(int(f) for f in factors)
     if len(factors) != stages - 1:
         raise ValueError(
             f"{name} must have stages - 1 = {stages - 1} entries (one per stage jump), got {len(factors)}: {factors}"
@@ -430,6 +428,7 @@ class Standardized(Decomposition):
         return [lv / s for lv, s in zip(self.base.decompose(x), self.stds)]
 
     def recompose(self, levels: Sequence[Tensor]) -> Tensor:
+        self._check_levels(levels)  # zip below would silently drop extra levels
         return self.base.recompose([lv * s for lv, s in zip(levels, self.stds)])
 
     def __repr__(self) -> str:
