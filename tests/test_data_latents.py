@@ -139,6 +139,8 @@ def test_load_vae_without_config_is_an_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_vae(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_vae(tmp_path / "missing")
 
 
 def test_missing_diffusers_says_how_to_install(monkeypatch):

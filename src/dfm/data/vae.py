@@ -121,8 +121,12 @@ def load_vae(
                 f"{source} holds no config.json (nor vae/config.json); pass a folder written by "
                 "AutoencoderKL.save_pretrained or a model hub id"
             )
+    elif not local and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        # hub ids are "owner/name"; anything else was meant as a folder
+        raise FileNotFoundError(f"VAE folder {source} does not exist; pass a save_pretrained folder or a hub id")
     try:
         model = diffusers.AutoencoderKL.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype)
     except OSError as err:
-        raise OSError(f"cannot load a VAE from {source!r}: {err}") from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise FileNotFoundError(f"cannot load a VAE from {source!r}: {first_line}") from err
     return VAE(model.to(device), source=source, shift=shift, scale=scale)
