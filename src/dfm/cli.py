@@ -1,0 +1,275 @@
+"""The ``dfm`` command line: ``dfm train``, ``dfm sample``, ``dfm eval``, ``dfm prepare``, ``dfm presets``.
+
+Errors a user can cause end the command with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a DFM or Flow Matching model",
+        description="Train a model. Settings come from a preset, then --config, then -o overrides.",
+    )
+    p.add_argument(
+        "--preset", default="quickstart", choices=sorted(PRESETS), help="named settings (default: quickstart)"
+    )
+    p.add_argument("--config", help="a config.json to start from instead of a preset")
+    p.add_argument("--method", choices=["dfm", "fm"], help="dfm (default) or the Flow Matching baseline")
+    p.add_argument("--out", help="run directory (default: runs/<preset>[-fm])")
+    p.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
+    p.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
+    p.add_argument("--lr", type=float, help="learning rate (optim.lr)")
+    p.add_argument("--seed", type=int, help="run seed (train.seed)")
+    p.add_argument("--data", help="dataset: fashion-mnist, an image folder or a `dfm prepare` directory")
+    p.add_argument("--data-dir", help="where built-in datasets live")
+    p.add_argument("--model", help="model name from the registry, e.g. DFM-DiT-B/2")
+    p.add_argument("--resume", help="'auto' (latest checkpoint of --out) or a checkpoint directory")
+    p.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any setting, e.g. -o method.stage_probs=0.7,0.3 -o train.precision=fp32 (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _train_config(args) -> RunConfig:
+    cfg = RunConfig.load(args.config) if args.config else get_preset(args.preset)
+    ov = []
+    if args.method == "fm" and cfg.method.method != "fm":
+        total = sum(cfg.method.steps)
+        ov += [
+            "method.method=fm",
+            "method.stages=1",
+            "method.factors=none",
+            "method.stage_probs=none",
+            f"method.steps={total}",
+            "method.thresholds=",
+        ]
+    elif args.method == "dfm" and cfg.method.method != "dfm":
+        raise ValueError("this preset is a Flow Matching preset: pick a DFM preset instead of --method dfm")
+    for flag, key in (
+        ("steps", "train.steps"),
+        ("batch_size", "train.batch_size"),
+        ("lr", "optim.lr"),
+        ("seed", "train.seed"),
+        ("data", "data.dataset"),
+        ("data_dir", "data.data_dir"),
+        ("model", "model.name"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            ov.append(f"{key}={value}")
+    return apply_overrides(cfg, ov + args.override)
+
+
+def _run_train(args) -> int:
+    from dfm.train import Trainer, init_distributed
+
+    cfg = _train_config(args)
+    out = args.out or f"runs/{cfg.preset or 'run'}{'-fm' if args.method == 'fm' else ''}"
+    d = init_distributed()
+    trainer = Trainer(cfg, out, resume=args.resume, dist_info=d, progress=not args.no_progress)
+    run = trainer.fit()
+    if d.main:
+        print(f"run directory: {run}")
+        print(f"  samples:     {run / 'samples'}")
+        print(f"  loss curve:  {run / 'loss.png'}")
+        print(f"  model:       {run / 'pretrained'}   (dfm sample {run} --seeds 0-63)")
+    return 0
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate images from a run or a save_pretrained directory")
+    p.add_argument("run", help="run directory (uses its latest checkpoint) or a save_pretrained directory")
+    p.add_argument("--seeds", default="0-63", help="one image per seed, e.g. 0-49999 or 1,5,9 (default 0-63)")
+    p.add_argument("--classes", help="class per image, cycled: e.g. 3 or 0,1,2 (default: 0..K-1 cycled)")
+    p.add_argument("--guidance", help="classifier-free guidance: one scale, or one per stage like 1.0,2.0")
+    p.add_argument("--steps", help="sampling steps per stage, e.g. 30,10")
+    p.add_argument("--thresholds", help="stage thresholds, e.g. 0.7")
+    p.add_argument("--solver", choices=["euler", "heun"])
+    p.add_argument("--checkpoint", help="a specific checkpoint directory of the run")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--out", help="output directory (default: <run>/samples/cli)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--png", action="store_true", help="also write one PNG per image")
+    p.add_argument("--npz", action="store_true", help="also write an ADM-style samples.npz (arr_0, labels, seeds)")
+    p.add_argument("--no-grid", action="store_true")
+    p.add_argument("--no-progression", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.set_defaults(func=_run_sample)
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"cannot parse {text!r} as comma-separated numbers") from None
+
+
+def _run_sample(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from dfm.factory import make_decomposition
+    from dfm.generate import (
+        default_labels,
+        generate,
+        load_run,
+        make_decoder,
+        parse_seeds,
+        save_json,
+        shard,
+        write_outputs,
+    )
+    from dfm.train import init_distributed
+
+    d = init_distributed()
+    seeds = parse_seeds(args.seeds)
+    model, cfg = load_run(args.run, ema=not args.no_ema, checkpoint=args.checkpoint, device=d.device)
+    num_classes = model.num_classes
+    if args.classes:
+        classes = [int(v) for v in args.classes.split(",")]
+        bad = [c for c in classes if not 0 <= c < max(num_classes, 1)]
+        if bad:
+            raise ValueError(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
+        labels = [classes[i % len(classes)] for i in range(len(seeds))]
+    else:
+        labels = default_labels(len(seeds), num_classes)
+    guidance = _floats(args.guidance)
+    steps = [int(v) for v in args.steps.split(",")] if args.steps else None
+    thresholds = _floats(args.thresholds)
+    decomposition = make_decomposition(cfg.method)
+    shape = (model.config.in_channels, *model.config.input_size)
+    mine = shard(list(range(len(seeds))), d.rank, d.world)
+    my_seeds = [seeds[i] for i in mine]
+    my_labels = None if labels is None else [labels[i] for i in mine]
+    decoder = make_decoder(cfg, d.device)
+    images, previews = generate(
+        model,
+        decomposition,
+        cfg,
+        shape,
+        my_labels,
+        my_seeds,
+        guidance=None if guidance is None else (guidance[0] if len(guidance) == 1 else guidance),
+        steps=steps,
+        thresholds=thresholds,
+        solver=args.solver,
+        batch_size=args.batch_size,
+        device=d.device,
+        precision=args.precision,
+        decoder=decoder,
+        progress=d.main,
+    )
+    out = Path(args.out or Path(args.run) / "samples" / "cli")
+    if d.world > 1:  # gather on rank 0 (object gather works for gloo and nccl)
+        gathered = [None] * d.world if d.main else None
+        dist.gather_object((images, previews), gathered, dst=0)
+        if not d.main:
+            return 0
+        images = torch.cat([g[0] for g in gathered])
+        previews = [torch.cat([g[1][i] for g in gathered]) for i in range(len(previews))]
+    written = write_outputs(
+        images,
+        previews,
+        seeds,
+        labels,
+        out,
+        grid=not args.no_grid,
+        pngs=args.png,
+        npz=args.npz,
+        progression=not args.no_progression,
+        nrow=num_classes if 0 < num_classes <= 16 else None,
+    )
+    settings = {
+        "run": str(args.run),
+        "seeds": args.seeds,
+        "count": len(seeds),
+        "classes": args.classes,
+        "guidance": guidance or cfg.method.guidance,
+        "steps": steps or list(cfg.method.steps),
+        "thresholds": thresholds if thresholds is not None else list(cfg.method.thresholds),
+        "solver": args.solver or cfg.method.solver,
+        "ema": not args.no_ema,
+        "precision": args.precision,
+        "method": cfg.method.method,
+        "decomposition": repr(decomposition),
+    }
+    save_json(out / "sampling.json", settings)
+    for kind, path in written.items():
+        print(f"{kind:16s} {path}")
+    return 0
+
+
+def _add_presets(sub) -> None:
+    p = sub.add_parser("presets", help="list presets, or print one as JSON")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_run_presets)
+
+
+def _run_presets(args) -> int:
+    if args.name:
+        print(json.dumps(get_preset(args.name).to_dict(), indent=2))
+    else:
+        for name in PRESETS:
+            c = get_preset(name)
+            print(
+                f"{name:16s} {c.method.method:4s} {c.model.name:14s} data={c.data.dataset} steps={c.train.steps} "
+                f"batch={c.train.batch_size}"
+            )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dfm", description="Decomposable Flow Matching")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_sample(sub)
+    _add_presets(sub)
+    try:
+        from dfm.eval.cli import add_eval_parser
+
+        add_eval_parser(sub)
+    except ImportError:  # pragma: no cover - the evaluation package is part of dfm
+        pass
+    try:
+        from dfm.data.prepare import add_prepare_parser
+
+        add_prepare_parser(sub)
+    except ImportError:  # pragma: no cover
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from dfm.train import TrainingError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, TrainingError) as err:
+        print(f"dfm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dfm {args.command}: interrupted (the last checkpoint is intact)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Run configuration: typed dataclasses, named presets and ``section.key=value`` overrides.
+
+Every setting of the method lives in :class:`MethodConfig`, with the paper's default beside it. A run's resolved
+configuration is saved as ``config.json`` in its directory and is what ``dfm sample`` and ``--resume`` read back.
+
+Example:
+    >>> from dfm.config import get_preset, apply_overrides
+    >>> cfg = apply_overrides(get_preset("quickstart"), ["train.steps=100", "method.stage_probs=0.7,0.3"])
+    >>> cfg.train.steps, cfg.method.stage_probs
+    (100, (0.7, 0.3))
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("dfm", "fm")
+
+
+@dataclass
+class MethodConfig:
+    """The settings of DFM (method.md sections 3, 4 and 6); ``method="fm"`` is plain Flow Matching (one stage)."""
+
+    method: str = "dfm"
+    decomposition: str = "laplacian"  #: laplacian | haar | dct (paper Table 6: all equally good)
+    stages: int = 2
+    factors: tuple[int, ...] | None = None  #: spatial factor per stage jump; None = 2 everywhere
+    temporal_factors: tuple[int, ...] | None = None  #: videos: frame factor per jump; None = spatial pyramid only
+    resample: str = "bilinear"  #: pyramid filter; the paper names none, bilinear/align_corners=False is common
+    stage_probs: tuple[float, ...] | None = None  #: p(Q); None = (0.9, 0.1) for 2 stages (paper)
+    main_loc: float = 0.0  #: t_Q ~ LogitNormal(main_loc, main_scale) (paper: 0, 1)
+    main_scale: float = 1.0
+    prev_loc: float = 1.5  #: t_s<Q ~ LogitNormal(prev_loc, prev_scale) (paper: 1.5, 1)
+    prev_scale: float = 1.0
+    tied: bool = False  #: ablation: one t shared by all active stages (paper: far worse)
+    standardize: bool = False  #: per-stage unit std before noising (paper: off for images, on for video)
+    level_std: tuple[float, ...] | None = None  #: stds used by ``standardize``; None = estimated from data
+    label_dropout: float = 0.1  #: classifier-free guidance training (paper: 10%)
+    # sampling
+    steps: tuple[int, ...] = (30, 10)  #: Euler steps per stage (paper: 30 + 10)
+    thresholds: tuple[float, ...] = (0.7,)  #: τ per stage jump (paper: 0.7 at 512 px, 0.9 robust default)
+    solver: str = "euler"
+    guidance: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DFM-DiT-Tiny"  #: a name of dfm.models' registry
+    overrides: dict[str, Any] = field(default_factory=dict)  #: DiTConfig fields to change (hidden_size, depth...)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"  #: built-in name, an image folder, or a prepared latent directory
+    resolution: int | None = 32  #: None = the dataset's native size
+    data_dir: str | None = None  #: where built-in datasets live (default: standard locations)
+    random_flip: bool = False
+    num_workers: int = 0
+    frames: int | None = None  #: videos: frames per clip (None = the dataset's default)
+    num_clips: int | None = None  #: generated video sets: number of clips (None = the dataset's default)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  #: paper: 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)  #: paper: Adam(0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 10000  #: linear warm-up (paper: 10k)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  #: decay_k = min(ema_decay, (1 + k) / (10 + k)), so short runs get a useful EMA
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600_000
+    batch_size: int = 256  #: global batch (all ranks and accumulation micro-steps together)
+    grad_accum: int = 1
+    precision: str = "fp32"  #: fp32 | bf16 (autocast)
+    seed: int = 0
+    distributed: str = "ddp"  #: ddp | fsdp (FSDP2 fully_shard), used when launched with torchrun
+    compile: bool = False
+    log_every: int = 50
+    sample_every: int = 0  #: 0 = only at the end
+    ckpt_every: int = 5000
+    keep_last: int = 3
+    num_sample_images: int = 40  #: images in the periodic sample grids
+    tensorboard: bool = False
+    threads: int = 0  #: CPU threads (0 = torch default)
+
+
+@dataclass
+class RunConfig:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        kwargs: dict[str, Any] = {}
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            if name not in hints:
+                raise ValueError(f"unknown config section {name!r}")
+            sub = hints[name]
+            if dataclasses.is_dataclass(sub):
+                known = {f.name for f in dataclasses.fields(sub)}
+                unknown = set(value) - known
+                if unknown:
+                    raise ValueError(f"unknown keys {sorted(unknown)} in config section {name!r}")
+                sub_hints = typing.get_type_hints(sub)
+                kwargs[name] = sub(**{k: _coerce_json(v, sub_hints[k]) for k, v in value.items()})
+            else:
+                kwargs[name] = value
+        cfg = cls(**kwargs)
+        validate(cfg)
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _coerce_json(value: Any, hint: Any) -> Any:
+    """JSON turns tuples into lists; turn them back so that configs compare equal after a round trip."""
+    if isinstance(value, list) and "tuple" in str(hint):
+        return tuple(value)
+    return value
+
+
+def _parse_value(text: str, hint: Any, key: str) -> Any:
+    """Parse a command-line string into the type of a dataclass field."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(text, inner[0], key)
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+        if origin is tuple:
+            elem = args[0]
+            return tuple(_parse_value(p.strip(), elem, key) for p in text.split(",") if p.strip())
+        if origin is dict:
+            return json.loads(text)
+    except ValueError:
+        pass
+    raise ValueError(f"cannot parse {key}={text!r} as {getattr(hint, '__name__', hint)}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Return a copy of ``cfg`` with ``section.key=value`` overrides applied (tuples as ``a,b``)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.steps=1000")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if parts[0] == "model" and len(parts) == 3 and parts[1] == "overrides":
+            cfg.model.overrides[parts[2]] = json.loads(text) if text[:1] in "[{0123456789-" else text
+            continue
+        if len(parts) != 2:
+            raise ValueError(f"override key {key!r} must be section.key (sections: method, model, data, optim, train)")
+        section, name = parts
+        sub = getattr(cfg, section, None)
+        if not dataclasses.is_dataclass(sub):
+            raise ValueError(f"unknown config section {section!r} (sections: method, model, data, optim, train)")
+        hints = typing.get_type_hints(type(sub))
+        if name not in hints:
+            raise ValueError(f"unknown setting {section}.{name}; known: {', '.join(sorted(hints))}")
+        setattr(sub, name, _parse_value(text.strip(), hints[name], key))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Catch settings a user can get wrong, with a message that says what to change."""
+    m, t, o = cfg.method, cfg.train, cfg.optim
+    if m.method not in METHODS:
+        raise ValueError(f"method.method={m.method!r}: choose one of {METHODS}")
+    if m.method == "fm" and m.stages != 1:
+        raise ValueError("method fm is the one-stage case: set method.stages=1 (or use --method fm)")
+    if m.stages < 1:
+        raise ValueError(f"method.stages={m.stages} must be >= 1")
+    if len(m.steps) != m.stages:
+        raise ValueError(f"method.steps={m.steps} needs one step count per stage ({m.stages})")
+    if len(m.thresholds) != m.stages - 1:
+        raise ValueError(f"method.thresholds={m.thresholds} needs {m.stages - 1} values (one per stage jump)")
+    if m.stage_probs is not None and len(m.stage_probs) != m.stages:
+        raise ValueError(f"method.stage_probs={m.stage_probs} needs one probability per stage ({m.stages})")
+    if m.solver not in ("euler", "heun"):
+        raise ValueError(f"method.solver={m.solver!r}: choose euler or heun")
+    if not 0 <= m.label_dropout < 1:
+        raise ValueError(f"method.label_dropout={m.label_dropout} must be in [0, 1)")
+    if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
+        raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+    if t.batch_size % t.grad_accum:
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+    if t.precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision={t.precision!r}: choose fp32 or bf16")
+    if t.distributed not in ("ddp", "fsdp"):
+        raise ValueError(f"train.distributed={t.distributed!r}: choose ddp or fsdp")
+    if t.keep_last < 1:
+        raise ValueError(f"train.keep_last={t.keep_last} must be >= 1")
+    if o.lr <= 0 or o.warmup_steps < 0 or o.grad_clip < 0 or not 0 <= o.ema_decay < 1:
+        raise ValueError("optim: lr must be > 0, warmup_steps >= 0, grad_clip >= 0 and ema_decay in [0, 1)")
+
+
+def _fm(cfg: RunConfig) -> RunConfig:
+    """The Flow Matching twin of a DFM preset: same everything, one stage, same total sampling steps."""
+    cfg = copy.deepcopy(cfg)
+    total = sum(cfg.method.steps)
+    cfg.method = dataclasses.replace(
+        cfg.method, method="fm", stages=1, factors=None, stage_probs=None, steps=(total,), thresholds=()
+    )
+    return cfg
+
+
+def _quickstart() -> RunConfig:
+    # 2 CPU cores, under 10 minutes: a 1.3M-parameter DiT on 32x32 Fashion-MNIST, 64 tokens. Short runs need a
+    # larger learning rate and a short warm-up; p(Q=1) = 0.7 instead of 0.9 because at this budget the fine level
+    # needs more training signal (method.md section 9).
+    return RunConfig(
+        method=MethodConfig(stage_probs=(0.7, 0.3), steps=(20, 20), thresholds=(0.7,)),
+        model=ModelConfig("DFM-DiT-Tiny"),
+        data=DataConfig("fashion-mnist", resolution=32),
+        optim=OptimConfig(lr=1e-3, warmup_steps=200, ema_decay=0.999),
+        train=TrainConfig(
+            steps=2500, batch_size=64, precision="bf16", log_every=25, sample_every=500, ckpt_every=500, keep_last=2
+        ),
+        preset="quickstart",
+    )
+
+
+def _fashion_mnist() -> RunConfig:
+    # The method.md section 9 setting: 1.3M DiT, 64 tokens, 3,000 steps of batch 64, 40 Euler steps; paper's p(Q).
+    return RunConfig(
+        method=MethodConfig(steps=(30, 10), thresholds=(0.7,)),
+        model=ModelConfig("DFM-DiT-Tiny"),
+        data=DataConfig("fashion-mnist", resolution=32),
+        optim=OptimConfig(lr=1e-3, warmup_steps=200, ema_decay=0.999),
+        train=TrainConfig(
+            steps=3000, batch_size=64, precision="bf16", log_every=50, sample_every=1000, ckpt_every=1000
+        ),
+        preset="fmnist-dfm",
+    )
+
+
+def _imagenet512(model: str, steps: int) -> RunConfig:
+    # Paper: FLUX-VAE latents of ImageNet-512 (64x64x16 for FLUX; 4 channels for SD-VAE), batch 256, lr 1e-4 with
+    # 10k warm-up, EMA 0.9999, 30 + 10 Euler steps at τ = 0.7. Point data.dataset at a `dfm prepare` directory.
+    return RunConfig(
+        method=MethodConfig(steps=(30, 10), thresholds=(0.7,)),
+        model=ModelConfig(model, {"num_classes": 1000}),
+        data=DataConfig("data/imagenet512-latents", resolution=None, random_flip=False, num_workers=8),
+        optim=OptimConfig(),
+        train=TrainConfig(steps=steps, batch_size=256, precision="bf16", ckpt_every=10000, sample_every=10000),
+        preset="",
+    )
+
+
+def _named(cfg: RunConfig, name: str) -> RunConfig:
+    cfg.preset = name
+    return cfg
+
+
+PRESETS: dict[str, typing.Callable[[], RunConfig]] = {
+    "quickstart": _quickstart,
+    "quickstart-fm": lambda: _named(_fm(_quickstart()), "quickstart-fm"),
+    "fmnist-dfm": _fashion_mnist,
+    "fmnist-fm": lambda: _named(_fm(_fashion_mnist()), "fmnist-fm"),
+    "imagenet512-xl": lambda: _named(_imagenet512("DFM-DiT-XL/2", 500_000), "imagenet512-xl"),
+    "imagenet512-b": lambda: _named(_imagenet512("DFM-DiT-B/2", 600_000), "imagenet512-b"),
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    validate(cfg)
+    return cfg

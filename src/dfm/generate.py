@@ -1,0 +1,283 @@
+"""Generation from a trained run: load the model, sample with per-image seeds, write grids, PNGs, npz, GIFs.
+
+An image is a function of its seed, its class and the sampler settings only: ``--seeds 0-49999`` gives the same
+image for seed 17 whether it is drawn alone, in a batch of 256, or on any number of GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dfm.checkpoint import find_latest, load_weights
+from dfm.config import RunConfig
+from dfm.decomposition import Decomposition
+from dfm.factory import make_model, make_schedule
+from dfm.sampling import sample
+from dfm.visual import image_grid, progression_grid, save_gif, save_png, to_uint8, upsample_to
+
+RUN_CONFIG = "config.json"
+METHOD_FILE = "dfm_run.json"  # the RunConfig saved next to a save_pretrained model
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-49999"``, ``"1,5,9"`` or ``"0-9,100"`` -> list of seeds."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            first, last = int(lo), int(hi) if hi else int(lo)
+            if first < 0 or last < first:
+                raise ValueError
+            seeds.extend(range(first, last + 1))
+    except ValueError:
+        raise ValueError(f"cannot parse seeds {text!r}: use a range like 0-49999 or a list like 1,5,9") from None
+    if not seeds:
+        raise ValueError("no seeds given")
+    return seeds
+
+
+def load_run(
+    path: str | Path, ema: bool = True, checkpoint: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, RunConfig]:
+    """Load (model, run config) from a run directory (latest checkpoint, EMA weights by default) or from a
+    ``save_pretrained`` directory written by the trainer (``pretrained/``)."""
+    path = Path(path)
+    if (path / RUN_CONFIG).is_file() and (path / "checkpoints").is_dir():
+        cfg = RunConfig.load(path / RUN_CONFIG)
+        ckpt = Path(checkpoint) if checkpoint else find_latest(path / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"{path} has no complete checkpoint yet: train longer or pass another run")
+        from dfm.data import build_dataset
+
+        shape, num_classes = _data_spec(cfg, build_dataset)
+        model = make_model(cfg, shape, num_classes)
+        state = load_weights(ckpt, ema=ema)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{ckpt} does not fit the run config {path / RUN_CONFIG}: {str(err).splitlines()[0]}"
+            ) from None
+        return model.to(device).eval(), cfg
+    if (path / "model.safetensors").is_file():
+        from dfm.models import DFMDiT
+
+        model = DFMDiT.from_pretrained(path, device=device).eval()
+        if (path / METHOD_FILE).is_file():
+            cfg = RunConfig.load(path / METHOD_FILE)
+        else:  # a bare model: assume the default Laplacian pyramid with its number of stages
+            cfg = RunConfig()
+            s = model.config.num_stages
+            cfg.method.stages = s
+            if s == 1:
+                cfg.method.method, cfg.method.steps, cfg.method.thresholds = "fm", (40,), ()
+        return model, cfg
+    raise FileNotFoundError(f"{path} is neither a run directory (config.json + checkpoints/) nor a save_pretrained one")
+
+
+def _data_spec(cfg: RunConfig, build_dataset) -> tuple[tuple[int, ...], int]:
+    ds = build_dataset(
+        cfg.data.dataset,
+        cfg.data.resolution,
+        train=True,
+        data_dir=cfg.data.data_dir,
+        frames=cfg.data.frames,
+        num_clips=cfg.data.num_clips,
+    )
+    return tuple(ds.sample_shape), int(ds.num_classes)
+
+
+def make_decoder(cfg: RunConfig, device: str | torch.device = "cpu") -> Callable[[Tensor], Tensor] | None:
+    """For latent runs, the VAE decoder (model space -> pixels in [-1, 1]); None for pixel-space runs."""
+    from dfm.data.latents import is_latent_dir, read_latent_info
+
+    if not is_latent_dir(Path(cfg.data.dataset)):
+        return None
+    from dfm.data.vae import load_vae
+
+    info = read_latent_info(Path(cfg.data.dataset))
+    vae = load_vae(info["vae"], device=device, shift=info.get("shift"), scale=info.get("scale"))
+    return vae.decode_normalized
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    decomposition: Decomposition,
+    cfg: RunConfig,
+    shape: Sequence[int],
+    labels: Sequence[int] | None,
+    seeds: Sequence[int],
+    *,
+    guidance: float | Sequence[float] | None = None,
+    steps: Sequence[int] | None = None,
+    thresholds: Sequence[float] | None = None,
+    solver: str | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    decoder: Callable[[Tensor], Tensor] | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, list[Tensor]]:
+    """Sample one image per seed (class ``labels[i]``); returns (images, per-stage previews) on the CPU."""
+    m = cfg.method
+    schedule = make_schedule(m, steps, thresholds)
+    guidance = m.guidance if guidance is None else guidance
+    solver = solver or m.solver
+    images: list[Tensor] = []
+    all_previews: list[list[Tensor]] = []
+    batches = range(0, len(seeds), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="sample", unit="batch", dynamic_ncols=True)
+    for lo in batches:
+        sd = list(seeds[lo : lo + batch_size])
+        y = None if labels is None else torch.as_tensor(list(labels[lo : lo + batch_size]), device=device)
+        ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else _null()
+        with ctx:
+            out = sample(
+                model,
+                decomposition,
+                schedule,
+                (len(sd), *shape),
+                y,
+                seeds=sd,
+                guidance=guidance,
+                solver=solver,
+                device=device,
+            )
+        imgs, prev = out.images.float(), [p.float() for p in out.previews]
+        if decoder is not None:
+            imgs = decoder(imgs)
+            prev = [decoder(upsample_like(p, out.images)) for p in prev]
+        images.append(imgs.cpu())
+        if not all_previews:
+            all_previews = [[] for _ in prev]
+        for i, p in enumerate(prev):
+            all_previews[i].append(p.cpu())
+    return torch.cat(images), [torch.cat(p) for p in all_previews]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def upsample_like(x: Tensor, ref: Tensor) -> Tensor:
+    return torch.nn.functional.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def default_labels(n: int, num_classes: int) -> list[int] | None:
+    return None if num_classes == 0 else [i % num_classes for i in range(n)]
+
+
+def sample_grid_files(
+    model: nn.Module,
+    decomposition: Decomposition,
+    cfg: RunConfig,
+    out_dir: Path,
+    step: int,
+    num_classes: int,
+    shape: Sequence[int],
+    n: int = 40,
+    decoder: Callable[[Tensor], Tensor] | None = None,
+) -> Path:
+    """The trainer's periodic pictures: a grid of samples and a coarse-to-fine progression (fixed seeds)."""
+    device = next(model.parameters()).device
+    labels = default_labels(n, num_classes)
+    images, previews = generate(
+        model,
+        decomposition,
+        cfg,
+        shape,
+        labels,
+        list(range(n)),
+        device=device,
+        precision=cfg.train.precision,
+        decoder=decoder,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nrow = num_classes if 0 < num_classes <= 16 else None
+    if images.dim() == 5:  # video: show the middle frame
+        images = images[:, :, images.shape[2] // 2]
+        previews = [p[:, :, p.shape[2] // 2] for p in previews]
+    save_png(image_grid(images, nrow=nrow), out_dir / f"step_{step:08d}.png")
+    if len(previews) > 1:
+        save_png(progression_grid(previews, images, max_rows=min(n, 10)), out_dir / f"progression_{step:08d}.png")
+    return out_dir / f"step_{step:08d}.png"
+
+
+def write_outputs(
+    images: Tensor,
+    previews: list[Tensor],
+    seeds: Sequence[int],
+    labels: Sequence[int] | None,
+    out: Path,
+    grid: bool = True,
+    pngs: bool = False,
+    npz: bool = False,
+    progression: bool = True,
+    class_names: Sequence[str] | None = None,
+    nrow: int | None = None,
+) -> dict[str, str]:
+    """Write the requested outputs of ``dfm sample``; returns {kind: path}."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    video = images.dim() == 5
+    stills = images[:, :, images.shape[2] // 2] if video else images
+    if grid:
+        written["grid"] = str(save_png(image_grid(stills[:256], nrow=nrow), out / "grid.png"))
+    if pngs:
+        folder = out / "images"
+        folder.mkdir(exist_ok=True)
+        arr = to_uint8(stills)
+        for i, seed in enumerate(seeds):
+            label = f"_class{labels[i]}" if labels is not None else ""
+            save_png(arr[i], folder / f"seed{seed:06d}{label}.png")
+        written["images"] = str(folder)
+    if npz:
+        arr = to_uint8(stills)
+        payload = {"arr_0": arr, "seeds": np.asarray(seeds, dtype=np.int64)}
+        if labels is not None:
+            payload["labels"] = np.asarray(labels, dtype=np.int64)
+        tmp = out / f".samples.tmp{os.getpid()}.npz"
+        np.savez(tmp, **payload)
+        os.replace(tmp, out / "samples.npz")
+        written["npz"] = str(out / "samples.npz")
+    if video:
+        gif_frames = [image_grid(images[:16, :, f], nrow=4) for f in range(images.shape[2])]
+        written["gif"] = str(save_gif(gif_frames, out / "video.gif"))
+    if progression and len(previews) > 1 and not video:
+        rows = min(len(seeds), 10)
+        written["progression"] = str(
+            save_png(progression_grid(previews, images, max_rows=rows), out / "progression.png")
+        )
+        size = images.shape[-2:]
+        frames = [image_grid(upsample_to(p[:16], size), nrow=min(4, rows)) for p in previews]
+        frames.append(image_grid(images[:16].float(), nrow=min(4, rows)))
+        written["progression_gif"] = str(save_gif(frames, out / "progression.gif", duration_ms=600))
+    return written
+
+
+def shard(seq: Sequence[int], rank: int, world: int) -> list[int]:
+    """Contiguous shard of ``seq`` for ``rank`` (``world`` processes): ranks' shards concatenate back to ``seq``."""
+    per = math.ceil(len(seq) / world)
+    return list(seq[rank * per : (rank + 1) * per])
+
+
+def save_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

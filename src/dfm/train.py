@@ -1,0 +1,531 @@
+"""The training loop: one process or many (torchrun, DDP or FSDP2), bf16 autocast, EMA, atomic checkpoints.
+
+Run it as ``dfm train --preset quickstart`` or ``torchrun --nproc_per_node 8 -m dfm.train --preset ...``.
+
+Reproducibility: all randomness of step k (which images, main stages, times, noise, label dropout) is drawn from
+generators seeded by (seed, k) for the whole global batch, and each rank takes its slice. A run resumed from a
+checkpoint therefore continues exactly as if it had never stopped, and 2 processes compute the same steps as 1
+process at the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dfm.checkpoint import atomic_write_text, find_latest, load_checkpoint, save_checkpoint
+from dfm.config import RunConfig
+from dfm.factory import make_decomposition, make_model, make_objective
+from dfm.objective import DFMObjective
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A problem the user can act on (bad data, diverged loss, mismatching checkpoint)."""
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group when launched by torchrun; otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank, world, local_rank, device)
+
+
+# ------------------------------------------------------------------------------------------------ randomness
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A seed for (run seed, step, stream) that never collides across steps of the same run."""
+    return (seed * 1_000_003 + step) * 8 + stream
+
+
+class EpochIndexer:
+    """Global batch indices for any step: epochs are seeded permutations, so no state is needed to resume."""
+
+    def __init__(self, size: int, batch: int, seed: int) -> None:
+        self.size, self.batch, self.seed = size, batch, seed
+        self._cache: dict[int, Tensor] = {}
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._cache:
+            self._cache = {
+                epoch: torch.randperm(
+                    self.size, generator=torch.Generator().manual_seed(step_seed(self.seed, epoch, 7))
+                )
+            }
+        return self._cache[epoch]
+
+    def __call__(self, step: int) -> Tensor:
+        out, start = [], step * self.batch
+        need = self.batch
+        while need:
+            epoch, off = divmod(start, self.size)
+            take = self._perm(epoch)[off : off + need]
+            out.append(take)
+            need -= len(take)
+            start += len(take)
+        return torch.cat(out)
+
+
+def load_batch(dataset, index: Tensor, flip_gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Gather a batch; in-memory datasets are indexed as tensors (fast path), others item by item."""
+    if hasattr(dataset, "tensors"):
+        xs, ys = dataset.tensors()
+        x, y = xs[index], ys[index]
+        if flip_gen is not None:
+            flip = torch.rand(len(index), generator=flip_gen) < 0.5
+            x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+        return x, y
+    items = [dataset[int(i)] for i in index]
+    return torch.stack([torch.as_tensor(a) for a, _ in items]), torch.as_tensor([int(b) for _, b in items])
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """EMA decay at optimiser step ``step`` (1-based); the warm-up keeps short runs from averaging the init."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    """Train a DFM (or Flow Matching) model as configured by a :class:`RunConfig` into ``run_dir``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: str | Path,
+        resume: str | None = None,
+        dist_info: Dist | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.d = dist_info or Dist()
+        self.progress = progress
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.batch_size % (self.d.world * t.grad_accum):
+            raise TrainingError(
+                f"train.batch_size={t.batch_size} must be divisible by world size x grad_accum "
+                f"= {self.d.world} x {t.grad_accum}"
+            )
+        self.local_batch = t.batch_size // self.d.world
+        self.micro_batch = self.local_batch // t.grad_accum
+
+        from dfm.data import build_dataset
+
+        data = cfg.data
+        # Flips are drawn by the trainer (seeded per step), never inside the dataset.
+        self.dataset = build_dataset(
+            data.dataset,
+            data.resolution,
+            train=True,
+            data_dir=data.data_dir,
+            random_flip=False,
+            frames=data.frames,
+            num_clips=data.num_clips,
+        )
+        if len(self.dataset) == 0:
+            raise TrainingError(f"dataset {data.dataset!r} is empty")
+        self.sample_shape = tuple(self.dataset.sample_shape)
+        self.num_classes = int(self.dataset.num_classes)
+
+        ckpt = self._resolve_resume(resume)
+        if cfg.method.standardize and cfg.method.level_std is None:
+            cfg.method.level_std = self._estimate_level_std()
+        self.decomposition = make_decomposition(cfg.method)
+        self.objective: DFMObjective = make_objective(cfg.method, self.decomposition)
+        self.level_shapes_1 = self.decomposition.level_shapes((1, *self.sample_shape))
+
+        torch.manual_seed(t.seed)
+        self.model = make_model(cfg, self.sample_shape, self.num_classes).to(self.d.device)
+        self.step = 0
+        ck = load_checkpoint(ckpt, map_location="cpu") if ckpt is not None else None
+        if ck is not None:
+            self._load_weights(self.model, ck["model"], ckpt)
+        self.net = self._wrap(self.model)  # FSDP2 shards self.model in place
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        warm = cfg.optim.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda k: min(1.0, (k + 1) / warm) if warm > 0 else 1.0
+        )
+        if ck is not None:
+            self._load_state(ck, ckpt)
+        self.indexer = EpochIndexer(len(self.dataset), t.batch_size, t.seed)
+        if self.d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+            self._truncate_metrics()
+
+    # -- setup helpers ---------------------------------------------------------------------------------------
+    def _resolve_resume(self, resume: str | None) -> Path | None:
+        if resume in (None, "", "none"):
+            if (self.run_dir / "checkpoints").is_dir() and find_latest(self.run_dir / "checkpoints"):
+                raise TrainingError(
+                    f"{self.run_dir} already holds checkpoints: pass --resume auto to continue it, "
+                    "or choose another --out"
+                )
+            return None
+        path = find_latest(self.run_dir / "checkpoints") if resume == "auto" else Path(resume)
+        if path is None:
+            return None  # --resume auto on a fresh run directory starts from scratch
+        if not path.is_dir():
+            raise TrainingError(f"checkpoint {path} does not exist")
+        saved = self.run_dir / CONFIG_FILE if resume == "auto" else path.parent.parent / CONFIG_FILE
+        if saved.is_file():
+            old = RunConfig.load(saved)
+            if old.method.level_std is not None and self.cfg.method.level_std is None:
+                self.cfg.method.level_std = old.method.level_std
+            diffs = _config_diff(
+                old,
+                self.cfg,
+                ignore={
+                    "train.steps",
+                    "train.log_every",
+                    "train.sample_every",
+                    "train.ckpt_every",
+                    "train.keep_last",
+                    "train.tensorboard",
+                    "train.threads",
+                    "train.num_sample_images",
+                    "preset",
+                },
+            )
+            if diffs:
+                raise TrainingError(
+                    f"checkpoint {path} was trained with another config ({'; '.join(diffs[:4])}): "
+                    "resume with the same settings or start a new run"
+                )
+        return path
+
+    def _estimate_level_std(self) -> tuple[float, ...]:
+        from dfm.decomposition import estimate_level_std
+
+        base = make_decomposition(self.cfg.method, standardized=False)
+        n = min(len(self.dataset), 2048)
+        idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:n]
+        x, _ = load_batch(self.dataset, idx, None)
+        return tuple(round(s, 6) for s in estimate_level_std(base, x))
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        net = model
+        if self.d.world > 1:
+            if self.cfg.train.distributed == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                for block in getattr(model, "blocks", []):
+                    fully_shard(block)
+                fully_shard(model)
+            else:
+                net = nn.parallel.DistributedDataParallel(
+                    model, device_ids=[self.d.local_rank] if self.d.device.type == "cuda" else None
+                )
+        if self.cfg.train.compile:
+            net = torch.compile(net)
+        return net
+
+    def _full_state(self, module: nn.Module) -> dict[str, Tensor]:
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return module.state_dict()
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.d.world > 1 and self.cfg.train.distributed == "fsdp"
+
+    def _load_weights(self, module: nn.Module, state: dict[str, Tensor], path: Path, sharded: bool = False) -> None:
+        try:
+            if sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+            else:
+                module.load_state_dict(state)
+        except RuntimeError as err:
+            raise TrainingError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
+
+    def _load_state(self, ck: dict, path: Path) -> None:
+        self._load_weights(self.ema, ck["ema"], path, sharded=self._fsdp)
+        st = ck["state"]
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                self.model, self.optimizer, st["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
+        else:
+            self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng_cpu"])
+        self.step = int(st["step"])
+        if self.d.main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def _truncate_metrics(self) -> None:
+        """Drop log lines written after the checkpoint we resumed from: they will be written again."""
+        f = self.run_dir / METRICS_FILE
+        if not f.is_file():
+            return
+        keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        atomic_write_text(f, "".join(k + "\n" for k in keep))
+
+    # -- one step --------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.step
+        B = cfg.train.batch_size
+        index = self.indexer(step)
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1))
+        shapes = [(B, *s[1:]) for s in self.level_shapes_1]
+        draw = self.objective.draw(shapes, generator=gen)
+        drop = torch.rand(B, generator=gen) < cfg.method.label_dropout
+        flip_gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 2)) if cfg.data.random_flip else None
+        torch.manual_seed(step_seed(cfg.train.seed, step, 3))  # anything else random inside the step
+
+        lo = self.d.rank * self.local_batch
+        x_all, y_all = load_batch(self.dataset, index[lo : lo + self.local_batch], flip_gen)
+        y_all = torch.where(drop[lo : lo + self.local_batch], torch.full_like(y_all, self.num_classes), y_all)
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        stage_sum = torch.zeros(self.objective.num_stages)
+        count_sum = torch.zeros(self.objective.num_stages)
+        loss_sum = 0.0
+        accum = cfg.train.grad_accum
+        for m in range(accum):
+            a, b = m * self.micro_batch, (m + 1) * self.micro_batch
+            x = x_all[a:b].to(self.d.device, non_blocking=True)
+            y = y_all[a:b].to(self.d.device, non_blocking=True)
+            sub = draw[lo + a : lo + b]
+            sub.main_stage, sub.t = sub.main_stage.to(self.d.device), sub.t.to(self.d.device)
+            sub.noise = [n.to(self.d.device) for n in sub.noise]
+            sync = contextlib.nullcontext()
+            if m < accum - 1 and isinstance(self.net, nn.parallel.DistributedDataParallel):
+                sync = self.net.no_sync()
+            with sync, self._autocast():
+                out = self.objective.loss(self.net, x, y, draw=sub)
+            (out.loss / accum).backward()
+            loss_sum += float(out.loss.detach()) / accum
+            stage_sum += (out.stage_losses.float() * out.stage_counts.float()).cpu()
+            count_sum += out.stage_counts.float().cpu()
+        stats = torch.cat([torch.tensor([loss_sum]), stage_sum, count_sum])
+        if self.d.world > 1:
+            dist.all_reduce(stats)
+            stats[0] /= self.d.world
+        loss = float(stats[0])
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss} at step {step + 1}: lower optim.lr, keep optim.grad_clip on, or use "
+                "train.precision=fp32; the last checkpoint is intact"
+            )
+        clip = cfg.optim.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf")))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        update_ema(self.ema, self.model, ema_decay_at(self.step, cfg.optim.ema_decay, cfg.optim.ema_warmup))
+        s = self.objective.num_stages
+        stage_loss = (stats[1 : 1 + s] / stats[1 + s :].clamp(min=1)).tolist()
+        return {
+            "step": self.step,
+            "loss": loss,
+            "stage_loss": stage_loss,
+            "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+
+    # -- checkpoints and samples -------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        model_state, ema_state = self._full_state(self.model), self._full_state(self.ema)
+        optim_state = self.optimizer.state_dict()
+        if self._fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim_state = get_optimizer_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+        if not self.d.main:
+            return None
+        state = {
+            "optimizer": optim_state,
+            "scheduler": self.scheduler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "step": self.step,
+        }
+        path = save_checkpoint(
+            self.run_dir / "checkpoints", self.step, model_state, ema_state, state, self.cfg.train.keep_last
+        )
+        return path
+
+    def ema_model(self) -> nn.Module | None:
+        """An unsharded EMA model on rank 0 (a collective under FSDP: call it on every rank)."""
+        if not self._fsdp:
+            return self.ema if self.d.main else None
+        state = self._full_state(self.ema)
+        if not self.d.main:
+            return None
+        full = make_model(self.cfg, self.sample_shape, self.num_classes)
+        full.load_state_dict(state)
+        return full.to(self.d.device).eval()
+
+    def write_samples(self) -> Path | None:
+        ema = self.ema_model()
+        if ema is None:
+            return None
+        from dfm.generate import sample_grid_files
+
+        return sample_grid_files(
+            ema,
+            self.decomposition,
+            self.cfg,
+            self.run_dir / "samples",
+            self.step,
+            self.num_classes,
+            self.sample_shape,
+            self.cfg.train.num_sample_images,
+            decoder=getattr(self.dataset, "decode", None),
+        )
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        cfg = self.cfg
+        t = cfg.train
+        bar = None
+        if self.d.main and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0)
+        writer = None
+        if self.d.main and t.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise TrainingError(
+                    "train.tensorboard needs the tensorboard package: pip install 'dfm[tensorboard]'"
+                ) from err
+            writer = SummaryWriter(str(self.run_dir / "tb"))
+        metrics = open(self.run_dir / METRICS_FILE, "a") if self.d.main else None
+        tic, imgs = time.perf_counter(), 0
+        try:
+            while self.step < t.steps:
+                row = self.train_step()
+                imgs += t.batch_size
+                if bar is not None:
+                    bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    now = time.perf_counter()
+                    row["images_per_s"] = imgs / max(now - tic, 1e-9)
+                    tic, imgs = now, 0
+                    if metrics is not None:
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                    if bar is not None:
+                        stages = " ".join(f"{v:.3f}" for v in row["stage_loss"])
+                        bar.set_postfix_str(f"loss {row['loss']:.4f} [{stages}] {row['images_per_s']:.0f} img/s")
+                    if writer is not None:
+                        writer.add_scalar("loss", row["loss"], self.step)
+                        for s, v in enumerate(row["stage_loss"]):
+                            writer.add_scalar(f"stage_loss/{s + 1}", v, self.step)
+                        writer.add_scalar("lr", row["lr"], self.step)
+                if self.step % t.ckpt_every == 0 or self.step == t.steps:
+                    self.save()
+                if t.sample_every and self.step % t.sample_every == 0 and self.step != t.steps:
+                    self.write_samples()
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics is not None:
+                metrics.close()
+            if writer is not None:
+                writer.close()
+        self.write_samples()
+        ema = self.ema_model()
+        if ema is not None:
+            from dfm.visual import plot_losses
+
+            plot_losses(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
+            ema.save_pretrained(self.run_dir / "pretrained")
+            from dfm.generate import METHOD_FILE
+
+            self.cfg.save(self.run_dir / "pretrained" / METHOD_FILE)
+        return self.run_dir
+
+
+def _config_diff(a: RunConfig, b: RunConfig, ignore: set[str]) -> list[str]:
+    da, db = a.to_dict(), b.to_dict()
+    out = []
+    for section in da:
+        if isinstance(da[section], dict):
+            for k in sorted(set(da[section]) | set(db.get(section, {}))):
+                key = f"{section}.{k}"
+                va, vb = da[section].get(k), db[section].get(k)
+                if key not in ignore and _norm(va) != _norm(vb):
+                    out.append(f"{key}: {va} -> {vb}")
+        elif section not in ignore and da[section] != db.get(section):
+            out.append(f"{section}: {da[section]} -> {db.get(section)}")
+    return out
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dfm.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
