@@ -17,6 +17,7 @@ Example, the paper's two-stage default at 512 px (30 + 10 steps, τ = 0.7)::
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -41,7 +42,7 @@ class StageSchedule:
         thresholds = tuple(float(t) for t in thresholds)
         if len(steps) == 0:
             raise ValueError("steps must name at least one stage")
-        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in steps):
+        if any(not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1 for n in steps):
             raise ValueError(f"steps must be positive integers (at least one step per stage), got {steps}")
         if len(thresholds) != len(steps) - 1:
             raise ValueError(
@@ -51,7 +52,7 @@ class StageSchedule:
             raise ValueError(f"thresholds must lie strictly inside (0, 1), got {thresholds}")
         if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
             raise ValueError(f"thresholds must be strictly increasing, got {thresholds}")
-        self.steps = steps
+        self.steps = tuple(int(n) for n in steps)
         self.thresholds = thresholds
         self.num_stages = len(steps)
         self.grid, self.phase = self._build()
