@@ -65,6 +65,7 @@ class DFMDiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(d, config.num_heads, config.mlp_ratio, config.specialise, s_count) for _ in range(config.depth)
         )
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_layers = nn.ModuleList(FinalLayer(d, p, c) for p in patches)
 
         # Positions are fixed functions of the token grid: non-persistent buffers, not weights.
@@ -152,23 +153,20 @@ class DFMDiT(nn.Module):
         t = torch.where(active, t, 0.0)
         stage_mask = stages[None, :] == main_stage[:, None] if cfg.specialise != "none" else None
 
-        c = self.y_embedder(y, batch, device)  # (B, D)
+        cond = self.y_embedder(y, batch, device)  # (B, D) adaLN conditioning vector
         if self.stage_embedder is not None:
-            c = c + self.stage_embedder(main_stage)
-        tokens: Tensor | None = None
-        skips: list[tuple[Tensor, Tensor]] = []
+            cond = cond + self.stage_embedder(main_stage)
+        embeddings, skips = [], []
         for s, level in enumerate(levels):
-            x = torch.where(active[:, s].view(-1, *([1] * (level.ndim - 1))), level, 0.0)
+            per_sample = (-1,) + (1,) * (level.ndim - 1)  # broadcast (B,) over a level
+            x = torch.where(active[:, s].view(per_sample), level, 0.0)
             if cfg.precondition:
-                c_in, c_skip, c_out = (
-                    coef.view(-1, *([1] * (level.ndim - 1))) for coef in flow_preconditioning(t[:, s], cfg.stage_std[s])
-                )
+                c_in, c_skip, c_out = (k.view(per_sample) for k in flow_preconditioning(t[:, s], cfg.stage_std[s]))
                 skips.append((c_skip * x, c_out))
                 x = c_in * x
-            embedded = self.x_embedders[s](patchify(x, cfg.stage_patch_size(s)))  # (B, N, D)
-            tokens = embedded if tokens is None else tokens + embedded
-            c = c + self.t_embedders[s](t[:, s])
-        assert tokens is not None
+            embeddings.append(self.x_embedders[s](patchify(x, cfg.stage_patch_size(s))))  # (B, N, D)
+            cond = cond + self.t_embedders[s](t[:, s])
+        tokens = sum(embeddings[1:], embeddings[0])  # the stages' token embeddings are summed
 
         rope = None
         if cfg.pos == "rope":
@@ -176,12 +174,13 @@ class DFMDiT(nn.Module):
         else:
             tokens = tokens + self.pos_embed
         for block in self.blocks:
-            tokens = block(tokens, c, rope, stage_mask)  # (B, N, D)
+            tokens = block(tokens, cond, rope, stage_mask)  # (B, N, D)
 
+        tokens = self.norm_final(tokens)
         outputs = []
         for s, head in enumerate(self.final_layers):
             patch = cfg.stage_patch_size(s)
-            out = unpatchify(head(tokens, c), cfg.stage_input_size(s), cfg.in_channels, patch)
+            out = unpatchify(head(tokens, cond), cfg.stage_input_size(s), cfg.in_channels, patch)
             if cfg.precondition:
                 skip, c_out = skips[s]
                 out = skip + c_out * out

@@ -190,14 +190,17 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Output head of one stage: adaLN-modulated LayerNorm, then a linear map to patch^2 * C values."""
+    """Output head of one stage: adaLN modulation of the normalised tokens, then a linear map to p^2 * C values.
+
+    The LayerNorm (no affine parameters) is the same for every head, so the model applies it once and hands
+    the normalised tokens to all heads.
+    """
 
     def __init__(self, dim: int, patch: int, out_channels: int) -> None:
         super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x_normed: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(x_normed, shift, scale))
