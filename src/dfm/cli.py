@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TrainingError) as err:
+    except (ValueError, FileNotFoundError, ImportError, TrainingError) as err:
         print(f"dfm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

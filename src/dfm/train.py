@@ -99,17 +99,9 @@ class EpochIndexer:
         return torch.cat(out)
 
 
-def load_batch(dataset, index: Tensor, flip_gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Gather a batch; in-memory datasets are indexed as tensors (fast path), others item by item."""
-    if hasattr(dataset, "tensors"):
-        xs, ys = dataset.tensors()
-        x, y = xs[index], ys[index]
-        if flip_gen is not None:
-            flip = torch.rand(len(index), generator=flip_gen) < 0.5
-            x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
-        return x, y
-    items = [dataset[int(i)] for i in index]
-    return torch.stack([torch.as_tensor(a) for a, _ in items]), torch.as_tensor([int(b) for _, b in items])
+def load_batch(dataset, index: Tensor, generator: torch.Generator | None, augment: bool = True) -> tuple[Tensor, Tensor]:
+    """Gather a batch; augmentation (flips, latent posterior draws) uses ``generator`` so it is seeded per step."""
+    return dataset.get_batch(index, generator=generator, augment=augment)
 
 
 # ------------------------------------------------------------------------------------------------ EMA
@@ -250,7 +242,7 @@ class Trainer:
         base = make_decomposition(self.cfg.method, standardized=False)
         n = min(len(self.dataset), 2048)
         idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:n]
-        x, _ = load_batch(self.dataset, idx, None)
+        x, _ = load_batch(self.dataset, idx, None, augment=False)
         return tuple(round(s, 6) for s in estimate_level_std(base, x))
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -331,11 +323,11 @@ class Trainer:
         shapes = [(B, *s[1:]) for s in self.level_shapes_1]
         draw = self.objective.draw(shapes, generator=gen)
         drop = torch.rand(B, generator=gen) < cfg.method.label_dropout
-        flip_gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 2)) if cfg.data.random_flip else None
+        data_gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 2))
         torch.manual_seed(step_seed(cfg.train.seed, step, 3))  # anything else random inside the step
 
         lo = self.d.rank * self.local_batch
-        x_all, y_all = load_batch(self.dataset, index[lo : lo + self.local_batch], flip_gen)
+        x_all, y_all = load_batch(self.dataset, index[lo : lo + self.local_batch], data_gen)
         y_all = torch.where(drop[lo : lo + self.local_batch], torch.full_like(y_all, self.num_classes), y_all)
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
