@@ -95,7 +95,7 @@ def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a run or a save_pretrained directory")
     p.add_argument("run", help="run directory (uses its latest checkpoint) or a save_pretrained directory")
     p.add_argument("--seeds", default="0-63", help="one image per seed, e.g. 0-49999 or 1,5,9 (default 0-63)")
-    p.add_argument("--classes", help="class per image, cycled: e.g. 3 or 0,1,2 (default: 0..K-1 cycled)")
+    p.add_argument("--classes", help="class per image, cycled: e.g. 3 or 0,1,2 (default: seed %% number of classes)")
     p.add_argument("--guidance", help="classifier-free guidance: one scale, or one per stage like 1.0,2.0")
     p.add_argument("--steps", help="sampling steps per stage, e.g. 30,10")
     p.add_argument("--thresholds", help="stage thresholds, e.g. 0.7")
@@ -149,7 +149,7 @@ def _run_sample(args) -> int:
             raise ValueError(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
         labels = [classes[i % len(classes)] for i in range(len(seeds))]
     else:
-        labels = default_labels(len(seeds), num_classes)
+        labels = default_labels(seeds, num_classes)
     guidance = _floats(args.guidance)
     steps = [int(v) for v in args.steps.split(",")] if args.steps else None
     thresholds = _floats(args.thresholds)

@@ -179,8 +179,9 @@ def upsample_like(x: Tensor, ref: Tensor) -> Tensor:
     return torch.nn.functional.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def default_labels(n: int, num_classes: int) -> list[int] | None:
-    return None if num_classes == 0 else [i % num_classes for i in range(n)]
+def default_labels(seeds: Sequence[int], num_classes: int) -> list[int] | None:
+    """Class ``seed % num_classes`` per image, so that an image is a function of its seed alone."""
+    return None if num_classes == 0 else [s % num_classes for s in seeds]
 
 
 def sample_grid_files(
@@ -196,7 +197,7 @@ def sample_grid_files(
 ) -> Path:
     """The trainer's periodic pictures: a grid of samples and a coarse-to-fine progression (fixed seeds)."""
     device = next(model.parameters()).device
-    labels = default_labels(n, num_classes)
+    labels = default_labels(range(n), num_classes)
     images, previews = generate(
         model,
         decomposition,

@@ -1,0 +1,196 @@
+"""End-to-end training, checkpoints, exact resume, DDP equivalence and the errors users can cause."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfm.checkpoint import find_latest, list_checkpoints, load_checkpoint
+from dfm.cli import main as cli
+from dfm.config import RunConfig
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_data = pytest.mark.skipif(
+    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
+)
+
+# A tiny model and short schedules: every run below takes a few seconds on 2 CPU cores.
+TINY = [
+    "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
+    "-o", "train.precision=fp32", "-o", "train.log_every=1", "-o", "train.num_sample_images=4",
+    "-o", "method.steps=2,2", "-o", "optim.warmup_steps=2", "-o", "train.threads=1",
+]  # fmt: skip
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(run: Path, steps: int, *extra: str) -> int:
+    return cli(["train", "--out", str(run), "--steps", str(steps), "--batch-size", "8", "--no-progress", *TINY, *extra])
+
+
+@needs_data
+def test_train_checkpoint_resume_sample(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert _train(run, 4, "-o", "train.ckpt_every=2", "-o", "train.keep_last=1") == 0
+    cfg = RunConfig.load(run / "config.json")
+    assert cfg.train.steps == 4 and cfg.model.overrides["depth"] == 1
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000004"]  # keep_last=1
+    assert (run / "samples" / "step_00000004.png").is_file()
+    assert (run / "samples" / "progression_00000004.png").is_file()
+    assert (run / "loss.png").is_file() and (run / "pretrained" / "model.safetensors").is_file()
+    assert len(_losses(run)) == 4
+
+    # Resume to 6 steps: continues from step 4.
+    assert _train(run, 6, "-o", "train.ckpt_every=2", "--resume", "auto") == 0
+    assert find_latest(run / "checkpoints").name == "step_00000006"
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+    state = load_checkpoint(find_latest(run / "checkpoints"))["state"]
+    assert state["step"] == 6
+
+    # Sample from the run: grid, PNGs, npz, progression.
+    out = tmp_path / "samples"
+    code = cli(["sample", str(run), "--seeds", "0-5", "--out", str(out), "--png", "--npz", "--steps", "2,2"])
+    assert code == 0
+    npz = np.load(out / "samples.npz")
+    assert npz["arr_0"].shape == (6, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
+    assert npz["labels"].tolist() == [0, 1, 2, 3, 4, 5] and npz["seeds"].tolist() == list(range(6))
+    assert len(list((out / "images").glob("*.png"))) == 6
+    assert Image.open(out / "progression.png").size[0] > Image.open(out / "images" / "seed000000_class0.png").size[0]
+    assert (out / "progression.gif").is_file()
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings["steps"] == [2, 2] and settings["count"] == 6
+
+    # The same seed gives the same image whatever the batch it is drawn in.
+    out2 = tmp_path / "samples2"
+    assert cli(["sample", str(run), "--seeds", "3-4", "--out", str(out2), "--npz", "--steps", "2,2",
+                "--batch-size", "1"]) == 0  # fmt: skip
+    np.testing.assert_array_equal(np.load(out2 / "samples.npz")["arr_0"], npz["arr_0"][3:5])
+
+    # The pretrained directory samples too.
+    assert cli(["sample", str(run / "pretrained"), "--seeds", "0-1", "--out", str(tmp_path / "s3")]) == 0
+
+
+@needs_data
+def test_flow_matching_method_uses_one_stage(tmp_path: Path) -> None:
+    run = tmp_path / "fm"
+    assert _train(run, 2, "--method", "fm", "-o", "method.steps=4") == 0
+    cfg = RunConfig.load(run / "config.json")
+    assert cfg.method.method == "fm" and cfg.method.stages == 1
+    ck = load_checkpoint(find_latest(run / "checkpoints"))
+    assert not any("stage_embed" in k for k in ck["model"])  # one stage: no stage-index embedding
+
+
+def _train_cmd(run: Path, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dfm.train", "--out", str(run), "--steps", str(steps), "--batch-size", "8",
+            "--no-progress", *TINY, *extra]  # fmt: skip
+
+
+@needs_data
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    common = ["-o", "train.ckpt_every=3", "-o", "train.sample_every=0"]
+    subprocess.run(_train_cmd(ref, 9, *common), check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(killed, 9, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if find_latest(killed / "checkpoints") is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = find_latest(killed / "checkpoints")
+    assert first is not None, "no checkpoint was written before the kill"
+    assert load_checkpoint(first)["state"]["step"] < 9, "the run finished before it could be killed"
+    subprocess.run(_train_cmd(killed, 9, *common, "--resume", "auto"), check=True, capture_output=True)
+    assert _losses(killed) == _losses(ref)  # bitwise: same floats
+    a = load_checkpoint(find_latest(ref / "checkpoints"))
+    b = load_checkpoint(find_latest(killed / "checkpoints"))
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+@needs_data
+def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_train_cmd(one, 3), check=True, capture_output=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *_train_cmd(two, 3)[1:]]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+    a = load_checkpoint(find_latest(one / "checkpoints"))["model"]
+    b = load_checkpoint(find_latest(two / "checkpoints"))["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-o", "train.steps=abc"], "cannot parse train.steps"),
+        (["-o", "nope.x=1"], "unknown config section"),
+        (["-o", "method.stage_probs=0.5,0.6"], "sum to 1"),
+        (["-o", "method.thresholds=0.9,0.5"], "thresholds"),
+        (["--data", "/nonexistent/folder"], "neither a built-in"),
+        (["-o", "train.batch_size=7", "-o", "train.grad_accum=2"], "divisible"),
+    ],
+)
+def test_bad_input_gives_one_line_error(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    code = cli(["train", "--out", str(tmp_path / "r"), "--steps", "1", "--no-progress", *TINY, *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_empty_image_folder(tmp_path: Path, capsys) -> None:
+    (tmp_path / "imgs").mkdir()
+    code = cli(["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "imgs"), "--no-progress", *TINY])
+    assert code == 2 and "error" in capsys.readouterr().err
+
+
+def test_corrupt_image_in_folder(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "imgs" / "cat"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "ok.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    code = cli(["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "imgs"), "--steps", "2",
+                "--batch-size", "2", "--no-progress", *TINY])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "broken.png" in err
+
+
+@needs_data
+def test_existing_run_and_mismatched_checkpoint(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert _train(run, 2) == 0
+    capsys.readouterr()
+    assert _train(run, 3) == 2  # no --resume on a run with checkpoints
+    assert "--resume auto" in capsys.readouterr().err
+    assert _train(run, 3, "--resume", "auto", "-o", "model.overrides.depth=2") == 2
+    assert "another config" in capsys.readouterr().err
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert before == ["latest", "step_00000002"]  # nothing lost or half-written
+
+
+@needs_data
+def test_diverging_loss_stops_with_a_clear_error(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    code = _train(run, 30, "--lr", "1e30", "-o", "optim.grad_clip=0", "-o", "train.ckpt_every=1")
+    err = capsys.readouterr().err
+    assert code == 2 and "the loss became" in err
+    latest = find_latest(run / "checkpoints")
+    assert latest is None or load_checkpoint(latest)["state"]["step"] >= 1  # last good checkpoint is complete
