@@ -6,7 +6,6 @@ Labels of PNG folders come from file names containing `class<K>` or `label<K>` (
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from dataclasses import dataclass, field
@@ -15,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ImageSet", "load_images", "load_fashion_mnist", "read_sampling_settings", "FASHION_MNIST_ROOT"]
+__all__ = ["ImageSet", "load_images", "load_fashion_mnist", "read_sampling_settings"]
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 _LABEL_PATTERN = re.compile(r"(?:class|label)[_-]?(\d+)", re.IGNORECASE)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -51,37 +49,11 @@ def _to_nchw(array: np.ndarray, where: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST as (uint8 (N, 28, 28), int64 (N,)); `split` is "train" or "test".
+    """Fashion-MNIST as (uint8 (N, 28, 28), int64 (N,)) from `dfm.data` (never downloads here)."""
+    from dfm.data.fashion_mnist import load_fashion_mnist as load
 
-    Uses `dfm.data.fashion_mnist.load_fashion_mnist` when that module exists, else reads the idx files.
-    """
-    if split not in ("train", "test"):
-        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
-    try:
-        from dfm.data.fashion_mnist import load_fashion_mnist as shared_loader
-    except ImportError:
-        shared_loader = None
-    if shared_loader is not None:
-        return shared_loader(root=root, split=split)
-    root = Path(root) if root else FASHION_MNIST_ROOT
-    prefix = "train" if split == "train" else "t10k"
-    images_file, labels_file = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images_file.is_file() or not labels_file.is_file():
-        raise FileNotFoundError(
-            f"Fashion-MNIST files not found under {root}; pass the folder holding {images_file.name}"
-        )
-    images = torch.from_numpy(_read_idx(images_file).copy())
-    labels = torch.from_numpy(_read_idx(labels_file).astype(np.int64))
-    return images, labels
+    return load(root=root, split=split)
 
 
 def _load_folder(path: Path) -> ImageSet:

@@ -102,8 +102,9 @@ def sliced_wasserstein(
     for _ in range(repeats):
         theta = torch.randn(a.shape[1], directions, generator=generator, dtype=a.dtype)
         theta = theta / theta.norm(dim=0, keepdim=True)
-        proj_a, _ = torch.sort(a @ theta, dim=0)
-        proj_b, _ = torch.sort(b @ theta, dim=0)
+        # Sort along the contiguous last axis: (directions, n), many times faster than along dim 0.
+        proj_a, _ = torch.sort((a @ theta).T.contiguous(), dim=1)
+        proj_b, _ = torch.sort((b @ theta).T.contiguous(), dim=1)
         total += (proj_a - proj_b).abs().mean().item()
     return total / repeats
 

@@ -10,6 +10,7 @@ Preprocessing: RGB -> grey (ITU-R 601 luma), antialiased bilinear resize to 28x2
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def train_fashion_classifier(
     threads: int = 2,
     log=print,
 ) -> dict:
-    """Train FashionCNN with Adam and a cosine learning rate, save it as safetensors, return a summary.
+    """Train FashionCNN with Adam and a cosine learning rate; save `out` (safetensors) and a summary JSON.
 
     images are uint8 (N, 1, 28, 28). Determinism: `seed` fixes initialisation and batch order, and the
     thread count is pinned because CPU reductions depend on it.
@@ -138,6 +139,9 @@ def train_fashion_classifier(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out), metadata={k: str(v) for k, v in summary.items()})
+    # No safetensors metadata: its header order is not stable, and the same command must write the
+    # same bytes. The training summary goes to a JSON file beside the weights instead.
+    save_file(state, str(out))
     summary["sha256"] = sha256_file(out)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
