@@ -127,8 +127,9 @@ class StageLinear(nn.Linear):
             return shared
         if stage_mask is None:
             raise ValueError("a specialised layer needs the main stage of every sample")
-        # One pass per stage over the whole batch, then a select: static shapes (torch.compile friendly),
-        # and a sample's output depends only on its own stage's expert.
+        # One pass per stage over the whole batch, then a select: static shapes (torch.compile friendly) and a
+        # sample's output depends only on its own stage's expert, at the price of S extra matmuls per layer
+        # (specialisation is an ablation; gathering per-sample weights would cost B copies of the weights).
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         expert = F.linear(x, self.expert_weight[0], self.expert_bias[0])
         for s in range(1, self.expert_weight.shape[0]):
