@@ -194,3 +194,25 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path: Path, capsys) -> None
     assert code == 2 and "the loss became" in err
     latest = find_latest(run / "checkpoints")
     assert latest is None or load_checkpoint(latest)["state"]["step"] >= 1  # last good checkpoint is complete
+
+
+@needs_data
+def test_fsdp2_matches_one_process_and_resumes(tmp_path: Path) -> None:
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    subprocess.run(_train_cmd(one, 4), check=True, capture_output=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    fsdp = ["-o", "train.distributed=fsdp", "-o", "train.ckpt_every=2"]
+    res = subprocess.run([*torchrun, *_train_cmd(two, 2, *fsdp)[1:]], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run([*torchrun, *_train_cmd(two, 4, *fsdp, "--resume", "auto")[1:]], capture_output=True,
+                         text=True, env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+    a = load_checkpoint(find_latest(one / "checkpoints"))
+    b = load_checkpoint(find_latest(two / "checkpoints"))
+    for part in ("model", "ema"):
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], rtol=1e-4, atol=1e-6)

@@ -99,7 +99,9 @@ class EpochIndexer:
         return torch.cat(out)
 
 
-def load_batch(dataset, index: Tensor, generator: torch.Generator | None, augment: bool = True) -> tuple[Tensor, Tensor]:
+def load_batch(
+    dataset, index: Tensor, generator: torch.Generator | None, augment: bool = True
+) -> tuple[Tensor, Tensor]:
     """Gather a batch; augmentation (flips, latent posterior draws) uses ``generator`` so it is seeded per step."""
     return dataset.get_batch(index, generator=generator, augment=augment)
 
@@ -171,11 +173,12 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = make_model(cfg, self.sample_shape, self.num_classes).to(self.d.device)
         self.step = 0
-        ck = load_checkpoint(ckpt, map_location="cpu") if ckpt is not None else None
-        if ck is not None:
-            self._load_weights(self.model, ck["model"], ckpt)
-        self.net = self._wrap(self.model)  # FSDP2 shards self.model in place
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        ck = load_checkpoint(ckpt, map_location="cpu") if ckpt is not None else None
+        if ck is not None:  # weights go in before sharding, so FSDP needs no special path for them
+            self._load_weights(self.model, ck["model"], ckpt)
+            self._load_weights(self.ema, ck["ema"], ckpt)
+        self.net = self._wrap(self.model)  # FSDP2 shards self.model (and the EMA alike) in place
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=cfg.optim.lr,
@@ -251,9 +254,11 @@ class Trainer:
             if self.cfg.train.distributed == "fsdp":
                 from torch.distributed.fsdp import fully_shard
 
-                for block in getattr(model, "blocks", []):
-                    fully_shard(block)
-                fully_shard(model)
+                # The EMA is sharded like the model so that its update is local to each rank.
+                for module in (model, self.ema):
+                    for block in getattr(module, "blocks", []):
+                        fully_shard(block)
+                    fully_shard(module)
             else:
                 net = nn.parallel.DistributedDataParallel(
                     model, device_ids=[self.d.local_rank] if self.d.device.type == "cuda" else None
@@ -273,19 +278,13 @@ class Trainer:
     def _fsdp(self) -> bool:
         return self.d.world > 1 and self.cfg.train.distributed == "fsdp"
 
-    def _load_weights(self, module: nn.Module, state: dict[str, Tensor], path: Path, sharded: bool = False) -> None:
+    def _load_weights(self, module: nn.Module, state: dict[str, Tensor], path: Path) -> None:
         try:
-            if sharded:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-                set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
-            else:
-                module.load_state_dict(state)
+            module.load_state_dict(state)
         except RuntimeError as err:
             raise TrainingError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
 
     def _load_state(self, ck: dict, path: Path) -> None:
-        self._load_weights(self.ema, ck["ema"], path, sharded=self._fsdp)
         st = ck["state"]
         if self._fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
