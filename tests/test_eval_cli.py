@@ -1,0 +1,176 @@
+"""`dfm eval` end to end on tiny image sets with the offline EfficientNet-Lite0 and a random Fashion CNN."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfm.eval.cli import add_eval_parser, main
+from dfm.eval.extractors import FashionCNN
+from dfm.eval.extractors.efficientnet import bundled_weights_path
+from dfm.eval.frechet import FeatureStats
+from dfm.eval.reference import ReferenceStats, load_reference, save_reference
+from dfm.eval.weights import sha256_file
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The same 12 RGB 32x32 images as an ADM npz (with labels and a sampling.json) and as a PNG folder."""
+    root = tmp_path_factory.mktemp("eval_cli")
+    rng = np.random.default_rng(0)
+    coarse = rng.uniform(0, 255, (N, 4, 4, 3))
+    images = np.kron(coarse, np.ones((1, 8, 8, 1))) + rng.uniform(-20, 20, (N, 32, 32, 3))
+    images = images.clip(0, 255).astype(np.uint8)
+    labels = np.arange(N) % 10
+    samples = root / "run" / "samples.npz"
+    samples.parent.mkdir()
+    np.savez(samples, arr_0=images, labels=labels)
+    sampling = {"steps": 40, "solver": "euler", "cfg_scale": 1.5}
+    (samples.parent / "sampling.json").write_text(json.dumps(sampling))
+    folder = root / "pngs"
+    folder.mkdir()
+    for i, (image, label) in enumerate(zip(images, labels)):
+        Image.fromarray(image).save(folder / f"{i:05d}_class{label}.png")
+    torch.manual_seed(0)
+    classifier = root / "cnn.pth"
+    torch.save(FashionCNN().state_dict(), classifier)
+    return {"root": root, "samples": samples, "folder": folder, "sampling": sampling, "classifier": classifier}
+
+
+def test_score_npz_against_folder_writes_scores_and_protocol(data, capsys) -> None:
+    out = data["root"] / "scores.json"
+    metrics = "fd:efficientnet-lite0,pr:efficientnet-lite0,is:efficientnet-lite0,swd,accuracy"
+    argv = [
+        "score",
+        str(data["samples"]),
+        "--ref",
+        str(data["folder"]),
+        "--metrics",
+        metrics,
+        "--weights",
+        f"fashion-cnn={data['classifier']}",
+        "--is-splits",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    scores, protocol = result["scores"], result["protocol"]
+    assert "fd_efficientnet-lite0" in capsys.readouterr().out
+    # The reference holds the same images: zero distance, full precision and recall.
+    assert scores["fd_efficientnet-lite0"] == pytest.approx(0.0, abs=1e-4)
+    assert scores["precision_efficientnet-lite0"] == 1.0 and scores["recall_efficientnet-lite0"] == 1.0
+    assert scores["is_efficientnet-lite0_mean"] >= 1.0
+    assert set(scores) >= {"swd_32", "swd_16", "swd_mean"}
+    # Accuracy against the labels stored in the npz, under the given classifier.
+    model = FashionCNN()
+    model.load_state_dict(torch.load(data["classifier"]))
+    with np.load(data["samples"]) as npz:
+        images = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2)
+        expected = (model.eval()(images).logits.argmax(1).numpy() == npz["labels"]).mean()
+    assert scores["class_accuracy"] == pytest.approx(expected)
+    # The protocol: extractor, weights file and hash, preprocessing, counts, sampler settings.
+    effnet = protocol["extractors"]["efficientnet-lite0"]
+    assert effnet["weights_sha256"] == sha256_file(bundled_weights_path())
+    assert effnet["preprocessing"]["size"] == 224 and effnet["feature_dim"] == 1280
+    assert protocol["extractors"]["fashion-cnn"]["weights"] == str(data["classifier"])
+    assert protocol["samples"]["count"] == N and protocol["references"][0]["kind"] == "folder"
+    assert protocol["sampling"] == data["sampling"]
+    assert protocol["settings"]["pr_k"] == 3 and protocol["settings"]["swd"]["images"] == N
+
+
+def test_reference_file_round_trips_exactly(tmp_path) -> None:
+    x = np.random.default_rng(1).standard_normal((20, 4))
+    ref = ReferenceStats(
+        "efficientnet-lite0", FeatureStats(4).update(x), {"source": {"kind": "npz"}}, x.astype(np.float32)
+    )
+    loaded = load_reference(save_reference(tmp_path / "ref.npz", ref))
+    assert loaded.extractor == "efficientnet-lite0" and loaded.stats.count == 20
+    np.testing.assert_array_equal(loaded.mu, ref.mu)
+    np.testing.assert_allclose(loaded.sigma, ref.sigma, rtol=1e-15)
+    np.testing.assert_array_equal(loaded.features, x.astype(np.float32))
+    assert loaded.protocol == {"source": {"kind": "npz"}}
+    with pytest.raises(ValueError, match=r"\.npz"):
+        save_reference(tmp_path / "ref.json", ref)
+
+
+def test_ref_command_then_score_against_statistics(data) -> None:
+    ref_file = data["root"] / "ref_effnet.npz"
+    argv = ["ref", str(data["folder"]), "--extractor", "efficientnet-lite0", "--out", str(ref_file)]
+    assert main([*argv, "--save-features", "--no-progress"]) == 0
+    ref = load_reference(ref_file)
+    assert ref.stats.count == N and ref.features.shape == (N, 1280)
+    assert ref.protocol["extractor"]["name"] == "efficientnet-lite0"
+    out = data["root"] / "vs_stats.json"
+    metrics = "fd:efficientnet-lite0,pr:efficientnet-lite0"
+    argv = [
+        "score",
+        str(data["folder"]),
+        "--ref",
+        str(ref_file),
+        "--metrics",
+        metrics,
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    scores = json.loads(out.read_text())["scores"]
+    assert scores["fd_efficientnet-lite0"] == pytest.approx(0.0, abs=1e-4)
+    assert scores["precision_efficientnet-lite0"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["score", "missing_dir_xyz", "--ref", "fashion-mnist", "--metrics", "swd"], "missing_dir_xyz"),
+        (["score", "{samples}", "--ref", "{folder}", "--metrics", "fjd"], "unknown metric 'fjd'"),
+        (["score", "{samples}", "--metrics", "fd:efficientnet-lite0"], "need a reference"),
+        (
+            ["score", "{samples}", "--ref", "{folder}", "--metrics", "is", "--weights", "inception-v3=/no/such.pth"],
+            "/no/such.pth",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(data, capsys, argv, message) -> None:
+    argv = [a.format(samples=data["samples"], folder=data["folder"]) for a in argv]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_bad_weights_flag_is_rejected_by_the_parser(data) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["score", str(data["samples"]), "--weights", "no-equals-sign"])
+    assert info.value.code == 2
+
+
+def test_add_eval_parser_wires_into_another_cli() -> None:
+    parser = argparse.ArgumentParser(prog="dfm")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "ref", "fashion-mnist:test", "--extractor", "fashion-cnn", "--out", "r.npz"])
+    assert (args.command, args.eval_command, args.source, args.extractor) == (
+        "eval",
+        "ref",
+        "fashion-mnist:test",
+        "fashion-cnn",
+    )
+    assert callable(args.handler)
+
+
+def test_module_entry_point_lists_extractors() -> None:
+    done = subprocess.run([sys.executable, "-m", "dfm.eval", "list"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for name in ("dinov2-vitl14", "inception-v3", "efficientnet-lite0", "fashion-cnn"):
+        assert name in done.stdout
