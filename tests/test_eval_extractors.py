@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,6 +156,18 @@ def test_efficientnet_lite0_runs_offline_with_bundled_weights() -> None:
     assert out.features.shape == (2, 1280) and out.logits.shape == (2, 1000)
     assert torch.all(out.features >= 0) and torch.all(out.features <= 6)  # mean of ReLU6 outputs
     torch.testing.assert_close(model(images).features, out.features, rtol=0, atol=0)
+
+
+def test_efficientnet_lite0_recognises_a_natural_image() -> None:
+    # matplotlib ships Grace Hopper's portrait; ImageNet class 652 is "military uniform".
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as image:
+        array = torch.from_numpy(np.array(image.convert("RGB")))
+    model = build_extractor("efficientnet-lite0")
+    logits = model(array.permute(2, 0, 1)[None]).logits
+    assert logits.argmax(1).item() == 652
 
 
 # ---------------------------------------------------------------- Fashion-MNIST CNN

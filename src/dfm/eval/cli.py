@@ -10,6 +10,8 @@ from pathlib import Path
 
 __all__ = ["add_eval_parser", "run_eval", "main"]
 
+_COMMANDS = ("score", "ref", "train-classifier", "list")
+
 
 def _weights_arg(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
@@ -68,6 +70,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         help="comma-separated: fid, fdd, is, pr, swd, accuracy, fd:<extractor>, is:<extractor>, pr:<extractor> "
         "(default fdd,fid,is)",
     )
+    score.add_argument("--num-ref", type=_positive_int, default=None, help="use only the first N reference images")
     score.add_argument("--out", default=None, help="JSON output (default: scores.json next to the samples)")
     score.add_argument("--pr-k", type=_positive_int, default=3, help="neighbours for precision/recall (default 3)")
     score.add_argument(
@@ -105,6 +108,7 @@ def _score(args: argparse.Namespace) -> dict:
     config = EvalConfig(
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
         num_samples=args.num_samples,
+        num_reference=args.num_ref,
         batch_size=args.batch_size,
         device=args.device,
         weights=dict(args.weights),
@@ -197,5 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command")
     add_eval_parser(subparsers)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in _COMMANDS:
+        argv.insert(0, "score")  # `python -m dfm.eval SAMPLES ...` is short for `... score SAMPLES ...`
     args = parser.parse_args(["eval", *argv])
     return args.handler(args)

@@ -58,7 +58,8 @@ class EvalConfig:
     """Every setting that changes a score. Defaults are the paper's headline metrics."""
 
     metrics: Sequence[str] = ("fdd", "fid", "is")
-    num_samples: int | None = None
+    num_samples: int | None = None  # first N samples (None: all)
+    num_reference: int | None = None  # first N reference images (None: all)
     batch_size: int = 64
     device: str = "cpu"
     weights: dict[str, str] = field(default_factory=dict)  # extractor name -> weights file
@@ -171,6 +172,7 @@ def evaluate(
             ref_stats[loaded.extractor] = loaded
         elif ref_images is None:
             ref_images = load_images(ref)
+            ref_images = ref_images.subset(min(len(ref_images), config.num_reference or len(ref_images)))
         else:
             raise ValueError(f"only one image reference can be given, got a second one: {ref}")
 
@@ -217,7 +219,7 @@ def evaluate(
             elif ref_images is not None:
                 real = extract(
                     extractor,
-                    ref_images.subset(min(len(ref_images), config.num_samples or len(ref_images))).images,
+                    ref_images.images,
                     config.batch_size,
                     keep_features="pr" in kinds,
                     progress=config.progress,
