@@ -36,7 +36,9 @@ def data(tmp_path_factory):
     np.savez(samples, arr_0=images, labels=labels)
     sampling = {"steps": 40, "solver": "euler", "cfg_scale": 1.5}
     (samples.parent / "sampling.json").write_text(json.dumps(sampling))
-    folder = root / "pngs"
+    folder = root / "pngs" / "images"
+    folder.parent.mkdir()
+    (folder.parent / "sampling.json").write_text(json.dumps({"steps": 10}))
     folder.mkdir()
     for i, (image, label) in enumerate(zip(images, labels)):
         Image.fromarray(image).save(folder / f"{i:05d}_class{label}.png")
@@ -119,6 +121,7 @@ def test_ref_command_then_score_against_statistics(data) -> None:
     scores = json.loads(out.read_text())["scores"]
     assert scores["fd_efficientnet-lite0"] == pytest.approx(0.0, abs=1e-4)
     assert scores["precision_efficientnet-lite0"] == 1.0
+    assert json.loads(out.read_text())["protocol"]["sampling"] == {"steps": 10}  # found in the parent folder
 
 
 @pytest.mark.parametrize(
@@ -157,6 +160,13 @@ def test_add_eval_parser_wires_into_another_cli() -> None:
         "fashion-cnn",
     )
     assert callable(args.handler)
+
+
+def test_dfm_cli_dispatches_to_eval(capsys) -> None:
+    from dfm.cli import main as dfm_main
+
+    assert dfm_main(["eval", "list"]) == 0
+    assert "efficientnet-lite0" in capsys.readouterr().out
 
 
 def test_module_entry_point_lists_extractors() -> None:

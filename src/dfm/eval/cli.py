@@ -97,7 +97,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
 
     commands.add_parser("list", help="list the feature extractors")
-    parser.set_defaults(handler=run_eval)
+    parser.set_defaults(handler=run_eval, func=run_eval)  # `func` is what dfm.cli dispatches on
     return parser
 
 

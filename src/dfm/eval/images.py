@@ -1,7 +1,8 @@
 """Reading image sets for evaluation: PNG folders, ADM-style `.npz` files and named datasets.
 
 Every loader returns `ImageSet(images uint8 (N, C, H, W), labels int64 (N,) or None, source dict)`.
-Labels of PNG folders come from file names containing `class<K>` or `label<K>` (e.g. `000123_class7.png`).
+Labels of PNG folders come from file names containing `class<K>` or `label<K>` (as `dfm sample --png`
+writes them: `seed000123_class7.png`).
 """
 
 from __future__ import annotations
@@ -115,9 +116,16 @@ def load_images(spec: str | Path) -> ImageSet:
 
 
 def read_sampling_settings(spec: str | Path) -> dict | None:
-    """The `sampling.json` written next to samples by a run (in the folder, or beside the .npz), if any."""
+    """The `sampling.json` that `dfm sample` writes beside its outputs, if any.
+
+    Looked for in a samples folder and its parent (`out/images/*.png` -> `out/sampling.json`), or
+    beside an `.npz` (`out/samples.npz` -> `out/sampling.json`).
+    """
     path = Path(spec)
-    candidate = path / "sampling.json" if path.is_dir() else path.parent / "sampling.json"
-    if candidate.is_file():
-        return json.loads(candidate.read_text())
+    candidates = (
+        [path / "sampling.json", path.parent / "sampling.json"] if path.is_dir() else [path.parent / "sampling.json"]
+    )
+    for candidate in candidates:
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
     return None
