@@ -106,6 +106,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--png", action="store_true", help="also write one PNG per image")
     p.add_argument("--npz", action="store_true", help="also write an ADM-style samples.npz (arr_0, labels, seeds)")
+    p.add_argument("--mp4", action="store_true", help="videos: also write video.mp4 (needs dfm[video])")
     p.add_argument("--no-grid", action="store_true")
     p.add_argument("--no-progression", action="store_true")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -194,6 +195,7 @@ def _run_sample(args) -> int:
         pngs=args.png,
         npz=args.npz,
         progression=not args.no_progression,
+        mp4=args.mp4,
         nrow=num_classes if 0 < num_classes <= 16 else None,
     )
     settings = {

@@ -211,7 +211,9 @@ def sample_grid_files(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     nrow = num_classes if 0 < num_classes <= 16 else None
-    if images.dim() == 5:  # video: show the middle frame
+    if images.dim() == 5:  # video: an animated grid, and the middle frame for the still pictures
+        frames = [image_grid(images[:, :, f], nrow=nrow) for f in range(images.shape[2])]
+        save_gif(frames, out_dir / f"step_{step:08d}.gif")
         images = images[:, :, images.shape[2] // 2]
         previews = [p[:, :, p.shape[2] // 2] for p in previews]
     save_png(image_grid(images, nrow=nrow), out_dir / f"step_{step:08d}.png")
@@ -232,6 +234,7 @@ def write_outputs(
     progression: bool = True,
     class_names: Sequence[str] | None = None,
     nrow: int | None = None,
+    mp4: bool = False,
 ) -> dict[str, str]:
     """Write the requested outputs of ``dfm sample``; returns {kind: path}."""
     out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +263,16 @@ def write_outputs(
     if video:
         gif_frames = [image_grid(images[:16, :, f], nrow=4) for f in range(images.shape[2])]
         written["gif"] = str(save_gif(gif_frames, out / "video.gif"))
+        if mp4:
+            written["mp4"] = str(save_mp4(gif_frames, out / "video.mp4"))
+        if progression and len(previews) > 1:
+            # Per frame: every stage's preview clip (enlarged) beside the final clip.
+            rows = min(len(seeds), 8)
+            frames = [
+                progression_grid([p[:rows, :, f] for p in previews], images[:rows, :, f], max_rows=rows)
+                for f in range(images.shape[2])
+            ]
+            written["progression_gif"] = str(save_gif(frames, out / "progression.gif"))
     if progression and len(previews) > 1 and not video:
         rows = min(len(seeds), 10)
         written["progression"] = str(
@@ -270,6 +283,24 @@ def write_outputs(
         frames.append(image_grid(images[:16].float(), nrow=min(4, rows)))
         written["progression_gif"] = str(save_gif(frames, out / "progression.gif", duration_ms=600))
     return written
+
+
+def save_mp4(frames: Sequence[np.ndarray], path: Path, fps: int = 8) -> Path:
+    """MP4 through the optional imageio + imageio-ffmpeg packages (``pip install "dfm[video]"``)."""
+    try:
+        import imageio.v2 as imageio
+    except ImportError as err:
+        raise ImportError('MP4 output needs imageio and imageio-ffmpeg: pip install "dfm[video]"') from err
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.mp4")
+    try:
+        imageio.mimwrite(
+            tmp, [f if f.shape[-1] == 3 else np.repeat(f, 3, axis=-1) for f in frames], fps=fps, macro_block_size=1
+        )
+    except (ValueError, RuntimeError, ImportError) as err:
+        tmp.unlink(missing_ok=True)
+        raise ImportError('MP4 output needs the ffmpeg backend: pip install "dfm[video]"') from err
+    os.replace(tmp, path)
+    return path
 
 
 def shard(seq: Sequence[int], rank: int, world: int) -> list[int]:
