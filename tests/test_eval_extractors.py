@@ -97,7 +97,7 @@ def test_missing_weights_error_says_how_to_get_them(tmp_path, monkeypatch) -> No
     def no_network(*args, **kwargs):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(WeightsNotFoundError, match="DFM_INCEPTION_WEIGHTS") as info:
         build_extractor("inception-v3")
     assert "pt_inception-2015-12-05" in str(info.value) and "network unreachable" in str(info.value)

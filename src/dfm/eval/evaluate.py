@@ -2,7 +2,8 @@
 
 Metric names (`metrics` argument):
 
-- `fid` (= `fd:inception-v3`), `fdd` (= `fd:dinov2-vitl14`), `fd:<extractor>`: Fréchet distance.
+- `fid` (= `fd:inception-v3`), `fdd` (= `fd:dinov2-vitl14`), `fvd` (= `fd:i3d`, videos),
+  `fd:<extractor>`: Fréchet distance.
 - `is` (= `is:inception-v3`), `is:<extractor>`: Inception Score over 10 splits.
 - `pr` (= `pr:inception-v3`), `pr:<extractor>`: precision and recall, k = 3.
 - `swd`: multi-scale sliced Wasserstein distance (no network).
@@ -31,8 +32,14 @@ from .swd import SWDConfig, sliced_wasserstein_distance
 
 __all__ = ["EvalConfig", "parse_metric", "extract", "evaluate", "build_reference"]
 
-_ALIASES = {"fid": "fd:inception-v3", "fdd": "fd:dinov2-vitl14", "is": "is:inception-v3", "pr": "pr:inception-v3"}
-_SCORE_NAMES = {"fd:inception-v3": "fid", "fd:dinov2-vitl14": "fdd"}
+_ALIASES = {
+    "fid": "fd:inception-v3",
+    "fdd": "fd:dinov2-vitl14",
+    "fvd": "fd:i3d",
+    "is": "is:inception-v3",
+    "pr": "pr:inception-v3",
+}
+_SCORE_NAMES = {"fd:inception-v3": "fid", "fd:dinov2-vitl14": "fdd", "fd:i3d": "fvd"}
 
 
 def parse_metric(metric: str) -> tuple[str, str | None]:
@@ -135,6 +142,13 @@ def _match_for_swd(samples: torch.Tensor, reference: torch.Tensor) -> tuple[torc
     return samples, reference, notes
 
 
+def _check_input_kind(extractor: FeatureExtractor, image_set: ImageSet, what: str) -> None:
+    is_video = image_set.images.ndim == 5
+    if is_video != extractor.takes_video:
+        kind, wanted = ("videos", "images") if is_video else ("images", "videos")
+        raise ValueError(f"the {what} are {kind} but extractor {extractor.name} takes {wanted}")
+
+
 def _environment(device: str) -> dict:
     try:
         from importlib.metadata import version
@@ -201,6 +215,9 @@ def evaluate(
         kinds = {kind for kind, e in parsed if e == extractor_name}
         extractor = build_extractor(extractor_name, config.weights.get(extractor_name), config.device, config.download)
         protocol["extractors"][extractor_name] = extractor.describe()
+        _check_input_kind(extractor, sample_set, "samples")
+        if ref_images is not None:
+            _check_input_kind(extractor, ref_images, "reference")
         fake = extract(
             extractor,
             sample_set.images,
@@ -251,6 +268,8 @@ def evaluate(
         del extractor
 
     if any(kind == "swd" for kind, _ in parsed):
+        if sample_set.images.ndim != 4:
+            raise ValueError("metric 'swd' takes images; these samples are videos (use fvd)")
         if ref_images is None:
             raise ValueError("metric 'swd' needs reference images (a dataset, folder or npz), not a statistics file")
         count = min(len(sample_set), len(ref_images), config.swd_max_images)
@@ -274,6 +293,7 @@ def build_reference(
     """Fit the reference Gaussian of `extractor_name` features over an image source."""
     image_set = (source if isinstance(source, ImageSet) else load_images(source)).subset(num_samples)
     extractor = build_extractor(extractor_name, weights, device, download)
+    _check_input_kind(extractor, image_set, "reference")
     out = extract(extractor, image_set.images, batch_size, keep_features=save_features, progress=progress)
     protocol = {"source": {**image_set.source, "count": len(image_set)}, "extractor": extractor.describe()}
     features = None if out.features is None else out.features.numpy()

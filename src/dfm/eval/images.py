@@ -23,7 +23,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # uint8 (N, C, H, W)
+    images: torch.Tensor  # uint8 (N, C, H, W), or videos (N, C, T, H, W)
     labels: torch.Tensor | None = None  # int64 (N,)
     source: dict = field(default_factory=dict)
 
@@ -41,8 +41,11 @@ class ImageSet:
 
 
 def _to_nchw(array: np.ndarray, where: str) -> torch.Tensor:
+    """(N, H, W[, C]) images -> (N, C, H, W); (N, T, H, W, C) videos -> (N, C, T, H, W)."""
     if array.dtype != np.uint8:
         raise ValueError(f"{where}: images must be uint8 in [0, 255], got dtype {array.dtype}")
+    if array.ndim == 5 and array.shape[-1] in (1, 3):
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 4, 1, 2, 3).contiguous()
     if array.ndim == 3:  # (N, H, W) greyscale
         array = array[..., None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3):
@@ -91,7 +94,8 @@ def _load_npz(path: Path) -> ImageSet:
 
 
 def load_images(spec: str | Path) -> ImageSet:
-    """Load a folder of images, an ADM `.npz` (key arr_0, uint8 NHWC, optional `labels`), or a dataset.
+    """Load a folder of images, an ADM `.npz` (key arr_0, uint8 NHWC or videos NTHWC, optional `labels`),
+    or a dataset.
 
     Datasets: `fashion-mnist` (= `fashion-mnist:train`) or `fashion-mnist:test`.
     """

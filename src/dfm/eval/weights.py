@@ -53,7 +53,8 @@ def resolve_weights(name: str, spec: WeightsSpec, path: str | Path | None = None
     if spec.url is None or not download:
         raise WeightsNotFoundError(f"{name}: no weights file found; {how}")
     try:
-        torch.hub.load_state_dict_from_url(spec.url, map_location="cpu", progress=True, file_name=spec.filename)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(spec.url, str(cached), progress=True)
     except Exception as error:  # no network, proxy refusal, truncated file...
         raise WeightsNotFoundError(
             f"{name}: could not download weights ({type(error).__name__}: {error}); {how}"

@@ -76,6 +76,7 @@ class FeatureExtractor(nn.Module):
     preprocessing: Preprocessing
     weights_path: str | None = None
     weights_sha256: str | None = None
+    takes_video: bool = False  # inputs are clips (N, C, T, H, W) rather than images
 
     def features_and_logits(self, x: torch.Tensor) -> FeatureOutput:
         raise NotImplementedError
