@@ -40,6 +40,18 @@ def test_dinov2_preprocessing_is_imagenet_normalised_bicubic_224() -> None:
     assert torch.all(out >= lo[None, :, None, None] - 1e-6) and torch.all(out <= hi[None, :, None, None] + 1e-6)
 
 
+def test_dinov2_preprocessing_matches_a_pil_bicubic_resize() -> None:
+    # dgm-eval resizes PIL images; ours should agree to within about one uint8 level on average.
+    from PIL import Image
+
+    array = np.random.default_rng(0).integers(0, 256, (40, 40, 3)).astype(np.uint8)
+    pil = np.asarray(Image.fromarray(array).resize((224, 224), Image.BICUBIC)).astype(np.float32) / 255
+    ours = DinoV2.preprocessing(torch.from_numpy(array).permute(2, 0, 1)[None])[0]
+    ours = ours * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    diff = (ours.permute(1, 2, 0).numpy() - pil) * 255
+    assert np.abs(diff).mean() < 0.5 and np.median(np.abs(diff)) < 0.01
+
+
 def test_fashion_preprocessing_converts_rgb_to_grey() -> None:
     pre = FashionCNN.preprocessing
     red = torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
@@ -74,6 +86,7 @@ def test_inception_forward_shapes_and_determinism() -> None:
     images = _images(2, 32)
     out = model(images)
     assert out.features.shape == (2, 2048) and out.logits.shape == (2, 1008)
+    torch.testing.assert_close(out.logits, out.features @ model.fc.weight.T)  # IS logits carry no bias
     assert torch.all(out.features >= 0)  # average of ReLU outputs
     # the same image alone gives the same features: eval mode, no cross-sample coupling
     torch.testing.assert_close(model(images[:1]).features, out.features[:1], rtol=1e-4, atol=1e-5)

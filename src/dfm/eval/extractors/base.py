@@ -22,8 +22,10 @@ class Preprocessing:
 
         x = resize(x / 255, size, interpolation) ;  x = (x - mean) / std   per channel
 
-    `channels` converts grey <-> RGB first (RGB -> grey is the ITU-R 601 luma). `clamp` clips to
-    [0, 1] after resizing, as a PIL resize to uint8 does (bicubic overshoots).
+    `channels` converts grey <-> RGB first (RGB -> grey is the ITU-R 601 luma). `pil_like` makes the
+    resize behave like PIL's on uint8 images (what torchvision transforms on PIL images do): clip to
+    [0, 1] (bicubic overshoots) and round to the 256 uint8 levels. With `antialias=True`, torch's
+    bicubic kernel is PIL's (a = -0.5), so the result matches PIL to about one grey level.
     """
 
     size: int
@@ -32,7 +34,7 @@ class Preprocessing:
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
     channels: int = 3
-    clamp: bool = False
+    pil_like: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,8 +52,8 @@ class Preprocessing:
             x = F.interpolate(
                 x, size=(self.size, self.size), mode=self.interpolation, align_corners=align, antialias=self.antialias
             )
-        if self.clamp:
-            x = x.clamp(0.0, 1.0)
+        if self.pil_like:
+            x = (x.clamp(0.0, 1.0) * 255.0).round() / 255.0
         mean = x.new_tensor(self.mean)[None, :, None, None]
         std = x.new_tensor(self.std)[None, :, None, None]
         return (x - mean) / std

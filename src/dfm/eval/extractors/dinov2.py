@@ -7,7 +7,8 @@ with `strict=True`. The network is a pre-norm ViT with LayerScale:
 
 The position embedding is stored for a 37x37 patch grid (518 px) and bicubically resized to the
 input grid. The feature is the final-norm CLS token (1024-d for ViT-L).
-Preprocessing (dgm-eval): bicubic resize to 224x224, ImageNet mean/std normalisation.
+Preprocessing (dgm-eval, which resizes PIL images): PIL-like bicubic resize to 224x224, ImageNet
+mean/std normalisation.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class DinoV2(FeatureExtractor):
 
     name = "dinov2-vitl14"
     preprocessing = Preprocessing(
-        size=224, interpolation="bicubic", antialias=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, clamp=True
+        size=224, interpolation="bicubic", antialias=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, pil_like=True
     )
 
     def __init__(

@@ -6,7 +6,8 @@ reproduced here: average pools in the A, C and first E blocks exclude padding fr
 last E block uses a max pool in its pool branch, and the classifier has 1008 outputs.
 
 Preprocessing: bilinear resize (no antialiasing) to 299x299 of [0, 1] images, then x -> 2x - 1.
-Features: the 2048-d global average pool ("pool3"); logits: the 1008-way fc (for the IS).
+Features: the 2048-d global average pool ("pool3"); logits: pool3 times the 1008-way fc weights,
+without the bias, as in the original Inception Score code (and torch-fidelity's `logits_unbiased`).
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ class InceptionV3(FeatureExtractor):
         for block in (self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)  # ends at (N, 2048, 8, 8)
         features = x.mean(dim=(2, 3))  # (N, 2048)
-        return FeatureOutput(features, self.fc(features))
+        # The original Inception Score code multiplies pool3 by the softmax weights without the bias.
+        return FeatureOutput(features, features @ self.fc.weight.T)
 
 
 @register_extractor("inception-v3", "FID/IS Inception-v3 (pt_inception-2015-12-05)", INCEPTION_WEIGHTS.env_var)
