@@ -216,3 +216,18 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path: Path) -> None:
     for part in ("model", "ema"):
         for key in a[part]:
             torch.testing.assert_close(a[part][key], b[part][key], rtol=1e-4, atol=1e-6)
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["cascade", "pyramidal"])
+def test_baselines_train_resume_and_sample(tmp_path: Path, method: str) -> None:
+    run = tmp_path / method
+    assert _train(run, 3, "--method", method, "-o", "train.ckpt_every=3") == 0
+    assert _train(run, 5, "--method", method, "--resume", "auto") == 0
+    cfg = RunConfig.load(run / "config.json")
+    assert cfg.method.method == method and cfg.method.steps == (2, 2)
+    if method == "cascade":
+        assert cfg.method.cascade_switch_step == 2  # round(0.8 * 3) of the first run, kept when extended
+    out = tmp_path / "s"
+    assert cli(["sample", str(run), "--seeds", "0-3", "--out", str(out), "--npz"]) == 0
+    assert np.load(out / "samples.npz")["arr_0"].shape == (4, 32, 32, 1)

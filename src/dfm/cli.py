@@ -23,8 +23,12 @@ def _add_train(sub) -> None:
         "--preset", default="quickstart", choices=sorted(PRESETS), help="named settings (default: quickstart)"
     )
     p.add_argument("--config", help="a config.json to start from instead of a preset")
-    p.add_argument("--method", choices=["dfm", "fm"], help="dfm (default) or the Flow Matching baseline")
-    p.add_argument("--out", help="run directory (default: runs/<preset>[-fm])")
+    p.add_argument(
+        "--method",
+        choices=["dfm", "fm", "cascade", "pyramidal"],
+        help="dfm (default), or a baseline: fm (Flow Matching), cascade, pyramidal (Pyramidal Flow)",
+    )
+    p.add_argument("--out", help="run directory (default: runs/<preset>[-<method>])")
     p.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
     p.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
     p.add_argument("--lr", type=float, help="learning rate (optim.lr)")
@@ -48,18 +52,18 @@ def _add_train(sub) -> None:
 def _train_config(args) -> RunConfig:
     cfg = RunConfig.load(args.config) if args.config else get_preset(args.preset)
     ov = []
+    total = sum(cfg.method.steps)
     if args.method == "fm" and cfg.method.method != "fm":
-        total = sum(cfg.method.steps)
-        ov += [
-            "method.method=fm",
-            "method.stages=1",
-            "method.factors=none",
-            "method.stage_probs=none",
-            f"method.steps={total}",
-            "method.thresholds=",
-        ]
+        ov += ["method.method=fm", "method.stages=1", "method.factors=none", "method.stage_probs=none",
+               f"method.steps={total}", "method.thresholds="]  # fmt: skip
+    elif args.method in ("cascade", "pyramidal") and cfg.method.method != args.method:
+        # Same backbone and the same number of network evaluations, split equally between the two stages.
+        if cfg.method.method != "dfm" or cfg.method.stages != 2:
+            raise ValueError(f"--method {args.method} starts from a two-stage DFM preset (e.g. quickstart)")
+        ov += [f"method.method={args.method}", f"method.steps={total // 2},{total - total // 2}",
+               "method.standardize=false", "method.level_std=none"]  # fmt: skip
     elif args.method == "dfm" and cfg.method.method != "dfm":
-        raise ValueError("this preset is a Flow Matching preset: pick a DFM preset instead of --method dfm")
+        raise ValueError("this preset is not a DFM preset: pick a DFM preset (e.g. quickstart) with --method dfm")
     for flag, key in (
         ("steps", "train.steps"),
         ("batch_size", "train.batch_size"),
@@ -79,7 +83,8 @@ def _run_train(args) -> int:
     from dfm.train import Trainer, init_distributed
 
     cfg = _train_config(args)
-    out = args.out or f"runs/{cfg.preset or 'run'}{'-fm' if args.method == 'fm' else ''}"
+    suffix = f"-{args.method}" if args.method and args.method != "dfm" and args.method not in cfg.preset else ""
+    out = args.out or f"runs/{cfg.preset or 'run'}{suffix}"
     d = init_distributed()
     trainer = Trainer(cfg, out, resume=args.resume, dist_info=d, progress=not args.no_progress)
     run = trainer.fit()

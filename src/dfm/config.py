@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("dfm", "fm")
+METHODS = ("dfm", "fm", "cascade", "pyramidal")
 
 
 @dataclass
@@ -48,6 +48,15 @@ class MethodConfig:
     thresholds: tuple[float, ...] = (0.7,)  #: τ per stage jump (paper: 0.7 at 512 px, 0.9 robust default)
     solver: str = "euler"
     guidance: float = 1.0
+    # baselines (method.md section 7; dfm.baselines): method="cascade" or "pyramidal", stages=2, steps=(20, 20)
+    cascade_stage1_fraction: float = 0.8  #: share of the optimiser steps that train stage 1 (paper: ~80%)
+    cascade_switch_step: int | None = None  #: first stage-2 step; None = round(fraction * train.steps), then saved
+    cond_loc: float = 1.5  #: cascade: conditioning level t_c ~ LogitNormal(cond_loc, cond_scale) (paper: 1.5, 1)
+    cond_scale: float = 1.0
+    cond_noise: float = 0.025  #: cascade: 1 - t_c at inference (paper: 0.025)
+    pyramid_windows: tuple[float, ...] | None = None  #: pyramidal: inner window boundaries; None = equal windows
+    pyramid_gamma: tuple[float, ...] | None = None  #: pyramidal: jump-noise correlation; None = 1/(f²-1) = 1/3
+    pyramid_time: str = "uniform"  #: pyramidal: law of τ in a window, uniform | logit_normal(main_loc, main_scale)
 
 
 @dataclass
@@ -212,6 +221,14 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("method fm is the one-stage case: set method.stages=1 (or use --method fm)")
     if m.stages < 1:
         raise ValueError(f"method.stages={m.stages} must be >= 1")
+    if m.method == "cascade" and m.stages != 2:
+        raise ValueError("method cascade has two stages (low resolution, then full): set method.stages=2")
+    if m.method == "pyramidal" and m.stages < 2:
+        raise ValueError("method pyramidal needs method.stages >= 2 (one stage is plain Flow Matching)")
+    if m.method in ("cascade", "pyramidal") and (m.standardize or m.decomposition != "laplacian"):
+        raise ValueError(f"method {m.method} has its own pyramid: leave method.decomposition and standardize alone")
+    if m.method == "cascade" and t.distributed == "fsdp":
+        raise ValueError("method cascade copies weights between its stages: use train.distributed=ddp")
     if len(m.steps) != m.stages:
         raise ValueError(f"method.steps={m.steps} needs one step count per stage ({m.stages})")
     if len(m.thresholds) != m.stages - 1:

@@ -13,6 +13,10 @@ from dfm.schedule import StageSchedule
 
 def make_decomposition(method: MethodConfig, standardized: bool = True) -> Decomposition:
     """The run's decomposition; wrapped in :class:`Standardized` when ``method.standardize`` is on."""
+    if method.method == "pyramidal":  # a Gaussian pyramid: downsampled images, not residuals
+        from dfm.baselines import GaussianPyramid
+
+        return GaussianPyramid(method.stages, method.factors)
     name = "identity" if method.method == "fm" else method.decomposition
     decomposition = build_decomposition(name, method.stages, method.factors, method.temporal_factors, method.resample)
     if standardized and method.standardize:
@@ -22,7 +26,25 @@ def make_decomposition(method: MethodConfig, standardized: bool = True) -> Decom
     return decomposition
 
 
-def make_objective(method: MethodConfig, decomposition: Decomposition) -> DFMObjective:
+def make_objective(method: MethodConfig, decomposition: Decomposition, total_steps: int | None = None):
+    """The training objective: DFM (and Flow Matching), or one of the baselines of dfm.baselines."""
+    if method.method == "cascade":
+        from dfm.baselines import CascadeObjective
+
+        switch = method.cascade_switch_step
+        if switch is None:
+            if total_steps is None:
+                raise ValueError("the cascade needs method.cascade_switch_step or the total number of steps")
+            switch = round(method.cascade_stage1_fraction * total_steps)
+        return CascadeObjective(
+            switch, stage_factors(method)[0], method.resample, method.main_loc, method.main_scale,
+            method.cond_loc, method.cond_scale,
+        )  # fmt: skip
+    if method.method == "pyramidal":
+        from dfm.baselines import PyramidalObjective
+
+        return PyramidalObjective(make_pyramidal_path(method, decomposition), method.pyramid_time,
+                                  method.main_loc, method.main_scale)  # fmt: skip
     return DFMObjective(
         decomposition,
         stage_probs=method.stage_probs,
@@ -32,6 +54,12 @@ def make_objective(method: MethodConfig, decomposition: Decomposition) -> DFMObj
         prev_scale=method.prev_scale,
         tied=method.tied,
     )
+
+
+def make_pyramidal_path(method: MethodConfig, decomposition: Decomposition):
+    from dfm.baselines import PyramidalPath
+
+    return PyramidalPath(decomposition, method.pyramid_windows, method.pyramid_gamma)
 
 
 def make_schedule(
@@ -52,7 +80,7 @@ def stage_factors(method: MethodConfig) -> tuple[int, ...]:
 
 def make_model(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int):
     """The DFM-DiT named by ``cfg.model`` sized for the data; the trainer does label dropout itself."""
-    from dfm.models import create_model
+    from dfm.models import create_config, create_model
 
     overrides = dict(cfg.model.overrides)
     overrides.update(
@@ -62,4 +90,10 @@ def make_model(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int):
         stage_factors=stage_factors(cfg.method),
         class_dropout=0.0,
     )
+    if cfg.method.method == "cascade":  # stage 2 is the one-stage model; stage 1 is derived from it
+        from dfm.baselines import CascadeModel
+
+        overrides["stage_factors"] = (1,)
+        config = create_config(cfg.model.name, **overrides)
+        return CascadeModel.from_config(config, stage_factors(cfg.method)[0], cfg.method.resample)
     return create_model(cfg.model.name, **overrides)

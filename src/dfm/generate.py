@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from dfm.checkpoint import find_latest, load_weights
 from dfm.config import RunConfig
 from dfm.decomposition import Decomposition
-from dfm.factory import make_model, make_schedule
+from dfm.factory import make_model, make_pyramidal_path, make_schedule
 from dfm.sampling import sample
 from dfm.visual import image_grid, progression_grid, save_gif, save_png, to_uint8, upsample_to
 
@@ -67,6 +67,10 @@ def load_run(
                 f"{ckpt} does not fit the run config {path / RUN_CONFIG}: {str(err).splitlines()[0]}"
             ) from None
         return model.to(device).eval(), cfg
+    if (path / "cascade.json").is_file():
+        from dfm.baselines import CascadeModel
+
+        return CascadeModel.from_pretrained(path, device=device).eval(), RunConfig.load(path / METHOD_FILE)
     if (path / "model.safetensors").is_file():
         from dfm.models import DFMDiT
 
@@ -143,18 +147,21 @@ def generate(
         sd = list(seeds[lo : lo + batch_size])
         y = None if labels is None else torch.as_tensor(list(labels[lo : lo + batch_size]), device=device)
         ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else _null()
+        common = dict(seeds=sd, guidance=guidance, solver=solver, device=device)
         with ctx:
-            out = sample(
-                model,
-                decomposition,
-                schedule,
-                (len(sd), *shape),
-                y,
-                seeds=sd,
-                guidance=guidance,
-                solver=solver,
-                device=device,
-            )
+            if m.method == "cascade":
+                from dfm.baselines import sample_cascade
+
+                out = sample_cascade(
+                    model, (len(sd), *shape), y, steps=schedule.steps, cond_noise=m.cond_noise, **common
+                )
+            elif m.method == "pyramidal":
+                from dfm.baselines import sample_pyramidal
+
+                path = make_pyramidal_path(m, decomposition)
+                out = sample_pyramidal(model, path, (len(sd), *shape), y, steps=schedule.steps, **common)
+            else:
+                out = sample(model, decomposition, schedule, (len(sd), *shape), y, **common)
         imgs, prev = out.images.float(), [p.float() for p in out.previews]
         if decoder is not None:
             imgs = decoder(imgs)

@@ -167,7 +167,9 @@ class Trainer:
         if cfg.method.standardize and cfg.method.level_std is None:
             cfg.method.level_std = self._estimate_level_std()
         self.decomposition = make_decomposition(cfg.method)
-        self.objective: DFMObjective = make_objective(cfg.method, self.decomposition)
+        self.objective: DFMObjective = make_objective(cfg.method, self.decomposition, t.steps)
+        if cfg.method.method == "cascade":  # saved in config.json, so that a longer resumed run keeps it
+            cfg.method.cascade_switch_step = self.objective.switch_step
         self.level_shapes_1 = self.decomposition.level_shapes((1, *self.sample_shape))
 
         torch.manual_seed(t.seed)
@@ -217,6 +219,8 @@ class Trainer:
             old = RunConfig.load(saved)
             if old.method.level_std is not None and self.cfg.method.level_std is None:
                 self.cfg.method.level_std = old.method.level_std
+            if old.method.cascade_switch_step is not None and self.cfg.method.cascade_switch_step is None:
+                self.cfg.method.cascade_switch_step = old.method.cascade_switch_step
             diffs = _config_diff(
                 old,
                 self.cfg,
@@ -261,7 +265,10 @@ class Trainer:
                     fully_shard(module)
             else:
                 net = nn.parallel.DistributedDataParallel(
-                    model, device_ids=[self.d.local_rank] if self.d.device.type == "cuda" else None
+                    model,
+                    device_ids=[self.d.local_rank] if self.d.device.type == "cuda" else None,
+                    # the cascade trains one of its two models per phase
+                    find_unused_parameters=self.cfg.method.method == "cascade",
                 )
         if self.cfg.train.compile:
             net = torch.compile(net)
@@ -320,6 +327,8 @@ class Trainer:
         index = self.indexer(step)
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1))
         shapes = [(B, *s[1:]) for s in self.level_shapes_1]
+        if hasattr(self.objective, "begin_step"):  # the cascade switches from stage 1 to stage 2 here
+            self.objective.begin_step(step, self.model, self.ema)
         draw = self.objective.draw(shapes, generator=gen)
         drop = torch.rand(B, generator=gen) < cfg.method.label_dropout
         data_gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 2))
