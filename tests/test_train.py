@@ -231,3 +231,31 @@ def test_baselines_train_resume_and_sample(tmp_path: Path, method: str) -> None:
     out = tmp_path / "s"
     assert cli(["sample", str(run), "--seeds", "0-3", "--out", str(out), "--npz"]) == 0
     assert np.load(out / "samples.npz")["arr_0"].shape == (4, 32, 32, 1)
+
+
+def test_latent_space_prepare_train_sample_decodes(tmp_path: Path) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=32,
+    )  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / cls / f"{i}.png"
+            )
+    assert cli(["prepare", "--data", str(tmp_path / "imgs"), "--vae", str(tmp_path / "vae"), "--out",
+                str(tmp_path / "lat"), "--resolution", "32", "--batch-size", "4"]) == 0  # fmt: skip
+    run = tmp_path / "run"
+    assert _train(run, 2, "--data", str(tmp_path / "lat"), "-o", "data.resolution=none",
+                  "-o", "model.overrides.patch_size=2") == 0  # fmt: skip
+    out = tmp_path / "s"
+    assert cli(["sample", str(run), "--seeds", "0-2", "--out", str(out), "--npz"]) == 0
+    arr = np.load(out / "samples.npz")["arr_0"]
+    assert arr.shape == (3, 32, 32, 3)  # latents (4, 16, 16) decoded back to 32x32 RGB
+    assert np.load(out / "samples.npz")["labels"].tolist() == [0, 1, 0]
