@@ -4,6 +4,7 @@ The math lives in `frechet`, `inception_score`, `precision_recall` and `swd`; th
 `extractors`; `evaluate` ties them to a recorded protocol and `cli` exposes it. See docs/evaluation.md.
 """
 
+from .clip_score import clip_score, load_clip
 from .evaluate import EvalConfig, build_reference, evaluate
 from .extractors import EXTRACTORS, build_extractor
 from .frechet import FeatureStats, frechet_distance, sqrtm_psd
@@ -20,9 +21,11 @@ __all__ = [
     "SWDConfig",
     "build_extractor",
     "build_reference",
+    "clip_score",
     "evaluate",
     "frechet_distance",
     "inception_score",
+    "load_clip",
     "load_reference",
     "precision_recall",
     "save_reference",

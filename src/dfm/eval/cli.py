@@ -67,8 +67,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     score.add_argument(
         "--metrics",
         default="fdd,fid,is",
-        help="comma-separated: fid, fdd, is, pr, swd, accuracy, fd:<extractor>, is:<extractor>, pr:<extractor> "
-        "(default fdd,fid,is)",
+        help="comma-separated: fid, fdd, fvd, is, pr, swd, accuracy, clip, "
+        "fd:<extractor>, is:<extractor>, pr:<extractor> (default fdd,fid,is)",
     )
     score.add_argument("--num-ref", type=_positive_int, default=None, help="use only the first N reference images")
     score.add_argument("--out", default=None, help="JSON output (default: scores.json next to the samples)")
@@ -78,6 +78,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     score.add_argument("--swd-max-images", type=_positive_int, default=8192, help="images per set for the SWD")
     score.add_argument("--seed", type=int, default=0, help="seed of the SWD patch and direction draws")
+    score.add_argument("--prompts", default=None, help="text file, one prompt per sample, for the clip metric")
     _add_common(score)
 
     ref = commands.add_parser("ref", help="build reference statistics (.npz with mu, sigma, count, protocol)")
@@ -117,6 +118,7 @@ def _score(args: argparse.Namespace) -> dict:
         is_splits=args.is_splits,
         swd=replace(SWDConfig(), seed=args.seed),
         swd_max_images=args.swd_max_images,
+        prompts_file=args.prompts,
         progress=not args.no_progress,
     )
     result = evaluate(args.samples, args.ref, config)

@@ -8,6 +8,7 @@ Metric names (`metrics` argument):
 - `pr` (= `pr:inception-v3`), `pr:<extractor>`: precision and recall, k = 3.
 - `swd`: multi-scale sliced Wasserstein distance (no network).
 - `accuracy`: class accuracy of labelled samples under the `fashion-cnn` classifier.
+- `clip`: CLIP score of text-conditioned samples (prompts from the npz key `prompts` or a file).
 """
 
 from __future__ import annotations
@@ -47,14 +48,14 @@ def parse_metric(metric: str) -> tuple[str, str | None]:
     from .extractors import EXTRACTORS
 
     name = _ALIASES.get(metric, metric)
-    if name == "swd":
-        return "swd", None
+    if name in ("swd", "clip"):
+        return name, None
     if name == "accuracy":
         return "accuracy", "fashion-cnn"
     kind, _, extractor = name.partition(":")
     if kind not in ("fd", "is", "pr") or extractor not in EXTRACTORS:
         raise ValueError(
-            f"unknown metric {metric!r}; use fid, fdd, is, pr, swd, accuracy, or fd:/is:/pr:<extractor> "
+            f"unknown metric {metric!r}; use fid, fdd, fvd, is, pr, swd, accuracy, clip, or fd:/is:/pr:<extractor> "
             f"with an extractor from {', '.join(sorted(EXTRACTORS))}"
         )
     return kind, extractor
@@ -75,6 +76,7 @@ class EvalConfig:
     is_splits: int = 10
     swd: SWDConfig = field(default_factory=SWDConfig)
     swd_max_images: int = 8192
+    prompts_file: str | None = None  # one prompt per line, for `clip` (else the npz key `prompts`)
     progress: bool = True
 
 
@@ -276,7 +278,25 @@ def evaluate(
         a, b, notes = _match_for_swd(sample_set.images[:count], ref_images.images[:count])
         scores.update(sliced_wasserstein_distance(a, b, config.swd))
         protocol["settings"]["swd"] = {**config.swd.to_dict(), **notes}
+    if any(kind == "clip" for kind, _ in parsed):
+        scores["clip_score"] = _clip_score(sample_set, config, protocol)
     return {"scores": scores, "protocol": protocol}
+
+
+def _clip_score(sample_set: ImageSet, config: EvalConfig, protocol: dict) -> float:
+    from .clip_score import clip_score, load_clip
+
+    if sample_set.images.ndim != 4:
+        raise ValueError("metric 'clip' takes images; these samples are videos")
+    prompts = sample_set.prompts
+    if config.prompts_file is not None:
+        prompts = Path(config.prompts_file).read_text().splitlines()[: len(sample_set)]
+        protocol["settings"]["prompts_file"] = config.prompts_file
+    if prompts is None:
+        raise ValueError("metric 'clip' needs prompts: an npz key 'prompts' or --prompts FILE (one per line)")
+    model, tokenizer, entry = load_clip(config.weights.get("clip"), config.weights.get("clip-vocab"))
+    protocol["extractors"]["clip"] = entry
+    return clip_score(model.to(config.device), tokenizer, sample_set.images, prompts, config.batch_size)
 
 
 def build_reference(

@@ -26,6 +26,7 @@ class ImageSet:
     images: torch.Tensor  # uint8 (N, C, H, W), or videos (N, C, T, H, W)
     labels: torch.Tensor | None = None  # int64 (N,)
     source: dict = field(default_factory=dict)
+    prompts: list[str] | None = None  # text prompts of text-conditioned samples
 
     def __len__(self) -> int:
         return len(self.images)
@@ -37,7 +38,8 @@ class ImageSet:
         if count > len(self):
             raise ValueError(f"asked for {count} images but {self.source.get('path', 'the set')} holds {len(self)}")
         labels = None if self.labels is None else self.labels[:count]
-        return ImageSet(self.images[:count], labels, {**self.source, "count": count})
+        prompts = None if self.prompts is None else self.prompts[:count]
+        return ImageSet(self.images[:count], labels, {**self.source, "count": count}, prompts)
 
 
 def _to_nchw(array: np.ndarray, where: str) -> torch.Tensor:
@@ -90,7 +92,8 @@ def _load_npz(path: Path) -> ImageSet:
             raise ValueError(f"{path} has no 'arr_0' key (keys: {sorted(data.keys())}); expected ADM-style samples")
         images = _to_nchw(data["arr_0"], str(path))
         labels = torch.from_numpy(data["labels"].astype(np.int64)) if "labels" in data else None
-    return ImageSet(images, labels, {"kind": "npz", "path": str(path), "count": len(images)})
+        prompts = [str(p) for p in data["prompts"]] if "prompts" in data else None
+    return ImageSet(images, labels, {"kind": "npz", "path": str(path), "count": len(images)}, prompts)
 
 
 def load_images(spec: str | Path) -> ImageSet:
