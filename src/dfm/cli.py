@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset
+from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset, with_method
 
 
 def _add_train(sub) -> None:
@@ -51,19 +51,11 @@ def _add_train(sub) -> None:
 
 def _train_config(args) -> RunConfig:
     cfg = RunConfig.load(args.config) if args.config else get_preset(args.preset)
-    ov = []
-    total = sum(cfg.method.steps)
-    if args.method == "fm" and cfg.method.method != "fm":
-        ov += ["method.method=fm", "method.stages=1", "method.factors=none", "method.stage_probs=none",
-               f"method.steps={total}", "method.thresholds="]  # fmt: skip
-    elif args.method in ("cascade", "pyramidal") and cfg.method.method != args.method:
-        # Same backbone and the same number of network evaluations, split equally between the two stages.
-        if cfg.method.method != "dfm" or cfg.method.stages != 2:
-            raise ValueError(f"--method {args.method} starts from a two-stage DFM preset (e.g. quickstart)")
-        ov += [f"method.method={args.method}", f"method.steps={total // 2},{total - total // 2}",
-               "method.standardize=false", "method.level_std=none"]  # fmt: skip
-    elif args.method == "dfm" and cfg.method.method != "dfm":
+    if args.method == "dfm" and cfg.method.method != "dfm":
         raise ValueError("this preset is not a DFM preset: pick a DFM preset (e.g. quickstart) with --method dfm")
+    if args.method:
+        cfg = with_method(cfg, args.method)
+    ov = []
     for flag, key in (
         ("steps", "train.steps"),
         ("batch_size", "train.batch_size"),

@@ -253,14 +253,39 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("optim: lr must be > 0, warmup_steps >= 0, grad_clip >= 0 and ema_decay in [0, 1)")
 
 
-def _fm(cfg: RunConfig) -> RunConfig:
-    """The Flow Matching twin of a DFM preset: same everything, one stage, same total sampling steps."""
+def with_method(cfg: RunConfig, method: str) -> RunConfig:
+    """The same run with another method: same backbone, data, optimiser and number of network evaluations.
+
+    ``fm`` becomes one stage with all sampling steps; ``cascade`` and ``pyramidal`` split the steps equally
+    between two stages (the paper's 20 + 20 for the cascade, equal steps per stage for Pyramidal Flow).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
+    if method == cfg.method.method:
+        return copy.deepcopy(cfg)
+    if cfg.method.method != "dfm":
+        raise ValueError(f"switch to {method} from a DFM config (this one is {cfg.method.method})")
     cfg = copy.deepcopy(cfg)
     total = sum(cfg.method.steps)
-    cfg.method = dataclasses.replace(
-        cfg.method, method="fm", stages=1, factors=None, stage_probs=None, steps=(total,), thresholds=()
-    )
+    if method == "fm":
+        cfg.method = dataclasses.replace(
+            cfg.method, method="fm", stages=1, factors=None, stage_probs=None, steps=(total,), thresholds=()
+        )
+    else:
+        if cfg.method.stages != 2:
+            raise ValueError(
+                f"method {method} is compared with two-stage DFM configs; this one has {cfg.method.stages}"
+            )
+        cfg.method = dataclasses.replace(
+            cfg.method, method=method, steps=(total // 2, total - total // 2), standardize=False, level_std=None
+        )
+    validate(cfg)
     return cfg
+
+
+def _fm(cfg: RunConfig) -> RunConfig:
+    """The Flow Matching twin of a DFM preset: same everything, one stage, same total sampling steps."""
+    return with_method(cfg, "fm")
 
 
 def _quickstart() -> RunConfig:
