@@ -9,73 +9,29 @@ training step (8xH100). Here:
 * time: forward + backward of a mid-size model on this CPU, the one-stage and two-stage models interleaved
   step by step (so that load changes hit both), after warm-up; median and ratio.
 
+The measuring functions live in :mod:`dfm.bench.measure`; ``dfm bench speed`` times the full training step and
+sampling of DFM against Flow Matching.
+
 Run: ``python benchmarks/bench_model.py`` (about 2 minutes on 2 cores); ``--help`` for sizes and repeats.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from dfm.models import DFMDiT, DiTConfig, count_parameters, create_config
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from dfm.bench.measure import cpu_name, forward_gmacs, random_inputs, time_interleaved
+from dfm.models import DFMDiT, count_parameters, create_config
 
 
-def random_batch(config: DiTConfig, batch: int, device: str = "cpu", seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    levels = [
-        torch.randn(batch, config.in_channels, *config.stage_input_size(s), generator=gen).to(device)
-        for s in range(config.num_stages)
-    ]
-    t = torch.rand(batch, config.num_stages, generator=gen).to(device)
-    y = torch.randint(0, config.num_classes, (batch,), generator=gen).to(device)
-    main_stage = torch.randint(0, config.num_stages, (batch,), generator=gen).to(device)
-    return levels, t, y, main_stage
-
-
-def forward_gmacs(config: DiTConfig) -> float:
-    """Multiply-accumulates of one forward pass for one sample, in G (FlopCounterMode counts 2 per MAC)."""
-    with torch.device("meta"):
-        model = DFMDiT(config)
-        inputs = random_batch(config, 1, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        model(*inputs)
-    return counter.get_total_flops() / 2e9
-
-
-def train_step(model: DFMDiT, inputs) -> None:
+def train_step(model: DFMDiT, inputs: tuple) -> None:
+    """Network only: forward, a dummy loss, backward (``dfm bench speed`` times the full training step)."""
     out = model(*inputs)
     loss = sum((o.float() ** 2).mean() for o in out)
     loss.backward()
     model.zero_grad(set_to_none=True)
-
-
-def time_interleaved(models: dict[str, DFMDiT], batch: int, warmup: int, repeats: int) -> dict[str, list[float]]:
-    inputs = {name: random_batch(m.config, batch) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(warmup + repeats):
-        # alternate the order every round so that neither model always runs right after the other
-        order = list(models) if i % 2 == 0 else list(reversed(models))
-        for name in order:
-            start = time.perf_counter()
-            train_step(models[name], inputs[name])
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -118,7 +74,9 @@ def main() -> None:
         f"\n## Forward + backward time, {size} at {side}x{side}x4 ({tokens} tokens), batch {args.batch}, "
         f"{args.warmup} warm-up + {args.repeats} interleaved repeats, float32\n"
     )
-    times = time_interleaved(models, args.batch, args.warmup, args.repeats)
+    inputs = {name: random_inputs(m.config, args.batch) for name, m in models.items()}
+    steps = {name: (lambda _, m=m, x=inputs[name]: train_step(m, x)) for name, m in models.items()}
+    times = time_interleaved(steps, args.warmup, args.repeats)
     print("| model | median ms | min ms | max ms |")
     print("|---|---|---|---|")
     for name, values in times.items():
