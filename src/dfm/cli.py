@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_presets(sub)
+    from dfm.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     try:
         from dfm.eval.cli import add_eval_parser
 

@@ -1,0 +1,456 @@
+"""``dfm bench quality``: DFM against Flow Matching, the cascade and Pyramidal Flow at equal training compute.
+
+Every variant starts from the same training preset (backbone size, batch, optimiser, number of optimiser steps,
+data) and samples with the same number of network evaluations; only the method (or, for ablations, one setting)
+changes. Each variant is trained with several seeds, evaluated at evenly spaced checkpoints at guidance 1.0
+(convergence) and at the final checkpoint at every guidance scale, with metrics that run offline:
+
+- ``fd_efficientnet-lite0``: Fréchet distance in ImageNet-pretrained EfficientNet-Lite0 features (not comparable
+  with published FIDs),
+- ``fd_fashion-cnn``: Fréchet distance in the features of a classifier trained on the data set (domain FD),
+- ``swd_*``: sliced Wasserstein distance per Laplacian level (x1e3), fine to coarse,
+- ``class_accuracy``: how often the domain classifier recognises the requested class.
+
+Everything is cached on disk (runs resume with ``--resume auto``, scores are JSON files): an interrupted bench
+continues where it stopped. The report (``report.md``, ``results.json``, plots) is rewritten at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dfm.config import RunConfig, apply_overrides, get_preset, with_method
+
+METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
+HEADLINE = "fd_efficientnet-lite0"
+
+
+@dataclass
+class Variant:
+    """One line of the comparison: a method plus settings changed for training and/or sampling."""
+
+    name: str
+    method: str = "dfm"
+    train: tuple[str, ...] = ()  #: ``section.key=value`` overrides of the training config
+    sample: dict[str, Any] = field(default_factory=dict)  #: sampling settings: steps, thresholds, solver
+
+    def run_key(self) -> str:
+        """Variants that train the same thing share one run (sampling-only ablations)."""
+        text = json.dumps([self.method, sorted(self.train)])
+        return f"{self.method}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class QualitySettings:
+    preset: str = "quickstart"  #: training preset every variant starts from
+    variants: list[Variant] = field(default_factory=list)
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 1200
+    eval_points: int = 3  #: evenly spaced checkpoints evaluated at guidance 1.0 (the last is the final one)
+    num_samples: int = 1000
+    guidance: tuple[float, ...] = (1.0, 1.25, 1.5)
+    sample_batch: int = 250
+    overrides: tuple[str, ...] = ()  #: applied to every variant (e.g. a model size)
+    metrics: tuple[str, ...] = METRICS
+    num_reference: int | None = None  #: test images behind the reference statistics (None = all 10,000)
+    device: str = "cpu"
+    threads: int = 0
+
+    @property
+    def eval_steps(self) -> list[int]:
+        n = max(1, self.eval_points)
+        return sorted({max(1, round(self.steps * (i + 1) / n)) for i in range(n)})
+
+
+def comparison_variants() -> list[Variant]:
+    return [Variant("DFM", "dfm"), Variant("Flow Matching", "fm"), Variant("Cascaded", "cascade"),
+            Variant("Pyramidal Flow", "pyramidal")]  # fmt: skip
+
+
+def _ablation(name: str, values: Sequence[tuple[str, Sequence[str], dict]]) -> list[Variant]:
+    return [Variant(f"{name}={label}", "dfm", tuple(train), dict(sample)) for label, train, sample in values]
+
+
+#: The paper's ablations (Tables 3-6 and the sampling study), each against the preset's DFM.
+ABLATIONS: dict[str, Callable[[], list[Variant]]] = {
+    "stage-probs": lambda: _ablation("p(Q=1)", [
+        (str(p), [f"method.stage_probs={p},{round(1 - p, 4)}"], {}) for p in (0.5, 0.7, 0.8, 0.9, 0.95)]),
+    "prev-loc": lambda: _ablation("prev_loc", [
+        *[(str(v), [f"method.prev_loc={v}"], {}) for v in (0.0, 0.5, 1.0, 1.5, 2.0)],
+        ("tied", ["method.tied=true"], {})]),
+    "decomposition": lambda: _ablation("decomposition", [
+        (d, [f"method.decomposition={d}"], {}) for d in ("laplacian", "haar", "dct")]),
+    "standardize": lambda: _ablation("standardize", [("off", ["method.standardize=false"], {}),
+                                                     ("on", ["method.standardize=true"], {})]),
+    "sampling": lambda: _ablation("sampling", [
+        (f"{a}+{b},tau={tau}", [], {"steps": (a, b), "thresholds": (tau,)})
+        for a, b in ((30, 10), (20, 20), (10, 30)) for tau in (0.5, 0.7, 0.9)]),
+}  # fmt: skip
+
+#: Bench presets: ``cpu`` finishes within an hour on 2 cores; ``gpu`` is a larger run for a lent GPU;
+#: ``smoke`` is the tiny version the tests run.
+BENCH_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(preset="quickstart", seeds=(0, 1), steps=1200, eval_points=3, num_samples=1000),
+    "gpu": dict(preset="quickstart", seeds=(0, 1, 2), steps=20000, eval_points=5, num_samples=10000,
+                sample_batch=1000, overrides=("model.name=DFM-DiT-Mini", "optim.lr=5e-4", "train.precision=bf16",
+                                              "train.batch_size=256", "optim.warmup_steps=1000"), device="cuda"),
+    "smoke": dict(preset="quickstart", seeds=(0,), steps=2, eval_points=1, num_samples=16, guidance=(1.0, 1.5),
+                  num_reference=64,
+                  sample_batch=16, overrides=("model.overrides.depth=1", "model.overrides.hidden_size=32",
+                                              "model.overrides.num_heads=2", "method.steps=2,2",
+                                              "train.batch_size=8", "train.num_sample_images=4")),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def run_config(settings: QualitySettings, variant: Variant, seed: int) -> RunConfig:
+    # Shared settings first, then the method switch (so that e.g. DFM's steps become FM's total at equal NFE).
+    cfg = with_method(apply_overrides(get_preset(settings.preset), list(settings.overrides)), variant.method)
+    every = settings.eval_steps[0] if settings.eval_steps else settings.steps
+    extra = [f"train.steps={settings.steps}", f"train.seed={seed}", f"train.ckpt_every={every}",
+             f"train.keep_last={len(settings.eval_steps) + 1}", "train.sample_every=0"]  # fmt: skip
+    if settings.threads:
+        extra.append(f"train.threads={settings.threads}")
+    return apply_overrides(cfg, [*variant.train, *extra])
+
+
+def ensure_classifier(out: Path, log: Callable[[str], None]) -> Path:
+    """The domain classifier (trained once, deterministically, on the data set's labels)."""
+    path = out / "fashion_cnn.safetensors"
+    if not path.is_file():
+        from dfm.eval.extractors.classifier import train_fashion_classifier
+        from dfm.eval.images import load_fashion_mnist
+
+        log(f"training the domain classifier -> {path}")
+        x, y = load_fashion_mnist(split="train")
+        xt, yt = load_fashion_mnist(split="test")
+        train_fashion_classifier(path, x[:, None], y, xt[:, None], yt, log=log)
+    return path
+
+
+def ensure_references(out: Path, settings: QualitySettings, weights: dict[str, str]) -> list[str]:
+    """Reference statistics of the test split for every Fréchet extractor (computed once), plus the images."""
+    from dfm.eval import build_reference, save_reference
+
+    refs = []
+    for metric in settings.metrics:
+        kind, _, extractor = metric.partition(":")
+        if kind != "fd":
+            continue
+        path = out / f"ref_{extractor}.npz"
+        if not path.is_file():
+            stats = build_reference("fashion-mnist:test", extractor, settings.num_reference, device=settings.device,
+                                    weights=weights.get(extractor), download=False, progress=False)  # fmt: skip
+            save_reference(path, stats)
+        refs.append(str(path))
+    return [*refs, "fashion-mnist:test"]
+
+
+def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> float:
+    """Train (or finish) one run; returns the wall time spent training it, summed over resumes."""
+    from dfm.checkpoint import find_latest, load_checkpoint
+    from dfm.train import Trainer
+
+    timing = run_dir / "bench_time.json"
+    spent = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else 0.0
+    latest = find_latest(run_dir / "checkpoints")
+    if latest is not None and load_checkpoint(latest)["state"]["step"] >= cfg.train.steps:
+        return spent
+    log(f"training {run_dir.name} ({cfg.method.method}, seed {cfg.train.seed}, {cfg.train.steps} steps)")
+    tic = time.perf_counter()
+    Trainer(cfg, run_dir, resume="auto", progress=False).fit()
+    spent += time.perf_counter() - tic
+    timing.write_text(json.dumps({"train_seconds": spent}) + "\n")
+    return spent
+
+
+def _to_uint8_28(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Samples to uint8 NCHW; the 2-pixel padding of 32x32 Fashion-MNIST is cut to compare with real 28x28 images."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if cfg.data.dataset == "fashion-mnist" and x.shape[-1] == 32:
+        x = x[..., 2:30, 2:30]
+    return x
+
+
+def evaluate_checkpoint(
+    settings: QualitySettings,
+    variant: Variant,
+    cfg: RunConfig,
+    run_dir: Path,
+    step: int,
+    guidance: float,
+    refs: list[str],
+    weights: dict[str, str],
+    out_file: Path,
+) -> dict:
+    """Sample ``num_samples`` images from checkpoint ``step`` (EMA) and score them; cached in ``out_file``."""
+    if out_file.is_file():
+        return json.loads(out_file.read_text())
+    from dfm.eval import EvalConfig, SWDConfig, evaluate
+    from dfm.eval.images import ImageSet
+    from dfm.factory import make_decomposition
+    from dfm.generate import default_labels, generate, load_run
+
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    model, run_cfg = load_run(run_dir, checkpoint=str(ckpt), device=settings.device)
+    seeds = list(range(settings.num_samples))
+    labels = default_labels(seeds, model.num_classes)
+    sample = variant.sample
+    tic = time.perf_counter()
+    images, _ = generate(model, make_decomposition(run_cfg.method), run_cfg, (model.config.in_channels,
+                         *model.config.input_size), labels, seeds, guidance=guidance, steps=sample.get("steps"),
+                         thresholds=sample.get("thresholds"), solver=sample.get("solver"),
+                         batch_size=settings.sample_batch, device=settings.device)  # fmt: skip
+    sample_seconds = time.perf_counter() - tic
+    image_set = ImageSet(_to_uint8_28(images, run_cfg), torch.tensor(labels), {"kind": "bench", "count": len(seeds)})
+    config = EvalConfig(metrics=settings.metrics, num_reference=settings.num_samples, device=settings.device,
+                        weights=weights, download=False, progress=False, swd=SWDConfig(min_resolution=8))  # fmt: skip
+    result = evaluate(image_set, refs, config)
+    row = {"variant": variant.name, "method": variant.method, "seed": run_cfg.train.seed, "step": step,
+           "guidance": guidance, "nfe": sum(sample.get("steps") or run_cfg.method.steps) * (1 if guidance == 1 else 2),
+           "sample_seconds": sample_seconds, **result["scores"]}  # fmt: skip
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1) + "\n")
+    tmp.replace(out_file)
+    return row
+
+
+def training_flops(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int) -> float:
+    """3 x forward FLOPs x images seen, counted on the training objective's own forward pass (one sample);
+    the cascade's two phases are counted separately and weighted by their share of the steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dfm.factory import make_decomposition, make_model, make_objective
+
+    method = dataclasses.replace(cfg.method, level_std=cfg.method.level_std or None)
+    decomposition = make_decomposition(method, standardized=False)
+    model = make_model(cfg, sample_shape, num_classes)
+    objective = make_objective(method, decomposition, cfg.train.steps)
+    x, y = torch.zeros(1, *sample_shape), torch.zeros(1, dtype=torch.long)
+    switch = getattr(objective, "switch_step", None)
+    phases = [0] if switch is None else [0, switch]
+    flops = []
+    for step in phases:
+        if hasattr(objective, "begin_step"):
+            objective.begin_step(step, model)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            objective.loss(model, x, y, generator=torch.Generator().manual_seed(0))
+        flops.append(counter.get_total_flops())
+    if switch is None:
+        forward = flops[0]
+    else:
+        first = min(switch, cfg.train.steps) / cfg.train.steps
+        forward = first * flops[0] + (1 - first) * flops[1]
+    return 3.0 * forward * cfg.train.batch_size * cfg.train.steps
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def _fmt(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    m, s = _mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def summarize(rows: list[dict], settings: QualitySettings, runs: dict[str, dict]) -> dict[str, Any]:
+    final = settings.steps
+    metric_keys = [k for k in rows[0] if k.startswith(("fd_", "swd_", "class_accuracy"))] if rows else []
+    table = []
+    for variant in settings.variants:
+        for g in settings.guidance:
+            sel = [r for r in rows if r["variant"] == variant.name and r["step"] == final and r["guidance"] == g]
+            table.append({"variant": variant.name, "guidance": g, "n": len(sel),
+                          **{k: [r[k] for r in sel] for k in metric_keys}})  # fmt: skip
+    return {"table": table, "metric_keys": metric_keys, "runs": runs}
+
+
+def markdown(summary: dict[str, Any], settings: QualitySettings, command: str, hardware: str) -> str:
+    keys = summary["metric_keys"]
+    lines = [f"Command: `{command}`", f"Hardware: {hardware}", "",
+             f"Training: preset `{settings.preset}` + {list(settings.overrides) or 'no overrides'}, "
+             f"{settings.steps} optimiser steps per run, seeds {list(settings.seeds)}; "
+             f"{settings.num_samples} samples per evaluation (classes = seed mod 10), reference: Fashion-MNIST test.",
+             "", "| variant | guidance | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]  # fmt: skip
+    for row in summary["table"]:
+        cells = [_fmt(row[k], 3 if k == "class_accuracy" else 1) for k in keys]
+        lines.append(f"| {row['variant']} | {row['guidance']} | " + " | ".join(cells) + " |")
+    lines += ["", "| run | method | train wall time (s) | training FLOPs |", "|---|---|---|---|"]
+    for name, info in summary["runs"].items():
+        lines.append(f"| {name} | {info['method']} | {info['train_seconds']:.0f} | {info['train_flops']:.3g} |")
+    lines.append("")
+    lines.append("Mean ± sample standard deviation over seeds. Lower is better except class_accuracy.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], settings: QualitySettings, out: Path, metric: str = HEADLINE) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for kind in ("steps", "guidance"):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+        for variant in settings.variants:
+            xs, ms, ss = [], [], []
+            points = settings.eval_steps if kind == "steps" else settings.guidance
+            for p in points:
+                sel = [r[metric] for r in rows if r["variant"] == variant.name and metric in r and (
+                    (r["step"] == p and r["guidance"] == 1.0) if kind == "steps"
+                    else (r["step"] == settings.steps and r["guidance"] == p))]  # fmt: skip
+                if sel:
+                    m, s = _mean_std(sel)
+                    xs.append(p)
+                    ms.append(m)
+                    ss.append(s)
+            if xs:
+                ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=variant.name)
+        ax.set_xlabel("training steps" if kind == "steps" else "classifier-free guidance")
+        ax.set_ylabel(metric)
+        ax.set_title("quality vs training steps (guidance 1.0)" if kind == "steps" else "quality vs guidance (final)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{metric.replace(':', '_')}_vs_{kind}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def run_quality(
+    settings: QualitySettings,
+    out: str | Path,
+    command: str = "",
+    log: Callable[[str], None] = print,
+    weights: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    from dfm.bench.measure import hardware_info, hardware_line
+
+    if not settings.variants:
+        raise ValueError("no variants to compare")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = dict(weights or {})
+    if any(m.endswith("fashion-cnn") or m == "accuracy" for m in settings.metrics) and "fashion-cnn" not in weights:
+        weights["fashion-cnn"] = str(ensure_classifier(out, log))
+    refs = ensure_references(out, settings, weights)
+    rows, runs = [], {}
+    total = len(settings.variants) * len(settings.seeds)
+    done = 0
+    tic = time.perf_counter()
+    for seed in settings.seeds:
+        for variant in settings.variants:
+            cfg = run_config(settings, variant, seed)
+            run_dir = out / "runs" / f"{variant.run_key()}-s{seed}"
+            seconds = train_run(cfg, run_dir, log)
+            from dfm.generate import load_run
+
+            model, _ = load_run(run_dir)
+            shape = (model.config.in_channels, *model.config.input_size)
+            runs[run_dir.name] = {"method": variant.method, "train_seconds": seconds,
+                                  "train_flops": training_flops(cfg, shape, model.num_classes)}  # fmt: skip
+            points = [(s, 1.0) for s in settings.eval_steps] + [(settings.steps, g) for g in settings.guidance]
+            for step, g in dict.fromkeys(points):
+                name = f"{variant.name}-s{seed}-step{step}-g{g}".replace(" ", "_").replace("/", "_")
+                row = evaluate_checkpoint(settings, variant, cfg, run_dir, step, g, refs, weights,
+                                          out / "scores" / f"{name}.json")  # fmt: skip
+                rows.append(row)
+            done += 1
+            log(f"[{done}/{total}] {variant.name} seed {seed}: {HEADLINE} = "
+                f"{rows[-len(settings.guidance)][HEADLINE]:.1f} at guidance {settings.guidance[0]} "
+                f"({time.perf_counter() - tic:.0f}s so far)")  # fmt: skip
+    summary = summarize(rows, settings, runs)
+    hardware = hardware_line(hardware_info(torch.device(settings.device)))
+    report = markdown(summary, settings, command, hardware)
+    (out / "report.md").write_text(report)
+    payload = {"settings": _settings_dict(settings), "rows": rows, "summary": summary, "hardware": hardware}
+    (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    plots = [str(p) for p in plot(rows, settings, out)]
+    plots += [str(p) for p in plot(rows, settings, out, "fd_fashion-cnn") if "fd:fashion-cnn" in settings.metrics]
+    return {"report": report, "rows": rows, "summary": summary, "plots": plots, "out": str(out)}
+
+
+def _settings_dict(settings: QualitySettings) -> dict[str, Any]:
+    d = dataclasses.asdict(settings)
+    d["eval_steps"] = settings.eval_steps
+    return d
+
+
+def settings_from_args(args) -> QualitySettings:
+    base = dict(BENCH_PRESETS[args.preset])
+    variants = ABLATIONS[args.ablation]() if args.ablation else comparison_variants()
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",")]
+        unknown = set(wanted) - {"dfm", "fm", "cascade", "pyramidal"}
+        if unknown:
+            raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from dfm, fm, cascade, pyramidal")
+        variants = [v for v in variants if v.method in wanted]
+    for key in ("steps", "eval_points", "num_samples", "sample_batch", "threads"):
+        value = getattr(args, key.replace("-", "_"), None)
+        if value is not None:
+            base[key] = value
+    if args.seeds:
+        base["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.guidance:
+        base["guidance"] = tuple(float(g) for g in args.guidance.split(","))
+    if args.device:
+        base["device"] = args.device
+    base["overrides"] = tuple(base.get("overrides", ())) + tuple(args.override)
+    settings = QualitySettings(variants=variants, **base)
+    if 1.0 not in settings.guidance:
+        raise ValueError("--guidance must include 1.0 (the convergence curve is measured at guidance 1.0)")
+    if settings.steps < 1 or settings.num_samples < 2:
+        raise ValueError("--steps must be >= 1 and --num-samples >= 2")
+    return settings
+
+
+def add_quality_parser(commands) -> None:
+    p = commands.add_parser("quality", help="DFM vs Flow Matching, cascade and Pyramidal Flow at equal compute",
+                            description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS), help="bench size (default: cpu)")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS), help="run one of the paper's ablations instead")
+    p.add_argument("--methods", help="subset of dfm,fm,cascade,pyramidal")
+    p.add_argument("--seeds", help="training seeds, e.g. 0,1,2")
+    p.add_argument("--steps", type=int, help="optimiser steps per run")
+    p.add_argument("--eval-points", type=int, help="checkpoints evaluated for the convergence curve")
+    p.add_argument("--num-samples", type=int, help="samples per evaluation")
+    p.add_argument("--sample-batch", type=int)
+    p.add_argument("--guidance", help="guidance scales for the final checkpoint, e.g. 1.0,1.25,1.5")
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="training setting applied to every variant (repeatable)")  # fmt: skip
+    p.add_argument("--out", help="output directory (default: runs/bench-quality-<preset>[-<ablation>])")
+    p.set_defaults(func=_run_quality_cli)
+
+
+def _run_quality_cli(args) -> int:
+    import sys
+
+    settings = settings_from_args(args)
+    out = args.out or f"runs/bench-quality-{args.preset}{'-' + args.ablation if args.ablation else ''}"
+    command = "dfm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dfm") else "dfm bench quality"
+    result = run_quality(settings, out, command=command)
+    print(result["report"])
+    print(f"report: {Path(out) / 'report.md'}; plots: {', '.join(result['plots'])}")
+    return 0

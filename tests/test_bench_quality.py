@@ -1,0 +1,91 @@
+"""`dfm bench quality` in miniature: four methods, tiny models, cached and resumable, a report and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dfm.bench.quality import (
+    ABLATIONS,
+    BENCH_PRESETS,
+    QualitySettings,
+    Variant,
+    add_quality_parser,
+    comparison_variants,
+    run_quality,
+    settings_from_args,
+)
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed")
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_quality_parser(parser.add_subparsers())
+    return parser.parse_args(["quality", *argv])
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> str:
+    from dfm.eval.extractors.classifier import FashionCNN
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cnn") / "cnn.safetensors"
+    save_file(FashionCNN().state_dict(), path)  # a stand-in: the bench needs features, not a good classifier
+    return str(path)
+
+
+def test_smoke_bench_runs_caches_and_reports(tmp_path: Path, classifier: str) -> None:
+    settings = QualitySettings(variants=comparison_variants(), **{**BENCH_PRESETS["smoke"], "num_samples": 12})
+    logs: list[str] = []
+    result = run_quality(settings, tmp_path, command="test", log=logs.append, weights={"fashion-cnn": classifier})
+    rows = result["rows"]
+    # 4 methods x 1 seed x {(step 2, g 1.0), (step 2, g 1.5)}
+    assert len(rows) == 8
+    assert {r["method"] for r in rows} == {"dfm", "fm", "cascade", "pyramidal"}
+    for r in rows:
+        assert r["fd_efficientnet-lite0"] > 0 and r["fd_fashion-cnn"] >= 0
+        assert {"swd_28", "swd_14", "class_accuracy"} <= set(r)
+        assert r["nfe"] == 4 * (1 if r["guidance"] == 1.0 else 2)  # equal network evaluations for all methods
+    report = (tmp_path / "report.md").read_text()
+    for name in ("DFM", "Flow Matching", "Cascaded", "Pyramidal Flow"):
+        assert f"| {name} | 1.0 |" in report and f"| {name} | 1.5 |" in report
+    assert len(result["plots"]) == 4 and all(Path(p).is_file() for p in result["plots"])
+    flops = {info["method"]: info["train_flops"] for info in result["summary"]["runs"].values()}
+    assert flops["dfm"] == pytest.approx(flops["fm"], rel=0.05)  # same backbone, same token count
+
+    # A second call reuses every run and every score: same rows, no training.
+    logs.clear()
+    again = run_quality(settings, tmp_path, command="test", log=logs.append, weights={"fashion-cnn": classifier})
+    assert not any(line.startswith("training") for line in logs)
+    assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)
+
+
+def test_sampling_ablation_shares_one_training_run() -> None:
+    variants = ABLATIONS["sampling"]()
+    assert len({v.run_key() for v in variants}) == 1
+    assert len({v.run_key() for v in ABLATIONS["stage-probs"]()}) == 5
+    assert Variant("a", "fm").run_key() != Variant("a", "dfm").run_key()
+
+
+def test_settings_from_args_and_errors() -> None:
+    s = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm", "--seeds", "0,1", "--steps", "6"))
+    assert [v.method for v in s.variants] == ["dfm", "fm"] and s.seeds == (0, 1) and s.steps == 6
+    assert s.eval_steps == [6]
+    assert QualitySettings(steps=1200, eval_points=3).eval_steps == [400, 800, 1200]
+    with pytest.raises(ValueError, match="unknown"):
+        settings_from_args(_parse("--methods", "dfm,gan"))
+    with pytest.raises(ValueError, match="1.0"):
+        settings_from_args(_parse("--guidance", "1.5,2.0"))
+    ablation = settings_from_args(_parse("--preset", "smoke", "--ablation", "decomposition"))
+    assert [v.train for v in ablation.variants] == [
+        ("method.decomposition=laplacian",),
+        ("method.decomposition=haar",),
+        ("method.decomposition=dct",),
+    ]
