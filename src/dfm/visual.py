@@ -21,8 +21,21 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
-    """Tile (N, C, H, W) images in [-1, 1] into one (H', W', C) uint8 array, ``nrow`` images per row."""
+def display_scale(size: int, target: int = 96) -> int:
+    """Integer zoom so that small images (Fashion-MNIST's 32 px) are visible in a grid."""
+    return max(1, target // max(size, 1))
+
+
+def image_grid(
+    images: Tensor, nrow: int | None = None, pad: int = 2, pad_value: float = 1.0, scale: int | None = None
+) -> np.ndarray:
+    """Tile (N, C, H, W) images in [-1, 1] into one (H', W', C) uint8 array, ``nrow`` images per row.
+
+    Small images are enlarged by an integer factor (nearest neighbour, ``scale=None`` picks it) for display.
+    """
+    scale = display_scale(images.shape[-1]) if scale is None else scale
+    if scale > 1:
+        images = F.interpolate(images.detach().float().cpu(), scale_factor=scale, mode="nearest")
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
