@@ -77,6 +77,29 @@ def _guidance_scales(guidance: float | Sequence[float], num_stages: int) -> list
     return scales
 
 
+def prepare_guidance(
+    model: object,
+    y: Tensor | None,
+    batch: int,
+    guidance: float | Sequence[float],
+    num_stages: int,
+    null_class: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[list[float], bool, int | None, Tensor | None]:
+    """Check labels and guidance for a sampler: (per-stage scales, whether CFG is on, null class, labels)."""
+    scales = _guidance_scales(guidance, num_stages)
+    use_cfg = any(w != 1.0 for w in scales)
+    if use_cfg:
+        null_class = null_class if null_class is not None else getattr(model, "null_class", None)
+        if y is None or null_class is None:
+            raise ValueError("classifier-free guidance needs class labels y and a null class (model.null_class)")
+    if y is not None:
+        y = y.to(device)
+        if y.shape != (batch,):
+            raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
+    return scales, use_cfg, null_class, y
+
+
 def sample(
     model: VelocityModel,
     decomposition: Decomposition,
@@ -120,16 +143,7 @@ def sample(
         )
     shapes = decomposition.level_shapes(shape)
     b = shapes[0][0]
-    scales = _guidance_scales(guidance, num_stages)
-    use_cfg = any(w != 1.0 for w in scales)
-    if use_cfg:
-        null_class = null_class if null_class is not None else getattr(model, "null_class", None)
-        if y is None or null_class is None:
-            raise ValueError("classifier-free guidance needs class labels y and a null class (model.null_class)")
-    if y is not None:
-        y = y.to(device)
-        if y.shape != (b,):
-            raise ValueError(f"y must have shape ({b},), got {tuple(y.shape)}")
+    scales, use_cfg, null_class, y = prepare_guidance(model, y, b, guidance, num_stages, null_class, device)
 
     if noise is not None:
         x = [n.to(device=device, dtype=torch.float32).clone() for n in noise]

@@ -43,7 +43,7 @@ from dfm.decomposition import _INTERP_MODES, _resize
 from dfm.models.config import DiTConfig
 from dfm.models.dit import DFMDiT
 from dfm.objective import logit_normal, randn
-from dfm.sampling import SOLVERS, PreviewCallback, SampleOutput, _guidance_scales, initial_noise
+from dfm.sampling import SOLVERS, PreviewCallback, SampleOutput, initial_noise, prepare_guidance
 
 CASCADE_CONFIG = "cascade.json"
 MODEL_TYPE = "dfm-cascade"
@@ -457,16 +457,7 @@ def sample_cascade(
         raise ValueError(f"shape {shape} is not divisible by the cascade factor {factor}")
     low_shape = (*shape[:-2], shape[-2] // factor, shape[-1] // factor)
     b = shape[0]
-    scales = _guidance_scales(guidance, 2)
-    use_cfg = any(w != 1.0 for w in scales)
-    if use_cfg:
-        null_class = null_class if null_class is not None else getattr(model, "null_class", None)
-        if y is None or null_class is None:
-            raise ValueError("classifier-free guidance needs class labels y and a null class (model.null_class)")
-    if y is not None:
-        y = y.to(device)
-        if y.shape != (b,):
-            raise ValueError(f"y must have shape ({b},), got {tuple(y.shape)}")
+    scales, use_cfg, null_class, y = prepare_guidance(model, y, b, guidance, 2, null_class, device)
     eps_low, eps_full, eps_cond = initial_noise([low_shape, shape, low_shape], seeds, generator, device)
 
     def guided(stage: int, x: Tensor, t: float, cond: Tensor | None = None, cond_t: Tensor | None = None) -> Tensor:

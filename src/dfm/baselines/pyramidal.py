@@ -80,7 +80,7 @@ from torch import Tensor
 from dfm.baselines.common import StageLoss, mse_per_sample, stage_statistics, unwrap
 from dfm.decomposition import Decomposition, _block_mean, _block_repeat, _normalise_factors
 from dfm.objective import VelocityModel, logit_normal, randn
-from dfm.sampling import SOLVERS, PreviewCallback, SampleOutput, _guidance_scales, initial_noise
+from dfm.sampling import SOLVERS, PreviewCallback, SampleOutput, initial_noise, prepare_guidance
 
 TIME_DISTS = ("uniform", "logit_normal")
 
@@ -404,16 +404,7 @@ def sample_pyramidal(
         raise ValueError(f"steps={steps} needs one positive step count per stage ({k_count})")
     shapes = path.decomposition.level_shapes(shape)
     b = shapes[0][0]
-    scales = _guidance_scales(guidance, k_count)
-    use_cfg = any(w != 1.0 for w in scales)
-    if use_cfg:
-        null_class = null_class if null_class is not None else getattr(unwrap(model), "null_class", None)
-        if y is None or null_class is None:
-            raise ValueError("classifier-free guidance needs class labels y and a null class (model.null_class)")
-    if y is not None:
-        y = y.to(device)
-        if y.shape != (b,):
-            raise ValueError(f"y must have shape ({b},), got {tuple(y.shape)}")
+    scales, use_cfg, null_class, y = prepare_guidance(unwrap(model), y, b, guidance, k_count, null_class, device)
     # Start noise of stage 0 first, then the i.i.d. normals of every jump, all drawn from each sample's seed.
     draws = initial_noise(shapes, seeds, generator, device)
 
