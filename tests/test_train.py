@@ -64,7 +64,7 @@ def test_train_checkpoint_resume_sample(tmp_path: Path, capsys) -> None:
     code = cli(["sample", str(run), "--seeds", "0-5", "--out", str(out), "--png", "--npz", "--steps", "2,2"])
     assert code == 0
     npz = np.load(out / "samples.npz")
-    assert npz["arr_0"].shape == (6, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
+    assert npz["arr_0"].shape == (6, 28, 28, 1) and npz["arr_0"].dtype == np.uint8  # padding dropped
     assert npz["labels"].tolist() == [0, 1, 2, 3, 4, 5] and npz["seeds"].tolist() == list(range(6))
     assert len(list((out / "images").glob("*.png"))) == 6
     assert Image.open(out / "progression.png").size[0] > Image.open(out / "images" / "seed000000_class0.png").size[0]
@@ -230,7 +230,7 @@ def test_baselines_train_resume_and_sample(tmp_path: Path, method: str) -> None:
         assert cfg.method.cascade_switch_step == 2  # round(0.8 * 3) of the first run, kept when extended
     out = tmp_path / "s"
     assert cli(["sample", str(run), "--seeds", "0-3", "--out", str(out), "--npz"]) == 0
-    assert np.load(out / "samples.npz")["arr_0"].shape == (4, 32, 32, 1)
+    assert np.load(out / "samples.npz")["arr_0"].shape == (4, 28, 28, 1)
 
 
 def test_latent_space_prepare_train_sample_decodes(tmp_path: Path) -> None:

@@ -125,6 +125,7 @@ def _run_sample(args) -> int:
 
     from dfm.factory import make_decomposition
     from dfm.generate import (
+        data_padding,
         default_labels,
         generate,
         load_run,
@@ -193,6 +194,7 @@ def _run_sample(args) -> int:
         npz=args.npz,
         progression=not args.no_progression,
         mp4=args.mp4,
+        crop=data_padding(cfg),
         nrow=num_classes if 0 < num_classes <= 16 else None,
     )
     settings = {
@@ -208,6 +210,7 @@ def _run_sample(args) -> int:
         "precision": args.precision,
         "method": cfg.method.method,
         "decomposition": repr(decomposition),
+        "cropped_padding": data_padding(cfg),
     }
     save_json(out / "sampling.json", settings)
     for kind, path in written.items():

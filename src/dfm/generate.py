@@ -186,6 +186,12 @@ def upsample_like(x: Tensor, ref: Tensor) -> Tensor:
     return torch.nn.functional.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def data_padding(cfg: RunConfig) -> int:
+    """Pixels of padding the data set added on every side (32x32 Fashion-MNIST is 28x28 padded by 2), which the
+    saved images (PNGs, npz) drop again so that they compare with the real data at its native size."""
+    return 2 if str(cfg.data.dataset).lower() == "fashion-mnist" and cfg.data.resolution == 32 else 0
+
+
 def default_labels(seeds: Sequence[int], num_classes: int) -> list[int] | None:
     """Class ``seed % num_classes`` per image, so that an image is a function of its seed alone."""
     return None if num_classes == 0 else [s % num_classes for s in seeds]
@@ -242,24 +248,27 @@ def write_outputs(
     class_names: Sequence[str] | None = None,
     nrow: int | None = None,
     mp4: bool = False,
+    crop: int = 0,
 ) -> dict[str, str]:
-    """Write the requested outputs of ``dfm sample``; returns {kind: path}."""
+    """Write the requested outputs of ``dfm sample``; returns {kind: path}. PNGs and the npz drop ``crop``
+    pixels on every side (the data set's padding, see :func:`data_padding`); the grids keep them."""
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
     video = images.dim() == 5
     stills = images[:, :, images.shape[2] // 2] if video else images
+    native = stills[..., crop : stills.shape[-2] - crop, crop : stills.shape[-1] - crop] if crop else stills
     if grid:
         written["grid"] = str(save_png(image_grid(stills[:256], nrow=nrow), out / "grid.png"))
     if pngs:
         folder = out / "images"
         folder.mkdir(exist_ok=True)
-        arr = to_uint8(stills)
+        arr = to_uint8(native)
         for i, seed in enumerate(seeds):
             label = f"_class{labels[i]}" if labels is not None else ""
             save_png(arr[i], folder / f"seed{seed:06d}{label}.png")
         written["images"] = str(folder)
     if npz:
-        arr = to_uint8(stills)
+        arr = to_uint8(native)
         payload = {"arr_0": arr, "seeds": np.asarray(seeds, dtype=np.int64)}
         if labels is not None:
             payload["labels"] = np.asarray(labels, dtype=np.int64)

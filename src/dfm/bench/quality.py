@@ -100,7 +100,8 @@ ABLATIONS: dict[str, Callable[[], list[Variant]]] = {
 #: Bench presets: ``cpu`` finishes within an hour on 2 cores; ``gpu`` is a larger run for a lent GPU;
 #: ``smoke`` is the tiny version the tests run.
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(preset="quickstart", seeds=(0, 1), steps=1200, eval_points=3, num_samples=1000),
+    "cpu": dict(preset="quickstart", seeds=(0, 1), steps=800, eval_points=4, num_samples=500, sample_batch=500,
+                num_reference=5000),
     "gpu": dict(preset="quickstart", seeds=(0, 1, 2), steps=20000, eval_points=5, num_samples=10000,
                 sample_batch=1000, overrides=("model.name=DFM-DiT-Mini", "optim.lr=5e-4", "train.precision=bf16",
                                               "train.batch_size=256", "optim.warmup_steps=1000"), device="cuda"),
@@ -174,12 +175,13 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> floa
     return spent
 
 
-def _to_uint8_28(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """Samples to uint8 NCHW; the 2-pixel padding of 32x32 Fashion-MNIST is cut to compare with real 28x28 images."""
+def _to_uint8_native(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Samples to uint8 NCHW without the data set's padding, to compare with the real images at their size."""
+    from dfm.generate import data_padding
+
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if cfg.data.dataset == "fashion-mnist" and x.shape[-1] == 32:
-        x = x[..., 2:30, 2:30]
-    return x
+    p = data_padding(cfg)
+    return x[..., p : x.shape[-2] - p, p : x.shape[-1] - p] if p else x
 
 
 def evaluate_checkpoint(
@@ -212,7 +214,9 @@ def evaluate_checkpoint(
                          thresholds=sample.get("thresholds"), solver=sample.get("solver"),
                          batch_size=settings.sample_batch, device=settings.device)  # fmt: skip
     sample_seconds = time.perf_counter() - tic
-    image_set = ImageSet(_to_uint8_28(images, run_cfg), torch.tensor(labels), {"kind": "bench", "count": len(seeds)})
+    image_set = ImageSet(
+        _to_uint8_native(images, run_cfg), torch.tensor(labels), {"kind": "bench", "count": len(seeds)}
+    )
     config = EvalConfig(metrics=settings.metrics, num_reference=settings.num_samples, device=settings.device,
                         weights=weights, download=False, progress=False, swd=SWDConfig(min_resolution=8))  # fmt: skip
     result = evaluate(image_set, refs, config)
