@@ -70,15 +70,11 @@ def test_fvd_from_the_command_line(fake_i3d, tmp_path) -> None:
     assert result["protocol"]["extractors"]["i3d"]["weights"] == str(fake_i3d)
 
 
-def test_image_extractor_on_videos_is_an_error(tmp_path, capsys) -> None:
+def test_image_extractor_on_videos_scores_every_frame(tmp_path) -> None:
     np.savez(tmp_path / "clips.npz", arr_0=_videos(4, 2))
-    argv = [
-        "score",
-        str(tmp_path / "clips.npz"),
-        "--ref",
-        str(tmp_path / "clips.npz"),
-        "--metrics",
-        "fd:efficientnet-lite0",
-    ]
-    assert main([*argv, "--no-progress"]) == 2
-    assert "are videos but extractor efficientnet-lite0 takes images" in capsys.readouterr().err
+    argv = ["score", str(tmp_path / "clips.npz"), "--ref", str(tmp_path / "clips.npz"), "--metrics",
+            "fd:efficientnet-lite0", "--out", str(tmp_path / "s.json"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["scores"]["fd_frames_efficientnet-lite0"] == pytest.approx(0.0, abs=1e-3)
+    assert result["protocol"]["settings"]["per_frame"] is True

@@ -9,6 +9,12 @@ Metric names (`metrics` argument):
 - `swd`: multi-scale sliced Wasserstein distance (no network).
 - `accuracy`: class accuracy of labelled samples under the `fashion-cnn` classifier.
 - `clip`: CLIP score of text-conditioned samples (prompts from the npz key `prompts` or a file).
+- `temporal`: temporal consistency of videos: the mean absolute change between consecutive frames of the
+  samples and of the reference, and their relative gap (no network).
+
+Videos with an image extractor (or `swd`, `accuracy`) are scored **per frame**: every frame is an image, labels
+repeat over the frames, and the score names carry `frames` (`fd_frames_<extractor>`, `swd_frames_<res>`,
+`class_accuracy_frames`).
 """
 
 from __future__ import annotations
@@ -48,14 +54,15 @@ def parse_metric(metric: str) -> tuple[str, str | None]:
     from .extractors import EXTRACTORS
 
     name = _ALIASES.get(metric, metric)
-    if name in ("swd", "clip"):
+    if name in ("swd", "clip", "temporal"):
         return name, None
     if name == "accuracy":
         return "accuracy", "fashion-cnn"
     kind, _, extractor = name.partition(":")
     if kind not in ("fd", "is", "pr") or extractor not in EXTRACTORS:
         raise ValueError(
-            f"unknown metric {metric!r}; use fid, fdd, fvd, is, pr, swd, accuracy, clip, or fd:/is:/pr:<extractor> "
+            f"unknown metric {metric!r}; use fid, fdd, fvd, is, pr, swd, accuracy, clip, temporal, or "
+            "fd:/is:/pr:<extractor> "
             f"with an extractor from {', '.join(sorted(EXTRACTORS))}"
         )
     return kind, extractor
@@ -144,6 +151,25 @@ def _match_for_swd(samples: torch.Tensor, reference: torch.Tensor) -> tuple[torc
     return samples, reference, notes
 
 
+def as_frames(image_set: ImageSet) -> ImageSet:
+    """Videos (N, C, T, H, W) as N*T images (labels repeated per frame); images unchanged."""
+    x = image_set.images
+    if x.ndim != 5:
+        return image_set
+    n, c, t, h, w = x.shape
+    frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+    labels = None if image_set.labels is None else image_set.labels.repeat_interleave(t)
+    return ImageSet(frames, labels, {**image_set.source, "frames_of": n, "frames_per_clip": t})
+
+
+def temporal_change(videos: torch.Tensor) -> float:
+    """Mean absolute difference between consecutive frames, in [0, 1] units (uint8 (N, C, T, H, W) input)."""
+    if videos.ndim != 5 or videos.shape[2] < 2:
+        raise ValueError("metric 'temporal' needs videos with at least 2 frames")
+    x = videos.float() / 255.0
+    return float((x[:, :, 1:] - x[:, :, :-1]).abs().mean())
+
+
 def _check_input_kind(extractor: FeatureExtractor, image_set: ImageSet, what: str) -> None:
     is_video = image_set.images.ndim == 5
     if is_video != extractor.takes_video:
@@ -192,7 +218,7 @@ def evaluate(
         else:
             raise ValueError(f"only one image reference can be given, got a second one: {ref}")
 
-    needs_reference = {kind for kind, _ in parsed if kind in ("fd", "pr", "swd")}
+    needs_reference = {kind for kind, _ in parsed if kind in ("fd", "pr", "swd", "temporal")}
     if needs_reference and not references:
         raise ValueError(f"metrics {sorted(needs_reference)} need a reference: pass --ref DATASET|FOLDER|NPZ|STATS.npz")
 
@@ -217,12 +243,17 @@ def evaluate(
         kinds = {kind for kind, e in parsed if e == extractor_name}
         extractor = build_extractor(extractor_name, config.weights.get(extractor_name), config.device, config.download)
         protocol["extractors"][extractor_name] = extractor.describe()
-        _check_input_kind(extractor, sample_set, "samples")
-        if ref_images is not None:
-            _check_input_kind(extractor, ref_images, "reference")
+        per_frame = sample_set.images.ndim == 5 and not extractor.takes_video
+        samples_in = as_frames(sample_set) if per_frame else sample_set
+        refs_in = as_frames(ref_images) if per_frame and ref_images is not None else ref_images
+        if per_frame:
+            protocol["settings"]["per_frame"] = True
+        _check_input_kind(extractor, samples_in, "samples")
+        if refs_in is not None:
+            _check_input_kind(extractor, refs_in, "reference")
         fake = extract(
             extractor,
-            sample_set.images,
+            samples_in.images,
             config.batch_size,
             keep_features="pr" in kinds,
             keep_logits=bool(kinds & {"is", "accuracy"}),
@@ -235,10 +266,10 @@ def evaluate(
             if stats_file is not None and ("pr" not in kinds or stats_file.features is not None):
                 features = None if stats_file.features is None else torch.from_numpy(stats_file.features)
                 real = Extracted(stats_file.stats, features, None)
-            elif ref_images is not None:
+            elif refs_in is not None:
                 real = extract(
                     extractor,
-                    ref_images.images,
+                    refs_in.images,
                     config.batch_size,
                     keep_features="pr" in kinds,
                     progress=config.progress,
@@ -250,10 +281,11 @@ def evaluate(
                     f"`dfm eval ref --extractor {extractor_name}`" + (" --save-features" if "pr" in kinds else "")
                 )
         suffix = "" if extractor_name == "inception-v3" else f"_{extractor_name}"
+        if per_frame:
+            suffix = f"_frames{suffix}"
         if "fd" in kinds:
-            scores[_SCORE_NAMES.get(f"fd:{extractor_name}", f"fd_{extractor_name}")] = fake.stats.frechet_distance(
-                real.stats
-            )
+            fd_name = f"fd_frames_{extractor_name}" if per_frame else f"fd:{extractor_name}"
+            scores[_SCORE_NAMES.get(fd_name, fd_name.replace(":", "_"))] = fake.stats.frechet_distance(real.stats)
         if "pr" in kinds:
             precision, recall = precision_recall(real.features, fake.features, config.pr_k)
             scores[f"precision{suffix}"], scores[f"recall{suffix}"] = precision, recall
@@ -261,23 +293,31 @@ def evaluate(
             mean, std = inception_score(fake.logits, min(config.is_splits, len(fake.logits)))
             scores[f"is{suffix}_mean"], scores[f"is{suffix}_std"] = mean, std
         if "accuracy" in kinds:
-            if sample_set.labels is None:
+            if samples_in.labels is None:
                 raise ValueError(
                     "metric 'accuracy' needs labelled samples: an npz key 'labels' or file names containing class<K>"
                 )
             predictions = fake.logits.argmax(1)
-            scores["class_accuracy"] = (predictions == sample_set.labels[: len(predictions)]).double().mean().item()
+            key = "class_accuracy_frames" if per_frame else "class_accuracy"
+            scores[key] = (predictions == samples_in.labels[: len(predictions)]).double().mean().item()
         del extractor
 
     if any(kind == "swd" for kind, _ in parsed):
-        if sample_set.images.ndim != 4:
-            raise ValueError("metric 'swd' takes images; these samples are videos (use fvd)")
         if ref_images is None:
             raise ValueError("metric 'swd' needs reference images (a dataset, folder or npz), not a statistics file")
-        count = min(len(sample_set), len(ref_images), config.swd_max_images)
-        a, b, notes = _match_for_swd(sample_set.images[:count], ref_images.images[:count])
-        scores.update(sliced_wasserstein_distance(a, b, config.swd))
+        video = sample_set.images.ndim == 5
+        sam, ref = (as_frames(sample_set), as_frames(ref_images)) if video else (sample_set, ref_images)
+        count = min(len(sam), len(ref), config.swd_max_images)
+        a, b, notes = _match_for_swd(sam.images[:count], ref.images[:count])
+        swd = sliced_wasserstein_distance(a, b, config.swd)
+        scores.update({k.replace("swd_", "swd_frames_") if video else k: v for k, v in swd.items()})
         protocol["settings"]["swd"] = {**config.swd.to_dict(), **notes}
+    if any(kind == "temporal" for kind, _ in parsed):
+        if ref_images is None or ref_images.images.ndim != 5:
+            raise ValueError("metric 'temporal' needs reference videos (an npz of clips)")
+        mine, theirs = temporal_change(sample_set.images), temporal_change(ref_images.images)
+        scores["temporal_change"], scores["temporal_change_ref"] = mine, theirs
+        scores["temporal_change_gap"] = abs(mine - theirs) / max(theirs, 1e-12)
     if any(kind == "clip" for kind, _ in parsed):
         scores["clip_score"] = _clip_score(sample_set, config, protocol)
     return {"scores": scores, "protocol": protocol}
@@ -313,6 +353,8 @@ def build_reference(
     """Fit the reference Gaussian of `extractor_name` features over an image source."""
     image_set = (source if isinstance(source, ImageSet) else load_images(source)).subset(num_samples)
     extractor = build_extractor(extractor_name, weights, device, download)
+    if image_set.images.ndim == 5 and not extractor.takes_video:
+        image_set = as_frames(image_set)  # per-frame statistics of clips for an image extractor
     _check_input_kind(extractor, image_set, "reference")
     out = extract(extractor, image_set.images, batch_size, keep_features=save_features, progress=progress)
     protocol = {"source": {**image_set.source, "count": len(image_set)}, "extractor": extractor.describe()}
