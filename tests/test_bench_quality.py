@@ -89,3 +89,16 @@ def test_settings_from_args_and_errors() -> None:
         ("method.decomposition=haar",),
         ("method.decomposition=dct",),
     ]
+
+
+def test_video_smoke_bench(tmp_path: Path, classifier: str) -> None:
+    settings = settings_from_args(_parse("--preset", "video-smoke"))
+    assert [v.method for v in settings.variants] == ["dfm", "fm"]
+    result = run_quality(settings, tmp_path, command="test", log=lambda _: None, weights={"fashion-cnn": classifier})
+    rows = result["rows"]
+    assert len(rows) == 4  # 2 methods x {(2, 1.0), (2, 1.5)}
+    for r in rows:
+        assert {"fd_frames_efficientnet-lite0", "fd_frames_fashion-cnn", "swd_frames_32", "temporal_change_gap",
+                "class_accuracy_frames"} <= set(r)  # fmt: skip
+    assert (tmp_path / "ref_data.npz").is_file()
+    assert "| DFM | 1.5 |" in (tmp_path / "report.md").read_text()

@@ -32,6 +32,8 @@ import torch
 from dfm.config import RunConfig, apply_overrides, get_preset, with_method
 
 METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
+#: Videos: the image metrics frame by frame, plus temporal consistency (FVD needs I3D weights: see docs).
+VIDEO_METRICS = (*METRICS, "temporal")
 HEADLINE = "fd_efficientnet-lite0"
 
 
@@ -54,6 +56,7 @@ class Variant:
 class QualitySettings:
     preset: str = "quickstart"  #: training preset every variant starts from
     variants: list[Variant] = field(default_factory=list)
+    methods: tuple[str, ...] = ("dfm", "fm", "cascade", "pyramidal")  #: the comparison's methods
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 1200
     eval_points: int = 3  #: evenly spaced checkpoints evaluated at guidance 1.0 (the last is the final one)
@@ -105,6 +108,13 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
     "gpu": dict(preset="quickstart", seeds=(0, 1, 2), steps=20000, eval_points=5, num_samples=10000,
                 sample_batch=1000, overrides=("model.name=DFM-DiT-Mini", "optim.lr=5e-4", "train.precision=bf16",
                                               "train.batch_size=256", "optim.warmup_steps=1000"), device="cuda"),
+    "video-cpu": dict(preset="video-quickstart", methods=("dfm", "fm"), seeds=(0, 1), steps=600, eval_points=3,
+                      num_samples=200, sample_batch=100, num_reference=500, metrics=VIDEO_METRICS),
+    "video-smoke": dict(preset="video-quickstart", methods=("dfm", "fm"), seeds=(0,), steps=2, eval_points=1,
+                        num_samples=4, guidance=(1.0, 1.5), sample_batch=4, num_reference=8, metrics=VIDEO_METRICS,
+                        overrides=("model.overrides.depth=1", "model.overrides.hidden_size=32",
+                                   "model.overrides.num_heads=2", "method.steps=2,2", "train.batch_size=4",
+                                   "data.frames=4", "data.num_clips=16", "train.num_sample_images=2")),
     "smoke": dict(preset="quickstart", seeds=(0,), steps=2, eval_points=1, num_samples=16, guidance=(1.0, 1.5),
                   num_reference=64,
                   sample_batch=16, overrides=("model.overrides.depth=1", "model.overrides.hidden_size=32",
@@ -139,10 +149,32 @@ def ensure_classifier(out: Path, log: Callable[[str], None]) -> Path:
     return path
 
 
+def reference_images(out: Path, settings: QualitySettings) -> str:
+    """The real images the samples are compared with: the test split of the preset's data set."""
+    cfg = apply_overrides(get_preset(settings.preset), list(settings.overrides))
+    if cfg.data.dataset == "fashion-mnist":
+        return "fashion-mnist:test"
+    path = out / "ref_data.npz"
+    if not path.is_file():  # e.g. moving Fashion-MNIST: write the test clips once, as uint8 (N, T, H, W, C)
+        from dfm.data import build_dataset
+
+        count = settings.num_reference or 1000
+        ds = build_dataset(cfg.data.dataset, cfg.data.resolution, train=False, data_dir=cfg.data.data_dir,
+                           frames=cfg.data.frames, num_clips=count)  # fmt: skip
+        x, y = ds.get_batch(torch.arange(min(count, len(ds))), augment=False)
+        arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        arr = arr.movedim(1, -1).numpy()  # channels last
+        tmp = path.with_name(".ref_data.tmp.npz")
+        np.savez(tmp, arr_0=arr, labels=y.numpy())
+        tmp.replace(path)
+    return str(path)
+
+
 def ensure_references(out: Path, settings: QualitySettings, weights: dict[str, str]) -> list[str]:
     """Reference statistics of the test split for every Fréchet extractor (computed once), plus the images."""
     from dfm.eval import build_reference, save_reference
 
+    images = reference_images(out, settings)
     refs = []
     for metric in settings.metrics:
         kind, _, extractor = metric.partition(":")
@@ -150,11 +182,11 @@ def ensure_references(out: Path, settings: QualitySettings, weights: dict[str, s
             continue
         path = out / f"ref_{extractor}.npz"
         if not path.is_file():
-            stats = build_reference("fashion-mnist:test", extractor, settings.num_reference, device=settings.device,
+            stats = build_reference(images, extractor, settings.num_reference, device=settings.device,
                                     weights=weights.get(extractor), download=False, progress=False)  # fmt: skip
             save_reference(path, stats)
         refs.append(str(path))
-    return [*refs, "fashion-mnist:test"]
+    return [*refs, images]
 
 
 def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> float:
@@ -274,7 +306,8 @@ def _fmt(values: list[float], digits: int = 1) -> str:
 
 def summarize(rows: list[dict], settings: QualitySettings, runs: dict[str, dict]) -> dict[str, Any]:
     final = settings.steps
-    metric_keys = [k for k in rows[0] if k.startswith(("fd_", "swd_", "class_accuracy"))] if rows else []
+    prefixes = ("fd_", "swd_", "class_accuracy", "temporal_change_gap")
+    metric_keys = [k for k in rows[0] if k.startswith(prefixes)] if rows else []
     table = []
     for variant in settings.variants:
         for g in settings.guidance:
@@ -289,10 +322,11 @@ def markdown(summary: dict[str, Any], settings: QualitySettings, command: str, h
     lines = [f"Command: `{command}`", f"Hardware: {hardware}", "",
              f"Training: preset `{settings.preset}` + {list(settings.overrides) or 'no overrides'}, "
              f"{settings.steps} optimiser steps per run, seeds {list(settings.seeds)}; "
-             f"{settings.num_samples} samples per evaluation (classes = seed mod 10), reference: Fashion-MNIST test.",
+             f"{settings.num_samples} samples per evaluation (classes = seed mod 10), reference: the test split of "
+             f"the preset's data ({settings.num_reference or 'all'} images or clips).",
              "", "| variant | guidance | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]  # fmt: skip
     for row in summary["table"]:
-        cells = [_fmt(row[k], 3 if k == "class_accuracy" else 1) for k in keys]
+        cells = [_fmt(row[k], 3 if k.startswith(("class_accuracy", "temporal")) else 1) for k in keys]
         lines.append(f"| {row['variant']} | {row['guidance']} | " + " | ".join(cells) + " |")
     lines += ["", "| run | method | train wall time (s) | training FLOPs |", "|---|---|---|---|"]
     for name, info in summary["runs"].items():
@@ -300,6 +334,12 @@ def markdown(summary: dict[str, Any], settings: QualitySettings, command: str, h
     lines.append("")
     lines.append("Mean ± sample standard deviation over seeds. Lower is better except class_accuracy.")
     return "\n".join(lines) + "\n"
+
+
+def headline_metric(rows: list[dict]) -> str:
+    """The first Fréchet distance of the rows (``fd_efficientnet-lite0``, or its per-frame twin for videos)."""
+    keys = [k for k in rows[0] if k.startswith("fd_")] if rows else []
+    return HEADLINE if HEADLINE in keys or not keys else keys[0]
 
 
 def plot(rows: list[dict], settings: QualitySettings, out: Path, metric: str = HEADLINE) -> list[Path]:
@@ -380,8 +420,9 @@ def run_quality(
                                           out / "scores" / f"{name}.json")  # fmt: skip
                 rows.append(row)
             done += 1
-            log(f"[{done}/{total}] {variant.name} seed {seed}: {HEADLINE} = "
-                f"{rows[-len(settings.guidance)][HEADLINE]:.1f} at guidance {settings.guidance[0]} "
+            headline = headline_metric(rows)
+            last = [r for r in rows if r["variant"] == variant.name and r["seed"] == seed and r["guidance"] == 1.0]
+            log(f"[{done}/{total}] {variant.name} seed {seed}: {headline} = {last[-1][headline]:.1f} at guidance 1.0 "
                 f"({time.perf_counter() - tic:.0f}s so far)")  # fmt: skip
     summary = summarize(rows, settings, runs)
     hardware = hardware_line(hardware_info(torch.device(settings.device)))
@@ -389,8 +430,9 @@ def run_quality(
     (out / "report.md").write_text(report)
     payload = {"settings": _settings_dict(settings), "rows": rows, "summary": summary, "hardware": hardware}
     (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
-    plots = [str(p) for p in plot(rows, settings, out)]
-    plots += [str(p) for p in plot(rows, settings, out, "fd_fashion-cnn") if "fd:fashion-cnn" in settings.metrics]
+    plots = [str(p) for p in plot(rows, settings, out, headline_metric(rows))]
+    domain = [k for k in summary["metric_keys"] if k.startswith("fd_") and k.endswith("fashion-cnn")]
+    plots += [str(p) for p in plot(rows, settings, out, domain[0])] if domain else []
     return {"report": report, "rows": rows, "summary": summary, "plots": plots, "out": str(out)}
 
 
@@ -403,12 +445,14 @@ def _settings_dict(settings: QualitySettings) -> dict[str, Any]:
 def settings_from_args(args) -> QualitySettings:
     base = dict(BENCH_PRESETS[args.preset])
     variants = ABLATIONS[args.ablation]() if args.ablation else comparison_variants()
+    wanted = list(base.get("methods", QualitySettings.methods))
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",")]
         unknown = set(wanted) - {"dfm", "fm", "cascade", "pyramidal"}
         if unknown:
             raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from dfm, fm, cascade, pyramidal")
-        variants = [v for v in variants if v.method in wanted]
+    variants = [v for v in variants if v.method in wanted]
+    base["methods"] = tuple(wanted)
     for key in ("steps", "eval_points", "num_samples", "sample_batch", "threads"):
         value = getattr(args, key.replace("-", "_"), None)
         if value is not None:
