@@ -231,7 +231,7 @@ def _run_presets(args) -> int:
         for name in PRESETS:
             c = get_preset(name)
             print(
-                f"{name:16s} {c.method.method:4s} {c.model.name:14s} data={c.data.dataset} steps={c.train.steps} "
+                f"{name:20s} {c.method.method:9s} {c.model.name:14s} data={c.data.dataset} steps={c.train.steps} "
                 f"batch={c.train.batch_size}"
             )
     return 0
