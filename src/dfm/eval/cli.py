@@ -77,6 +77,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "--is-splits", type=_positive_int, default=10, help="splits for the Inception Score (default 10)"
     )
     score.add_argument("--swd-max-images", type=_positive_int, default=8192, help="images per set for the SWD")
+    score.add_argument(
+        "--swd-min-resolution",
+        type=_positive_int,
+        default=16,
+        help="coarsest SWD level (default 16 as in progressive GANs; 8 gives 28 and 14 px levels on 28 px images)",
+    )
     score.add_argument("--seed", type=int, default=0, help="seed of the SWD patch and direction draws")
     score.add_argument("--prompts", default=None, help="text file, one prompt per sample, for the clip metric")
     _add_common(score)
@@ -116,7 +122,7 @@ def _score(args: argparse.Namespace) -> dict:
         download=not args.no_download,
         pr_k=args.pr_k,
         is_splits=args.is_splits,
-        swd=replace(SWDConfig(), seed=args.seed),
+        swd=replace(SWDConfig(), seed=args.seed, min_resolution=args.swd_min_resolution),
         swd_max_images=args.swd_max_images,
         prompts_file=args.prompts,
         progress=not args.no_progress,
