@@ -288,3 +288,15 @@ def test_two_process_sampling_gives_the_same_images(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a["seeds"], b["seeds"])
     np.testing.assert_array_equal(a["labels"], b["labels"])
     assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # same images (rounding aside)
+
+
+@needs_data
+def test_random_flips_are_seeded_per_step_so_resume_is_exact(tmp_path: Path) -> None:
+    flip = ["-o", "data.random_flip=true", "-o", "train.ckpt_every=2"]
+    ref, resumed, plain = tmp_path / "ref", tmp_path / "resumed", tmp_path / "plain"
+    assert _train(ref, 4, *flip) == 0
+    assert _train(resumed, 2, *flip) == 0
+    assert _train(resumed, 4, *flip, "--resume", "auto") == 0
+    assert _losses(resumed) == _losses(ref)
+    assert _train(plain, 4, "-o", "train.ckpt_every=2") == 0
+    assert _losses(plain) != _losses(ref)  # the flips did change the batches

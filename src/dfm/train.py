@@ -148,13 +148,13 @@ class Trainer:
         from dfm.data import build_dataset
 
         data = cfg.data
-        # Flips are drawn by the trainer (seeded per step), never inside the dataset.
+        # Augmentation draws from a generator seeded per step (see load_batch), so resumes are exact.
         self.dataset = build_dataset(
             data.dataset,
             data.resolution,
             train=True,
             data_dir=data.data_dir,
-            random_flip=False,
+            random_flip=data.random_flip,
             frames=data.frames,
             num_clips=data.num_clips,
         )
