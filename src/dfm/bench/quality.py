@@ -103,7 +103,7 @@ ABLATIONS: dict[str, Callable[[], list[Variant]]] = {
 #: Bench presets: ``cpu`` finishes within an hour on 2 cores; ``gpu`` is a larger run for a lent GPU;
 #: ``smoke`` is the tiny version the tests run.
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
-    # About an hour on 2 CPU cores (the EfficientNet features of 5,000 reference images alone take ~10 minutes).
+    # About 70 minutes on 2 CPU cores, plus ~10 minutes once for the reference statistics (docs/RESULTS.md).
     "cpu": dict(preset="quickstart", seeds=(0, 1), steps=800, eval_points=2, num_samples=300, sample_batch=300,
                 num_reference=5000),
     "gpu": dict(preset="quickstart", seeds=(0, 1, 2), steps=20000, eval_points=5, num_samples=10000,
