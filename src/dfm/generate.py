@@ -6,6 +6,7 @@ image for seed 17 whether it is drawn alone, in a batch of 256, or on any number
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -146,7 +147,11 @@ def generate(
     for lo in batches:
         sd = list(seeds[lo : lo + batch_size])
         y = None if labels is None else torch.as_tensor(list(labels[lo : lo + batch_size]), device=device)
-        ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else _null()
+        ctx = (
+            torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
+        )
         common = dict(seeds=sd, guidance=guidance, solver=solver, device=device)
         with ctx:
             if m.method == "cascade":
@@ -172,14 +177,6 @@ def generate(
         for i, p in enumerate(prev):
             all_previews[i].append(p.cpu())
     return torch.cat(images), [torch.cat(p) for p in all_previews]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def upsample_like(x: Tensor, ref: Tensor) -> Tensor:

@@ -99,13 +99,6 @@ class EpochIndexer:
         return torch.cat(out)
 
 
-def load_batch(
-    dataset, index: Tensor, generator: torch.Generator | None, augment: bool = True
-) -> tuple[Tensor, Tensor]:
-    """Gather a batch; augmentation (flips, latent posterior draws) uses ``generator`` so it is seeded per step."""
-    return dataset.get_batch(index, generator=generator, augment=augment)
-
-
 # ------------------------------------------------------------------------------------------------ EMA
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -148,7 +141,7 @@ class Trainer:
         from dfm.data import build_dataset
 
         data = cfg.data
-        # Augmentation draws from a generator seeded per step (see load_batch), so resumes are exact.
+        # Augmentation draws from a generator seeded per step (see train_step), so resumes are exact.
         self.dataset = build_dataset(
             data.dataset,
             data.resolution,
@@ -249,7 +242,7 @@ class Trainer:
         base = make_decomposition(self.cfg.method, standardized=False)
         n = min(len(self.dataset), 2048)
         idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:n]
-        x, _ = load_batch(self.dataset, idx, None, augment=False)
+        x, _ = self.dataset.get_batch(idx, augment=False)
         return tuple(round(s, 6) for s in estimate_level_std(base, x))
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -335,7 +328,8 @@ class Trainer:
         torch.manual_seed(step_seed(cfg.train.seed, step, 3))  # anything else random inside the step
 
         lo = self.d.rank * self.local_batch
-        x_all, y_all = load_batch(self.dataset, index[lo : lo + self.local_batch], data_gen)
+        # Augmentation (flips, latent posterior draws) uses a generator seeded per step, so resumes are exact.
+        x_all, y_all = self.dataset.get_batch(index[lo : lo + self.local_batch], generator=data_gen)
         y_all = torch.where(drop[lo : lo + self.local_batch], torch.full_like(y_all, self.num_classes), y_all)
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
