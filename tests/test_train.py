@@ -101,8 +101,9 @@ def _train_cmd(run: Path, steps: int, *extra: str) -> list[str]:
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     common = ["-o", "train.ckpt_every=3", "-o", "train.sample_every=0"]
-    subprocess.run(_train_cmd(ref, 9, *common), check=True, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(killed, 9, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps = 40  # long enough that the kill, right after the first checkpoint, lands mid-run
+    subprocess.run(_train_cmd(ref, steps, *common), check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(killed, steps, *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if find_latest(killed / "checkpoints") is not None:
@@ -112,8 +113,8 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
     proc.wait()
     first = find_latest(killed / "checkpoints")
     assert first is not None, "no checkpoint was written before the kill"
-    assert load_checkpoint(first)["state"]["step"] < 9, "the run finished before it could be killed"
-    subprocess.run(_train_cmd(killed, 9, *common, "--resume", "auto"), check=True, capture_output=True)
+    assert load_checkpoint(first)["state"]["step"] < steps, "the run finished before it could be killed"
+    subprocess.run(_train_cmd(killed, steps, *common, "--resume", "auto"), check=True, capture_output=True)
     assert _losses(killed) == _losses(ref)  # bitwise: same floats
     a = load_checkpoint(find_latest(ref / "checkpoints"))
     b = load_checkpoint(find_latest(killed / "checkpoints"))
