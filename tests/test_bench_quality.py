@@ -16,6 +16,7 @@ from dfm.bench.quality import (
     QualitySettings,
     Variant,
     add_quality_parser,
+    ensure_references,
     comparison_variants,
     run_quality,
     settings_from_args,
@@ -44,7 +45,8 @@ def classifier(tmp_path_factory) -> str:
 def test_smoke_bench_runs_caches_and_reports(tmp_path: Path, classifier: str) -> None:
     settings = QualitySettings(variants=comparison_variants(), **{**BENCH_PRESETS["smoke"], "num_samples": 12})
     logs: list[str] = []
-    result = run_quality(settings, tmp_path, command="test", log=logs.append, weights={"fashion-cnn": classifier})
+    result = run_quality(settings, tmp_path, command="test", log=logs.append, weights={"fashion-cnn": classifier},
+                         cache=tmp_path / "cache")  # fmt: skip
     rows = result["rows"]
     # 4 methods x 1 seed x {(step 2, g 1.0), (step 2, g 1.5)}
     assert len(rows) == 8
@@ -62,7 +64,8 @@ def test_smoke_bench_runs_caches_and_reports(tmp_path: Path, classifier: str) ->
 
     # A second call reuses every run and every score: same rows, no training.
     logs.clear()
-    again = run_quality(settings, tmp_path, command="test", log=logs.append, weights={"fashion-cnn": classifier})
+    again = run_quality(settings, tmp_path, command="test", log=logs.append, weights={"fashion-cnn": classifier},
+                        cache=tmp_path / "cache")  # fmt: skip
     assert not any(line.startswith("training") for line in logs)
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)
 
@@ -94,11 +97,34 @@ def test_settings_from_args_and_errors() -> None:
 def test_video_smoke_bench(tmp_path: Path, classifier: str) -> None:
     settings = settings_from_args(_parse("--preset", "video-smoke"))
     assert [v.method for v in settings.variants] == ["dfm", "fm"]
-    result = run_quality(settings, tmp_path, command="test", log=lambda _: None, weights={"fashion-cnn": classifier})
+    result = run_quality(settings, tmp_path, command="test", log=lambda _: None, weights={"fashion-cnn": classifier},
+                         cache=tmp_path / "cache")  # fmt: skip
     rows = result["rows"]
     assert len(rows) == 4  # 2 methods x {(2, 1.0), (2, 1.5)}
     for r in rows:
         assert {"fd_frames_efficientnet-lite0", "fd_frames_fashion-cnn", "swd_frames_32", "temporal_change_gap",
                 "class_accuracy_frames"} <= set(r)  # fmt: skip
-    assert (tmp_path / "ref_data.npz").is_file()
+    assert len(list((tmp_path / "cache").glob("ref_data_moving-fashion-mnist_*_n8.npz"))) == 1
     assert "| DFM | 1.5 |" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_shares_reference_statistics_and_never_reuses_stale_ones(tmp_path: Path, classifier: str, capsys) -> None:
+    from dfm.cli import main as cli
+
+    cache = tmp_path / "cache"
+    common = ["bench", "quality", "--preset", "smoke", "--methods", "fm", "--cache", str(cache),
+              "--weights", f"fashion-cnn={classifier}", "--num-samples", "8"]  # fmt: skip
+    assert cli([*common, "--out", str(tmp_path / "a")]) == 0
+    assert "| Flow Matching | 1.0 |" in capsys.readouterr().out
+    refs = sorted(p.name for p in cache.glob("ref_*.npz"))
+    assert len(refs) == 2 and all("_n64.npz" in r for r in refs)  # one per Fréchet extractor, smoke's 64 images
+    stamp = {p: p.stat().st_mtime_ns for p in cache.glob("ref_*.npz")}
+    assert cli([*common, "--out", str(tmp_path / "b")]) == 0  # another bench: reuses the statistics
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("ref_*.npz")} == stamp
+    assert not list(cache.glob("fashion_cnn*"))  # the given classifier was used, none was trained
+    fewer = settings_from_args(_parse("--preset", "smoke", "--methods", "fm"))
+    fewer.num_reference = 32
+    new = ensure_references(cache, fewer, {"fashion-cnn": classifier})
+    assert all("_n32.npz" in Path(p).name for p in new[:2]) and len(list(cache.glob("ref_*.npz"))) == 4
+    with pytest.raises(SystemExit):
+        cli([*common, "--weights", "fashion-cnn"])  # NAME=PATH expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -169,6 +171,18 @@ def test_efficientnet_lite0_runs_offline_with_bundled_weights() -> None:
     assert out.features.shape == (2, 1280) and out.logits.shape == (2, 1000)
     assert torch.all(out.features >= 0) and torch.all(out.features <= 6)  # mean of ReLU6 outputs
     torch.testing.assert_close(model(images).features, out.features, rtol=0, atol=0)
+
+
+def test_efficientnet_lite0_channels_last_gives_the_nchw_features() -> None:
+    model = build_extractor("efficientnet-lite0")
+    assert model.channels_last
+    images = _images(3, 32)
+    fast = model(images).features
+    reference = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    reference.channels_last = False
+    slow = reference(images).features
+    assert next(reference.parameters()).is_contiguous() and not next(model.net._conv_stem.parameters()).is_contiguous()
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
 
 
 def test_efficientnet_lite0_recognises_a_natural_image() -> None:

@@ -97,6 +97,17 @@ def _train_cmd(run: Path, steps: int, *extra: str) -> list[str]:
             "--no-progress", *TINY, *extra]  # fmt: skip
 
 
+def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run ``python -m torch.distributed.run`` on CPU; on failure show what the ranks printed, not only torchrun's traceback."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        ranks = [ln for ln in res.stderr.splitlines() if "torch/distributed/elastic" not in ln and ln.strip()]
+        pytest.fail(f"torchrun exited {res.returncode}:\n" + "\n".join(ranks[:80]), pytrace=False)
+    return res
+
+
 @needs_data
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
     ref, killed = tmp_path / "ref", tmp_path / "killed"
@@ -126,11 +137,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
 def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_train_cmd(one, 3), check=True, capture_output=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *_train_cmd(two, 3)[1:]]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
+    _torchrun(_train_cmd(two, 3)[1:])
     np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
     a = load_checkpoint(find_latest(one / "checkpoints"))["model"]
     b = load_checkpoint(find_latest(two / "checkpoints"))["model"]
@@ -203,14 +210,9 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path: Path) -> None:
         pytest.skip("torch.distributed is not available")
     one, two = tmp_path / "one", tmp_path / "fsdp"
     subprocess.run(_train_cmd(one, 4), check=True, capture_output=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     fsdp = ["-o", "train.distributed=fsdp", "-o", "train.ckpt_every=2"]
-    res = subprocess.run([*torchrun, *_train_cmd(two, 2, *fsdp)[1:]], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
-    res = subprocess.run([*torchrun, *_train_cmd(two, 4, *fsdp, "--resume", "auto")[1:]], capture_output=True,
-                         text=True, env=env)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
+    _torchrun(_train_cmd(two, 2, *fsdp)[1:])
+    _torchrun(_train_cmd(two, 4, *fsdp, "--resume", "auto")[1:])
     np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
     a = load_checkpoint(find_latest(one / "checkpoints"))
     b = load_checkpoint(find_latest(two / "checkpoints"))
@@ -280,11 +282,7 @@ def test_two_process_sampling_gives_the_same_images(tmp_path: Path) -> None:
     assert _train(run, 2) == 0
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli(["sample", str(run), "--seeds", "0-4", "--out", str(one), "--npz", "--no-progression"]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dfm.cli",
-           "sample", str(run), "--seeds", "0-4", "--out", str(two), "--npz", "--no-progression"]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr[-2000:]
+    _torchrun(["-m", "dfm.cli", "sample", str(run), "--seeds", "0-4", "--out", str(two), "--npz", "--no-progression"])
     a, b = np.load(one / "samples.npz"), np.load(two / "samples.npz")
     np.testing.assert_array_equal(a["seeds"], b["seeds"])
     np.testing.assert_array_equal(a["labels"], b["labels"])

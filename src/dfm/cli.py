@@ -72,7 +72,7 @@ def _train_config(args) -> RunConfig:
 
 
 def _run_train(args) -> int:
-    from dfm.train import Trainer, init_distributed
+    from dfm.train import Trainer, finish_distributed, init_distributed
 
     cfg = _train_config(args)
     suffix = f"-{args.method}" if args.method and args.method != "dfm" and args.method not in cfg.preset else ""
@@ -80,6 +80,7 @@ def _run_train(args) -> int:
     d = init_distributed()
     trainer = Trainer(cfg, out, resume=args.resume, dist_info=d, progress=not args.no_progress)
     run = trainer.fit()
+    finish_distributed()
     if d.main:
         print(f"run directory: {run}")
         print(f"  samples:     {run / 'samples'}")
@@ -135,7 +136,7 @@ def _run_sample(args) -> int:
         shard,
         write_outputs,
     )
-    from dfm.train import init_distributed
+    from dfm.train import finish_distributed, init_distributed
 
     d = init_distributed()
     seeds = parse_seeds(args.seeds)
@@ -179,6 +180,7 @@ def _run_sample(args) -> int:
     if d.world > 1:  # gather on rank 0 (object gather works for gloo and nccl)
         gathered = [None] * d.world if d.main else None
         dist.gather_object((images, previews), gathered, dst=0)
+        finish_distributed()
         if not d.main:
             return 0
         images = torch.cat([g[0] for g in gathered])

@@ -65,6 +65,17 @@ def init_distributed() -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def finish_distributed() -> None:
+    """Let every rank finish together, then leave the process group.
+
+    Without this a rank that is done early (rank 0 still writes samples and the pretrained model) exits with the
+    gloo/nccl group alive, and its teardown at interpreter exit can abort the process (seen as SIGABRT on CPU).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------ randomness
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A seed for (run seed, step, stream) that never collides across steps of the same run."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -136,52 +137,67 @@ def run_config(settings: QualitySettings, variant: Variant, seed: int) -> RunCon
     return apply_overrides(cfg, [*variant.train, *extra])
 
 
-def ensure_classifier(out: Path, log: Callable[[str], None]) -> Path:
-    """The domain classifier (trained once, deterministically, on the data set's labels)."""
-    path = out / "fashion_cnn.safetensors"
+def default_cache() -> Path:
+    """Where the once-only work (domain classifier, reference statistics) is kept: ``$DFM_CACHE/bench``."""
+    return Path(os.environ.get("DFM_CACHE", "~/.cache/dfm")).expanduser() / "bench"
+
+
+def ensure_classifier(cache: Path, log: Callable[[str], None]) -> Path:
+    """The domain classifier (trained once, deterministically, on the data set's labels; shared by all benches)."""
+    path = cache / "fashion_cnn.safetensors"
     if not path.is_file():
         from dfm.eval.extractors.classifier import train_fashion_classifier
         from dfm.eval.images import load_fashion_mnist
 
-        log(f"training the domain classifier -> {path}")
+        log(f"training the domain classifier (once) -> {path}")
         x, y = load_fashion_mnist(split="train")
         xt, yt = load_fashion_mnist(split="test")
         train_fashion_classifier(path, x[:, None], y, xt[:, None], yt, log=log)
     return path
 
 
-def reference_images(out: Path, settings: QualitySettings) -> str:
+def reference_images(cache: Path, settings: QualitySettings) -> str:
     """The real images the samples are compared with: the test split of the preset's data set."""
     cfg = apply_overrides(get_preset(settings.preset), list(settings.overrides))
     if cfg.data.dataset == "fashion-mnist":
         return "fashion-mnist:test"
-    path = out / "ref_data.npz"
+    count = settings.num_reference or 1000
+    d = cfg.data
+    path = cache / f"ref_data_{d.dataset}_{d.resolution}px_{d.frames}f_n{count}.npz"
     if not path.is_file():  # e.g. moving Fashion-MNIST: write the test clips once, as uint8 (N, T, H, W, C)
         from dfm.data import build_dataset
 
-        count = settings.num_reference or 1000
-        ds = build_dataset(cfg.data.dataset, cfg.data.resolution, train=False, data_dir=cfg.data.data_dir,
-                           frames=cfg.data.frames, num_clips=count)  # fmt: skip
+        ds = build_dataset(d.dataset, d.resolution, train=False, data_dir=d.data_dir, frames=d.frames,
+                           num_clips=count)  # fmt: skip
         x, y = ds.get_batch(torch.arange(min(count, len(ds))), augment=False)
         arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         arr = arr.movedim(1, -1).numpy()  # channels last
-        tmp = path.with_name(".ref_data.tmp.npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
         np.savez(tmp, arr_0=arr, labels=y.numpy())
         tmp.replace(path)
     return str(path)
 
 
-def ensure_references(out: Path, settings: QualitySettings, weights: dict[str, str]) -> list[str]:
-    """Reference statistics of the test split for every Fréchet extractor (computed once), plus the images."""
-    from dfm.eval import build_reference, save_reference
+def ensure_references(cache: Path, settings: QualitySettings, weights: dict[str, str]) -> list[str]:
+    """Reference statistics of the test split for every Fréchet extractor (computed once), plus the images.
 
-    images = reference_images(out, settings)
+    The file name holds everything the statistics depend on (images, count, extractor weights), so presets
+    and ablations with the same reference share one file and a changed setting never reuses a stale one.
+    """
+    from dfm.eval import build_reference, save_reference
+    from dfm.eval.weights import sha256_file
+
+    images = reference_images(cache, settings)
+    source = Path(images).stem if images.endswith(".npz") else images.replace(":", "-")
+    count = settings.num_reference or "all"
     refs = []
     for metric in settings.metrics:
         kind, _, extractor = metric.partition(":")
         if kind != "fd":
             continue
-        path = out / f"ref_{extractor}.npz"
+        tag = sha256_file(weights[extractor])[:8] if extractor in weights else "default"
+        path = cache / f"ref_{extractor}-{tag}_{source}_n{count}.npz"
         if not path.is_file():
             stats = build_reference(images, extractor, settings.num_reference, device=settings.device,
                                     weights=weights.get(extractor), download=False, progress=False)  # fmt: skip
@@ -386,7 +402,13 @@ def run_quality(
     command: str = "",
     log: Callable[[str], None] = print,
     weights: dict[str, str] | None = None,
+    cache: str | Path | None = None,
 ) -> dict[str, Any]:
+    """Train every variant and seed, score the checkpoints, write ``report.md``, ``results.json`` and plots.
+
+    Everything is cached: finished runs and scores under ``out``, the domain classifier and the reference
+    statistics under ``cache`` (default :func:`default_cache`), so an interrupted bench resumes where it stopped.
+    """
     from dfm.bench.measure import hardware_info, hardware_line
 
     if not settings.variants:
@@ -395,10 +417,11 @@ def run_quality(
         torch.set_num_threads(settings.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache) if cache is not None else default_cache()
     weights = dict(weights or {})
     if any(m.endswith("fashion-cnn") or m == "accuracy" for m in settings.metrics) and "fashion-cnn" not in weights:
-        weights["fashion-cnn"] = str(ensure_classifier(out, log))
-    refs = ensure_references(out, settings, weights)
+        weights["fashion-cnn"] = str(ensure_classifier(cache, log))
+    refs = ensure_references(cache, settings, weights)
     rows, runs = [], {}
     total = len(settings.variants) * len(settings.seeds)
     done = 0
@@ -474,6 +497,8 @@ def settings_from_args(args) -> QualitySettings:
 
 
 def add_quality_parser(commands) -> None:
+    from dfm.eval.cli import _weights_arg
+
     p = commands.add_parser("quality", help="DFM vs Flow Matching, cascade and Pyramidal Flow at equal compute",
                             description=__doc__.split("\n\n")[0])  # fmt: skip
     p.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS), help="bench size (default: cpu)")
@@ -490,6 +515,11 @@ def add_quality_parser(commands) -> None:
     p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="training setting applied to every variant (repeatable)")  # fmt: skip
     p.add_argument("--out", help="output directory (default: runs/bench-quality-<preset>[-<ablation>])")
+    p.add_argument("--weights", type=_weights_arg, action="append", default=[], metavar="NAME=PATH",
+                   help="use this extractor weights file, e.g. fashion-cnn=cnn.safetensors instead of training "
+                        "the domain classifier (repeatable)")  # fmt: skip
+    p.add_argument("--cache", help="where the domain classifier and reference statistics are kept and shared "
+                                   "between benches (default: $DFM_CACHE/bench, $DFM_CACHE=~/.cache/dfm)")
     p.set_defaults(func=_run_quality_cli)
 
 
@@ -499,7 +529,7 @@ def _run_quality_cli(args) -> int:
     settings = settings_from_args(args)
     out = args.out or f"runs/bench-quality-{args.preset}{'-' + args.ablation if args.ablation else ''}"
     command = "dfm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dfm") else "dfm bench quality"
-    result = run_quality(settings, out, command=command)
+    result = run_quality(settings, out, command=command, cache=args.cache, weights=dict(args.weights))
     print(result["report"])
     print(f"report: {Path(out) / 'report.md'}; plots: {', '.join(result['plots'])}")
     return 0

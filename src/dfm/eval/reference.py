@@ -49,7 +49,9 @@ def save_reference(path: str | Path, reference: ReferenceStats) -> Path:
     }
     if reference.features is not None:
         arrays["features"] = np.asarray(reference.features, dtype=np.float32)
-    np.savez(path, **arrays)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")  # written whole, then renamed: never half-written
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
     return path
 
 

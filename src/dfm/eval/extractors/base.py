@@ -79,6 +79,9 @@ class FeatureExtractor(nn.Module):
     weights_path: str | None = None
     weights_sha256: str | None = None
     takes_video: bool = False  # inputs are clips (N, C, T, H, W) rather than images
+    # Convolutional networks run about 2x faster on CPU in channels-last layout (oneDNN's depthwise and 1x1
+    # kernels); the features agree with NCHW to float rounding.
+    channels_last: bool = False
 
     def features_and_logits(self, x: torch.Tensor) -> FeatureOutput:
         raise NotImplementedError
@@ -86,7 +89,11 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> FeatureOutput:
         device = next(self.parameters()).device
-        return self.features_and_logits(self.preprocessing(images.to(device)))
+        x = self.preprocessing(images.to(device))
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)  # a no-op once converted
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.features_and_logits(x)
 
     def describe(self) -> dict:
         """The protocol entry for this extractor: name, weights, preprocessing, feature dim."""

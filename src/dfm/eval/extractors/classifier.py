@@ -33,6 +33,7 @@ class FashionCNN(FeatureExtractor):
     name = "fashion-cnn"
     feature_dim = 128
     num_classes = 10
+    channels_last = True
     preprocessing = Preprocessing(
         size=28, interpolation="bilinear", antialias=True, mean=(FASHION_MEAN,), std=(FASHION_STD,), channels=1
     )
@@ -141,7 +142,9 @@ def train_fashion_classifier(
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     # No safetensors metadata: its header order is not stable, and the same command must write the
     # same bytes. The training summary goes to a JSON file beside the weights instead.
-    save_file(state, str(out))
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: never half-written
+    save_file(state, str(tmp))
+    tmp.replace(out)
     summary["sha256"] = sha256_file(out)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -25,6 +25,7 @@ class EfficientNetLite0(FeatureExtractor):
     name = "efficientnet-lite0"
     feature_dim = 1280
     num_classes = 1000
+    channels_last = True
     preprocessing = Preprocessing(
         size=224, interpolation="bilinear", antialias=True, mean=(127 / 255,) * 3, std=(128 / 255,) * 3
     )

@@ -144,6 +144,7 @@ class InceptionV3(FeatureExtractor):
     name = "inception-v3"
     feature_dim = 2048
     num_classes = 1008
+    channels_last = True
     preprocessing = Preprocessing(size=299, interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3)
 
     def __init__(self) -> None:
