@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,6 +183,22 @@ def test_corrupt_image_in_folder(tmp_path: Path, capsys) -> None:
 
 
 @needs_data
+def test_sampling_does_not_need_the_training_data(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+    run = tmp_path / "run"
+    assert _train(run, 2, "--data", str(folder), "-o", "data.resolution=16", "-o", "model.overrides.patch_size=2") == 0
+    assert json.loads((run / "data_spec.json").read_text()) == {"sample_shape": [3, 16, 16], "num_classes": 3}
+    shutil.rmtree(folder)  # the shape and the classes come from the run, not from the images
+    assert cli(["sample", str(run), "--seeds", "0-3", "--out", str(tmp_path / "s"), "--npz"]) == 0
+    data = np.load(tmp_path / "s" / "samples.npz")
+    assert data["arr_0"].shape == (4, 16, 16, 3) and data["labels"].tolist() == [0, 1, 2, 0]
+
+
 def test_existing_run_and_mismatched_checkpoint(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     assert _train(run, 2) == 0

@@ -56,9 +56,7 @@ def load_run(
         ckpt = Path(checkpoint) if checkpoint else find_latest(path / "checkpoints")
         if ckpt is None:
             raise FileNotFoundError(f"{path} has no complete checkpoint yet: train longer or pass another run")
-        from dfm.data import build_dataset
-
-        shape, num_classes = _data_spec(cfg, build_dataset)
+        shape, num_classes = _data_spec(cfg, path)
         model = make_model(cfg, shape, num_classes)
         state = load_weights(ckpt, ema=ema)
         try:
@@ -88,7 +86,14 @@ def load_run(
     raise FileNotFoundError(f"{path} is neither a run directory (config.json + checkpoints/) nor a save_pretrained one")
 
 
-def _data_spec(cfg: RunConfig, build_dataset) -> tuple[tuple[int, ...], int]:
+def _data_spec(cfg: RunConfig, run: Path) -> tuple[tuple[int, ...], int]:
+    """Sample shape and class count of a run: from the trainer's ``data_spec.json``, else from the data set."""
+    spec = run / "data_spec.json"
+    if spec.is_file():
+        d = json.loads(spec.read_text())
+        return tuple(d["sample_shape"]), int(d["num_classes"])
+    from dfm.data import build_dataset  # runs written before data_spec.json existed
+
     ds = build_dataset(
         cfg.data.dataset,
         cfg.data.resolution,

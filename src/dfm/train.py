@@ -30,6 +30,7 @@ from dfm.factory import make_decomposition, make_model, make_objective
 from dfm.objective import DFMObjective
 
 CONFIG_FILE = "config.json"
+DATA_SPEC_FILE = "data_spec.json"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -202,6 +203,9 @@ class Trainer:
         if self.d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+            # What the model needs to be rebuilt without opening the data set again (dfm sample, the benches).
+            spec = {"sample_shape": list(self.sample_shape), "num_classes": self.num_classes}
+            atomic_write_text(self.run_dir / DATA_SPEC_FILE, json.dumps(spec) + "\n")
             self._truncate_metrics()
 
     # -- setup helpers ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Command line of the benchmarks: `dfm bench speed` (also `python -m dfm.bench speed`).
+"""Command line of the benchmarks: `dfm bench speed` and `dfm bench quality` (also `python -m dfm.bench ...`).
 
-Register it on the main parser with ``add_bench_parser(subparsers)``; `dfm bench quality` is added when
-:mod:`dfm.bench.quality` exists. torch is imported only when a command runs.
+Register it on the main parser with ``add_bench_parser(subparsers)``; `dfm bench quality` comes from
+:mod:`dfm.bench.quality`. torch is imported only when a command runs.
 """
 
 from __future__ import annotations
@@ -75,19 +75,15 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register `bench` and its sub-commands on an argparse subparsers object; returns the bench parser."""
     parser = subparsers.add_parser(
         "bench",
-        help="benchmark the method (speed: cost of DFM vs Flow Matching)",
+        help="benchmark the method (speed: cost of DFM vs Flow Matching; quality: the four methods at equal compute)",
         description="Benchmarks of DFM against Flow Matching. See docs/RESULTS.md.",
     )
-    commands = parser.add_subparsers(dest="bench_command", metavar="{speed,...}")
+    commands = parser.add_subparsers(dest="bench_command", metavar="{speed,quality}")
     commands.required = True
     add_speed_parser(commands)
-    try:
-        from dfm.bench.quality import add_quality_parser
-    except ModuleNotFoundError as err:  # only a missing quality module is expected; other errors surface
-        if err.name != "dfm.bench.quality":
-            raise
-    else:
-        add_quality_parser(commands)
+    from dfm.bench.quality import add_quality_parser
+
+    add_quality_parser(commands)
     return parser
 
 
