@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -45,3 +46,20 @@ def test_tiny_video_train_and_sample_writes_gifs(tmp_path: Path) -> None:
     gif = Image.open(out / "video.gif")
     assert gif.n_frames == 4
     assert Image.open(out / "progression.gif").n_frames == 4
+
+
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed")
+@pytest.mark.parametrize("method", ["cascade", "pyramidal"])
+def test_baselines_train_and_sample_videos(tmp_path: Path, method: str) -> None:
+    run = tmp_path / method
+    code = cli([
+        "train", "--preset", "video-quickstart", "--method", method, "--out", str(run), "--steps", "2",
+        "--batch-size", "4", "--no-progress", "-o", "data.num_clips=16", "-o", "data.frames=4",
+        "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
+        "-o", "method.steps=2,2", "-o", "train.num_sample_images=2",
+    ])  # fmt: skip
+    assert code == 0
+    out = tmp_path / "s"
+    assert cli(["sample", str(run), "--seeds", "0-2", "--out", str(out), "--npz"]) == 0
+    assert np.load(out / "samples.npz")["arr_0"].shape == (3, 4, 32, 32, 1)  # clips, frames, H, W, C
+    assert Image.open(out / "video.gif").n_frames == 4

@@ -253,7 +253,8 @@ def write_outputs(
     crop: int = 0,
 ) -> dict[str, str]:
     """Write the requested outputs of ``dfm sample``; returns {kind: path}. PNGs and the npz drop ``crop``
-    pixels on every side (the data set's padding, see :func:`data_padding`); the grids keep them."""
+    pixels on every side (the data set's padding, see :func:`data_padding`); the grids keep them. For videos
+    the npz holds the whole clips (N, T, H, W, C), the grid and the PNGs the middle frame, the GIF/MP4 all frames."""
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
     video = images.dim() == 5
@@ -269,8 +270,9 @@ def write_outputs(
             label = f"_class{labels[i]}" if labels is not None else ""
             save_png(arr[i], folder / f"seed{seed:06d}{label}.png")
         written["images"] = str(folder)
-    if npz:
-        arr = to_uint8(native)
+    if npz:  # videos: whole clips (N, T, H, W, C), what `dfm eval` needs for FVD and per-frame scores
+        full = images[..., crop : images.shape[-2] - crop, crop : images.shape[-1] - crop] if crop else images
+        arr = to_uint8(full)
         payload = {"arr_0": arr, "seeds": np.asarray(seeds, dtype=np.int64)}
         if labels is not None:
             payload["labels"] = np.asarray(labels, dtype=np.int64)

@@ -16,9 +16,9 @@ from torch import Tensor
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8; videos (N, C, T, H, W) -> (N, T, H, W, C)."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return x.movedim(1, -1).numpy()
 
 
 def display_scale(size: int, target: int = 96) -> int:
