@@ -86,6 +86,12 @@ def test_settings_from_args_and_errors() -> None:
         settings_from_args(_parse("--methods", "dfm,gan"))
     with pytest.raises(ValueError, match="1.0"):
         settings_from_args(_parse("--guidance", "1.5,2.0"))
+    picked = settings_from_args(_parse("--ablation", "stage-probs", "--only", "0.5,0.9"))
+    assert [v.name for v in picked.variants] == ["p(Q=1)=0.5", "p(Q=1)=0.9"]
+    with pytest.raises(ValueError, match="choose from 0.5, 0.7"):
+        settings_from_args(_parse("--ablation", "stage-probs", "--only", "0.6"))
+    with pytest.raises(ValueError, match="with --ablation"):
+        settings_from_args(_parse("--only", "0.5"))
     ablation = settings_from_args(_parse("--preset", "smoke", "--ablation", "decomposition"))
     assert [v.train for v in ablation.variants] == [
         ("method.decomposition=laplacian",),

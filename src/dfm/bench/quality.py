@@ -46,6 +46,7 @@ class Variant:
     method: str = "dfm"
     train: tuple[str, ...] = ()  #: ``section.key=value`` overrides of the training config
     sample: dict[str, Any] = field(default_factory=dict)  #: sampling settings: steps, thresholds, solver
+    label: str = ""  #: the ablation value this variant stands for (what ``--only`` selects)
 
     def run_key(self) -> str:
         """Variants that train the same thing share one run (sampling-only ablations)."""
@@ -82,7 +83,7 @@ def comparison_variants() -> list[Variant]:
 
 
 def _ablation(name: str, values: Sequence[tuple[str, Sequence[str], dict]]) -> list[Variant]:
-    return [Variant(f"{name}={label}", "dfm", tuple(train), dict(sample)) for label, train, sample in values]
+    return [Variant(f"{name}={label}", "dfm", tuple(train), dict(sample), label) for label, train, sample in values]
 
 
 #: The paper's ablations (Tables 3-6 and the sampling study), each against the preset's DFM.
@@ -97,7 +98,7 @@ ABLATIONS: dict[str, Callable[[], list[Variant]]] = {
     "standardize": lambda: _ablation("standardize", [("off", ["method.standardize=false"], {}),
                                                      ("on", ["method.standardize=true"], {})]),
     "sampling": lambda: _ablation("sampling", [
-        (f"{a}+{b},tau={tau}", [], {"steps": (a, b), "thresholds": (tau,)})
+        (f"{a}+{b}_tau{tau}", [], {"steps": (a, b), "thresholds": (tau,)})
         for a, b in ((30, 10), (20, 20), (10, 30)) for tau in (0.5, 0.7, 0.9)]),
 }  # fmt: skip
 
@@ -476,6 +477,15 @@ def settings_from_args(args) -> QualitySettings:
         if unknown:
             raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from dfm, fm, cascade, pyramidal")
     variants = [v for v in variants if v.method in wanted]
+    if args.only:
+        if not args.ablation:
+            raise ValueError("--only picks values of an ablation: use it with --ablation")
+        labels = [o.strip() for o in args.only.split(",")]
+        known = [v.label for v in variants]
+        unknown = [o for o in labels if o not in known]
+        if unknown:
+            raise ValueError(f"--only: {unknown} not in the {args.ablation} ablation; choose from {', '.join(known)}")
+        variants = [v for v in variants if v.label in labels]
     base["methods"] = tuple(wanted)
     for key in ("steps", "eval_points", "num_samples", "sample_batch", "threads"):
         value = getattr(args, key.replace("-", "_"), None)
@@ -503,6 +513,7 @@ def add_quality_parser(commands) -> None:
                             description=__doc__.split("\n\n")[0])  # fmt: skip
     p.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS), help="bench size (default: cpu)")
     p.add_argument("--ablation", choices=sorted(ABLATIONS), help="run one of the paper's ablations instead")
+    p.add_argument("--only", help="with --ablation: run only these values, e.g. --only 0.5,0.9 for stage-probs")
     p.add_argument("--methods", help="subset of dfm,fm,cascade,pyramidal")
     p.add_argument("--seeds", help="training seeds, e.g. 0,1,2")
     p.add_argument("--steps", type=int, help="optimiser steps per run")
