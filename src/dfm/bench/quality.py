@@ -486,6 +486,8 @@ def settings_from_args(args) -> QualitySettings:
         if unknown:
             raise ValueError(f"--only: {unknown} not in the {args.ablation} ablation; choose from {', '.join(known)}")
         variants = [v for v in variants if v.label in labels]
+    if args.ablation and args.methods:  # baselines asked for by name join the ablation as reference lines
+        variants += [v for v in comparison_variants() if v.method != "dfm" and v.method in wanted]
     base["methods"] = tuple(wanted)
     for key in ("steps", "eval_points", "num_samples", "sample_batch", "threads"):
         value = getattr(args, key.replace("-", "_"), None)
@@ -514,7 +516,8 @@ def add_quality_parser(commands) -> None:
     p.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS), help="bench size (default: cpu)")
     p.add_argument("--ablation", choices=sorted(ABLATIONS), help="run one of the paper's ablations instead")
     p.add_argument("--only", help="with --ablation: run only these values, e.g. --only 0.5,0.9 for stage-probs")
-    p.add_argument("--methods", help="subset of dfm,fm,cascade,pyramidal")
+    p.add_argument("--methods", help="subset of dfm,fm,cascade,pyramidal; with --ablation, e.g. dfm,fm adds "
+                                     "Flow Matching as a reference line")
     p.add_argument("--seeds", help="training seeds, e.g. 0,1,2")
     p.add_argument("--steps", type=int, help="optimiser steps per run")
     p.add_argument("--eval-points", type=int, help="checkpoints evaluated for the convergence curve")
