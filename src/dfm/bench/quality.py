@@ -112,7 +112,8 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
                 sample_batch=1000, overrides=("model.name=DFM-DiT-Mini", "optim.lr=5e-4", "train.precision=bf16",
                                               "train.batch_size=256", "optim.warmup_steps=1000"), device="cuda"),
     "video-cpu": dict(preset="video-quickstart", methods=("dfm", "fm"), seeds=(0, 1), steps=600, eval_points=3,
-                      num_samples=200, sample_batch=100, num_reference=500, metrics=VIDEO_METRICS),
+                      num_samples=100, guidance=(1.0, 1.5), sample_batch=100, num_reference=500,
+                      metrics=VIDEO_METRICS),
     "video-smoke": dict(preset="video-quickstart", methods=("dfm", "fm"), seeds=(0,), steps=2, eval_points=1,
                         num_samples=4, guidance=(1.0, 1.5), sample_batch=4, num_reference=8, metrics=VIDEO_METRICS,
                         overrides=("model.overrides.depth=1", "model.overrides.hidden_size=32",
@@ -439,8 +440,13 @@ def run_quality(
             runs[run_dir.name] = {"method": variant.method, "train_seconds": seconds,
                                   "train_flops": training_flops(cfg, shape, model.num_classes)}  # fmt: skip
             points = [(s, 1.0) for s in settings.eval_steps] + [(settings.steps, g) for g in settings.guidance]
+            # Score files carry a hash of what the score depends on besides the run (sample count, metrics,
+            # references, sampling settings), so a changed setting is scored again instead of read stale.
+            protocol = json.dumps([settings.num_samples, list(settings.metrics), [Path(r).name for r in refs],
+                                   variant.sample], sort_keys=True, default=str)  # fmt: skip
+            tag = hashlib.sha1(protocol.encode()).hexdigest()[:8]
             for step, g in dict.fromkeys(points):
-                name = f"{variant.name}-s{seed}-step{step}-g{g}".replace(" ", "_").replace("/", "_")
+                name = f"{variant.name}-s{seed}-step{step}-g{g}-{tag}".replace(" ", "_").replace("/", "_")
                 row = evaluate_checkpoint(settings, variant, cfg, run_dir, step, g, refs, weights,
                                           out / "scores" / f"{name}.json")  # fmt: skip
                 rows.append(row)
