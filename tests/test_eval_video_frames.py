@@ -51,6 +51,8 @@ def test_per_frame_scores_of_videos(tmp_path) -> None:
     scores = evaluate(real, [str(ref_file)], config)["scores"]
     assert scores["fd_frames_fashion-cnn"] == pytest.approx(0.0, abs=1e-6)  # same clips, same frame statistics
     assert {"swd_frames_28", "swd_frames_14", "class_accuracy_frames"} <= set(scores)
+    # The classifier's accuracy on the real clips (the ceiling); here the samples are those clips.
+    assert scores["class_accuracy_frames_ref"] == scores["class_accuracy_frames"]
     assert scores["temporal_change_gap"] == 0.0
     static = ImageSet(_clips(16, 1, moving=False), real.labels, {"kind": "test"})
     other = evaluate(static, [str(ref_file)], config)["scores"]

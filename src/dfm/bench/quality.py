@@ -326,13 +326,13 @@ def _fmt(values: list[float], digits: int = 1) -> str:
 def summarize(rows: list[dict], settings: QualitySettings, runs: dict[str, dict]) -> dict[str, Any]:
     final = settings.steps
     prefixes = ("fd_", "swd_", "class_accuracy", "temporal_change_gap")
-    metric_keys = [k for k in rows[0] if k.startswith(prefixes)] if rows else []
+    metric_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith(prefixes)))
     table = []
     for variant in settings.variants:
         for g in settings.guidance:
             sel = [r for r in rows if r["variant"] == variant.name and r["step"] == final and r["guidance"] == g]
             table.append({"variant": variant.name, "guidance": g, "n": len(sel),
-                          **{k: [r[k] for r in sel] for k in metric_keys}})  # fmt: skip
+                          **{k: [r[k] for r in sel if k in r] for k in metric_keys}})  # fmt: skip
     return {"table": table, "metric_keys": metric_keys, "runs": runs}
 
 

@@ -300,6 +300,12 @@ def evaluate(
             predictions = fake.logits.argmax(1)
             key = "class_accuracy_frames" if per_frame else "class_accuracy"
             scores[key] = (predictions == samples_in.labels[: len(predictions)]).double().mean().item()
+            if refs_in is not None and refs_in.labels is not None:  # the ceiling: the same classifier on real data
+                count = min(len(refs_in.images), len(predictions))
+                real_logits = extract(extractor, refs_in.images[:count], config.batch_size, keep_logits=True,
+                                      progress=False, desc=f"{extractor_name} reference").logits  # fmt: skip
+                hits = real_logits.argmax(1) == refs_in.labels[:count]
+                scores[f"{key}_ref"] = hits.double().mean().item()
         del extractor
 
     if any(kind == "swd" for kind, _ in parsed):
