@@ -16,8 +16,8 @@ from dfm.bench.quality import (
     QualitySettings,
     Variant,
     add_quality_parser,
-    ensure_references,
     comparison_variants,
+    ensure_references,
     run_quality,
     settings_from_args,
 )

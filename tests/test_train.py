@@ -99,7 +99,7 @@ def _train_cmd(run: Path, steps: int, *extra: str) -> list[str]:
 
 
 def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """Run ``python -m torch.distributed.run`` on CPU; on failure show what the ranks printed, not only torchrun's traceback."""
+    """``python -m torch.distributed.run`` on CPU; on failure, show what the ranks printed, not torchrun's traceback."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)

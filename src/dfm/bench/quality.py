@@ -105,7 +105,7 @@ ABLATIONS: dict[str, Callable[[], list[Variant]]] = {
 #: Bench presets: ``cpu`` finishes within an hour on 2 cores; ``gpu`` is a larger run for a lent GPU;
 #: ``smoke`` is the tiny version the tests run.
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
-    # About 70 minutes on 2 CPU cores, plus ~10 minutes once for the reference statistics (docs/RESULTS.md).
+    # ~57 min on 2 CPU cores, plus ~9.5 min once for the classifier and reference statistics (docs/RESULTS.md).
     "cpu": dict(preset="quickstart", seeds=(0, 1), steps=800, eval_points=2, num_samples=300, sample_batch=300,
                 num_reference=5000),
     "gpu": dict(preset="quickstart", seeds=(0, 1, 2), steps=20000, eval_points=5, num_samples=10000,
@@ -522,8 +522,10 @@ def add_quality_parser(commands) -> None:
     p.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS), help="bench size (default: cpu)")
     p.add_argument("--ablation", choices=sorted(ABLATIONS), help="run one of the paper's ablations instead")
     p.add_argument("--only", help="with --ablation: run only these values, e.g. --only 0.5,0.9 for stage-probs")
-    p.add_argument("--methods", help="subset of dfm,fm,cascade,pyramidal; with --ablation, e.g. dfm,fm adds "
-                                     "Flow Matching as a reference line")
+    p.add_argument(
+        "--methods",
+        help="subset of dfm,fm,cascade,pyramidal; with --ablation, e.g. dfm,fm adds Flow Matching as a reference line",
+    )
     p.add_argument("--seeds", help="training seeds, e.g. 0,1,2")
     p.add_argument("--steps", type=int, help="optimiser steps per run")
     p.add_argument("--eval-points", type=int, help="checkpoints evaluated for the convergence curve")
@@ -538,8 +540,11 @@ def add_quality_parser(commands) -> None:
     p.add_argument("--weights", type=_weights_arg, action="append", default=[], metavar="NAME=PATH",
                    help="use this extractor weights file, e.g. fashion-cnn=cnn.safetensors instead of training "
                         "the domain classifier (repeatable)")  # fmt: skip
-    p.add_argument("--cache", help="where the domain classifier and reference statistics are kept and shared "
-                                   "between benches (default: $DFM_CACHE/bench, $DFM_CACHE=~/.cache/dfm)")
+    p.add_argument(
+        "--cache",
+        help="where the domain classifier and reference statistics are kept and shared "
+        "between benches (default: $DFM_CACHE/bench, $DFM_CACHE=~/.cache/dfm)",
+    )
     p.set_defaults(func=_run_quality_cli)
 
 
