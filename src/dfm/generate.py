@@ -184,6 +184,11 @@ def generate(
     return torch.cat(images), [torch.cat(p) for p in all_previews]
 
 
+def crop_border(x: Tensor, p: int) -> Tensor:
+    """Drop ``p`` pixels on every side of the last two dimensions (the data set's padding)."""
+    return x[..., p : x.shape[-2] - p, p : x.shape[-1] - p] if p else x
+
+
 def upsample_like(x: Tensor, ref: Tensor) -> Tensor:
     return torch.nn.functional.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -259,7 +264,7 @@ def write_outputs(
     written: dict[str, str] = {}
     video = images.dim() == 5
     stills = images[:, :, images.shape[2] // 2] if video else images
-    native = stills[..., crop : stills.shape[-2] - crop, crop : stills.shape[-1] - crop] if crop else stills
+    native = crop_border(stills, crop)
     if grid:
         written["grid"] = str(save_png(image_grid(stills[:256], nrow=nrow), out / "grid.png"))
     if pngs:
@@ -271,8 +276,7 @@ def write_outputs(
             save_png(arr[i], folder / f"seed{seed:06d}{label}.png")
         written["images"] = str(folder)
     if npz:  # videos: whole clips (N, T, H, W, C), what `dfm eval` needs for FVD and per-frame scores
-        full = images[..., crop : images.shape[-2] - crop, crop : images.shape[-1] - crop] if crop else images
-        arr = to_uint8(full)
+        arr = to_uint8(crop_border(images, crop))
         payload = {"arr_0": arr, "seeds": np.asarray(seeds, dtype=np.int64)}
         if labels is not None:
             payload["labels"] = np.asarray(labels, dtype=np.int64)

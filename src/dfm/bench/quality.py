@@ -228,11 +228,10 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> floa
 
 def _to_uint8_native(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     """Samples to uint8 NCHW without the data set's padding, to compare with the real images at their size."""
-    from dfm.generate import data_padding
+    from dfm.generate import crop_border, data_padding
 
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    p = data_padding(cfg)
-    return x[..., p : x.shape[-2] - p, p : x.shape[-1] - p] if p else x
+    return crop_border(x, data_padding(cfg))
 
 
 def evaluate_checkpoint(

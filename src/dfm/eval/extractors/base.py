@@ -90,8 +90,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> FeatureOutput:
         device = next(self.parameters()).device
         x = self.preprocessing(images.to(device))
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)  # a no-op once converted
+        if self.channels_last:  # the weights are converted once, by build_extractor
             x = x.contiguous(memory_format=torch.channels_last)
         return self.features_and_logits(x)
 
@@ -133,4 +132,6 @@ def build_extractor(
         raise ValueError(f"unknown feature extractor {name!r}; choose one of {', '.join(sorted(EXTRACTORS))}")
     extractor = EXTRACTORS[name].builder(weights=weights, download=download)
     extractor.requires_grad_(False)
+    if extractor.channels_last:
+        extractor.to(memory_format=torch.channels_last)
     return extractor.eval().to(device)
