@@ -232,7 +232,8 @@ def test_stage_sizes_shrink_by_the_factors(case):
 # -- what the levels are --------------------------------------------------------------------------------------
 @FAST
 @given(st.integers(1, 4), st.sampled_from([2, 4]), st.booleans(), st.integers(0, 2**16))
-def test_laplacian_preview_is_bilinear_downsample(stages, jump, video, seed):
+def test_laplacian_preview_is_the_block_mean(stages, jump, video, seed):
+    """With bilinear 2x steps every preview is the mean of the block each coarse pixel covers (no aliasing)."""
     factors = [2] * (stages - 1)
     if stages > 1:
         factors[0] = jump
@@ -242,7 +243,7 @@ def test_laplacian_preview_is_bilinear_downsample(stages, jump, video, seed):
     levels = pyr.decompose(x)
     for k, size in enumerate(pyr.stage_sizes(shape[2:])):
         frames = x.transpose(1, 2).flatten(0, 1) if video else x
-        ref = F.interpolate(frames, size=size[-2:], mode="bilinear", align_corners=False, antialias=False)
+        ref = F.avg_pool2d(frames, (frames.shape[-2] // size[-2], frames.shape[-1] // size[-1]))
         if video:
             ref = ref.unflatten(0, (shape[0], shape[2])).transpose(1, 2)
         torch.testing.assert_close(pyr.preview(levels, k), ref, atol=1e-10, rtol=0)
@@ -411,3 +412,43 @@ def test_bad_inputs_raise(dec):
         dec.recompose([])
     with pytest.raises(ValueError):
         dec.recompose([torch.zeros(1, 1, 2, 2)] * (dec.num_stages + 1))
+
+
+# -- aliasing -------------------------------------------------------------------------------------------------
+def _checkerboard(period: int, size: int = 32) -> torch.Tensor:
+    """A pattern with period ``period`` along both axes and zero mean over every period x period block."""
+    i = torch.arange(size, dtype=torch.float64)
+    wave = torch.where(((i + 1) // (period // 2)) % 2 == 0, 1.0, -1.0)  # +1 -1 -1 +1: its centre pair is -1 -1
+    return (wave[:, None] * wave[None, :]).view(1, 1, size, size)
+
+
+@pytest.mark.parametrize("factors", [(4,), (2, 2), (2, 2, 2)])
+@pytest.mark.parametrize("mode", ["bilinear", "area", "bicubic"])
+def test_laplacian_coarsest_level_holds_no_alias_of_a_fine_pattern(factors, mode):
+    """A period-4 pattern lies above the Nyquist frequency of a 4x (or coarser) level: it must not fold into it.
+
+    Resizing straight from full resolution by 4x with bilinear samples the centre 2x2 of each 4x4 block and keeps
+    most of the pattern's RMS in the coarse level; the recursive 2x steps average whole blocks and keep none.
+    """
+    x = _checkerboard(4)
+    pyr = LaplacianPyramid(len(factors) + 1, factors=factors, mode=mode)
+    levels = pyr.decompose(x)
+    rms = levels[0].pow(2).mean().sqrt().item()
+    limit = 1e-12 if mode != "bicubic" else 0.05  # bicubic's 2x steps are a good low-pass, not a perfect one
+    assert rms < limit, f"the coarsest level keeps RMS {rms:.3f} of a pattern it cannot represent"
+    torch.testing.assert_close(pyr.recompose(levels), x, atol=1e-12, rtol=0)
+    direct = F.interpolate(x, size=levels[0].shape[-2:], mode="bilinear", align_corners=False, antialias=False)
+    assert direct.pow(2).mean().sqrt().item() > 0.5  # what the old one-shot resize kept: the test can fail
+
+
+def test_downsample_of_a_4x_jump_averages_the_whole_block_for_videos():
+    x = torch.randn(2, 3, 4, 16, 16, dtype=torch.float64)
+    from dfm.decomposition import downsample
+
+    frames = x.transpose(1, 2).flatten(0, 1)
+    ref = F.avg_pool2d(frames, 4).unflatten(0, (2, 4)).transpose(1, 2)
+    torch.testing.assert_close(downsample(x, (4, 4, 4)), ref, atol=1e-12, rtol=0)
+    both = downsample(x, (2, 4, 4))  # temporal and spatial 2x steps together: a 2x4x4 box
+    torch.testing.assert_close(both, F.avg_pool3d(x, (2, 4, 4)), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="divide"):
+        downsample(x, (4, 5, 5))

@@ -187,6 +187,43 @@ def _resize(x: Tensor, size: Size, mode: str) -> Tensor:
     return F.interpolate(x, size=size, mode=mode3, align_corners=False if mode3 == "trilinear" else None)
 
 
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def downsample(x: Tensor, size: Size, mode: str = "bilinear") -> Tensor:
+    """Resize the trailing dims of ``x`` down to ``size`` without aliasing (for the smooth modes).
+
+    A factor-2 step with ``bilinear`` (``align_corners=False``) averages exactly the 2x2 block under each output
+    pixel, so a power-of-two factor is done as successive 2x steps (a 4x jump averages its whole 4x4 block, where
+    one direct 4x bilinear resize would average only the centre 2x2 of it and alias), as the paper's code builds
+    its pyramid. ``bicubic`` also steps by 2 (each step a 4-tap low-pass filter). Other integer factors (3, 6, ...)
+    use the block mean (``area``) for the smooth modes. ``nearest`` and ``nearest-exact`` subsample by definition
+    and keep doing so: choose them only when that is what you want.
+
+    Example:
+        >>> import torch
+        >>> x = torch.arange(16.0).view(1, 1, 4, 4)
+        >>> downsample(x, (1, 1)).item() == x.mean().item()  # the whole 4x4 block, not its centre
+        True
+    """
+    cur = tuple(x.shape[-len(size) :])
+    size = tuple(int(s) for s in size)
+    if cur == size:
+        return x
+    ratios = [a // b for a, b in zip(cur, size)]
+    if any(a % b for a, b in zip(cur, size)) or min(ratios) < 1:
+        raise ValueError(f"cannot downsample {cur} to {size}: every size must divide the input's")
+    if mode.startswith("nearest"):
+        return _resize(x, size, mode)
+    if mode == "area" or not all(_is_power_of_two(r) for r in ratios):
+        return _block_mean(x, size) if len(size) == x.dim() - 2 else _block_mean(x, (x.shape[2], *size))
+    while cur != size:  # one 2x step in every dimension that still needs it
+        cur = tuple(c // 2 if c > s else c for c, s in zip(cur, size))
+        x = _resize(x, cur, mode)
+    return x
+
+
 class LaplacianPyramid(Decomposition):
     """Laplacian pyramid (the paper's default decomposition).
 
@@ -195,10 +232,13 @@ class LaplacianPyramid(Decomposition):
         X_1 = down(X, 1),    X_s = down(X, s) - up(down(X, s - 1), s)   for s > 1
         X̄_1 = X_1,           X̄_s = up(X̄_{s-1}, s) + X_s,                X = X̄_S
 
-    so ``X̄_s = down(X, s)`` and the reconstruction is exact. ``down`` resizes straight from full resolution
-    (not stage by stage). Default resampling: bilinear, ``align_corners=False``, no antialiasing (the paper names
-    no filter; this is the common choice). Factor 2 between stages unless ``factors`` says otherwise, e.g.
-    ``LaplacianPyramid(2, factors=(4,))`` for a 256 -> 1024 jump.
+    so ``X̄_s = down(X, s)`` and the reconstruction is exact. ``down`` is built recursively, as in the paper's
+    code: ``down(X, s) = downsample(down(X, s + 1))``, and :func:`downsample` goes in 2x steps, so every coarse
+    pixel is the mean of the whole block it covers (a 2x2 box per step for bilinear) and nothing above the coarse
+    level's Nyquist frequency folds into it, for 4x jumps and for 3 or more stages alike. ``up`` is one resize
+    (upsampling does not alias). Default resampling: bilinear, ``align_corners=False`` (the paper names no
+    filter). Factor 2 between stages unless ``factors`` says otherwise, e.g. ``LaplacianPyramid(2, factors=(4,))``
+    for a 256 -> 1024 jump.
 
     Args:
         stages: number of stages S (1 gives the identity).
@@ -232,7 +272,9 @@ class LaplacianPyramid(Decomposition):
     def decompose(self, x: Tensor) -> list[Tensor]:
         self._check_input(x)
         sizes = self._sizes(x)
-        downs = [_resize(x, size, self.mode) for size in sizes]  # down(X, s); the last is X itself
+        downs = [x]  # down(X, s), built from the finest level down; the last is X itself
+        for size in reversed(sizes[:-1]):
+            downs.insert(0, downsample(downs[0], size, self.mode))
         return [downs[0]] + [downs[s] - _resize(downs[s - 1], sizes[s], self.mode) for s in range(1, len(sizes))]
 
     def recompose(self, levels: Sequence[Tensor]) -> Tensor:
