@@ -447,7 +447,16 @@ def test_pyramidal_trains_and_samples_a_dfm_dit() -> None:
     heun = sample_pyramidal(model, path, (1, 1, 8, 8), y[:1], steps=(2, 1), seeds=[0], solver="heun")
     assert torch.isfinite(heun.images).all()
     pre = DFMDiT(
-        DiTConfig(**{**TINY, "input_size": (8, 8), "patch_size": 2, "stage_factors": (2, 1), "precondition": True})
+        DiTConfig(
+            **{
+                **TINY,
+                "input_size": (8, 8),
+                "patch_size": 2,
+                "stage_factors": (2, 1),
+                "precondition": True,
+                "data_std": (0.6, 0.2),
+            }
+        )
     )
     with pytest.raises(ValueError, match="precondition"):
         objective.loss(pre, x, y)

@@ -288,7 +288,7 @@ def test_fresh_experts_reproduce_the_shared_model() -> None:
 # ----------------------------------------------------------------------------- gradients, dtypes, compile
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(specialise="all", precondition=True)])
+@pytest.mark.parametrize("overrides", [dict(), dict(specialise="all", precondition=True, data_std=(0.6, 0.2))])
 def test_every_parameter_receives_gradient(overrides: dict) -> None:
     model = perturbed(DFMDiT(tiny_config(class_dropout=0.0, **overrides))).train()
     levels, t, _, _ = random_inputs(model.config, 4)

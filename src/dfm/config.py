@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("dfm", "fm", "cascade", "pyramidal")
+LOSS_WEIGHTINGS = ("velocity", "edm")
 
 
 @dataclass
@@ -43,6 +44,15 @@ class MethodConfig:
     standardize: bool = False  #: per-stage unit std before noising (paper: off for images, on for video)
     level_std: tuple[float, ...] | None = None  #: stds used by ``standardize``; None = estimated from data
     label_dropout: float = 0.1  #: classifier-free guidance training (paper: 10%)
+    #: per-stage EDM input/output scaling of the network (paper Sec. 3.3, for DFM and its baselines alike); each
+    #: stage's network input and target get unit variance from that stage's data std (dfm.models.precondition)
+    precondition: bool = True
+    #: std of the level each stage's network sees (after ``standardize``); None = measured from the training data
+    #: at the start of a run (2,048 images), then saved in config.json
+    data_std: tuple[float, ...] | None = None
+    #: ``velocity``: Σ_s MSE of the velocity (the paper's loss); ``edm``: each stage's error in the network's own
+    #: unit-variance target space, i.e. the velocity MSE divided by c_out(t_s)² (weights low-std levels up)
+    loss_weighting: str = "velocity"
     # sampling
     steps: tuple[int, ...] = (30, 10)  #: Euler steps per stage (paper: 30 + 10)
     thresholds: tuple[float, ...] = (0.7,)  #: τ per stage jump (paper: 0.7 at 512 px, 0.9 robust default)
@@ -132,6 +142,10 @@ class RunConfig:
                 if unknown:
                     raise ValueError(f"unknown keys {sorted(unknown)} in config section {name!r}")
                 sub_hints = typing.get_type_hints(sub)
+                value = dict(value)
+                if sub is MethodConfig:
+                    # config.json files written before preconditioning was a setting trained without it
+                    value.setdefault("precondition", False)
                 kwargs[name] = sub(**{k: _coerce_json(v, sub_hints[k]) for k, v in value.items()})
             else:
                 kwargs[name] = value
@@ -237,6 +251,21 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"method.stage_probs={m.stage_probs} needs one probability per stage ({m.stages})")
     if m.solver not in ("euler", "heun"):
         raise ValueError(f"method.solver={m.solver!r}: choose euler or heun")
+    if m.loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"method.loss_weighting={m.loss_weighting!r}: choose one of {LOSS_WEIGHTINGS}")
+    n_std = 2 if m.method == "cascade" else m.stages  # the cascade: its low-resolution model, then the full one
+    if m.data_std is not None and (len(m.data_std) != n_std or min(m.data_std) <= 0):
+        raise ValueError(f"method.data_std={m.data_std} needs {n_std} positive values (one per stage), or none")
+    if m.method == "pyramidal" and m.precondition:
+        raise ValueError(
+            "method pyramidal does not support method.precondition yet (its path re-noises at stage jumps): "
+            "set method.precondition=false"
+        )
+    if m.method in ("cascade", "pyramidal") and m.loss_weighting != "velocity":
+        raise ValueError(f"method {m.method} trains with the velocity loss: set method.loss_weighting=velocity")
+    for key in ("precondition", "data_std"):
+        if key in cfg.model.overrides:
+            raise ValueError(f"model.overrides.{key} is set from the method: use method.{key} instead")
     if not 0 <= m.label_dropout < 1:
         raise ValueError(f"method.label_dropout={m.label_dropout} must be in [0, 1)")
     if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
@@ -269,16 +298,20 @@ def with_method(cfg: RunConfig, method: str) -> RunConfig:
     total = sum(cfg.method.steps)
     if method == "fm":
         cfg.method = dataclasses.replace(
-            cfg.method, method="fm", stages=1, factors=None, stage_probs=None, steps=(total,), thresholds=()
-        )
+            cfg.method, method="fm", stages=1, factors=None, stage_probs=None, steps=(total,), thresholds=(),
+            data_std=None,
+        )  # fmt: skip
     else:
         if cfg.method.stages != 2:
             raise ValueError(
                 f"method {method} is compared with two-stage DFM configs; this one has {cfg.method.stages}"
             )
         cfg.method = dataclasses.replace(
-            cfg.method, method=method, steps=(total // 2, total - total // 2), standardize=False, level_std=None
-        )
+            cfg.method, method=method, steps=(total // 2, total - total // 2), standardize=False, level_std=None,
+            data_std=None,
+        )  # fmt: skip
+        if method == "pyramidal":  # not supported for its re-noised path yet (see validate)
+            cfg.method.precondition, cfg.method.loss_weighting = False, "velocity"
     validate(cfg)
     return cfg
 

@@ -47,6 +47,8 @@ def make_objective(method: MethodConfig, decomposition: Decomposition, total_ste
                                   method.main_loc, method.main_scale)  # fmt: skip
     return DFMObjective(
         decomposition,
+        loss_weighting=method.loss_weighting,
+        data_std=method.data_std,
         stage_probs=method.stage_probs,
         main_loc=method.main_loc,
         main_scale=method.main_scale,
@@ -82,18 +84,27 @@ def make_model(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int):
     """The DFM-DiT named by ``cfg.model`` sized for the data; the trainer does label dropout itself."""
     from dfm.models import create_config, create_model
 
+    method = cfg.method
+    if method.precondition and method.data_std is None:
+        raise ValueError(
+            "method.precondition is on but method.data_std is unset: the trainer measures it from the data "
+            "(or set it, one std per stage, with -o method.data_std=...)"
+        )
     overrides = dict(cfg.model.overrides)
     overrides.update(
         input_size=tuple(sample_shape[1:]),
         in_channels=int(sample_shape[0]),
         num_classes=num_classes,
-        stage_factors=stage_factors(cfg.method),
+        stage_factors=stage_factors(method),
         class_dropout=0.0,
+        precondition=method.precondition,
+        data_std=method.data_std if method.precondition else None,
     )
-    if cfg.method.method == "cascade":  # stage 2 is the one-stage model; stage 1 is derived from it
+    if method.method == "cascade":  # stage 2 is the one-stage model; stage 1 is derived from it
         from dfm.baselines import CascadeModel
 
-        overrides["stage_factors"] = (1,)
+        std = overrides["data_std"]
+        overrides.update(stage_factors=(1,), data_std=std and std[1:])
         config = create_config(cfg.model.name, **overrides)
-        return CascadeModel.from_config(config, stage_factors(cfg.method)[0], cfg.method.resample)
+        return CascadeModel.from_config(config, stage_factors(method)[0], method.resample, std and std[0])
     return create_model(cfg.model.name, **overrides)

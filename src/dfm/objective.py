@@ -8,7 +8,9 @@ with its own Gaussian noise ε_s and its own time t_s::
 Per sample, a *main stage* Q is drawn from ``stage_probs``; ``t_Q ~ LogitNormal(main_loc, main_scale)``, earlier
 stages ``t_s ~ LogitNormal(prev_loc, prev_scale)`` (mostly clean), later stages ``t_s = 0`` with their input
 zeroed and their loss masked. The loss is ``mean_batch Σ_s mask_s · MSE_s`` with MSE_s the mean over the stage's
-elements: no extra weights.
+elements: no extra weights (the paper's loss). ``loss_weighting="edm"`` divides MSE_s by ``c_out(t_s)²`` of
+:mod:`dfm.models.precondition`, i.e. measures each stage's error in its network's unit-variance target space
+(an ablation: it weights a low-std level such as the fine Laplacian residual up, most at small t).
 
 Example:
     >>> import torch
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 from dfm.decomposition import Decomposition
+from dfm.models.precondition import flow_preconditioning
 
 #: ``model(levels_t, t, y, main_stage) -> velocities``: levels and velocities are lists coarse to fine,
 #: ``t`` is (B, S) and ``main_stage`` (B,) holds 0-based stage indices.
@@ -122,6 +125,9 @@ class DFMObjective:
         main_loc, main_scale: LogitNormal parameters of the main stage's time (paper: 0, 1).
         prev_loc, prev_scale: LogitNormal parameters of earlier stages' times (paper: 1.5, 1).
         tied: ablation: all active stages share the main stage's time (the paper found this far worse).
+        loss_weighting: ``"velocity"`` (the paper's plain sum of per-stage MSEs) or ``"edm"`` (each MSE divided by
+            ``c_out(t_s)² = σ_s² / (t_s² σ_s² + (1 - t_s)²)``); ``"edm"`` needs ``data_std``.
+        data_std: per-stage data std σ_s of the levels (what the preconditioned model uses).
     """
 
     def __init__(
@@ -133,8 +139,14 @@ class DFMObjective:
         prev_loc: float = 1.5,
         prev_scale: float = 1.0,
         tied: bool = False,
+        loss_weighting: str = "velocity",
+        data_std: Sequence[float] | None = None,
     ) -> None:
         s = decomposition.num_stages
+        if loss_weighting not in ("velocity", "edm"):
+            raise ValueError(f"loss_weighting={loss_weighting!r}: choose 'velocity' or 'edm'")
+        if loss_weighting == "edm" and (data_std is None or len(data_std) != s):
+            raise ValueError(f"loss_weighting='edm' needs data_std with one value per stage ({s}), got {data_std}")
         probs = tuple(float(p) for p in (stage_probs if stage_probs is not None else default_stage_probs(s)))
         if len(probs) != s:
             raise ValueError(f"stage_probs needs one probability per stage ({s}), got {len(probs)}: {probs}")
@@ -149,6 +161,8 @@ class DFMObjective:
         self.main_loc, self.main_scale = float(main_loc), float(main_scale)
         self.prev_loc, self.prev_scale = float(prev_loc), float(prev_scale)
         self.tied = bool(tied)
+        self.loss_weighting = loss_weighting
+        self.data_std = None if data_std is None else tuple(float(v) for v in data_std)
 
     # -- draws ----------------------------------------------------------------------------------------------
     def sample_main_stage(
@@ -225,6 +239,10 @@ class DFMObjective:
         per_stage = torch.stack(
             [(p.float() - tgt.float()).pow(2).flatten(1).mean(1) for p, tgt in zip(preds, path.targets)], dim=1
         )  # (B, S)
+        if self.loss_weighting == "edm":
+            t = path.t.float()
+            c_out = torch.stack([flow_preconditioning(t[:, s], sd)[2] for s, sd in enumerate(self.data_std)], 1)
+            per_stage = per_stage / c_out.pow(2)  # the error of F, the network inside the preconditioning
         masked = per_stage * path.mask
         loss = masked.sum(1).mean()
         counts = path.mask.sum(0)

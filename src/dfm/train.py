@@ -172,6 +172,9 @@ class Trainer:
         if cfg.method.standardize and cfg.method.level_std is None:
             cfg.method.level_std = self._estimate_level_std()
         self.decomposition = make_decomposition(cfg.method)
+        needs_std = cfg.method.precondition or cfg.method.loss_weighting == "edm"
+        if needs_std and cfg.method.data_std is None:
+            cfg.method.data_std = self._estimate_data_std()
         self.objective: DFMObjective = make_objective(cfg.method, self.decomposition, t.steps)
         if cfg.method.method == "cascade":  # saved in config.json, so that a longer resumed run keeps it
             cfg.method.cascade_switch_step = self.objective.switch_step
@@ -225,8 +228,9 @@ class Trainer:
         saved = self.run_dir / CONFIG_FILE if resume == "auto" else path.parent.parent / CONFIG_FILE
         if saved.is_file():
             old = RunConfig.load(saved)
-            if old.method.level_std is not None and self.cfg.method.level_std is None:
-                self.cfg.method.level_std = old.method.level_std
+            for key in ("level_std", "data_std"):  # measured at the start of the run: keep the run's values
+                if getattr(old.method, key) is not None and getattr(self.cfg.method, key) is None:
+                    setattr(self.cfg.method, key, getattr(old.method, key))
             if old.method.cascade_switch_step is not None and self.cfg.method.cascade_switch_step is None:
                 self.cfg.method.cascade_switch_step = old.method.cascade_switch_step
             diffs = _config_diff(
@@ -251,14 +255,32 @@ class Trainer:
                 )
         return path
 
+    def _std_batch(self) -> Tensor:
+        """Up to 2,048 training samples, the same for a given seed: what per-stage stds are measured on."""
+        n = min(len(self.dataset), 2048)
+        idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:n]
+        return self.dataset.get_batch(idx, augment=False)[0]
+
     def _estimate_level_std(self) -> tuple[float, ...]:
         from dfm.decomposition import estimate_level_std
 
         base = make_decomposition(self.cfg.method, standardized=False)
-        n = min(len(self.dataset), 2048)
-        idx = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.train.seed))[:n]
-        x, _ = self.dataset.get_batch(idx, augment=False)
-        return tuple(round(s, 6) for s in estimate_level_std(base, x))
+        return tuple(round(s, 6) for s in estimate_level_std(base, self._std_batch()))
+
+    def _estimate_data_std(self) -> tuple[float, ...]:
+        """The std of what each stage's network sees, for preconditioning: the (standardised) levels of the
+        decomposition; for the cascade, the low-resolution image and the full image."""
+        from dfm.decomposition import downsample, estimate_level_std
+        from dfm.factory import stage_factors
+
+        x = self._std_batch()
+        if self.cfg.method.method == "cascade":
+            f = stage_factors(self.cfg.method)[0]
+            low = downsample(x, (*x.shape[2:-2], x.shape[-2] // f, x.shape[-1] // f), self.cfg.method.resample)
+            stds = (float(low.float().std()), float(x.float().std()))
+        else:
+            stds = estimate_level_std(self.decomposition, x)
+        return tuple(round(s, 6) for s in stds)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         net = model

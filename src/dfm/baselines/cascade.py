@@ -87,17 +87,25 @@ class CascadeModel(nn.Module):
         self.register_buffer("stage2_initialised", torch.zeros((), dtype=torch.bool))
 
     @classmethod
-    def from_config(cls, config: DiTConfig, factor: int = 2, mode: str = "bilinear") -> CascadeModel:
-        """Stage 2 from a one-stage full-resolution ``config``; stage 1 at size / factor with patch / factor."""
+    def from_config(
+        cls, config: DiTConfig, factor: int = 2, mode: str = "bilinear", stage1_std: float | None = None
+    ) -> CascadeModel:
+        """Stage 2 from a one-stage full-resolution ``config``; stage 1 at size / factor with patch / factor.
+
+        With ``config.precondition``, stage 2 uses ``config.data_std`` and stage 1 ``stage1_std`` (the std of the
+        low-resolution images; default: stage 2's).
+        """
         if config.num_stages != 1:
-            config = dataclasses.replace(config, stage_factors=(1,), data_std=None)
+            std = config.data_std and config.data_std[-1:]
+            config = dataclasses.replace(config, stage_factors=(1,), data_std=std)
         if config.patch_size % factor or any(s % factor for s in config.input_size[-2:]):
             raise ValueError(
                 f"patch_size={config.patch_size} and input_size={config.input_size} must be divisible by the cascade "
                 f"factor {factor} (stage 1 uses patch {config.patch_size}/{factor} on the {factor}x smaller image)"
             )
         low = (*config.input_size[:-2], *(s // factor for s in config.input_size[-2:]))
-        config1 = dataclasses.replace(config, input_size=low, patch_size=config.patch_size // factor)
+        std1 = config.data_std and ((stage1_std,) if stage1_std is not None else config.data_std)
+        config1 = dataclasses.replace(config, input_size=low, patch_size=config.patch_size // factor, data_std=std1)
         return cls(DFMDiT(config1), ConditionedDiT(config), factor, mode)
 
     # -- the model contract used by the trainer and the samplers ---------------------------------------------

@@ -82,11 +82,11 @@ class ConditionedDiT(DFMDiT):
 
         per_sample = (-1,) + (1,) * (x.ndim - 1)
         if cfg.precondition:
-            c_in, c_skip, c_out = (k.view(per_sample) for k in flow_preconditioning(t, cfg.stage_std[0]))
+            c_in, c_skip, c_out = (k.view(per_sample) for k in flow_preconditioning(t, cfg.data_std[0]))
             skip = c_skip * x
             x = c_in * x
             # The conditioning image lies on the same path (cond = t_c low + (1 - t_c) ε): same input scaling.
-            cond = flow_preconditioning(cond_t, cfg.stage_std[0])[0].view(per_sample) * cond
+            cond = flow_preconditioning(cond_t, cfg.data_std[0])[0].view(per_sample) * cond
         tokens = self.x_embedders[0](patchify(x, p))  # (B, N, D)
         cond_tokens = self.cond_embedder(patchify(cond, p))  # (B, N, D)
         n = tokens.shape[1]

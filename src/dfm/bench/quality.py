@@ -70,6 +70,9 @@ class QualitySettings:
     num_reference: int | None = None  #: test images behind the reference statistics (None = all 10,000)
     device: str = "cpu"
     threads: int = 0
+    #: ``test``: score against the test split (the reported numbers); ``val``: train on ``fashion-mnist:fit`` and
+    #: score against the 5,000 held-aside training images, for choosing settings without looking at the test split
+    reference: str = "test"
 
     @property
     def eval_steps(self) -> list[int]:
@@ -89,14 +92,18 @@ def _ablation(name: str, values: Sequence[tuple[str, Sequence[str], dict]]) -> l
 #: The paper's ablations (Tables 3-6 and the sampling study), each against the preset's DFM.
 ABLATIONS: dict[str, Callable[[], list[Variant]]] = {
     "stage-probs": lambda: _ablation("p(Q=1)", [
-        (str(p), [f"method.stage_probs={p},{round(1 - p, 4)}"], {}) for p in (0.5, 0.7, 0.8, 0.9, 0.95)]),
+        (str(p), [f"method.stage_probs={p},{round(1 - p, 4)}"], {}) for p in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)]),
     "prev-loc": lambda: _ablation("prev_loc", [
-        *[(str(v), [f"method.prev_loc={v}"], {}) for v in (0.0, 0.5, 1.0, 1.5, 2.0)],
+        *[(str(v), [f"method.prev_loc={v}"], {}) for v in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)],
         ("tied", ["method.tied=true"], {})]),
     "decomposition": lambda: _ablation("decomposition", [
         (d, [f"method.decomposition={d}"], {}) for d in ("laplacian", "haar", "dct")]),
     "standardize": lambda: _ablation("standardize", [("off", ["method.standardize=false"], {}),
                                                      ("on", ["method.standardize=true"], {})]),
+    "precondition": lambda: _ablation("precondition", [("off", ["method.precondition=false"], {}),
+                                                       ("on", ["method.precondition=true"], {})]),
+    "loss-weighting": lambda: _ablation("loss_weighting", [(w, [f"method.loss_weighting={w}"], {})
+                                                           for w in ("velocity", "edm")]),
     "sampling": lambda: _ablation("sampling", [
         (f"{a}+{b}_tau{tau}", [], {"steps": (a, b), "thresholds": (tau,)})
         for a, b in ((30, 10), (20, 20), (10, 30)) for tau in (0.5, 0.7, 0.9)]),
@@ -130,7 +137,7 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
 # ------------------------------------------------------------------------------------------------ pieces
 def run_config(settings: QualitySettings, variant: Variant, seed: int) -> RunConfig:
     # Shared settings first, then the method switch (so that e.g. DFM's steps become FM's total at equal NFE).
-    cfg = with_method(apply_overrides(get_preset(settings.preset), list(settings.overrides)), variant.method)
+    cfg = with_method(apply_overrides(get_preset(settings.preset), _data_overrides(settings)), variant.method)
     every = settings.eval_steps[0] if settings.eval_steps else settings.steps
     extra = [f"train.steps={settings.steps}", f"train.seed={seed}", f"train.ckpt_every={every}",
              f"train.keep_last={len(settings.eval_steps) + 1}", "train.sample_every=0"]  # fmt: skip
@@ -158,11 +165,22 @@ def ensure_classifier(cache: Path, log: Callable[[str], None]) -> Path:
     return path
 
 
+def _data_overrides(settings: QualitySettings) -> list[str]:
+    """The bench's overrides; with ``reference="val"`` training also leaves the held-aside images out."""
+    overrides = list(settings.overrides)
+    if settings.reference == "val":
+        if get_preset(settings.preset).data.dataset != "fashion-mnist":
+            raise ValueError("--reference val needs a Fashion-MNIST preset (its training split has a held-aside part)")
+        overrides.append("data.dataset=fashion-mnist:fit")
+    return overrides
+
+
 def reference_images(cache: Path, settings: QualitySettings) -> str:
-    """The real images the samples are compared with: the test split of the preset's data set."""
-    cfg = apply_overrides(get_preset(settings.preset), list(settings.overrides))
-    if cfg.data.dataset == "fashion-mnist":
-        return "fashion-mnist:test"
+    """The real images the samples are compared with: the test split of the preset's data set (or, with
+    ``reference="val"``, the 5,000 held-aside Fashion-MNIST training images)."""
+    cfg = apply_overrides(get_preset(settings.preset), _data_overrides(settings))
+    if cfg.data.dataset.startswith("fashion-mnist"):
+        return f"fashion-mnist:{settings.reference}"
     count = settings.num_reference or 1000
     d = cfg.data
     path = cache / f"ref_data_{d.dataset}_{d.resolution}px_{d.frames}f_n{count}.npz"
@@ -338,10 +356,12 @@ def summarize(rows: list[dict], settings: QualitySettings, runs: dict[str, dict]
 def markdown(summary: dict[str, Any], settings: QualitySettings, command: str, hardware: str) -> str:
     keys = summary["metric_keys"]
     lines = [f"Command: `{command}`", f"Hardware: {hardware}", "",
-             f"Training: preset `{settings.preset}` + {list(settings.overrides) or 'no overrides'}, "
+             f"Training: preset `{settings.preset}` + {_data_overrides(settings) or 'no overrides'}, "
              f"{settings.steps} optimiser steps per run, seeds {list(settings.seeds)}; "
-             f"{settings.num_samples} samples per evaluation (classes = seed mod 10), reference: the test split of "
-             f"the preset's data ({settings.num_reference or 'all'} images or clips).",
+             f"{settings.num_samples} samples per evaluation (classes = seed mod 10), reference: "
+             + ("the test split of the preset's data" if settings.reference == "test" else
+                "the 5,000 held-aside training images (fashion-mnist:val), which training left out")
+             + f" ({settings.num_reference or 'all'} images or clips).",
              "", "| variant | guidance | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]  # fmt: skip
     for row in summary["table"]:
         cells = [_fmt(row[k], 3 if k.startswith(("class_accuracy", "temporal")) else 1) for k in keys]
@@ -434,10 +454,10 @@ def run_quality(
             seconds = train_run(cfg, run_dir, log)
             from dfm.generate import load_run
 
-            model, _ = load_run(run_dir)
+            model, run_cfg = load_run(run_dir)  # the run's own config holds what it measured (data_std)
             shape = (model.config.in_channels, *model.config.input_size)
             runs[run_dir.name] = {"method": variant.method, "train_seconds": seconds,
-                                  "train_flops": training_flops(cfg, shape, model.num_classes)}  # fmt: skip
+                                  "train_flops": training_flops(run_cfg, shape, model.num_classes)}  # fmt: skip
             points = [(s, 1.0) for s in settings.eval_steps] + [(settings.steps, g) for g in settings.guidance]
             # Score files carry a hash of what the score depends on besides the run (sample count, metrics,
             # references, sampling settings), so a changed setting is scored again instead of read stale.
@@ -505,6 +525,7 @@ def settings_from_args(args) -> QualitySettings:
     if args.device:
         base["device"] = args.device
     base["overrides"] = tuple(base.get("overrides", ())) + tuple(args.override)
+    base["reference"] = args.reference
     settings = QualitySettings(variants=variants, **base)
     if 1.0 not in settings.guidance:
         raise ValueError("--guidance must include 1.0 (the convergence curve is measured at guidance 1.0)")
@@ -533,6 +554,9 @@ def add_quality_parser(commands) -> None:
     p.add_argument("--guidance", help="guidance scales for the final checkpoint, e.g. 1.0,1.25,1.5")
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
+    p.add_argument("--reference", choices=["test", "val"], default="test",
+                   help="score against the test split (default), or train without and score against 5,000 "
+                        "held-aside training images (val) to choose settings without the test split")  # fmt: skip
     p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="training setting applied to every variant (repeatable)")  # fmt: skip
     p.add_argument("--out", help="output directory (default: runs/bench-quality-<preset>[-<ablation>])")
@@ -551,7 +575,8 @@ def _run_quality_cli(args) -> int:
     import sys
 
     settings = settings_from_args(args)
-    out = args.out or f"runs/bench-quality-{args.preset}{'-' + args.ablation if args.ablation else ''}"
+    out = args.out or (f"runs/bench-quality-{args.preset}{'-' + args.ablation if args.ablation else ''}"
+                       f"{'-val' if args.reference == 'val' else ''}")  # fmt: skip
     command = "dfm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dfm") else "dfm bench quality"
     result = run_quality(settings, out, command=command, cache=args.cache, weights=dict(args.weights))
     print(result["report"])

@@ -62,7 +62,8 @@ def build_dataset(
     """Build the dataset the trainer asks for by name or path.
 
     Args:
-        name_or_path: ``"fashion-mnist"``, ``"moving-fashion-mnist"``, a latent directory written by
+        name_or_path: ``"fashion-mnist"`` (``"fashion-mnist:fit"``: without the 5,000 held-aside ``val``
+            images), ``"moving-fashion-mnist"``, a latent directory written by
             ``dfm prepare`` (it holds ``latents.json``), a folder of clips when ``frames`` is given,
             or else a folder of images (class subfolders, or flat).
         resolution: output size (images: required for folders, 32 for Fashion-MNIST, 64 for moving
@@ -81,6 +82,9 @@ def build_dataset(
     name = str(name_or_path)
     key = name.lower().replace("_", "-")
     split = "train" if train else "test"
+    if key.startswith(("fashion-mnist:", "fashionmnist:")):  # fashion-mnist:fit trains without the val images
+        key, _, named_split = key.partition(":")
+        split = named_split if train else split
     if key in ("fashion-mnist", "fashionmnist"):
         return FashionMNIST(
             root=data_dir,

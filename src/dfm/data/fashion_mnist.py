@@ -55,6 +55,10 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}
+#: Held-aside validation: the last 5,000 training images ("val") and the other 55,000 ("fit"). Settings are chosen
+#: by training on "fit" and scoring against "val", so that the test split stays unseen until the final numbers.
+VAL_SIZE = 5_000
+SUBSPLITS = {"fit": slice(0, SPLIT_SIZES["train"] - VAL_SIZE), "val": slice(SPLIT_SIZES["train"] - VAL_SIZE, None)}
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path("~/.cache/dfm/fashion-mnist")
@@ -152,8 +156,11 @@ def _not_found_message(root: str | os.PathLike | None, split: str) -> str:
 
 
 def _check_split(split: str) -> None:
-    if split not in FILES:
-        raise ValueError(f"split={split!r} is not a Fashion-MNIST split; use 'train' or 'test'")
+    if split not in FILES and split not in SUBSPLITS:
+        raise ValueError(
+            f"split={split!r} is not a Fashion-MNIST split; use 'train', 'test', or 'fit'/'val' (the training "
+            f"split without / with only its last {VAL_SIZE} images)"
+        )
 
 
 def load_fashion_mnist(
@@ -161,9 +168,14 @@ def load_fashion_mnist(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one split as ``(images uint8 (N, 28, 28), labels int64 (N,))``.
 
-    The decoded tensors are cached in memory per process; treat them as read-only.
+    Splits: ``train`` (60,000), ``test`` (10,000), and the held-aside validation pair ``fit`` (the first 55,000
+    training images) / ``val`` (the last 5,000, about 500 per class). The decoded tensors are cached in memory per
+    process; treat them as read-only.
     """
     _check_split(split)
+    if split in SUBSPLITS:
+        images, labels = load_fashion_mnist(root, "train", download)
+        return images[SUBSPLITS[split]], labels[SUBSPLITS[split]]
     directory = find_fashion_mnist(root, split)
     if directory is None:
         if not download:
@@ -210,7 +222,8 @@ class FashionMNIST(DFMDataset):
 
     Args:
         root: folder holding the idx files (see the module docstring for the lookup order).
-        split: ``"train"`` (60,000 images) or ``"test"`` (10,000).
+        split: ``"train"`` (60,000 images), ``"test"`` (10,000), or ``"fit"`` / ``"val"`` (55,000 / 5,000: the
+            training split with its last 5,000 images held aside for choosing settings).
         resolution: 32 (default, 28 padded with background), 28 (native), or another size (resized).
         random_flip: flip items left-right at random (off by default: clothes are not symmetric
             in every class, and the paper's small-scale experiments do not flip).

@@ -61,7 +61,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "--ref",
         action="append",
         default=[],
-        help="reference: fashion-mnist[:train|:test], a folder, an image .npz, or statistics from `dfm eval ref` "
+        help="reference: fashion-mnist[:train|:test|:val], a folder, an image .npz, or statistics from `dfm eval ref` "
         "(repeatable: one statistics file per extractor)",
     )
     score.add_argument(
@@ -88,7 +88,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     _add_common(score)
 
     ref = commands.add_parser("ref", help="build reference statistics (.npz with mu, sigma, count, protocol)")
-    ref.add_argument("source", help="fashion-mnist[:train|:test], a folder of images, or an image .npz")
+    ref.add_argument("source", help="fashion-mnist[:train|:test|:val], a folder of images, or an image .npz")
     ref.add_argument("--extractor", required=True, help="feature extractor name (see `dfm eval list`)")
     ref.add_argument("--out", required=True, help="output .npz")
     ref.add_argument("--save-features", action="store_true", help="also store the features (for precision/recall)")

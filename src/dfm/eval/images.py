@@ -100,7 +100,8 @@ def load_images(spec: str | Path) -> ImageSet:
     """Load a folder of images, an ADM `.npz` (key arr_0, uint8 NHWC or videos NTHWC, optional `labels`),
     or a dataset.
 
-    Datasets: `fashion-mnist` (= `fashion-mnist:train`) or `fashion-mnist:test`.
+    Datasets: `fashion-mnist` (= `fashion-mnist:train`), `fashion-mnist:test`, or `fashion-mnist:val` (the 5,000
+    training images that `fashion-mnist:fit` runs hold aside).
     """
     text = str(spec)
     if text.startswith("fashion-mnist"):
@@ -118,7 +119,7 @@ def load_images(spec: str | Path) -> ImageSet:
         return _load_npz(path)
     raise ValueError(
         f"cannot read images from {text!r}: give a folder of PNGs, an .npz with key arr_0, "
-        "or 'fashion-mnist[:train|:test]'"
+        "or 'fashion-mnist[:train|:test|:val]'"
     )
 
 

@@ -52,7 +52,8 @@ class DiTConfig:
     precondition: bool = False
     """Per-stage EDM-style input/output scaling, see :mod:`dfm.models.precondition`."""
     data_std: tuple[float, ...] | None = None
-    """Per-stage data standard deviation used by ``precondition``; None means 1.0 for every stage."""
+    """Per-stage data standard deviation used by ``precondition`` (required with it; measure it from the data,
+    e.g. with :func:`dfm.decomposition.estimate_level_std`)."""
     specialise: str = "none"
     """Per-stage expert copies of block weights: "none", "mlp", "attention" or "all"."""
 
@@ -108,6 +109,11 @@ class DiTConfig:
             raise ValueError(f"pos={self.pos!r} is not one of {POSITION_CHOICES}")
         if self.specialise not in SPECIALISE_CHOICES:
             raise ValueError(f"specialise={self.specialise!r} is not one of {SPECIALISE_CHOICES}")
+        if self.precondition and self.data_std is None:
+            raise ValueError(
+                "precondition=True needs data_std, one standard deviation per stage measured from the data "
+                "(dfm.decomposition.estimate_level_std); without it the scaling would silently assume 1.0"
+            )
         if self.data_std is not None and (len(self.data_std) != self.num_stages or min(self.data_std) <= 0):
             raise ValueError(
                 f"data_std={self.data_std} must hold one positive value per stage ({self.num_stages} stages)"
@@ -134,10 +140,6 @@ class DiTConfig:
     @property
     def num_tokens(self) -> int:
         return math.prod(self.token_grid)
-
-    @property
-    def stage_std(self) -> tuple[float, ...]:
-        return self.data_std if self.data_std is not None else (1.0,) * self.num_stages
 
     def stage_input_size(self, stage: int) -> tuple[int, ...]:
         """Spatial (or (T, H, W)) size of the level that stage ``stage`` receives."""

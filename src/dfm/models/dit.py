@@ -161,7 +161,7 @@ class DFMDiT(nn.Module):
             per_sample = (-1,) + (1,) * (level.ndim - 1)  # broadcast (B,) over a level
             x = torch.where(active[:, s].view(per_sample), level, 0.0)
             if cfg.precondition:
-                c_in, c_skip, c_out = (k.view(per_sample) for k in flow_preconditioning(t[:, s], cfg.stage_std[s]))
+                c_in, c_skip, c_out = (k.view(per_sample) for k in flow_preconditioning(t[:, s], cfg.data_std[s]))
                 skips.append((c_skip * x, c_out))
                 x = c_in * x
             embeddings.append(self.x_embedders[s](patchify(x, cfg.stage_patch_size(s))))  # (B, N, D)
