@@ -1,0 +1,167 @@
+"""Per-stage preconditioning as a run setting: measured stds, saved and reused; the EDM loss weighting; the
+held-aside validation split used to choose settings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfm.bench.quality import QualitySettings, add_quality_parser, reference_images, run_config, settings_from_args
+from dfm.cli import main as cli
+from dfm.config import RunConfig, apply_overrides, get_preset, with_method
+from dfm.decomposition import LaplacianPyramid, downsample, estimate_level_std
+from dfm.factory import make_model
+from dfm.generate import load_run
+from dfm.models import DiTConfig
+from dfm.models.precondition import flow_preconditioning
+from dfm.objective import DFMObjective
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_data = pytest.mark.skipif(
+    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
+)
+TINY = [
+    "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
+    "-o", "train.num_sample_images=2", "-o", "method.steps=2,2", "-o", "optim.warmup_steps=2",
+    "-o", "train.threads=1", "-o", "train.sample_every=0",
+]  # fmt: skip
+
+
+def _train(run: Path, steps: int, *extra: str) -> None:
+    args = ["train", "--out", str(run), "--steps", str(steps), "--batch-size", "4", "--no-progress", *TINY, *extra]
+    assert cli(args) == 0
+
+
+def _std_batch(seed: int = 0) -> torch.Tensor:
+    """The 2,048 training images the trainer measures stds on (the first of a seeded permutation)."""
+    from dfm.data import build_dataset
+
+    ds = build_dataset("fashion-mnist", 32)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:2048]
+    return ds.get_batch(idx, augment=False)[0]
+
+
+# -- configuration --------------------------------------------------------------------------------------------
+def test_every_preset_preconditions_except_pyramidal_flow() -> None:
+    for name in ("quickstart", "quickstart-fm", "fmnist-dfm", "fmnist-fm", "video-quickstart", "imagenet512-b"):
+        assert get_preset(name).method.precondition, name
+    assert with_method(get_preset("quickstart"), "cascade").method.precondition
+    assert not with_method(get_preset("quickstart"), "pyramidal").method.precondition  # not supported yet
+    with pytest.raises(ValueError, match="pyramidal does not support method.precondition"):
+        apply_overrides(with_method(get_preset("quickstart"), "pyramidal"), ["method.precondition=true"])
+
+
+def test_config_json_without_the_setting_loads_as_not_preconditioned() -> None:
+    """Runs trained before preconditioning was a setting trained without it: they must load unchanged."""
+    data = get_preset("quickstart").to_dict()
+    del data["method"]["precondition"], data["method"]["data_std"], data["method"]["loss_weighting"]
+    cfg = RunConfig.from_dict(data)
+    assert cfg.method.precondition is False and cfg.method.loss_weighting == "velocity"
+
+
+def test_precondition_needs_a_measured_std() -> None:
+    with pytest.raises(ValueError, match="needs data_std"):
+        DiTConfig(input_size=(8, 8), in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                  precondition=True)  # fmt: skip
+    with pytest.raises(ValueError, match="method.data_std is unset"):
+        make_model(get_preset("quickstart"), (1, 32, 32), 10)
+    with pytest.raises(ValueError, match="use method.precondition"):
+        apply_overrides(get_preset("quickstart"), ["model.overrides.precondition=false"])
+    with pytest.raises(ValueError, match="2 positive values"):
+        apply_overrides(get_preset("quickstart"), ["method.data_std=0.5"])
+    with pytest.raises(ValueError, match="loss_weighting"):
+        apply_overrides(get_preset("quickstart"), ["method.loss_weighting=snr"])
+
+
+# -- the trainer measures, saves and reuses the stds ----------------------------------------------------------
+@needs_data
+def test_dfm_run_measures_each_levels_std_and_the_model_uses_it(tmp_path: Path) -> None:
+    run = tmp_path / "dfm"
+    _train(run, 2, "-o", "train.ckpt_every=2")
+    cfg = RunConfig.load(run / "config.json")
+    expected = tuple(round(s, 6) for s in estimate_level_std(LaplacianPyramid(2), _std_batch()))
+    assert cfg.method.precondition and cfg.method.data_std == expected
+    assert 0.1 < expected[1] < 0.5 * expected[0]  # the fine residual is far quieter than the coarse level
+    model, _ = load_run(run)
+    assert model.config.precondition and model.config.data_std == expected
+    pretrained, _ = load_run(run / "pretrained")
+    assert pretrained.config.data_std == expected
+    # Resuming keeps the run's measured values (a changed std would change the model).
+    _train(run, 3, "--resume", "auto")
+    assert RunConfig.load(run / "config.json").method.data_std == expected
+
+
+@needs_data
+def test_flow_matching_and_cascade_get_their_own_stds(tmp_path: Path) -> None:
+    x = _std_batch()
+    _train(tmp_path / "fm", 1, "--method", "fm", "-o", "method.steps=4")
+    fm = RunConfig.load(tmp_path / "fm" / "config.json").method
+    assert fm.data_std == (round(float(x.std()), 6),)
+
+    _train(tmp_path / "cascade", 1, "--method", "cascade")
+    cascade = RunConfig.load(tmp_path / "cascade" / "config.json").method
+    low = downsample(x, (16, 16))
+    assert cascade.data_std == (round(float(low.std()), 6), round(float(x.std()), 6))
+    model, _ = load_run(tmp_path / "cascade")
+    assert model.stage1.config.data_std == cascade.data_std[:1]
+    assert model.stage2.config.data_std == cascade.data_std[1:]
+
+
+@needs_data
+def test_precondition_off_trains_the_plain_network(tmp_path: Path) -> None:
+    _train(tmp_path / "off", 1, "-o", "method.precondition=false")
+    cfg = RunConfig.load(tmp_path / "off" / "config.json")
+    assert not cfg.method.precondition and cfg.method.data_std is None
+    model, _ = load_run(tmp_path / "off")
+    assert not model.config.precondition
+
+
+# -- the EDM loss weighting -----------------------------------------------------------------------------------
+def test_edm_weighting_divides_each_stage_error_by_c_out_squared() -> None:
+    """With a model that predicts 0, the loss is the mean over samples of Σ_s mask_s E[v_s²] / c_out(t_s)²."""
+    pyramid, std = LaplacianPyramid(2), (0.6, 0.2)
+    x = torch.randn(64, 1, 8, 8)
+    zero = lambda levels, t, y, main_stage: [torch.zeros_like(lv) for lv in levels]  # noqa: E731
+    edm = DFMObjective(pyramid, stage_probs=(0.5, 0.5), loss_weighting="edm", data_std=std)
+    plain = DFMObjective(pyramid, stage_probs=(0.5, 0.5))
+    out = edm.loss(zero, x, generator=torch.Generator().manual_seed(3))
+    ref = plain.loss(zero, x, generator=torch.Generator().manual_seed(3))  # the same draw
+    torch.testing.assert_close(out.path.t, ref.path.t)
+    t = out.path.t
+    weights = torch.stack([flow_preconditioning(t[:, s], std[s])[2].pow(-2) for s in range(2)], 1)
+    per_stage = torch.stack([tgt.pow(2).flatten(1).mean(1) for tgt in out.path.targets], 1)
+    expected = (per_stage * weights * out.path.mask).sum(1).mean()
+    torch.testing.assert_close(out.loss, expected)
+    assert out.loss > 2 * ref.loss  # σ = 0.2 weights the fine stage up by up to 25x: the weighting is not a no-op
+    with pytest.raises(ValueError, match="needs data_std"):
+        DFMObjective(pyramid, loss_weighting="edm")
+
+
+# -- choosing settings without the test split -----------------------------------------------------------------
+@needs_data
+def test_fit_and_val_split_the_training_set() -> None:
+    from dfm.data.fashion_mnist import load_fashion_mnist
+
+    train, fit, val = (load_fashion_mnist(split=s) for s in ("train", "fit", "val"))
+    assert len(fit[0]) == 55_000 and len(val[0]) == 5_000
+    assert torch.equal(torch.cat([fit[0], val[0]]), train[0]) and torch.equal(torch.cat([fit[1], val[1]]), train[1])
+    assert torch.bincount(val[1]).min() > 400  # about 500 of every class
+    with pytest.raises(ValueError, match="'fit'/'val'"):
+        load_fashion_mnist(split="validation")
+
+
+def test_bench_reference_val_trains_on_fit_and_scores_on_val(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_quality_parser(parser.add_subparsers())
+    args = parser.parse_args(["quality", "--preset", "smoke", "--reference", "val", "--methods", "dfm"])
+    settings = settings_from_args(args)
+    assert settings.reference == "val"
+    assert run_config(settings, settings.variants[0], 0).data.dataset == "fashion-mnist:fit"
+    assert reference_images(tmp_path, settings) == "fashion-mnist:val"
+    default = QualitySettings(variants=settings.variants, preset="quickstart")
+    assert reference_images(tmp_path, default) == "fashion-mnist:test"
+    assert run_config(default, settings.variants[0], 0).data.dataset == "fashion-mnist"
