@@ -165,3 +165,12 @@ def test_bench_reference_val_trains_on_fit_and_scores_on_val(tmp_path: Path) -> 
     default = QualitySettings(variants=settings.variants, preset="quickstart")
     assert reference_images(tmp_path, default) == "fashion-mnist:test"
     assert run_config(default, settings.variants[0], 0).data.dataset == "fashion-mnist"
+
+
+def test_saved_samples_drop_the_padding_at_every_fashion_mnist_resolution() -> None:
+    from dfm.generate import data_padding
+
+    pads = {r: data_padding(apply_overrides(get_preset("quickstart"), [f"data.resolution={r}"])) for r in (28, 32, 64)}
+    assert pads == {28: 0, 32: 2, 64: 4}  # 64 px is the padded 32 px image upsampled: 4 px of border
+    folder = apply_overrides(get_preset("quickstart"), ["data.dataset=/some/folder", "data.resolution=64"])
+    assert data_padding(folder) == 0

@@ -194,9 +194,11 @@ def upsample_like(x: Tensor, ref: Tensor) -> Tensor:
 
 
 def data_padding(cfg: RunConfig) -> int:
-    """Pixels of padding the data set added on every side (32x32 Fashion-MNIST is 28x28 padded by 2), which the
-    saved images (PNGs, npz) drop again so that they compare with the real data at its native size."""
-    return 2 if str(cfg.data.dataset).lower().partition(":")[0] == "fashion-mnist" and cfg.data.resolution == 32 else 0
+    """Pixels of padding the data set added on every side (32x32 Fashion-MNIST is 28x28 padded by 2, 64x64 is that
+    image upsampled, so 4), which the saved images (PNGs, npz) drop again so that they compare with the real data."""
+    res = cfg.data.resolution
+    fashion = str(cfg.data.dataset).lower().partition(":")[0] == "fashion-mnist"
+    return 2 * res // 32 if fashion and res and res % 32 == 0 else 0
 
 
 def default_labels(seeds: Sequence[int], num_classes: int) -> list[int] | None:
