@@ -46,13 +46,13 @@ def _std_batch(seed: int = 0) -> torch.Tensor:
 
 
 # -- configuration --------------------------------------------------------------------------------------------
-def test_every_preset_preconditions_except_pyramidal_flow() -> None:
+def test_every_preset_and_method_preconditions() -> None:
     for name in ("quickstart", "quickstart-fm", "fmnist-dfm", "fmnist-fm", "video-quickstart", "imagenet512-b"):
         assert get_preset(name).method.precondition, name
-    assert with_method(get_preset("quickstart"), "cascade").method.precondition
-    assert not with_method(get_preset("quickstart"), "pyramidal").method.precondition  # not supported yet
-    with pytest.raises(ValueError, match="pyramidal does not support method.precondition"):
-        apply_overrides(with_method(get_preset("quickstart"), "pyramidal"), ["method.precondition=true"])
+    for method in ("cascade", "pyramidal"):
+        assert with_method(get_preset("quickstart"), method).method.precondition
+    with pytest.raises(ValueError, match="velocity loss"):
+        apply_overrides(with_method(get_preset("quickstart"), "pyramidal"), ["method.loss_weighting=edm"])
 
 
 def test_config_json_without_the_setting_loads_as_not_preconditioned() -> None:
@@ -96,7 +96,7 @@ def test_dfm_run_measures_each_levels_std_and_the_model_uses_it(tmp_path: Path) 
 
 
 @needs_data
-def test_flow_matching_and_cascade_get_their_own_stds(tmp_path: Path) -> None:
+def test_flow_matching_cascade_and_pyramidal_flow_get_their_own_stds(tmp_path: Path) -> None:
     x = _std_batch()
     _train(tmp_path / "fm", 1, "--method", "fm", "-o", "method.steps=4")
     fm = RunConfig.load(tmp_path / "fm" / "config.json").method
@@ -109,6 +109,43 @@ def test_flow_matching_and_cascade_get_their_own_stds(tmp_path: Path) -> None:
     model, _ = load_run(tmp_path / "cascade")
     assert model.stage1.config.data_std == cascade.data_std[:1]
     assert model.stage2.config.data_std == cascade.data_std[1:]
+
+    _train(tmp_path / "pyramidal", 1, "--method", "pyramidal")
+    pyramidal = RunConfig.load(tmp_path / "pyramidal" / "config.json").method
+    assert pyramidal.data_std == (round(float(low.std()), 6), round(float(x.std()), 6))  # Gaussian pyramid levels
+    model, _ = load_run(tmp_path / "pyramidal")
+    assert not model.config.precondition  # the path preconditions, not the network
+    assert cli(["sample", str(tmp_path / "pyramidal"), "--seeds", "0-1", "--out", str(tmp_path / "ps")]) == 0
+
+
+def test_pyramidal_preconditioning_scales_the_path_of_each_stage() -> None:
+    """A fresh DiT outputs F = 0, so the wrapped velocity is (e_k - s_k) c_skip(a) x_τ with a = τ e_k + (1 - τ) s_k;
+    the network sees c_in(a) x_τ; training reaches every parameter the unwrapped model trains."""
+    from dfm.baselines.pyramidal import GaussianPyramid, PyramidalObjective, PyramidalPath, PyramidalPreconditioning
+    from dfm.models import DFMDiT
+
+    path, std = PyramidalPath(GaussianPyramid(2)), (0.6, 0.5)
+    model = DFMDiT(DiTConfig(input_size=(8, 8), in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+                             num_classes=3, stage_factors=(2, 1)))  # fmt: skip
+    seen = []
+    hooked = lambda levels, t, y, q: seen.append(levels) or model(levels, t, y, q)  # noqa: E731
+    wrapped = PyramidalPreconditioning(hooked, path, std)
+    x = [torch.zeros(3, 1, 4, 4), torch.randn(3, 1, 8, 8)]
+    t = torch.tensor([[0.0, 0.6], [0.0, 0.9], [0.0, 0.5]])  # stage 1 (window [0.5, 1]) at τ = 0.2, 0.8, 0
+    stage = torch.ones(3, dtype=torch.long)
+    out = wrapped(x, t, None, stage)[1]
+    e, s = path.end_coef(1), path.start_coef(1)
+    tau = (t[:, 1] - 0.5) / 0.5
+    c_in, c_skip, _ = flow_preconditioning(tau * e + (1 - tau) * s, std[1])
+    torch.testing.assert_close(out, ((e - s) * c_skip).view(-1, 1, 1, 1) * x[1])
+    torch.testing.assert_close(seen[0][1], c_in.view(-1, 1, 1, 1) * x[1])
+
+    objective = PyramidalObjective(path, data_std=std)
+    for p in model.parameters():  # leave the zero init so that gradients reach every layer
+        p.data.add_(0.01 * torch.randn_like(p))
+    objective.loss(model, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]),
+                   generator=torch.Generator().manual_seed(0)).loss.backward()  # fmt: skip
+    assert all(p.grad is not None for n, p in model.named_parameters() if "y_embedder" not in n)
 
 
 @needs_data

@@ -256,11 +256,6 @@ def validate(cfg: RunConfig) -> None:
     n_std = 2 if m.method == "cascade" else m.stages  # the cascade: its low-resolution model, then the full one
     if m.data_std is not None and (len(m.data_std) != n_std or min(m.data_std) <= 0):
         raise ValueError(f"method.data_std={m.data_std} needs {n_std} positive values (one per stage), or none")
-    if m.method == "pyramidal" and m.precondition:
-        raise ValueError(
-            "method pyramidal does not support method.precondition yet (its path re-noises at stage jumps): "
-            "set method.precondition=false"
-        )
     if m.method in ("cascade", "pyramidal") and m.loss_weighting != "velocity":
         raise ValueError(f"method {m.method} trains with the velocity loss: set method.loss_weighting=velocity")
     for key in ("precondition", "data_std"):
@@ -310,8 +305,7 @@ def with_method(cfg: RunConfig, method: str) -> RunConfig:
             cfg.method, method=method, steps=(total // 2, total - total // 2), standardize=False, level_std=None,
             data_std=None,
         )  # fmt: skip
-        if method == "pyramidal":  # not supported for its re-noised path yet (see validate)
-            cfg.method.precondition, cfg.method.loss_weighting = False, "velocity"
+        cfg.method.loss_weighting = "velocity"  # the baselines train with the velocity loss
     validate(cfg)
     return cfg
 

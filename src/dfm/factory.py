@@ -44,7 +44,8 @@ def make_objective(method: MethodConfig, decomposition: Decomposition, total_ste
         from dfm.baselines import PyramidalObjective
 
         return PyramidalObjective(make_pyramidal_path(method, decomposition), method.pyramid_time,
-                                  method.main_loc, method.main_scale)  # fmt: skip
+                                  method.main_loc, method.main_scale,
+                                  method.data_std if method.precondition else None)  # fmt: skip
     return DFMObjective(
         decomposition,
         loss_weighting=method.loss_weighting,
@@ -97,8 +98,9 @@ def make_model(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int):
         num_classes=num_classes,
         stage_factors=stage_factors(method),
         class_dropout=0.0,
-        precondition=method.precondition,
-        data_std=method.data_std if method.precondition else None,
+        # Pyramidal Flow's preconditioning belongs to its path (PyramidalPreconditioning), not to the network.
+        precondition=method.precondition and method.method != "pyramidal",
+        data_std=method.data_std if method.precondition and method.method != "pyramidal" else None,
     )
     if method.method == "cascade":  # stage 2 is the one-stage model; stage 1 is derived from it
         from dfm.baselines import CascadeModel

@@ -169,7 +169,8 @@ def generate(
                 from dfm.baselines import sample_pyramidal
 
                 path = make_pyramidal_path(m, decomposition)
-                out = sample_pyramidal(model, path, (len(sd), *shape), y, steps=schedule.steps, **common)
+                std = m.data_std if m.precondition else None  # the path's own preconditioning
+                out = sample_pyramidal(model, path, (len(sd), *shape), y, steps=schedule.steps, data_std=std, **common)
             else:
                 out = sample(model, decomposition, schedule, (len(sd), *shape), y, **common)
         imgs, prev = out.images.float(), [p.float() for p in out.previews]

@@ -55,7 +55,18 @@ every batch (stage = (i + offset) mod K, a random offset per batch), τ ~ U(0, 1
 resolution factors. Every stage yields the same token grid, so this is the same backbone and token count as the
 other methods; the per-stage patch embeddings and heads take the per-resolution inputs. Only the current stage's
 input is non-zero, ``main_stage`` = k tells the model which, its time slot holds the global t (the others 0), and
-only head k's output is used. Per-stage preconditioning (``precondition=True``) assumes the DFM path and is refused.
+only head k's output is used. The model itself is never preconditioned (a ``precondition=True`` model assumes the
+DFM path and is refused): :class:`PyramidalPreconditioning` wraps it with the scalings of this path instead.
+
+**Preconditioning** (our derivation; the DFM paper preconditions its baselines too but gives no formula). Inside
+stage k, ``x_τ = a X̃ + (1 - a) n`` with ``a = τ e_k + (1 - τ) s_k`` and ``X̃`` a mix of ``X_k`` and
+``Up(X_{k-1})``, and ``v = e_k X_k - s_k Up(X_{k-1}) - (e_k - s_k) n``. Treating both data terms as one signal of
+the level's std σ_k, x_τ is the DFM path at time a and v is (e_k - s_k) times its velocity, so::
+
+    v̂ = (e_k - s_k) · (c_skip(a) x_τ + c_out(a) F(c_in(a) x_τ, t, ...))     (c_* of dfm.models.precondition, σ_k)
+
+which gives the network unit-variance inputs and targets up to that approximation (any choice is an exact
+reparametrisation; the approximation only affects how close to unit variance they are).
 
 **Sampling** (paper Sec. 3.1 and 4): equal Euler (or Heun) steps per stage in τ; at each jump the re-noising
 rule above. Classifier-free guidance on every stage.
@@ -79,6 +90,7 @@ from torch import Tensor
 
 from dfm.baselines.common import StageLoss, mse_per_sample, stage_statistics, unwrap
 from dfm.decomposition import Decomposition, _block_mean, _block_repeat, _normalise_factors
+from dfm.models.precondition import flow_preconditioning
 from dfm.objective import VelocityModel, logit_normal, randn
 from dfm.sampling import SOLVERS, PreviewCallback, SampleOutput, initial_noise, prepare_guidance
 
@@ -243,12 +255,45 @@ class PyramidalPath:
         return f"PyramidalPath({self.decomposition!r}, boundaries={self.boundaries}, gammas={self.gammas})"
 
 
+class PyramidalPreconditioning:
+    """Wrap a velocity model with per-stage EDM scalings of the Pyramidal Flow path (module docstring).
+
+    ``data_std`` holds σ_k of every Gaussian-pyramid level. The wrapped model sees the scaled input
+    ``c_in(a) x_τ`` and the unchanged global time; it is a plain callable, so DDP/FSDP wrappers stay outside.
+    """
+
+    def __init__(self, model: VelocityModel, path: PyramidalPath, data_std: Sequence[float]) -> None:
+        if len(data_std) != path.num_stages or min(data_std) <= 0:
+            raise ValueError(f"data_std={tuple(data_std)} needs one positive value per stage ({path.num_stages})")
+        self.model, self.path = model, path
+        self.data_std = tuple(float(v) for v in data_std)
+        self.start = tuple(path.start_coef(k) for k in range(path.num_stages))
+        self.end = tuple(path.end_coef(k) for k in range(path.num_stages))
+
+    def __call__(self, levels_t: list[Tensor], t: Tensor, y: Tensor | None, main_stage: Tensor) -> list[Tensor]:
+        stage = main_stage.long()
+        t_global = t.gather(1, stage[:, None])[:, 0].double()
+        tau = self.path.local_time(t_global, stage)
+        e = torch.tensor(self.end, dtype=torch.float64, device=t.device)[stage]
+        s = torch.tensor(self.start, dtype=torch.float64, device=t.device)[stage]
+        sigma = torch.tensor(self.data_std, dtype=torch.float64, device=t.device)[stage]
+        c_in, c_skip, c_out = flow_preconditioning(tau * e + (1 - tau) * s, sigma)
+        scale = e - s
+        outs = []
+        shape = (-1,) + (1,) * (levels_t[0].dim() - 1)
+        preds = self.model([lv * c_in.to(lv.dtype).view(shape) for lv in levels_t], t, y, main_stage)
+        for lv, out in zip(levels_t, preds):
+            k_skip, k_out = ((scale * c).to(out.dtype).view(shape) for c in (c_skip, c_out))
+            outs.append(k_skip * lv.to(out.dtype) + k_out * out)
+        return outs
+
+
 def _check_model(model: object) -> None:
     config = getattr(unwrap(model), "config", None)
     if getattr(config, "precondition", False):
         raise ValueError(
-            "Pyramidal Flow cannot use model precondition=True: the preconditioning assumes the DFM path "
-            "X_t = t X + (1 - t) ε per stage; set model.overrides.precondition=false"
+            "Pyramidal Flow cannot use a model built with precondition=True: that scaling assumes the DFM path "
+            "X_t = t X + (1 - t) ε per stage; give PyramidalObjective / sample_pyramidal data_std instead"
         )
 
 
@@ -281,6 +326,7 @@ class PyramidalObjective:
         path: windows, γ and the pyramid.
         time_dist: law of the local time τ inside a window: ``"uniform"`` (default) or ``"logit_normal"``.
         loc, scale: LogitNormal parameters when ``time_dist="logit_normal"``.
+        data_std: σ_k of every pyramid level: the model is wrapped in :class:`PyramidalPreconditioning`.
 
     Example:
         >>> import torch
@@ -291,7 +337,14 @@ class PyramidalObjective:
         [2.0, 2.0]
     """
 
-    def __init__(self, path: PyramidalPath, time_dist: str = "uniform", loc: float = 0.0, scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: PyramidalPath,
+        time_dist: str = "uniform",
+        loc: float = 0.0,
+        scale: float = 1.0,
+        data_std: Sequence[float] | None = None,
+    ) -> None:
         if time_dist not in TIME_DISTS:
             raise ValueError(f"time_dist={time_dist!r}: choose one of {TIME_DISTS}")
         if not scale > 0:
@@ -300,6 +353,7 @@ class PyramidalObjective:
         self.decomposition = path.decomposition
         self.num_stages = path.num_stages
         self.time_dist, self.loc, self.scale = time_dist, float(loc), float(scale)
+        self.data_std = None if data_std is None else tuple(float(v) for v in data_std)
 
     def draw(
         self,
@@ -352,6 +406,8 @@ class PyramidalObjective:
         if draw is None:
             draw = self.draw([tuple(lv.shape) for lv in levels], generator, x.device, x.dtype)
         path = self.sample_path(levels, draw)
+        if self.data_std is not None:
+            model = PyramidalPreconditioning(model, self.path, self.data_std)
         preds = model(path.levels_t, path.t, y, path.main_stage)
         if len(preds) != self.num_stages:
             raise ValueError(f"the model returned {len(preds)} velocities for {self.num_stages} stages")
@@ -378,6 +434,7 @@ def sample_pyramidal(
     solver: str = "euler",
     device: torch.device | str | None = None,
     callback: PreviewCallback | None = None,
+    data_std: Sequence[float] | None = None,
 ) -> SampleOutput:
     """Generate ``shape[0]`` samples stage by stage, re-noising at every jump.
 
@@ -389,6 +446,7 @@ def sample_pyramidal(
         seeds: one seed per sample: its start noise and its jump noises depend on that seed only.
         guidance: classifier-free guidance scale, one for all stages or one per stage.
         callback: ``callback(stage, preview)`` at the end of every stage.
+        data_std: the levels' stds the model was trained with (:class:`PyramidalPreconditioning`), if any.
 
     Returns:
         ``SampleOutput`` with the images, the end state of every stage (``levels``) and one preview per stage:
@@ -405,6 +463,8 @@ def sample_pyramidal(
     shapes = path.decomposition.level_shapes(shape)
     b = shapes[0][0]
     scales, use_cfg, null_class, y = prepare_guidance(unwrap(model), y, b, guidance, k_count, null_class, device)
+    if data_std is not None:
+        model = PyramidalPreconditioning(model, path, data_std)
     # Start noise of stage 0 first, then the i.i.d. normals of every jump, all drawn from each sample's seed.
     draws = initial_noise(shapes, seeds, generator, device)
 
