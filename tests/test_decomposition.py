@@ -452,3 +452,22 @@ def test_downsample_of_a_4x_jump_averages_the_whole_block_for_videos():
     torch.testing.assert_close(both, F.avg_pool3d(x, (2, 4, 4)), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="divide"):
         downsample(x, (4, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["haar-3", "dct-4x", "dct-3", "gaussian-4x", "gaussian-3"],
+)
+def test_other_pyramids_keep_a_fine_pattern_out_of_the_coarsest_level(name):
+    """The DWT, the DCT bands and Pyramidal Flow's Gaussian pyramid do not alias either (block means, ideal bands)."""
+    from dfm.baselines.pyramidal import GaussianPyramid
+
+    dec = {
+        "haar-3": HaarWavelet(3),
+        "dct-4x": DCTBands(2, factors=(4,)),
+        "dct-3": DCTBands(3),
+        "gaussian-4x": GaussianPyramid(2, factors=(4,)),
+        "gaussian-3": GaussianPyramid(3),
+    }[name]
+    levels = dec.decompose(_checkerboard(4))
+    assert levels[0].pow(2).mean().sqrt().item() < 1e-12
