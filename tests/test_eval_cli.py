@@ -45,7 +45,16 @@ def data(tmp_path_factory):
     torch.manual_seed(0)
     classifier = root / "cnn.pth"
     torch.save(FashionCNN().state_dict(), classifier)
-    return {"root": root, "samples": samples, "folder": folder, "sampling": sampling, "classifier": classifier}
+    garbage = root / "not_a_network.pt"
+    garbage.write_bytes(b"PK\x03\x04 this is not a network")
+    return {
+        "root": root,
+        "samples": samples,
+        "folder": folder,
+        "sampling": sampling,
+        "classifier": classifier,
+        "garbage": garbage,
+    }
 
 
 def test_score_npz_against_folder_writes_scores_and_protocol(data, capsys) -> None:
@@ -134,10 +143,20 @@ def test_ref_command_then_score_against_statistics(data) -> None:
             ["score", "{samples}", "--ref", "{folder}", "--metrics", "is", "--weights", "inception-v3=/no/such.pth"],
             "/no/such.pth",
         ),
-    ],
+        # issue 11: damaged weights files
+        (
+            ["score", "{samples}", "--ref", "{folder}", "--metrics", "fvd", "--weights", "i3d={garbage}"],
+            "i3d: {garbage} is not a TorchScript file",
+        ),
+        (
+            ["score", "{samples}", "--metrics", "accuracy", "--weights", "fashion-cnn={garbage}"],
+            "cannot read weights file {garbage}",
+        ),
+    ],  # fmt: skip
 )
 def test_bad_input_is_one_line_and_nonzero(data, capsys, argv, message) -> None:
-    argv = [a.format(samples=data["samples"], folder=data["folder"]) for a in argv]
+    names = {"samples": data["samples"], "folder": data["folder"], "garbage": data["garbage"]}
+    argv, message = [a.format(**names) for a in argv], message.format(**names)
     assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -174,3 +193,49 @@ def test_module_entry_point_lists_extractors() -> None:
     assert done.returncode == 0
     for name in ("dinov2-vitl14", "inception-v3", "efficientnet-lite0", "fashion-cnn"):
         assert name in done.stdout
+
+
+def _score_error(argv: list[str], capsys) -> str:
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def bad_sets(tmp_path_factory) -> dict:
+    """Sample sets a user can get wrong: empty, a damaged PNG, too few labels, labels the classifier lacks."""
+    root = tmp_path_factory.mktemp("bad_sets")
+    images = np.zeros((12, 32, 32, 3), np.uint8)
+    np.savez(root / "empty.npz", arr_0=images[:0])
+    np.savez(root / "mislabelled.npz", arr_0=images, labels=np.arange(5))
+    np.savez(root / "99.npz", arr_0=images, labels=np.full(12, 99))
+    (root / "pngs").mkdir()
+    Image.fromarray(images[0]).save(root / "pngs" / "ok.png")
+    (root / "pngs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n torn")
+    return {"root": root}
+
+
+@pytest.mark.parametrize(
+    ("samples", "metric", "message"),
+    [
+        ("empty.npz", "swd", "{root}/empty.npz holds no images"),
+        ("pngs", "swd", "cannot read image {root}/pngs/broken.png"),
+        ("mislabelled.npz", "accuracy", "{root}/mislabelled.npz holds 12 images but 5 labels"),
+        ("99.npz", "accuracy", "sample label 99 is not a class of the fashion-cnn classifier (0..9)"),
+    ],
+)
+def test_bad_sample_sets_are_refused_with_the_file_named(data, bad_sets, capsys, samples, metric, message) -> None:
+    root = bad_sets["root"]
+    argv = ["score", str(root / samples), "--metrics", metric, "--out", str(root / "scores.json")]
+    argv += ["--ref", str(data["folder"])] if metric == "swd" else ["--weights", f"fashion-cnn={data['classifier']}"]
+    assert message.format(root=root) in _score_error(argv, capsys)
+
+
+def test_score_checks_the_output_folder_before_computing(data, tmp_path, capsys, monkeypatch) -> None:
+    module = sys.modules["dfm.eval.evaluate"]  # the package's `evaluate` attribute is the function
+    monkeypatch.setattr(module, "evaluate", lambda *a, **k: pytest.fail("scored before the check"))
+    blocker = tmp_path / "file"  # root can write anywhere: a path through a regular file cannot be written
+    blocker.write_text("")
+    argv = ["score", str(data["samples"]), "--ref", str(data["folder"]), "--metrics", "swd"]
+    assert f"cannot write to {blocker}" in _score_error([*argv, "--out", str(blocker / "scores.json")], capsys)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfm.checkpoint import find_latest, list_checkpoints, load_checkpoint
+from dfm.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
 from dfm.cli import main as cli
 from dfm.config import RunConfig
 
@@ -156,6 +156,11 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
         (["-o", "method.thresholds=0.9,0.5"], "thresholds"),
         (["--data", "/nonexistent/folder"], "neither a built-in"),
         (["-o", "train.batch_size=7", "-o", "train.grad_accum=2"], "divisible"),
+        # issue 11: sampling settings are checked before the first step, not at the first samples after training
+        (["-o", "method.thresholds=1.5"], "method.thresholds=(1.5,) must lie strictly inside (0, 1)"),
+        (["-o", "method.steps=0,10"], "method.steps=(0, 10): every stage needs at least 1 sampling step"),
+        (["-o", "train.log_every=0"], "train.log_every=0 must be >= 1"),
+        (["-o", "model.overrides.precondition=maybe"], "use true or false"),
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path: Path, capsys, args: list[str], message: str) -> None:
@@ -163,6 +168,7 @@ def test_bad_input_gives_one_line_error(tmp_path: Path, capsys, args: list[str],
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()  # found before any training
 
 
 def test_empty_image_folder(tmp_path: Path, capsys) -> None:
@@ -316,3 +322,218 @@ def test_random_flips_are_seeded_per_step_so_resume_is_exact(tmp_path: Path) -> 
     assert _losses(resumed) == _losses(ref)
     assert _train(plain, 4, "-o", "train.ckpt_every=2") == 0
     assert _losses(plain) != _losses(ref)  # the flips did change the batches
+
+
+# ---------------------------------------------------------------------------------------------- issue 11
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 2-step run; tests that change it work on a copy."""
+    if not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"):
+        pytest.skip("Fashion-MNIST not installed")
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    assert _train(run, 2) == 0
+    return run
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@needs_data
+def test_diverging_run_never_checkpoints_non_finite_weights(tmp_path: Path, capsys) -> None:
+    # The report's run: the weights turned inf at step 3 but only the loss was checked, at step 4.
+    run = tmp_path / "run"
+    code = cli(["train", "--out", str(run), "--steps", "40", "--batch-size", "16", "--no-progress", *TINY,
+                "-o", "optim.lr=1e6", "-o", "optim.warmup_steps=0", "-o", "train.ckpt_every=1"])  # fmt: skip
+    assert code == 2 and "became" in _one_line(capsys)
+    for ck in list_checkpoints(run / "checkpoints"):
+        state = load_checkpoint(ck)
+        for part in ("model", "ema"):
+            assert all(torch.isfinite(v).all() for v in state[part].values()), (ck, part)
+
+
+@needs_data
+def test_weights_are_checked_before_saving_and_sampling(tmp_path: Path, capsys, monkeypatch) -> None:
+    from safetensors.torch import load_file, save_file
+
+    import dfm.train
+
+    real, calls = dfm.train.update_ema, []
+
+    def poisoned(ema, model, decay):  # the EMA of step 3 turns NaN while loss and gradients stay finite
+        real(ema, model, decay)
+        calls.append(1)
+        if len(calls) >= 3:
+            next(ema.parameters()).data.fill_(float("nan"))
+
+    monkeypatch.setattr(dfm.train, "update_ema", poisoned)
+    run = tmp_path / "run"
+    assert _train(run, 5, "-o", "train.ckpt_every=1", "-o", "train.keep_last=1") == 2
+    assert "the weights became inf or NaN by step 3" in _one_line(capsys)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002"]  # the good one is kept
+    # `dfm sample` refuses weights that are not finite (a checkpoint written by an older version).
+    ema_file = find_latest(run / "checkpoints") / "ema.safetensors"
+    weights = load_file(ema_file)
+    save_file({k: v.fill_(float("inf")) for k, v in weights.items()}, ema_file)
+    assert cli(["sample", str(run), "--seeds", "0-1", "--out", str(tmp_path / "s"), "--steps", "2,2"]) == 2
+    err = _one_line(capsys)
+    assert "inf or NaN" in err and str(ema_file) in err
+
+
+@needs_data
+def test_resume_may_change_the_sampling_settings(tmp_path: Path, capsys, tiny_run: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert _train(run, 3, "--resume", "auto", "-o", "method.steps=3,1", "-o", "method.thresholds=0.8") == 0
+    err = capsys.readouterr().err
+    assert "sampling settings changed on resume" in err and "method.steps" in err and "method.thresholds" in err
+    cfg = RunConfig.load(run / "config.json")
+    assert cfg.method.steps == (3, 1) and cfg.method.thresholds == (0.8,)
+
+
+@needs_data
+def test_torn_last_metrics_line_does_not_block_the_run(tmp_path: Path, tiny_run: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.41, "stage_lo')  # a crash or a full disk in the middle of a line
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert _train(run, 3, "--resume", "auto") == 0
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_metrics_reader_names_the_file_and_tolerates_a_torn_end(tmp_path: Path) -> None:
+    from dfm.visual import plot_losses, read_metrics
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 1, "loss": 1.0}\nnot json\n{"step": 3, "loss": 0.5}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl line 2"):
+        read_metrics(f)
+    f.write_text('{"step": 1, "loss": 1.0, "stage_loss": [1.0]}\n{"step": 2, "loss": 0.5, "stage_loss": [0.5]}\n{"st')
+    with pytest.warns(UserWarning, match="torn last line 3"):
+        assert plot_losses(f, tmp_path / "loss.png") == tmp_path / "loss.png"
+
+
+@needs_data
+def test_damaged_checkpoint_files_give_one_line_errors(tmp_path: Path, capsys, tiny_run: Path) -> None:
+    import argparse
+
+    broken_ema, broken_state = tmp_path / "a", tmp_path / "b"
+    for run in (broken_ema, broken_state):
+        shutil.copytree(tiny_run, run)
+    ema_file = find_latest(broken_ema / "checkpoints") / "ema.safetensors"
+    ema_file.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")  # SafetensorError
+    assert cli(["sample", str(broken_ema), "--seeds", "0", "--out", str(tmp_path / "s")]) == 2
+    assert f"cannot read checkpoint file {ema_file}" in _one_line(capsys)
+    state_file = find_latest(broken_state / "checkpoints") / "state.pt"
+    torch.save(argparse.Namespace(step=2), state_file)  # UnpicklingError under weights_only=True
+    assert _train(broken_state, 3, "--resume", "auto") == 2
+    assert f"cannot read checkpoint file {state_file}" in _one_line(capsys)
+
+
+def test_unwritable_output_is_found_before_training(tmp_path: Path, capsys, monkeypatch) -> None:
+    # Root can write anywhere, so "unwritable" here is a path through a regular file, or a write made to fail.
+    with monkeypatch.context() as m:
+
+        def denied(self, data):
+            raise PermissionError(13, "Permission denied", str(self))
+
+        m.setattr(Path, "write_bytes", denied)
+        assert _train(tmp_path / "ro", 2) == 2
+        assert f"cannot write to {tmp_path / 'ro'}: Permission denied" in _one_line(capsys)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert _train(blocker / "run", 2) == 2
+    assert f"cannot write to {blocker / 'run'}" in _one_line(capsys)
+    run = tmp_path / "run"  # a checkpoints/ that cannot be created, found at the start, not at the first save
+    run.mkdir()
+    (run / "checkpoints").write_text("")
+    assert _train(run, 2) == 2
+    assert f"cannot write to {run / 'checkpoints'}" in _one_line(capsys)
+    assert not (run / "metrics.jsonl").exists()
+
+
+@needs_data
+def test_file_size_limit_while_saving_is_a_one_line_error(tmp_path: Path) -> None:
+    resource = pytest.importorskip("resource")
+    run = tmp_path / "run"
+
+    def limit() -> None:  # 64 KB: the config and the log fit, a checkpoint (about 180 KB per file) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    res = subprocess.run(_train_cmd(run, 2), capture_output=True, text=True, preexec_fn=limit)
+    assert res.returncode == 2, res.stderr
+    assert "cannot write checkpoint" in res.stderr and "file-size limit" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not list((run / "checkpoints").iterdir())  # nothing half-written left behind
+
+
+@needs_data
+def test_ckpt_every_zero_saves_only_at_the_end(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _train(run, 3, "-o", "train.ckpt_every=0") == 0
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000003"]
+
+
+def test_skip_bad_and_a_near_square_grid_for_one_class(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "imgs"  # a flat folder: one class, unconditional
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="broken.png"):
+        code = cli(["train", "--out", str(run), "--data", str(folder), "--skip-bad", "--steps", "2",
+                    "--batch-size", "2", "--no-progress", *TINY, "-o", "train.num_sample_images=9"])  # fmt: skip
+    assert code == 0
+    assert RunConfig.load(run / "config.json").data.skip_bad
+    width, height = Image.open(run / "samples" / "step_00000002.png").size
+    assert 0.8 < width / height < 1.25  # 3 x 3, not one column of 9
+
+
+def test_grid_columns() -> None:
+    from dfm.visual import grid_columns
+
+    assert grid_columns(40, 1) == 7 and grid_columns(40, 0) == 7  # unconditional: near square
+    assert grid_columns(40, 10) == 10 and grid_columns(40, 2) == 8  # one class per column
+    assert grid_columns(4, 10) == 4 and grid_columns(256, 10) == 20 and grid_columns(1, 1) == 1
+
+
+@needs_data
+def test_sample_flags_give_messages_that_say_what_to_change(tmp_path: Path, capsys, tiny_run: Path) -> None:
+    out = str(tmp_path / "s")
+    for flags, message in [
+        (["--classes", "abc"], "--classes 'abc': give comma-separated numbers"),
+        (["--classes", "12"], "this model has classes 0..9"),
+        (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+        (["--steps", "10"], "--steps 10: this model has 2 stage(s), give one step count per stage"),
+        (["--thresholds", "0.5,0.7"], "give 1 threshold(s)"),
+        (["--thresholds", "1.5"], "must lie strictly inside (0, 1)"),
+    ]:
+        assert cli(["sample", str(tiny_run), "--seeds", "0-1", "--out", out, *flags]) == 2, flags
+        assert message in _one_line(capsys)
+
+
+def test_leftovers_of_killed_saves_are_cleaned_without_losing_a_checkpoint(tmp_path: Path) -> None:
+    from dfm.checkpoint import clean_leftovers
+
+    root = tmp_path / "checkpoints"
+    w = {"w": torch.ones(2)}
+    save_checkpoint(root, 1, w, w, {"step": 1})
+    save_checkpoint(root, 2, w, w, {"step": 2})
+    # Killed while re-saving step 2 (after a resume): the good copy moved aside, its replacement half-written.
+    os.replace(root / "step_00000002", root / ".old_step_00000002_999")
+    (root / ".tmp_step_00000002_999").mkdir()
+    (root / "latest.tmp999").write_text("step_000")
+    # Killed after a re-save of step 1 was complete, before its old copy was deleted.
+    shutil.copytree(root / "step_00000001", root / ".old_step_00000001_998")
+    clean_leftovers(root)  # what the trainer does at start
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    assert find_latest(root).name == "step_00000002"
+    assert load_checkpoint(root / "step_00000002")["state"]["step"] == 2
+    (root / "latest.tmp123").write_text("x")
+    (root / ".old_step_00000002_5").mkdir()  # incomplete: never the only copy
+    save_checkpoint(root, 3, w, w, {"step": 3}, keep_last=3)  # and at every save
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002", "step_00000003"]

@@ -10,6 +10,9 @@ Layout of a run directory::
 
 A checkpoint is first written to a temporary directory and renamed into place with ``os.replace``, then
 ``latest`` is rewritten through a temporary file; a kill at any point leaves the previous checkpoint intact.
+What a killed save leaves behind is tidied by :func:`clean_leftovers` at the next save or start: half-written
+directories are deleted, and a checkpoint moved aside for a re-save of its step is put back if its
+replacement never arrived. A file that cannot be written or read raises :class:`CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
 LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be written (full disk, file-size limit) or read (damaged)."""
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _state_to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,18 +62,24 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically, point ``latest`` at it and delete all but the newest ``keep_last``."""
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(root)
     name = f"step_{step:08d}"
     final = root / name
     tmp = root / f".tmp_{name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_state_to_cpu(model_state), tmp / MODEL_FILE)
-    save_file(_state_to_cpu(ema_state), tmp / EMA_FILE)
-    torch.save(train_state, tmp / STATE_FILE)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir()
+        save_file(_state_to_cpu(model_state), tmp / MODEL_FILE)
+        save_file(_state_to_cpu(ema_state), tmp / EMA_FILE)
+        torch.save(train_state, tmp / STATE_FILE)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as err:  # OSError, or what safetensors and torch make of one (disk full, file-size limit)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {_first_line(err)}; free disk space or raise the file-size limit "
+            "(ulimit -f), then resume: the previous checkpoint is intact"
+        ) from err
     if final.exists():  # a re-save of the same step (e.g. after resume): replace the old one
         old = root / f".old_{name}_{os.getpid()}"
         os.replace(final, old)
@@ -73,9 +90,58 @@ def save_checkpoint(
     atomic_write_text(root / LATEST, name + "\n")
     for stale in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
-    for junk in root.glob(".tmp_*"):  # leftovers of killed saves
-        shutil.rmtree(junk, ignore_errors=True)
     return final
+
+
+def clean_leftovers(ckpt_root: str | Path) -> None:
+    """Tidy what killed saves left in ``ckpt_root`` without ever touching a complete checkpoint's only copy.
+
+    ``.tmp_*`` directories and ``latest.tmp*`` files are half-written and go. A ``.old_<name>_<pid>`` directory
+    is a complete checkpoint moved aside for a re-save of its step: deleted if ``<name>`` is back in place,
+    renamed back to ``<name>`` if the kill came before its replacement arrived.
+    """
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return
+    for junk in root.glob(".tmp_*"):
+        shutil.rmtree(junk, ignore_errors=True)
+    for junk in root.glob(LATEST + ".tmp*"):
+        junk.unlink(missing_ok=True)
+    for old in root.glob(".old_step_*"):
+        name = "_".join(old.name[len(".old_") :].split("_")[:2])  # .old_step_00000040_1234 -> step_00000040
+        final = root / name
+        if not (final.is_dir() and _complete(final)) and _complete(old):
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_writable(directory: str | Path) -> Path:
+    """Create ``directory`` if needed and check that files can be written in it, before any long work."""
+    directory = Path(directory)
+    probe = directory / f".write_test{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"cannot write to {directory}: {err.strerror or err}; choose a writable output directory"
+        ) from None
+    return directory
+
+
+def _read(file: Path, load):
+    """``load(file)``, with any failure to parse it reported as a damaged checkpoint file."""
+    try:
+        return load(file)
+    except Exception as err:  # UnpicklingError, SafetensorError, truncated zip...: the file is damaged
+        raise CheckpointError(
+            f"cannot read checkpoint file {file}: {_first_line(err)}; the file is damaged: delete {file.parent} "
+            "to fall back to the previous checkpoint, or pick another one"
+        ) from None
 
 
 def _complete(path: Path) -> bool:
@@ -108,9 +174,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not _complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs {MODEL_FILE}, {EMA_FILE}, {STATE_FILE})")
     return {
-        "model": load_file(path / MODEL_FILE, device=str(map_location)),
-        "ema": load_file(path / EMA_FILE, device=str(map_location)),
-        "state": torch.load(path / STATE_FILE, map_location=map_location, weights_only=True),
+        "model": _read(path / MODEL_FILE, lambda f: load_file(f, device=str(map_location))),
+        "ema": _read(path / EMA_FILE, lambda f: load_file(f, device=str(map_location))),
+        "state": _read(path / STATE_FILE, lambda f: torch.load(f, map_location=map_location, weights_only=True)),
     }
 
 
@@ -120,4 +186,9 @@ def load_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
     file = path / (EMA_FILE if ema else MODEL_FILE)
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: {path} is not a checkpoint directory")
-    return load_file(file)
+    return _read(file, load_file)
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold an inf or a NaN."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

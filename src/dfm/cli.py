@@ -6,11 +6,13 @@ Errors a user can cause end the command with one line on stderr and exit status 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
 import sys
 from pathlib import Path
 
-from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset, with_method
+from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset, validate_sampling, with_method
 
 
 def _add_train(sub) -> None:
@@ -45,6 +47,11 @@ def _add_train(sub) -> None:
         metavar="SECTION.KEY=VALUE",
         help="any setting, e.g. -o method.stage_probs=0.7,0.3 -o train.precision=fp32 (repeatable)",
     )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="image folders: check every file at start and leave out unreadable ones with a warning (data.skip_bad)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
@@ -68,6 +75,8 @@ def _train_config(args) -> RunConfig:
         value = getattr(args, flag)
         if value is not None:
             ov.append(f"{key}={value}")
+    if args.skip_bad:
+        ov.append("data.skip_bad=true")
     return apply_overrides(cfg, ov + args.override)
 
 
@@ -111,19 +120,45 @@ def _add_sample(sub) -> None:
     p.set_defaults(func=_run_sample)
 
 
-def _floats(text: str | None) -> list[float] | None:
+def _numbers(text: str | None, flag: str, kind: type = float, example: str = "0.7") -> list | None:
     if text is None:
         return None
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"cannot parse {text!r} as comma-separated numbers") from None
+        raise ValueError(f"{flag} {text!r}: give comma-separated numbers, e.g. {flag} {example}") from None
+
+
+def _sampling_settings(args, cfg: RunConfig) -> tuple[list[float] | None, list[int] | None, list[float] | None]:
+    """--guidance, --steps and --thresholds, checked against the model's stages before any sampling."""
+    stages = cfg.method.stages
+    guidance = _numbers(args.guidance, "--guidance", example="1.5")
+    steps = _numbers(args.steps, "--steps", int, example="30,10")
+    thresholds = _numbers(args.thresholds, "--thresholds")
+    if steps is not None and len(steps) != stages:
+        raise ValueError(f"--steps {args.steps}: this model has {stages} stage(s), give one step count per stage")
+    if thresholds is not None and len(thresholds) != stages - 1:
+        raise ValueError(
+            f"--thresholds {args.thresholds}: this model has {stages} stage(s), give {stages - 1} threshold(s)"
+        )
+    if guidance is not None and len(guidance) not in (1, stages):
+        raise ValueError(f"--guidance {args.guidance}: give one scale, or one per stage ({stages})")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    m = cfg.method
+    trial = dataclasses.replace(
+        m, steps=tuple(steps or m.steps), thresholds=tuple(m.thresholds if thresholds is None else thresholds)
+    )
+    for g in guidance or [m.guidance]:
+        validate_sampling(dataclasses.replace(trial, guidance=g))
+    return guidance, steps, thresholds
 
 
 def _run_sample(args) -> int:
     import torch
     import torch.distributed as dist
 
+    from dfm.checkpoint import ensure_writable
     from dfm.factory import make_decomposition
     from dfm.generate import (
         data_padding,
@@ -137,22 +172,26 @@ def _run_sample(args) -> int:
         write_outputs,
     )
     from dfm.train import finish_distributed, init_distributed
+    from dfm.visual import grid_columns
 
     d = init_distributed()
     seeds = parse_seeds(args.seeds)
+    out = Path(args.out or Path(args.run) / "samples" / "cli")
     model, cfg = load_run(args.run, ema=not args.no_ema, checkpoint=args.checkpoint, device=d.device)
+    if d.main:
+        ensure_writable(out)
     num_classes = model.num_classes
+    guidance, steps, thresholds = _sampling_settings(args, cfg)
     if args.classes:
-        classes = [int(v) for v in args.classes.split(",")]
-        bad = [c for c in classes if not 0 <= c < max(num_classes, 1)]
-        if bad:
-            raise ValueError(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
+        if num_classes == 0:
+            raise ValueError("--classes: this model is unconditional (no classes); leave --classes out")
+        classes = _numbers(args.classes, "--classes", int, example="0,1,2")
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad or not classes:
+            raise ValueError(f"--classes {args.classes} out of range: this model has classes 0..{num_classes - 1}")
         labels = [classes[i % len(classes)] for i in range(len(seeds))]
     else:
         labels = default_labels(seeds, num_classes)
-    guidance = _floats(args.guidance)
-    steps = [int(v) for v in args.steps.split(",")] if args.steps else None
-    thresholds = _floats(args.thresholds)
     decomposition = make_decomposition(cfg.method)
     shape = (model.config.in_channels, *model.config.input_size)
     mine = shard(list(range(len(seeds))), d.rank, d.world)
@@ -176,7 +215,6 @@ def _run_sample(args) -> int:
         decoder=decoder,
         progress=d.main,
     )
-    out = Path(args.out or Path(args.run) / "samples" / "cli")
     if d.world > 1:  # gather on rank 0 (object gather works for gloo and nccl)
         gathered = [None] * d.world if d.main else None
         dist.gather_object((images, previews), gathered, dst=0)
@@ -197,7 +235,7 @@ def _run_sample(args) -> int:
         progression=not args.no_progression,
         mp4=args.mp4,
         crop=data_padding(cfg),
-        nrow=num_classes if 0 < num_classes <= 16 else None,
+        nrow=grid_columns(min(len(images), 256), num_classes),
     )
     settings = {
         "run": str(args.run),
@@ -239,6 +277,21 @@ def _run_presets(args) -> int:
     return 0
 
 
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError``: the file, what went wrong and what to do about it."""
+    where = f"{err.filename}: " if err.filename else ""
+    what = err.strerror or str(err)
+    hint = {
+        errno.EACCES: "choose a writable location or fix its permissions",
+        errno.EPERM: "choose a writable location or fix its permissions",
+        errno.EROFS: "choose a location on a writable file system",
+        errno.ENOSPC: "free disk space, then run the command again",
+        errno.EFBIG: "raise the file-size limit (ulimit -f), then run the command again",
+        errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+    }.get(err.errno, "check the path and run the command again")
+    return f"{where}{what}; {hint}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfm", description="Decomposable Flow Matching")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, ImportError, TrainingError) as err:
         print(f"dfm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the machine, not the code: a read-only folder, a full disk, a file-size limit
+        print(f"dfm {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dfm {args.command}: interrupted (the last checkpoint is intact)", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class DataConfig:
     num_workers: int = 0
     frames: int | None = None  #: videos: frames per clip (None = the dataset's default)
     num_clips: int | None = None  #: generated video sets: number of clips (None = the dataset's default)
+    skip_bad: bool = False  #: image folders: check every file at start and leave out unreadable ones (warning)
 
 
 @dataclass
@@ -107,9 +109,9 @@ class TrainConfig:
     seed: int = 0
     distributed: str = "ddp"  #: ddp | fsdp (FSDP2 fully_shard), used when launched with torchrun
     compile: bool = False
-    log_every: int = 50
+    log_every: int = 50  #: >= 1; the last step is always logged
     sample_every: int = 0  #: 0 = only at the end
-    ckpt_every: int = 5000
+    ckpt_every: int = 5000  #: 0 = only at the end (the last step is always saved)
     keep_last: int = 3
     num_sample_images: int = 40  #: images in the periodic sample grids
     tensorboard: bool = False
@@ -132,6 +134,7 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         kwargs: dict[str, Any] = {}
         hints = typing.get_type_hints(cls)
+        data = _upgrade_legacy(data)
         for name, value in data.items():
             if name not in hints:
                 raise ValueError(f"unknown config section {name!r}")
@@ -142,10 +145,6 @@ class RunConfig:
                 if unknown:
                     raise ValueError(f"unknown keys {sorted(unknown)} in config section {name!r}")
                 sub_hints = typing.get_type_hints(sub)
-                value = dict(value)
-                if sub is MethodConfig:
-                    # config.json files written before preconditioning was a setting trained without it
-                    value.setdefault("precondition", False)
                 kwargs[name] = sub(**{k: _coerce_json(v, sub_hints[k]) for k, v in value.items()})
             else:
                 kwargs[name] = value
@@ -159,6 +158,24 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """config.json files written before preconditioning was a method setting: they trained without it, unless
+    they asked the model for it (``model.overrides.precondition``, which then used data_std or 1.0 per stage)."""
+    method = data.get("method")
+    if not isinstance(method, dict) or "precondition" in method:
+        return data
+    data = {**data, "method": {**method, "precondition": False}}
+    overrides = dict(data.get("model", {}).get("overrides", {}))
+    if "precondition" in overrides:
+        on = overrides.pop("precondition")
+        std = overrides.pop("data_std", None)
+        if on is True:
+            stages = 2 if method.get("method") == "cascade" else int(method.get("stages", 2))
+            data["method"].update(precondition=True, data_std=std or [1.0] * stages)
+        data["model"] = {**data["model"], "overrides": overrides}
+    return data
 
 
 def _coerce_json(value: Any, hint: Any) -> Any:
@@ -191,14 +208,18 @@ def _parse_value(text: str, hint: Any, key: str) -> Any:
             return float(text)
         if hint is str:
             return text
-        if origin is tuple:
+        if origin is tuple:  # "a,b", also written as JSON "[a, b]"
             elem = args[0]
-            return tuple(_parse_value(p.strip(), elem, key) for p in text.split(",") if p.strip())
+            inner = text.strip()
+            if inner[:1] in "[(" and inner[-1:] in ")]":
+                inner = inner[1:-1]
+            return tuple(_parse_value(p.strip(), elem, key) for p in inner.split(",") if p.strip())
         if origin is dict:
             return json.loads(text)
     except ValueError:
         pass
-    raise ValueError(f"cannot parse {key}={text!r} as {getattr(hint, '__name__', hint)}")
+    hint_text = " (use true or false)" if hint is bool else ""
+    raise ValueError(f"cannot parse {key}={text!r} as {getattr(hint, '__name__', hint)}{hint_text}")
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
@@ -210,7 +231,11 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         if parts[0] == "model" and len(parts) == 3 and parts[1] == "overrides":
-            cfg.model.overrides[parts[2]] = json.loads(text) if text[:1] in "[{0123456789-" else text
+            fields = _model_fields()
+            if parts[2] not in fields:
+                raise ValueError(f"unknown model setting {key}; DiTConfig fields: {', '.join(sorted(fields))}")
+            value = _parse_value(text.strip(), fields[parts[2]], key)
+            cfg.model.overrides[parts[2]] = list(value) if isinstance(value, tuple) else value  # as JSON reads it
             continue
         if len(parts) != 2:
             raise ValueError(f"override key {key!r} must be section.key (sections: method, model, data, optim, train)")
@@ -224,6 +249,49 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         setattr(sub, name, _parse_value(text.strip(), hints[name], key))
     validate(cfg)
     return cfg
+
+
+def _model_fields() -> dict[str, Any]:
+    """Field name -> type of :class:`dfm.models.config.DiTConfig`, what ``model.overrides`` may set."""
+    from dfm.models.config import DiTConfig
+
+    return typing.get_type_hints(DiTConfig)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON-like ``value`` has the type ``hint`` (lists stand for tuples; bools are not numbers)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    return True
+
+
+def validate_sampling(m: MethodConfig) -> None:
+    """The sampler's settings, checked before training so that a long run does not fail at its first samples."""
+    if len(m.steps) != m.stages:
+        raise ValueError(f"method.steps={m.steps} needs one step count per stage ({m.stages})")
+    if len(m.thresholds) != m.stages - 1:
+        raise ValueError(f"method.thresholds={m.thresholds} needs {m.stages - 1} values (one per stage jump)")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in m.steps):
+        raise ValueError(f"method.steps={m.steps}: every stage needs at least 1 sampling step, e.g. 30,10")
+    if any(not 0 < v < 1 for v in m.thresholds) or any(b <= a for a, b in zip(m.thresholds, m.thresholds[1:])):
+        raise ValueError(
+            f"method.thresholds={m.thresholds} must lie strictly inside (0, 1) and increase, e.g. 0.7 (two stages)"
+        )
+    if m.solver not in ("euler", "heun"):
+        raise ValueError(f"method.solver={m.solver!r}: choose euler or heun")
+    if not math.isfinite(m.guidance) or m.guidance < 0:
+        raise ValueError(f"method.guidance={m.guidance} must be a finite scale >= 0 (1 = no guidance)")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -243,14 +311,9 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"method {m.method} has its own pyramid: leave method.decomposition and standardize alone")
     if m.method == "cascade" and t.distributed == "fsdp":
         raise ValueError("method cascade copies weights between its stages: use train.distributed=ddp")
-    if len(m.steps) != m.stages:
-        raise ValueError(f"method.steps={m.steps} needs one step count per stage ({m.stages})")
-    if len(m.thresholds) != m.stages - 1:
-        raise ValueError(f"method.thresholds={m.thresholds} needs {m.stages - 1} values (one per stage jump)")
+    validate_sampling(m)
     if m.stage_probs is not None and len(m.stage_probs) != m.stages:
         raise ValueError(f"method.stage_probs={m.stage_probs} needs one probability per stage ({m.stages})")
-    if m.solver not in ("euler", "heun"):
-        raise ValueError(f"method.solver={m.solver!r}: choose euler or heun")
     if m.loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"method.loss_weighting={m.loss_weighting!r}: choose one of {LOSS_WEIGHTINGS}")
     n_std = 2 if m.method == "cascade" else m.stages  # the cascade: its low-resolution model, then the full one
@@ -273,6 +336,23 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.distributed={t.distributed!r}: choose ddp or fsdp")
     if t.keep_last < 1:
         raise ValueError(f"train.keep_last={t.keep_last} must be >= 1")
+    if t.log_every < 1:
+        raise ValueError(f"train.log_every={t.log_every} must be >= 1 (1 = every step)")
+    if t.ckpt_every < 0 or t.sample_every < 0:
+        raise ValueError("train.ckpt_every and train.sample_every must be >= 0 (0 = only at the end)")
+    if t.num_sample_images < 1 or t.threads < 0:
+        raise ValueError("train.num_sample_images must be >= 1 and train.threads >= 0 (0 = torch default)")
+    fields = _model_fields() if cfg.model.overrides else {}
+    for name, value in cfg.model.overrides.items():
+        if name not in fields:
+            raise ValueError(
+                f"unknown model setting model.overrides.{name}; DiTConfig fields: {', '.join(sorted(fields))}"
+            )
+        if not _fits(value, fields[name]):
+            kind = fields[name].__name__ if isinstance(fields[name], type) else str(fields[name])
+            raise ValueError(
+                f"model.overrides.{name}={value!r} must be of type {kind}: give it as e.g. true, 2, 0.5 or 2,1"
+            )
     if o.lr <= 0 or o.warmup_steps < 0 or o.grad_clip < 0 or not 0 <= o.ema_decay < 1:
         raise ValueError("optim: lr must be > 0, warmup_steps >= 0, grad_clip >= 0 and ema_decay in [0, 1)")
 

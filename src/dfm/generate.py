@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dfm.checkpoint import find_latest, load_weights
+from dfm.checkpoint import EMA_FILE, MODEL_FILE, find_latest, load_weights, non_finite
 from dfm.config import RunConfig
 from dfm.decomposition import Decomposition
 from dfm.factory import make_model, make_pyramidal_path, make_schedule
 from dfm.sampling import sample
-from dfm.visual import image_grid, progression_grid, save_gif, save_png, to_uint8, upsample_to
+from dfm.visual import grid_columns, image_grid, progression_grid, save_gif, save_png, to_uint8, upsample_to
 
 RUN_CONFIG = "config.json"
 METHOD_FILE = "dfm_run.json"  # the RunConfig saved next to a save_pretrained model
@@ -65,15 +65,17 @@ def load_run(
             raise ValueError(
                 f"{ckpt} does not fit the run config {path / RUN_CONFIG}: {str(err).splitlines()[0]}"
             ) from None
+        _require_finite(model, ckpt / (EMA_FILE if ema else MODEL_FILE))
         return model.to(device).eval(), cfg
     if (path / "cascade.json").is_file():
         from dfm.baselines import CascadeModel
 
-        return CascadeModel.from_pretrained(path, device=device).eval(), RunConfig.load(path / METHOD_FILE)
+        model = CascadeModel.from_pretrained(path, device=device).eval()
+        return _require_finite(model, path), RunConfig.load(path / METHOD_FILE)
     if (path / "model.safetensors").is_file():
         from dfm.models import DFMDiT
 
-        model = DFMDiT.from_pretrained(path, device=device).eval()
+        model = _require_finite(DFMDiT.from_pretrained(path, device=device).eval(), path)
         if (path / METHOD_FILE).is_file():
             cfg = RunConfig.load(path / METHOD_FILE)
         else:  # a bare model: assume the default Laplacian pyramid with its number of stages
@@ -84,6 +86,16 @@ def load_run(
                 cfg.method.method, cfg.method.steps, cfg.method.thresholds = "fm", (40,), ()
         return model, cfg
     raise FileNotFoundError(f"{path} is neither a run directory (config.json + checkpoints/) nor a save_pretrained one")
+
+
+def _require_finite(model: nn.Module, source: Path) -> nn.Module:
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise ValueError(
+            f"{source} holds inf or NaN weights ({len(bad)} tensors, e.g. {bad[0]}): the run diverged; sample an "
+            "earlier checkpoint with --checkpoint, or retrain with a lower learning rate"
+        )
+    return model
 
 
 def _data_spec(cfg: RunConfig, run: Path) -> tuple[tuple[int, ...], int]:
@@ -233,7 +245,7 @@ def sample_grid_files(
         decoder=decoder,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    nrow = num_classes if 0 < num_classes <= 16 else None
+    nrow = grid_columns(n, num_classes)
     if images.dim() == 5:  # video: an animated grid, and the middle frame for the still pictures
         frames = [image_grid(images[:, :, f], nrow=nrow) for f in range(images.shape[2])]
         save_gif(frames, out_dir / f"step_{step:08d}.gif")

@@ -24,7 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dfm.checkpoint import atomic_write_text, find_latest, load_checkpoint, save_checkpoint
+from dfm.checkpoint import (
+    atomic_write_text,
+    clean_leftovers,
+    ensure_writable,
+    find_latest,
+    load_checkpoint,
+    save_checkpoint,
+)
 from dfm.config import RunConfig
 from dfm.factory import make_decomposition, make_model, make_objective
 from dfm.objective import DFMObjective
@@ -32,6 +39,8 @@ from dfm.objective import DFMObjective
 CONFIG_FILE = "config.json"
 DATA_SPEC_FILE = "data_spec.json"
 METRICS_FILE = "metrics.jsonl"
+# Settings that only the sampler reads: a resumed run may change them (training does not depend on them).
+SAMPLING_SETTINGS = {"method.steps", "method.thresholds", "method.solver", "method.guidance"}
 
 
 class TrainingError(RuntimeError):
@@ -149,20 +158,31 @@ class Trainer:
             )
         self.local_batch = t.batch_size // self.d.world
         self.micro_batch = self.local_batch // t.grad_accum
+        if self.d.main:  # a read-only --out fails now, not at the first checkpoint after hours of training
+            for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "samples"):
+                ensure_writable(folder)
+            clean_leftovers(self.run_dir / "checkpoints")
 
         from dfm.data import build_dataset
 
         data = cfg.data
         # Augmentation draws from a generator seeded per step (see train_step), so resumes are exact.
-        self.dataset = build_dataset(
-            data.dataset,
-            data.resolution,
-            train=True,
-            data_dir=data.data_dir,
-            random_flip=data.random_flip,
-            frames=data.frames,
-            num_clips=data.num_clips,
-        )
+        extra = {"skip_bad": True} if data.skip_bad else {}
+        try:
+            self.dataset = build_dataset(
+                data.dataset,
+                data.resolution,
+                train=True,
+                data_dir=data.data_dir,
+                random_flip=data.random_flip,
+                frames=data.frames,
+                num_clips=data.num_clips,
+                **extra,
+            )
+        except TypeError:
+            if not extra:
+                raise
+            raise TrainingError(f"data.skip_bad applies to image folders; {data.dataset!r} is not one") from None
         if len(self.dataset) == 0:
             raise TrainingError(f"dataset {data.dataset!r} is empty")
         self.sample_shape = tuple(self.dataset.sample_shape)
@@ -246,12 +266,19 @@ class Trainer:
                     "train.threads",
                     "train.num_sample_images",
                     "preset",
+                    *SAMPLING_SETTINGS,
                 },
             )
             if diffs:
                 raise TrainingError(
                     f"checkpoint {path} was trained with another config ({'; '.join(diffs[:4])}): "
                     "resume with the same settings or start a new run"
+                )
+            changed = [d for d in _config_diff(old, self.cfg, ignore=set()) if d.split(":")[0] in SAMPLING_SETTINGS]
+            if changed and self.d.main:
+                print(
+                    f"note: sampling settings changed on resume ({'; '.join(changed)}); they do not affect training",
+                    file=sys.stderr,
                 )
         return path
 
@@ -338,12 +365,15 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
 
     def _truncate_metrics(self) -> None:
-        """Drop log lines written after the checkpoint we resumed from: they will be written again."""
+        """Drop log lines written after the checkpoint we resumed from (they will be written again), and a last
+        line torn by a crash or a full disk."""
+        from dfm.visual import read_metrics
+
         f = self.run_dir / METRICS_FILE
         if not f.is_file():
             return
-        keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        atomic_write_text(f, "".join(k + "\n" for k in keep))
+        keep = [row for row in read_metrics(f) if row.get("step", 0) <= self.step]
+        atomic_write_text(f, "".join(json.dumps(row) + "\n" for row in keep))
 
     # -- one step --------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -402,6 +432,11 @@ class Trainer:
             )
         clip = cfg.optim.grad_clip
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf")))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(
+                f"the gradient norm became {grad_norm} at step {step + 1}: lower optim.lr, keep optim.grad_clip on, "
+                "or use train.precision=fp32; the last checkpoint is intact"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -417,7 +452,27 @@ class Trainer:
         }
 
     # -- checkpoints and samples -------------------------------------------------------------------------------
+    def _weights_finite(self) -> bool:
+        """Whether the weights, the EMA and the optimizer moments are all finite, on every rank."""
+        tensors = [*self.model.parameters(), *self.ema.parameters()]
+        tensors += [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        local = [v.to_local() if hasattr(v, "to_local") else v for v in tensors]  # FSDP: this rank's shard
+        local = [v for v in local if v.is_floating_point()]
+        ok = torch.tensor([float(all(bool(torch.isfinite(v).all()) for v in local))], device=self.d.device)
+        if self.d.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
     def save(self) -> Path | None:
+        """Write a checkpoint; refuse (``TrainingError``) when the state holds inf or NaN, so that ``latest``
+        always names weights that can be resumed and sampled."""
+        if not self._weights_finite():
+            last = find_latest(self.run_dir / "checkpoints")
+            kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
+            raise TrainingError(
+                f"the weights became inf or NaN by step {self.step}: lower optim.lr or keep optim.grad_clip on; "
+                f"not saving them: {kept}"
+            )
         model_state, ema_state = self._full_state(self.model), self._full_state(self.ema)
         optim_state = self.optimizer.state_dict()
         if self._fsdp:
@@ -509,7 +564,7 @@ class Trainer:
                         for s, v in enumerate(row["stage_loss"]):
                             writer.add_scalar(f"stage_loss/{s + 1}", v, self.step)
                         writer.add_scalar("lr", row["lr"], self.step)
-                if self.step % t.ckpt_every == 0 or self.step == t.steps:
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
                     self.save()
                 if t.sample_every and self.step % t.sample_every == 0 and self.step != t.steps:
                     self.write_samples()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,15 @@ def image_grid(
         top, left = pad + r * (h + pad), pad + col * (w + pad)
         canvas[:, top : top + h, left : left + w] = images[i].detach().float().cpu()
     return to_uint8(canvas[None])[0]
+
+
+def grid_columns(n: int, num_classes: int = 0) -> int:
+    """Columns of a near-square grid of ``n`` images. With 2 to 16 classes (labels ``seed % num_classes``) the
+    count is a multiple of the number of classes, so that every column holds one class."""
+    side = max(1, math.ceil(math.sqrt(n)))
+    if 1 < num_classes <= 16:
+        side = max(num_classes, round(side / num_classes) * num_classes)
+    return max(1, min(side, n))
 
 
 def upsample_to(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -91,6 +101,26 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, duration_ms: int = 
     return path
 
 
+def read_metrics(metrics_file: str | Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``. A torn last line (a crash or a full disk mid-write) is dropped
+    with a warning; a bad line elsewhere is an error that names the file and the line."""
+    path = Path(metrics_file)
+    lines = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if i == lines[-1][0]:
+                warnings.warn(f"{path}: dropped a torn last line {i} ({err})", stacklevel=2)
+                break
+            raise ValueError(f"{path} line {i} is not a JSON object ({err}): fix or delete that line") from None
+        rows.append(row)
+    return rows
+
+
 def plot_losses(metrics_file: str | Path, out: str | Path) -> Path | None:
     """Loss curve (total and per stage) from a run's ``metrics.jsonl``."""
     import matplotlib
@@ -98,8 +128,7 @@ def plot_losses(metrics_file: str | Path, out: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]
+    rows = [r for r in read_metrics(metrics_file) if "loss" in r]
     if not rows:
         return None
     steps = [r["step"] for r in rows]

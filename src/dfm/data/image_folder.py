@@ -151,7 +151,10 @@ class ImageFolderDataset(DFMDataset):
         self, index: int, augment: bool = True, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.samples[index]
-        image = open_image(path, self.mode)
+        try:
+            image = open_image(path, self.mode)
+        except ValueError as err:
+            raise ValueError(f"{err} (or train with --skip-bad to leave out unreadable files)") from None
         self._check_size(path, image)
         array = np.asarray(center_crop_adm(image, self.resolution))
         x = to_model_range(torch.from_numpy(array.copy()))

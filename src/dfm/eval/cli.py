@@ -127,11 +127,13 @@ def _score(args: argparse.Namespace) -> dict:
         prompts_file=args.prompts,
         progress=not args.no_progress,
     )
-    result = evaluate(args.samples, args.ref, config)
+    from dfm.checkpoint import atomic_write_text, ensure_writable
+
     samples = Path(args.samples)
     out = Path(args.out) if args.out else (samples if samples.is_dir() else samples.parent) / "scores.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, sort_keys=True))
+    ensure_writable(out.parent)  # before the long part, not after it
+    result = evaluate(args.samples, args.ref, config)
+    atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True))
     for name, value in result["scores"].items():
         print(f"{name:>24s}  {value:.6g}")
     print(f"scores and protocol written to {out}")
@@ -199,6 +201,11 @@ def run_eval(args: argparse.Namespace) -> int:
             _list()
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"dfm eval: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a read-only folder, a full disk...
+        from dfm.cli import describe_os_error
+
+        print(f"dfm eval: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     return 0
 

@@ -298,6 +298,13 @@ def evaluate(
                     "metric 'accuracy' needs labelled samples: an npz key 'labels' or file names containing class<K>"
                 )
             predictions = fake.logits.argmax(1)
+            num_classes = fake.logits.shape[1]
+            wrong = samples_in.labels[(samples_in.labels < 0) | (samples_in.labels >= num_classes)]
+            if len(wrong):
+                raise ValueError(
+                    f"sample label {int(wrong[0])} is not a class of the {extractor_name} classifier "
+                    f"(0..{num_classes - 1}): give labels of its classes, or leave out the accuracy metric"
+                )
             key = "class_accuracy_frames" if per_frame else "class_accuracy"
             scores[key] = (predictions == samples_in.labels[: len(predictions)]).double().mean().item()
             if refs_in is not None and refs_in.labels is not None:  # the ceiling: the same classifier on real data

@@ -70,9 +70,12 @@ def _load_folder(path: Path) -> ImageSet:
         raise ValueError(f"no PNG/JPEG images in folder {path}")
     arrays, labels = [], []
     for file in files:
-        with Image.open(file) as image:
-            mode = "L" if image.mode in ("L", "I;16", "1") else "RGB"
-            arrays.append(np.asarray(image.convert(mode)))
+        try:
+            with Image.open(file) as image:
+                mode = "L" if image.mode in ("L", "I;16", "1") else "RGB"
+                arrays.append(np.asarray(image.convert(mode)))
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for damaged files
+            raise ValueError(f"cannot read image {file}: {err}; delete or replace the file") from None
         match = _LABEL_PATTERN.search(file.stem)
         labels.append(int(match.group(1)) if match else None)
     shapes = {a.shape for a in arrays}
@@ -91,8 +94,10 @@ def _load_npz(path: Path) -> ImageSet:
         if "arr_0" not in data:
             raise ValueError(f"{path} has no 'arr_0' key (keys: {sorted(data.keys())}); expected ADM-style samples")
         images = _to_nchw(data["arr_0"], str(path))
-        labels = torch.from_numpy(data["labels"].astype(np.int64)) if "labels" in data else None
+        labels = torch.from_numpy(data["labels"].astype(np.int64).reshape(-1)) if "labels" in data else None
         prompts = [str(p) for p in data["prompts"]] if "prompts" in data else None
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{path} holds {len(images)} images but {len(labels)} labels: give one label per image")
     return ImageSet(images, labels, {"kind": "npz", "path": str(path), "count": len(images)}, prompts)
 
 
@@ -113,10 +118,11 @@ def load_images(spec: str | Path) -> ImageSet:
             {"kind": "dataset", "name": "fashion-mnist", "split": split or "train", "count": len(images)},
         )
     path = Path(spec)
-    if path.is_dir():
-        return _load_folder(path)
-    if path.suffix == ".npz" and path.is_file():
-        return _load_npz(path)
+    if path.is_dir() or (path.suffix == ".npz" and path.is_file()):
+        image_set = _load_folder(path) if path.is_dir() else _load_npz(path)
+        if len(image_set) == 0:
+            raise ValueError(f"{path} holds no images: nothing to score")
+        return image_set
     raise ValueError(
         f"cannot read images from {text!r}: give a folder of PNGs, an .npz with key arr_0, "
         "or 'fashion-mnist[:train|:test|:val]'"

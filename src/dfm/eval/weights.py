@@ -64,11 +64,15 @@ def resolve_weights(name: str, spec: WeightsSpec, path: str | Path | None = None
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a checkpoint holding a plain state dict (or one under a 'state_dict'/'model' key)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, SafetensorError, a truncated zip...: not a weights file
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"cannot read weights file {path}: {first}; pass the right file with --weights") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

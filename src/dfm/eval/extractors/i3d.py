@@ -60,6 +60,14 @@ def build_i3d(weights: str | Path | None = None, download: bool = True) -> I3D:
     with warnings.catch_warnings():
         # TorchScript is deprecated in recent torch, but it is the format the standard FVD network ships in.
         warnings.simplefilter("ignore", DeprecationWarning)
-        model = I3D(torch.jit.load(str(path), map_location="cpu"))
+        try:
+            detector = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(
+                f"i3d: {path} is not a TorchScript file ({first}); pass the TorchScript I3D "
+                f"({I3D_WEIGHTS.filename}) with --weights i3d=PATH"
+            ) from None
+        model = I3D(detector)
     model.weights_path, model.weights_sha256 = str(path), sha256_file(path)
     return model
