@@ -77,7 +77,9 @@ def test_train_checkpoint_resume_sample(tmp_path: Path, capsys) -> None:
     out2 = tmp_path / "samples2"
     assert cli(["sample", str(run), "--seeds", "3-4", "--out", str(out2), "--npz", "--steps", "2,2",
                 "--batch-size", "1"]) == 0  # fmt: skip
-    np.testing.assert_array_equal(np.load(out2 / "samples.npz")["arr_0"], npz["arr_0"][3:5])
+    # Float reductions depend on the batch shape: equal to rounding, so at most one uint8 level apart.
+    diff = np.abs(np.load(out2 / "samples.npz")["arr_0"].astype(int) - npz["arr_0"][3:5].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
     # The pretrained directory samples too.
     assert cli(["sample", str(run / "pretrained"), "--seeds", "0-1", "--out", str(tmp_path / "s3")]) == 0

@@ -1,7 +1,11 @@
 """Generation from a trained run: load the model, sample with per-image seeds, write grids, PNGs, npz, GIFs.
 
-An image is a function of its seed, its class and the sampler settings only: ``--seeds 0-49999`` gives the same
-image for seed 17 whether it is drawn alone, in a batch of 256, or on any number of GPUs.
+An image is a function of its seed, its class and the sampler settings: its starting noise depends on its seed
+only, so ``--seeds 0-49999`` gives seed 17 the same image whether it is drawn alone, in a batch of 256, or on any
+number of GPUs. Precisely: bitwise the same for the same batch composition (same ``--batch-size`` and number of
+processes, hence the same neighbours); otherwise equal up to float rounding, because matrix products reduce in an
+order that depends on the batch shape, which in rare cases moves a uint8 pixel by one level (one pixel in 256
+images, measured between ``--batch-size 64`` and ``--batch-size 1``).
 """
 
 from __future__ import annotations
