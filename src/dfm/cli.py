@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import gc
 import json
 import sys
 from pathlib import Path
@@ -89,6 +90,11 @@ def _run_train(args) -> int:
     d = init_distributed()
     trainer = Trainer(cfg, out, resume=args.resume, dist_info=d, progress=not args.no_progress)
     run = trainer.fit()
+    # Release the (FSDP-sharded) modules, their hooks and pending collectives while the process group is alive:
+    # torn down at interpreter exit after destroy_process_group, rank 1 sometimes aborted ("terminate called
+    # without an active exception").
+    del trainer
+    gc.collect()
     finish_distributed()
     if d.main:
         print(f"run directory: {run}")
