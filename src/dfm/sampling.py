@@ -100,6 +100,52 @@ def prepare_guidance(
     return scales, use_cfg, null_class, y
 
 
+def guided_velocity(
+    forward: Callable[[list, Tensor | None], Sequence[Tensor]],
+    inputs: list,
+    y: Tensor | None,
+    scales: Sequence[float],
+    null_class: int | None = None,
+) -> list[Tensor]:
+    """Classifier-free guidance, one scale per output: ``v = v(∅) + w · (v(y) - v(∅))``, in float32.
+
+    ``forward(inputs, labels)`` runs the network; ``inputs`` is a list of batch tensors (or None) that are the same
+    for both branches. With any scale other than 1 the conditional and unconditional branches run as one doubled
+    batch in which only the label differs (``null_class`` for the second half); otherwise the network runs once.
+    All three samplers (DFM, the cascade, Pyramidal Flow) guide through this function.
+    """
+    if all(w == 1.0 for w in scales):
+        return [v.float() for v in forward(inputs, y)]
+    doubled = [None if a is None else torch.cat([a, a]) for a in inputs]
+    out = forward(doubled, torch.cat([y, torch.full_like(y, null_class)]))
+    guided = []
+    for w, v in zip(scales, out):
+        v_cond, v_uncond = v.float().chunk(2)
+        guided.append(v_uncond + w * (v_cond - v_uncond))
+    return guided
+
+
+def ode_step(
+    velocity: Callable[[list[Tensor], object], list[Tensor]],
+    x: list[Tensor],
+    t0: object,
+    t1: object,
+    dt: Sequence,
+    solver: str,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One Euler or Heun step of ``dx/dt = velocity(x, t)`` for a list of states, each with its own increment.
+
+    Returns the new states and the last velocity evaluated (at ``t0`` for Euler, at ``t1`` for Heun), which
+    gives the denoised estimate ``x + (1 - t) v`` for previews.
+    """
+    v = velocity(x, t0)
+    if solver == "euler":
+        return [xs + dt[s] * v[s] for s, xs in enumerate(x)], v
+    x_pred = [xs + dt[s] * v[s] for s, xs in enumerate(x)]
+    v2 = velocity(x_pred, t1)
+    return [xs + dt[s] * (v[s] + v2[s]) / 2 for s, xs in enumerate(x)], v2
+
+
 def sample(
     model: VelocityModel,
     decomposition: Decomposition,
@@ -161,35 +207,16 @@ def sample(
         inputs = [lv * mask[s] for s, lv in enumerate(levels)]
         t = t_row.expand(b, num_stages)
         main_stage = phase[n].expand(b)
-        if not use_cfg:
-            return list(model(inputs, t, y, main_stage))
-        y_null = torch.full_like(y, null_class)
-        out = model(
-            [torch.cat([v, v]) for v in inputs],
-            torch.cat([t, t]),
-            torch.cat([y, y_null]),
-            torch.cat([main_stage, main_stage]),
-        )
-        guided = []
-        for s, v in enumerate(out):
-            v_cond, v_uncond = v.chunk(2)
-            guided.append(v_uncond + scales[s] * (v_cond - v_uncond))
-        return guided
+        forward = lambda a, labels: model(a[:-2], a[-2], labels, a[-1])  # noqa: E731
+        return guided_velocity(forward, [*inputs, t, main_stage], y, scales if use_cfg else [1.0] * num_stages,
+                               null_class)  # fmt: skip
 
     trajectory = [[lv.clone() for lv in x]] if return_trajectory else None
     previews: list[Tensor] = []
     phase_ends = set(schedule.phase_ends)
     for n in range(schedule.num_steps):
         t0, t1 = grid[n], grid[n + 1]
-        dt = t1 - t0
-        v = [vel.float() for vel in velocity(x, n, t0)]
-        if solver == "euler":
-            x = [lv + dt[s] * v[s] for s, lv in enumerate(x)]
-        else:
-            x_pred = [lv + dt[s] * v[s] for s, lv in enumerate(x)]
-            v2 = [vel.float() for vel in velocity(x_pred, n, t1)]
-            x = [lv + dt[s] * (v[s] + v2[s]) / 2 for s, lv in enumerate(x)]
-            v = v2
+        x, v = ode_step(lambda lv, t, n=n: velocity(lv, n, t), x, t0, t1, t1 - t0, solver)
         if return_trajectory:
             trajectory.append([lv.clone() for lv in x])
         if n + 1 in phase_ends:

@@ -43,7 +43,15 @@ from dfm.decomposition import _INTERP_MODES, _resize, downsample
 from dfm.models.config import DiTConfig
 from dfm.models.dit import DFMDiT
 from dfm.objective import logit_normal, randn
-from dfm.sampling import SOLVERS, PreviewCallback, SampleOutput, initial_noise, prepare_guidance
+from dfm.sampling import (
+    SOLVERS,
+    PreviewCallback,
+    SampleOutput,
+    guided_velocity,
+    initial_noise,
+    ode_step,
+    prepare_guidance,
+)
 
 CASCADE_CONFIG = "cascade.json"
 MODEL_TYPE = "dfm-cascade"
@@ -406,18 +414,12 @@ class CascadeObjective:
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _euler_or_heun(velocity, x: Tensor, steps: int, solver: str) -> tuple[Tensor, Tensor]:
-    """Integrate dx/dt = velocity(x, t) from t = 0 to 1 on a uniform grid; returns (x_1, last velocity)."""
-    v = torch.zeros_like(x)
+def _integrate(velocity, x: Tensor, steps: int, solver: str) -> Tensor:
+    """Integrate dx/dt = velocity(x, t) from t = 0 to 1 on a uniform grid of ``steps`` steps."""
     for i in range(steps):
         t0, t1 = i / steps, (i + 1) / steps
-        v = velocity(x, t0)
-        if solver == "heun":
-            v2 = velocity(x + (t1 - t0) * v, t1)
-            x, v = x + (t1 - t0) * (v + v2) / 2, v2
-        else:
-            x = x + (t1 - t0) * v
-    return x, v
+        (x,), _ = ode_step(lambda xs, t: [velocity(xs[0], t)], [x], t0, t1, [t1 - t0], solver)
+    return x
 
 
 @torch.no_grad()
@@ -469,26 +471,18 @@ def sample_cascade(
     eps_low, eps_full, eps_cond = initial_noise([low_shape, shape, low_shape], seeds, generator, device)
 
     def guided(stage: int, x: Tensor, t: float, cond: Tensor | None = None, cond_t: Tensor | None = None) -> Tensor:
-        tt = torch.full((b,), t, device=x.device)
-        if not use_cfg:
-            return model(x, tt, y, stage, cond, cond_t).float()
+        # Both branches see the conditioning image; only the label differs.
+        forward = lambda a, labels: [model(a[0], a[1], labels, stage, a[2], a[3])]  # noqa: E731
+        w = [scales[stage] if use_cfg else 1.0]
+        return guided_velocity(forward, [x, torch.full((b,), t, device=x.device), cond, cond_t], y, w, null_class)[0]
 
-        # Conditional and unconditional branches in one batch; only the label differs (the image is not dropped).
-        def twice(a: Tensor | None) -> Tensor | None:
-            return None if a is None else torch.cat([a, a])
-
-        y_both = torch.cat([y, torch.full_like(y, null_class)])
-        out = model(twice(x), twice(tt), y_both, stage, twice(cond), twice(cond_t))
-        v_cond, v_uncond = out.float().chunk(2)
-        return v_uncond + scales[stage] * (v_cond - v_uncond)
-
-    low, _ = _euler_or_heun(lambda x, t: guided(0, x, t), eps_low.float(), int(steps[0]), solver)
+    low = _integrate(lambda x, t: guided(0, x, t), eps_low.float(), int(steps[0]), solver)
     if callback is not None:
         callback(0, low)
     t_c = 1.0 - cond_noise
     cond = _resize(t_c * low + (1 - t_c) * eps_cond.float(), tuple(shape[2:]), mode)
     cond_t = torch.full((b,), t_c, device=low.device)
-    images, _ = _euler_or_heun(lambda x, t: guided(1, x, t, cond, cond_t), eps_full.float(), int(steps[1]), solver)
+    images = _integrate(lambda x, t: guided(1, x, t, cond, cond_t), eps_full.float(), int(steps[1]), solver)
     if callback is not None:
         callback(1, images)
     return SampleOutput(images, [low, images], [low, images])

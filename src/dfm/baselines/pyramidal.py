@@ -92,7 +92,15 @@ from dfm.baselines.common import StageLoss, mse_per_sample, stage_statistics, un
 from dfm.decomposition import Decomposition, _block_mean, _block_repeat, _normalise_factors
 from dfm.models.precondition import flow_preconditioning
 from dfm.objective import VelocityModel, logit_normal, randn
-from dfm.sampling import SOLVERS, PreviewCallback, SampleOutput, initial_noise, prepare_guidance
+from dfm.sampling import (
+    SOLVERS,
+    PreviewCallback,
+    SampleOutput,
+    guided_velocity,
+    initial_noise,
+    ode_step,
+    prepare_guidance,
+)
 
 TIME_DISTS = ("uniform", "logit_normal")
 
@@ -474,16 +482,9 @@ def sample_pyramidal(
         times = x.new_zeros(b, k_count)
         times[:, stage] = t
         stage_t = torch.full((b,), stage, dtype=torch.long, device=x.device)
-        if not use_cfg:
-            return model(levels, times, y, stage_t)[stage].float()
-        both = model(
-            [torch.cat([lv, lv]) for lv in levels],
-            torch.cat([times, times]),
-            torch.cat([y, torch.full_like(y, null_class)]),
-            torch.cat([stage_t, stage_t]),
-        )[stage].float()
-        v_cond, v_uncond = both.chunk(2)
-        return v_uncond + scales[stage] * (v_cond - v_uncond)
+        forward = lambda a, labels: [model(a[:-2], a[-2], labels, a[-1])[stage]]  # noqa: E731
+        w = [scales[stage] if use_cfg else 1.0]
+        return guided_velocity(forward, [*levels, times, stage_t], y, w, null_class)[0]
 
     x = draws[0].float()
     ends, previews = [], []
@@ -495,14 +496,8 @@ def sample_pyramidal(
         v = torch.zeros_like(x)
         for i in range(n):
             tau0, tau1 = i / n, (i + 1) / n
-            v = velocity(x, k, lo + tau0 * (hi - lo))
-            if solver == "euler":
-                x = x + (tau1 - tau0) * v
-            else:
-                x_pred = x + (tau1 - tau0) * v
-                v2 = velocity(x_pred, k, lo + tau1 * (hi - lo))
-                x = x + (tau1 - tau0) * (v + v2) / 2
-                v = v2
+            (x,), (v,) = ode_step(lambda xs, tau, k=k, lo=lo, hi=hi: [velocity(xs[0], k, lo + tau * (hi - lo))],
+                                  [x], tau0, tau1, [tau1 - tau0], solver)  # fmt: skip
         ends.append(x)
         e, s = path.end_coef(k), path.start_coef(k)
         preview = x + (1 - e) * v / (e - s)
