@@ -7,6 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,10 +205,25 @@ def test_bench_reference_val_trains_on_fit_and_scores_on_val(tmp_path: Path) -> 
     assert run_config(default, settings.variants[0], 0).data.dataset == "fashion-mnist"
 
 
-def test_saved_samples_drop_the_padding_at_every_fashion_mnist_resolution() -> None:
+@needs_data
+def test_saved_samples_drop_the_data_sets_padding_recorded_with_the_run(tmp_path: Path) -> None:
+    import json
+
+    from dfm.data import build_dataset
     from dfm.generate import data_padding
 
-    pads = {r: data_padding(apply_overrides(get_preset("quickstart"), [f"data.resolution={r}"])) for r in (28, 32, 64)}
-    assert pads == {28: 0, 32: 2, 64: 4}  # 64 px is the padded 32 px image upsampled: 4 px of border
+    pads = {r: build_dataset("fashion-mnist", r).padding for r in (28, 32, 48, 64)}
+    assert pads == {28: 0, 32: 2, 48: 3, 64: 4}  # the 32 px image (28 padded by 2) resized: the border scales
+    cfg = apply_overrides(get_preset("quickstart"), ["data.resolution=64"])
+    (tmp_path / "data_spec.json").write_text(json.dumps({"sample_shape": [1, 64, 64], "num_classes": 10,
+                                                         "padding": 4}))  # fmt: skip
+    assert data_padding(cfg, tmp_path) == 4
+    (tmp_path / "data_spec.json").write_text(json.dumps({"sample_shape": [1, 64, 64], "num_classes": 10}))
+    assert data_padding(cfg, tmp_path) == 4  # runs from before the padding was recorded: the Fashion-MNIST rule
     folder = apply_overrides(get_preset("quickstart"), ["data.dataset=/some/folder", "data.resolution=64"])
     assert data_padding(folder) == 0
+    run = tmp_path / "run"
+    _train(run, 1)
+    assert json.loads((run / "pretrained" / "data_spec.json").read_text())["padding"] == 2
+    assert cli(["sample", str(run / "pretrained"), "--seeds", "0-1", "--npz", "--out", str(tmp_path / "s")]) == 0
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 28, 28, 1)

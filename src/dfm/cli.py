@@ -240,7 +240,7 @@ def _run_sample(args) -> int:
         npz=args.npz,
         progression=not args.no_progression,
         mp4=args.mp4,
-        crop=data_padding(cfg),
+        crop=data_padding(cfg, args.run),
         nrow=grid_columns(min(len(images), 256), num_classes),
     )
     settings = {
@@ -256,7 +256,7 @@ def _run_sample(args) -> int:
         "precision": args.precision,
         "method": cfg.method.method,
         "decomposition": repr(decomposition),
-        "cropped_padding": data_padding(cfg),
+        "cropped_padding": data_padding(cfg, args.run),
     }
     save_json(out / "sampling.json", settings)
     for kind, path in written.items():

@@ -210,9 +210,18 @@ def upsample_like(x: Tensor, ref: Tensor) -> Tensor:
     return torch.nn.functional.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def data_padding(cfg: RunConfig) -> int:
-    """Pixels of padding the data set added on every side (32x32 Fashion-MNIST is 28x28 padded by 2, 64x64 is that
-    image upsampled, so 4), which the saved images (PNGs, npz) drop again so that they compare with the real data."""
+def data_padding(cfg: RunConfig, run: str | Path | None = None) -> int:
+    """Pixels of padding the data set added on every side (the data set's ``padding``: 32x32 Fashion-MNIST is 28x28
+    padded by 2, 64x64 is that image upsampled, so 4), which saved images drop again to compare with the real data.
+
+    Read from the run's ``data_spec.json`` (run or ``pretrained/`` directory); runs written before it recorded the
+    padding fall back to the rule for Fashion-MNIST.
+    """
+    spec = Path(run) / "data_spec.json" if run is not None else None
+    if spec is not None and spec.is_file():
+        recorded = json.loads(spec.read_text()).get("padding")
+        if recorded is not None:
+            return int(recorded)
     res = cfg.data.resolution
     fashion = str(cfg.data.dataset).lower().partition(":")[0] == "fashion-mnist"
     return 2 * res // 32 if fashion and res and res % 32 == 0 else 0

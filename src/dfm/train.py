@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -227,7 +228,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
             # What the model needs to be rebuilt without opening the data set again (dfm sample, the benches).
-            spec = {"sample_shape": list(self.sample_shape), "num_classes": self.num_classes}
+            spec = {"sample_shape": list(self.sample_shape), "num_classes": self.num_classes,
+                    "padding": int(getattr(self.dataset, "padding", 0))}  # fmt: skip
             atomic_write_text(self.run_dir / DATA_SPEC_FILE, json.dumps(spec) + "\n")
             self._truncate_metrics()
 
@@ -585,6 +587,7 @@ class Trainer:
             from dfm.generate import METHOD_FILE
 
             self.cfg.save(self.run_dir / "pretrained" / METHOD_FILE)
+            shutil.copyfile(self.run_dir / DATA_SPEC_FILE, self.run_dir / "pretrained" / DATA_SPEC_FILE)
         return self.run_dir
 
 

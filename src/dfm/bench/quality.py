@@ -248,12 +248,12 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> floa
     return spent
 
 
-def _to_uint8_native(images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+def _to_uint8_native(images: torch.Tensor, cfg: RunConfig, run_dir: Path) -> torch.Tensor:
     """Samples to uint8 NCHW without the data set's padding, to compare with the real images at their size."""
     from dfm.generate import crop_border, data_padding
 
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return crop_border(x, data_padding(cfg))
+    return crop_border(x, data_padding(cfg, run_dir))
 
 
 def evaluate_checkpoint(
@@ -287,7 +287,7 @@ def evaluate_checkpoint(
                          batch_size=settings.sample_batch, device=settings.device)  # fmt: skip
     sample_seconds = time.perf_counter() - tic
     image_set = ImageSet(
-        _to_uint8_native(images, run_cfg), torch.tensor(labels), {"kind": "bench", "count": len(seeds)}
+        _to_uint8_native(images, run_cfg, run_dir), torch.tensor(labels), {"kind": "bench", "count": len(seeds)}
     )
     config = EvalConfig(metrics=settings.metrics, num_reference=settings.num_samples, device=settings.device,
                         weights=weights, download=False, progress=False, swd=SWDConfig(min_resolution=8))  # fmt: skip

@@ -45,6 +45,8 @@ class DFMDataset(Dataset):
             pixel-space data.
         latent_shift, latent_scale: the normalisation ``x = (z - shift) * scale`` applied to VAE
             latents (``0`` and ``1`` for pixel data); decode with ``z = x / scale + shift``.
+        padding: pixels of background the data set adds on every side of its images (0 by default); saved
+            samples drop them again so that they compare with the real images at their native size.
     """
 
     num_classes: int
@@ -53,6 +55,7 @@ class DFMDataset(Dataset):
     vae_path: str | None = None
     latent_shift: float = 0.0
     latent_scale: float = 1.0
+    padding: int = 0
 
     @property
     def channels(self) -> int:

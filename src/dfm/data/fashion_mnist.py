@@ -246,6 +246,8 @@ class FashionMNIST(DFMDataset):
         self.num_classes = len(CLASS_NAMES)
         self.class_names = list(CLASS_NAMES)
         self.sample_shape = (1, resolution, resolution)
+        # 28 px is native; other sizes are the 32 px image (28 padded by 2) resized: the border scales with it.
+        self.padding = 0 if resolution == 28 or (2 * resolution) % 32 else 2 * resolution // 32
         self._tensors: torch.Tensor | None = None
 
     def __len__(self) -> int:
