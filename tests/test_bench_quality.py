@@ -73,7 +73,7 @@ def test_smoke_bench_runs_caches_and_reports(tmp_path: Path, classifier: str) ->
 def test_sampling_ablation_shares_one_training_run() -> None:
     variants = ABLATIONS["sampling"]()
     assert len({v.run_key() for v in variants}) == 1
-    assert len({v.run_key() for v in ABLATIONS["stage-probs"]()}) == 5
+    assert len({v.run_key() for v in ABLATIONS["stage-probs"]()}) == 6  # 0.3, 0.5, 0.7, 0.8, 0.9, 0.95
     assert Variant("a", "fm").run_key() != Variant("a", "dfm").run_key()
 
 
