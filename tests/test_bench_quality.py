@@ -90,7 +90,7 @@ def test_settings_from_args_and_errors() -> None:
     assert [v.name for v in picked.variants] == ["p(Q=1)=0.5", "p(Q=1)=0.9"]
     with_fm = settings_from_args(_parse("--ablation", "stage-probs", "--only", "0.5", "--methods", "dfm,fm"))
     assert [(v.name, v.method) for v in with_fm.variants] == [("p(Q=1)=0.5", "dfm"), ("Flow Matching", "fm")]
-    with pytest.raises(ValueError, match="choose from 0.5, 0.7"):
+    with pytest.raises(ValueError, match="choose from 0.3, 0.5, 0.7"):
         settings_from_args(_parse("--ablation", "stage-probs", "--only", "0.6"))
     with pytest.raises(ValueError, match="with --ablation"):
         settings_from_args(_parse("--only", "0.5"))

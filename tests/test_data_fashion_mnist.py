@@ -89,8 +89,8 @@ def test_missing_files_error_says_how_to_get_them(tmp_path):
 
 
 def test_bad_split_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="split='val'"):
-        load_fashion_mnist(tmp_path, "val")
+    with pytest.raises(ValueError, match="split=.validation."):
+        load_fashion_mnist(tmp_path, "validation")
 
 
 @pytest.mark.parametrize(

@@ -200,7 +200,8 @@ def test_sampling_does_not_need_the_training_data(tmp_path: Path) -> None:
             Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(folder / cls / f"{i}.png")
     run = tmp_path / "run"
     assert _train(run, 2, "--data", str(folder), "-o", "data.resolution=16", "-o", "model.overrides.patch_size=2") == 0
-    assert json.loads((run / "data_spec.json").read_text()) == {"sample_shape": [3, 16, 16], "num_classes": 3}
+    spec = json.loads((run / "data_spec.json").read_text())
+    assert spec == {"sample_shape": [3, 16, 16], "num_classes": 3, "padding": 0}
     shutil.rmtree(folder)  # the shape and the classes come from the run, not from the images
     assert cli(["sample", str(run), "--seeds", "0-3", "--out", str(tmp_path / "s"), "--npz"]) == 0
     data = np.load(tmp_path / "s" / "samples.npz")
@@ -491,6 +492,8 @@ def test_skip_bad_and_a_near_square_grid_for_one_class(tmp_path: Path, capsys) -
                     "--batch-size", "2", "--no-progress", *TINY, "-o", "train.num_sample_images=9"])  # fmt: skip
     assert code == 0
     assert RunConfig.load(run / "config.json").data.skip_bad
+    # Flat images have an all-zero fine level: its measured std is floored instead of dividing by zero.
+    assert RunConfig.load(run / "config.json").method.data_std[1] == 1e-3
     width, height = Image.open(run / "samples" / "step_00000002.png").size
     assert 0.8 < width / height < 1.25  # 3 x 3, not one column of 9
 

@@ -40,6 +40,9 @@ from dfm.objective import DFMObjective
 CONFIG_FILE = "config.json"
 DATA_SPEC_FILE = "data_spec.json"
 METRICS_FILE = "metrics.jsonl"
+#: Floor of a measured per-stage std: a level that is (nearly) constant in the data, e.g. the fine level of
+#: flat-coloured images, would otherwise get an infinite input scale from the preconditioning.
+MIN_DATA_STD = 1e-3
 # Settings that only the sampler reads: a resumed run may change them (training does not depend on them).
 SAMPLING_SETTINGS = {"method.steps", "method.thresholds", "method.solver", "method.guidance"}
 
@@ -309,7 +312,10 @@ class Trainer:
             stds = (float(low.float().std()), float(x.float().std()))
         else:
             stds = estimate_level_std(self.decomposition, x)
-        return tuple(round(s, 6) for s in stds)
+        if min(stds) < MIN_DATA_STD and self.d.main:
+            print(f"note: measured level stds {tuple(round(s, 6) for s in stds)}: a (nearly) constant level is "
+                  f"preconditioned as if its std were {MIN_DATA_STD}", file=sys.stderr)  # fmt: skip
+        return tuple(round(max(s, MIN_DATA_STD), 6) for s in stds)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         net = model
