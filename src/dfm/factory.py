@@ -91,6 +91,8 @@ def make_model(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int):
             "method.precondition is on but method.data_std is unset: the trainer measures it from the data "
             "(or set it, one std per stage, with -o method.data_std=...)"
         )
+    # Pyramidal Flow's preconditioning belongs to its path (PyramidalPreconditioning), not to the network.
+    in_network = method.precondition and method.method != "pyramidal"
     overrides = dict(cfg.model.overrides)
     overrides.update(
         input_size=tuple(sample_shape[1:]),
@@ -98,9 +100,8 @@ def make_model(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int):
         num_classes=num_classes,
         stage_factors=stage_factors(method),
         class_dropout=0.0,
-        # Pyramidal Flow's preconditioning belongs to its path (PyramidalPreconditioning), not to the network.
-        precondition=method.precondition and method.method != "pyramidal",
-        data_std=method.data_std if method.precondition and method.method != "pyramidal" else None,
+        precondition=in_network,
+        data_std=method.data_std if in_network else None,
     )
     if method.method == "cascade":  # stage 2 is the one-stage model; stage 1 is derived from it
         from dfm.baselines import CascadeModel
