@@ -96,7 +96,7 @@ def test_flow_matching_method_uses_one_stage(tmp_path: Path) -> None:
 
 
 def _train_cmd(run: Path, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dfm.train", "--out", str(run), "--steps", str(steps), "--batch-size", "8",
+    return [sys.executable, "-m", "dfm", "train", "--out", str(run), "--steps", str(steps), "--batch-size", "8",
             "--no-progress", *TINY, *extra]  # fmt: skip
 
 
@@ -256,7 +256,7 @@ def test_baselines_train_resume_and_sample(tmp_path: Path, method: str) -> None:
     cfg = RunConfig.load(run / "config.json")
     assert cfg.method.method == method and cfg.method.steps == (2, 2)
     if method == "cascade":
-        assert cfg.method.cascade_switch_step == 2  # round(0.8 * 3) of the first run, kept when extended
+        assert cfg.method.options["switch_step"] == 2  # round(0.8 * 3) of the first run, kept when extended
     out = tmp_path / "s"
     assert cli(["sample", str(run), "--seeds", "0-3", "--out", str(out), "--npz"]) == 0
     assert np.load(out / "samples.npz")["arr_0"].shape == (4, 28, 28, 1)
@@ -308,7 +308,7 @@ def test_two_process_sampling_gives_the_same_images(tmp_path: Path) -> None:
     assert _train(run, 2) == 0
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli(["sample", str(run), "--seeds", "0-4", "--out", str(one), "--npz", "--no-progression"]) == 0
-    _torchrun(["-m", "dfm.cli", "sample", str(run), "--seeds", "0-4", "--out", str(two), "--npz", "--no-progression"])
+    _torchrun(["-m", "dfm", "sample", str(run), "--seeds", "0-4", "--out", str(two), "--npz", "--no-progression"])
     a, b = np.load(one / "samples.npz"), np.load(two / "samples.npz")
     np.testing.assert_array_equal(a["seeds"], b["seeds"])
     np.testing.assert_array_equal(a["labels"], b["labels"])

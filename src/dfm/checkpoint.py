@@ -17,6 +17,7 @@ replacement never arrived. A file that cannot be written or read raises :class:`
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -192,3 +193,18 @@ def load_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
 def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors of ``state`` that hold an inf or a NaN."""
     return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError``: the file, what went wrong and what to do about it."""
+    where = f"{err.filename}: " if err.filename else ""
+    what = err.strerror or str(err)
+    hint = {
+        errno.EACCES: "choose a writable location or fix its permissions",
+        errno.EPERM: "choose a writable location or fix its permissions",
+        errno.EROFS: "choose a location on a writable file system",
+        errno.ENOSPC: "free disk space, then run the command again",
+        errno.EFBIG: "raise the file-size limit (ulimit -f), then run the command again",
+        errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+    }.get(err.errno, "check the path and run the command again")
+    return f"{where}{what}; {hint}"

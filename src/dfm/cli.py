@@ -7,13 +7,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import gc
 import json
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from dfm.bench.cli import add_bench_parser
+from dfm.checkpoint import describe_os_error, ensure_writable
 from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset, validate_sampling, with_method
+from dfm.data.prepare import add_prepare_parser
+from dfm.eval.cli import add_eval_parser
+from dfm.factory import make_decomposition
+from dfm.generate import (
+    data_padding,
+    default_labels,
+    generate,
+    load_run,
+    make_decoder,
+    parse_seeds,
+    save_json,
+    shard,
+    write_outputs,
+)
+from dfm.train import Trainer, TrainingError, finish_distributed, init_distributed
+from dfm.visual import grid_columns
+
+__all__ = ["build_parser", "describe_os_error", "main"]
 
 
 def _add_train(sub) -> None:
@@ -82,8 +104,6 @@ def _train_config(args) -> RunConfig:
 
 
 def _run_train(args) -> int:
-    from dfm.train import Trainer, finish_distributed, init_distributed
-
     cfg = _train_config(args)
     suffix = f"-{args.method}" if args.method and args.method != "dfm" and args.method not in cfg.preset else ""
     out = args.out or f"runs/{cfg.preset or 'run'}{suffix}"
@@ -161,25 +181,6 @@ def _sampling_settings(args, cfg: RunConfig) -> tuple[list[float] | None, list[i
 
 
 def _run_sample(args) -> int:
-    import torch
-    import torch.distributed as dist
-
-    from dfm.checkpoint import ensure_writable
-    from dfm.factory import make_decomposition
-    from dfm.generate import (
-        data_padding,
-        default_labels,
-        generate,
-        load_run,
-        make_decoder,
-        parse_seeds,
-        save_json,
-        shard,
-        write_outputs,
-    )
-    from dfm.train import finish_distributed, init_distributed
-    from dfm.visual import grid_columns
-
     d = init_distributed()
     seeds = parse_seeds(args.seeds)
     out = Path(args.out or Path(args.run) / "samples" / "cli")
@@ -283,50 +284,21 @@ def _run_presets(args) -> int:
     return 0
 
 
-def describe_os_error(err: OSError) -> str:
-    """One line for an ``OSError``: the file, what went wrong and what to do about it."""
-    where = f"{err.filename}: " if err.filename else ""
-    what = err.strerror or str(err)
-    hint = {
-        errno.EACCES: "choose a writable location or fix its permissions",
-        errno.EPERM: "choose a writable location or fix its permissions",
-        errno.EROFS: "choose a location on a writable file system",
-        errno.ENOSPC: "free disk space, then run the command again",
-        errno.EFBIG: "raise the file-size limit (ulimit -f), then run the command again",
-        errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
-    }.get(err.errno, "check the path and run the command again")
-    return f"{where}{what}; {hint}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfm", description="Decomposable Flow Matching")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_sample(sub)
     _add_presets(sub)
-    from dfm.bench.cli import add_bench_parser
-
     add_bench_parser(sub)
-    try:
-        from dfm.eval.cli import add_eval_parser
-
-        add_eval_parser(sub)
-    except ImportError:  # pragma: no cover - the evaluation package is part of dfm
-        pass
-    try:
-        from dfm.data.prepare import add_prepare_parser
-
-        add_prepare_parser(sub)
-    except ImportError:  # pragma: no cover
-        pass
+    add_eval_parser(sub)
+    add_prepare_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dfm.train import TrainingError
-
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, ImportError, TrainingError) as err:

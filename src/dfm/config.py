@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("dfm", "fm", "cascade", "pyramidal")
+from dfm.methods import get_method, method_names
+from dfm.models.config import DiTConfig
+
 LOSS_WEIGHTINGS = ("velocity", "edm")
 
 
@@ -59,15 +61,9 @@ class MethodConfig:
     thresholds: tuple[float, ...] = (0.7,)  #: τ per stage jump (paper: 0.7 at 512 px, 0.9 robust default)
     solver: str = "euler"
     guidance: float = 1.0
-    # baselines (method.md section 7; dfm.baselines): method="cascade" or "pyramidal", stages=2, steps=(20, 20)
-    cascade_stage1_fraction: float = 0.8  #: share of the optimiser steps that train stage 1 (paper: ~80%)
-    cascade_switch_step: int | None = None  #: first stage-2 step; None = round(fraction * train.steps), then saved
-    cond_loc: float = 1.5  #: cascade: conditioning level t_c ~ LogitNormal(cond_loc, cond_scale) (paper: 1.5, 1)
-    cond_scale: float = 1.0
-    cond_noise: float = 0.025  #: cascade: 1 - t_c at inference (paper: 0.025)
-    pyramid_windows: tuple[float, ...] | None = None  #: pyramidal: inner window boundaries; None = equal windows
-    pyramid_gamma: tuple[float, ...] | None = None  #: pyramidal: jump-noise correlation; None = 1/(f²-1) = 1/3
-    pyramid_time: str = "uniform"  #: pyramidal: law of τ in a window, uniform | logit_normal(main_loc, main_scale)
+    #: the method's own settings (``-o method.options.KEY=VALUE``), typed by its registry entry's ``Options``
+    #: (dfm.methods): e.g. the cascade's ``cond_noise``, Pyramidal Flow's ``windows``; filled with the defaults
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,20 +156,47 @@ class RunConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+#: settings of the baselines that MethodConfig carried before they became the methods' own ``method.options``
+_LEGACY_OPTIONS = {
+    "cascade": {"cascade_stage1_fraction": "stage1_fraction", "cascade_switch_step": "switch_step",
+                "cond_loc": "cond_loc", "cond_scale": "cond_scale", "cond_noise": "cond_noise"},
+    "pyramidal": {"pyramid_windows": "windows", "pyramid_gamma": "gamma", "pyramid_time": "time"},
+}  # fmt: skip
+
+
 def _upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
-    """config.json files written before preconditioning was a method setting: they trained without it, unless
-    they asked the model for it (``model.overrides.precondition``, which then used data_std or 1.0 per stage)."""
+    """Read config.json files written by earlier versions.
+
+    - Before preconditioning was a method setting, runs trained without it, unless they asked the model for it
+      (``model.overrides.precondition``, which then used data_std or 1.0 per stage).
+    - Before ``method.options``, the baselines' settings were fields of MethodConfig (``cond_noise``,
+      ``pyramid_windows``, ...): they move into the options of the method that reads them; the other method's
+      ones had no effect and are dropped.
+    """
     method = data.get("method")
-    if not isinstance(method, dict) or "precondition" in method:
+    if not isinstance(method, dict):
         return data
-    data = {**data, "method": {**method, "precondition": False}}
+    method = dict(method)
+    data = {**data, "method": method}
+    if any(old in method for names in _LEGACY_OPTIONS.values() for old in names):
+        options = dict(method.get("options", {}))
+        for name, names in _LEGACY_OPTIONS.items():
+            for old, new in names.items():
+                if old in method:
+                    value = method.pop(old)
+                    if method.get("method") == name:
+                        options[new] = value
+        method["options"] = options
+    if "precondition" in method:
+        return data
+    method["precondition"] = False
     overrides = dict(data.get("model", {}).get("overrides", {}))
     if "precondition" in overrides:
         on = overrides.pop("precondition")
         std = overrides.pop("data_std", None)
         if on is True:
             stages = 2 if method.get("method") == "cascade" else int(method.get("stages", 2))
-            data["method"].update(precondition=True, data_std=std or [1.0] * stages)
+            method.update(precondition=True, data_std=std or [1.0] * stages)
         data["model"] = {**data["model"], "overrides": overrides}
     return data
 
@@ -237,6 +260,13 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             value = _parse_value(text.strip(), fields[parts[2]], key)
             cfg.model.overrides[parts[2]] = list(value) if isinstance(value, tuple) else value  # as JSON reads it
             continue
+        if parts[0] == "method" and len(parts) == 3 and parts[1] == "options":
+            fields = typing.get_type_hints(get_method(cfg.method.method).Options)
+            if parts[2] not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                raise ValueError(f"unknown setting {key} of method {cfg.method.method}; its options: {known}")
+            cfg.method.options[parts[2]] = _parse_value(text.strip(), fields[parts[2]], key)
+            continue
         if len(parts) != 2:
             raise ValueError(f"override key {key!r} must be section.key (sections: method, model, data, optim, train)")
         section, name = parts
@@ -245,16 +275,24 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             raise ValueError(f"unknown config section {section!r} (sections: method, model, data, optim, train)")
         hints = typing.get_type_hints(type(sub))
         if name not in hints:
-            raise ValueError(f"unknown setting {section}.{name}; known: {', '.join(sorted(hints))}")
+            owner = _option_owner(name) if section == "method" else None
+            hint = f" (a setting of method {owner}: method.options.{name})" if owner else ""
+            raise ValueError(f"unknown setting {section}.{name}{hint}; known: {', '.join(sorted(hints))}")
         setattr(sub, name, _parse_value(text.strip(), hints[name], key))
     validate(cfg)
     return cfg
 
 
+def _option_owner(name: str) -> str | None:
+    """The method whose ``method.options`` has a setting called ``name``, if any."""
+    for method in method_names():
+        if name in typing.get_type_hints(get_method(method).Options):
+            return method
+    return None
+
+
 def _model_fields() -> dict[str, Any]:
     """Field name -> type of :class:`dfm.models.config.DiTConfig`, what ``model.overrides`` may set."""
-    from dfm.models.config import DiTConfig
-
     return typing.get_type_hints(DiTConfig)
 
 
@@ -297,30 +335,21 @@ def validate_sampling(m: MethodConfig) -> None:
 def validate(cfg: RunConfig) -> None:
     """Catch settings a user can get wrong, with a message that says what to change."""
     m, t, o = cfg.method, cfg.train, cfg.optim
-    if m.method not in METHODS:
-        raise ValueError(f"method.method={m.method!r}: choose one of {METHODS}")
-    if m.method == "fm" and m.stages != 1:
-        raise ValueError("method fm is the one-stage case: set method.stages=1 (or use --method fm)")
+    spec = get_method(m.method)
     if m.stages < 1:
         raise ValueError(f"method.stages={m.stages} must be >= 1")
-    if m.method == "cascade" and m.stages != 2:
-        raise ValueError("method cascade has two stages (low resolution, then full): set method.stages=2")
-    if m.method == "pyramidal" and m.stages < 2:
-        raise ValueError("method pyramidal needs method.stages >= 2 (one stage is plain Flow Matching)")
-    if m.method in ("cascade", "pyramidal") and (m.standardize or m.decomposition != "laplacian"):
-        raise ValueError(f"method {m.method} has its own pyramid: leave method.decomposition and standardize alone")
-    if m.method == "cascade" and t.distributed == "fsdp":
-        raise ValueError("method cascade copies weights between its stages: use train.distributed=ddp")
+    spec.validate(cfg)
+    if t.distributed == "fsdp" and not spec.supports_fsdp:
+        raise ValueError(f"method {m.method} does not support FSDP: use train.distributed=ddp")
+    _resolve_options(m)
     validate_sampling(m)
     if m.stage_probs is not None and len(m.stage_probs) != m.stages:
         raise ValueError(f"method.stage_probs={m.stage_probs} needs one probability per stage ({m.stages})")
     if m.loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"method.loss_weighting={m.loss_weighting!r}: choose one of {LOSS_WEIGHTINGS}")
-    n_std = 2 if m.method == "cascade" else m.stages  # the cascade: its low-resolution model, then the full one
+    n_std = spec.num_data_std(m)
     if m.data_std is not None and (len(m.data_std) != n_std or min(m.data_std) <= 0):
         raise ValueError(f"method.data_std={m.data_std} needs {n_std} positive values (one per stage), or none")
-    if m.method in ("cascade", "pyramidal") and m.loss_weighting != "velocity":
-        raise ValueError(f"method {m.method} trains with the velocity loss: set method.loss_weighting=velocity")
     for key in ("precondition", "data_std"):
         if key in cfg.model.overrides:
             raise ValueError(f"model.overrides.{key} is set from the method: use method.{key} instead")
@@ -357,35 +386,34 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("optim: lr must be > 0, warmup_steps >= 0, grad_clip >= 0 and ema_decay in [0, 1)")
 
 
+def _resolve_options(m: MethodConfig) -> None:
+    """Check ``m.options`` against the method's ``Options`` and fill in its defaults (in place)."""
+    options_cls = get_method(m.method).Options
+    hints = typing.get_type_hints(options_cls)
+    unknown = sorted(set(m.options) - set(hints))
+    if unknown:
+        known = ", ".join(sorted(hints)) or "none"
+        raise ValueError(f"method.options {unknown} are not settings of method {m.method}; its options: {known}")
+    for name, value in m.options.items():
+        if not _fits(value, hints[name]):
+            raise ValueError(f"method.options.{name}={value!r} must be of type {hints[name]}")
+    options = options_cls(**{k: _coerce_json(v, hints[k]) for k, v in m.options.items()})
+    m.options = dataclasses.asdict(options)
+
+
 def with_method(cfg: RunConfig, method: str) -> RunConfig:
     """The same run with another method: same backbone, data, optimiser and number of network evaluations.
 
     ``fm`` becomes one stage with all sampling steps; ``cascade`` and ``pyramidal`` split the steps equally
     between two stages (the paper's 20 + 20 for the cascade, equal steps per stage for Pyramidal Flow).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
+    spec = get_method(method)
     if method == cfg.method.method:
         return copy.deepcopy(cfg)
     if cfg.method.method != "dfm":
         raise ValueError(f"switch to {method} from a DFM config (this one is {cfg.method.method})")
     cfg = copy.deepcopy(cfg)
-    total = sum(cfg.method.steps)
-    if method == "fm":
-        cfg.method = dataclasses.replace(
-            cfg.method, method="fm", stages=1, factors=None, stage_probs=None, steps=(total,), thresholds=(),
-            data_std=None,
-        )  # fmt: skip
-    else:
-        if cfg.method.stages != 2:
-            raise ValueError(
-                f"method {method} is compared with two-stage DFM configs; this one has {cfg.method.stages}"
-            )
-        cfg.method = dataclasses.replace(
-            cfg.method, method=method, steps=(total // 2, total - total // 2), standardize=False, level_std=None,
-            data_std=None,
-        )  # fmt: skip
-        cfg.method.loss_weighting = "velocity"  # the baselines train with the velocity loss
+    cfg.method = spec.from_dfm(cfg.method)
     validate(cfg)
     return cfg
 

@@ -20,12 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from dfm.baselines import CascadeModel
 from dfm.checkpoint import EMA_FILE, MODEL_FILE, find_latest, load_weights, non_finite
 from dfm.config import RunConfig
+from dfm.data import build_dataset
+from dfm.data.latents import is_latent_dir, read_latent_info
+from dfm.data.vae import load_vae
 from dfm.decomposition import Decomposition
-from dfm.factory import make_model, make_pyramidal_path, make_schedule
-from dfm.sampling import sample
+from dfm.factory import make_model, make_schedule
+from dfm.methods import get_method
+from dfm.models import DFMDiT
 from dfm.visual import grid_columns, image_grid, progression_grid, save_gif, save_png, to_uint8, upsample_to
 
 RUN_CONFIG = "config.json"
@@ -72,13 +78,9 @@ def load_run(
         _require_finite(model, ckpt / (EMA_FILE if ema else MODEL_FILE))
         return model.to(device).eval(), cfg
     if (path / "cascade.json").is_file():
-        from dfm.baselines import CascadeModel
-
         model = CascadeModel.from_pretrained(path, device=device).eval()
         return _require_finite(model, path), RunConfig.load(path / METHOD_FILE)
     if (path / "model.safetensors").is_file():
-        from dfm.models import DFMDiT
-
         model = _require_finite(DFMDiT.from_pretrained(path, device=device).eval(), path)
         if (path / METHOD_FILE).is_file():
             cfg = RunConfig.load(path / METHOD_FILE)
@@ -108,9 +110,7 @@ def _data_spec(cfg: RunConfig, run: Path) -> tuple[tuple[int, ...], int]:
     if spec.is_file():
         d = json.loads(spec.read_text())
         return tuple(d["sample_shape"]), int(d["num_classes"])
-    from dfm.data import build_dataset  # runs written before data_spec.json existed
-
-    ds = build_dataset(
+    ds = build_dataset(  # runs written before data_spec.json existed
         cfg.data.dataset,
         cfg.data.resolution,
         train=True,
@@ -123,12 +123,8 @@ def _data_spec(cfg: RunConfig, run: Path) -> tuple[tuple[int, ...], int]:
 
 def make_decoder(cfg: RunConfig, device: str | torch.device = "cpu") -> Callable[[Tensor], Tensor] | None:
     """For latent runs, the VAE decoder (model space -> pixels in [-1, 1]); None for pixel-space runs."""
-    from dfm.data.latents import is_latent_dir, read_latent_info
-
     if not is_latent_dir(Path(cfg.data.dataset)):
         return None
-    from dfm.data.vae import load_vae
-
     info = read_latent_info(Path(cfg.data.dataset))
     vae = load_vae(info["vae"], device=device, shift=info.get("shift"), scale=info.get("scale"))
     return vae.decode_normalized
@@ -162,8 +158,6 @@ def generate(
     all_previews: list[list[Tensor]] = []
     batches = range(0, len(seeds), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc="sample", unit="batch", dynamic_ncols=True)
     for lo in batches:
         sd = list(seeds[lo : lo + batch_size])
@@ -175,20 +169,7 @@ def generate(
         )
         common = dict(seeds=sd, guidance=guidance, solver=solver, device=device)
         with ctx:
-            if m.method == "cascade":
-                from dfm.baselines import sample_cascade
-
-                out = sample_cascade(
-                    model, (len(sd), *shape), y, steps=schedule.steps, cond_noise=m.cond_noise, **common
-                )
-            elif m.method == "pyramidal":
-                from dfm.baselines import sample_pyramidal
-
-                path = make_pyramidal_path(m, decomposition)
-                std = m.data_std if m.precondition else None  # the path's own preconditioning
-                out = sample_pyramidal(model, path, (len(sd), *shape), y, steps=schedule.steps, data_std=std, **common)
-            else:
-                out = sample(model, decomposition, schedule, (len(sd), *shape), y, **common)
+            out = get_method(m.method).sample(model, decomposition, m, schedule, (len(sd), *shape), y, **common)
         imgs, prev = out.images.float(), [p.float() for p in out.previews]
         if decoder is not None:
             imgs = decoder(imgs)

@@ -28,9 +28,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dfm.decomposition import Decomposition
 from dfm.models.precondition import flow_preconditioning
@@ -110,10 +111,12 @@ class PathDraw:
 
 @dataclass
 class LossOutput:
-    loss: Tensor  #: scalar, mean over the batch of Σ_s mask_s · MSE_s
-    stage_losses: Tensor  #: (S,) mean MSE of each stage over the samples where it is active (0 where none)
-    stage_counts: Tensor  #: (S,) number of samples in which each stage was active
-    path: PathSample
+    """The loss of one batch with per-stage statistics for logging; what every method's objective returns."""
+
+    loss: Tensor  #: scalar, mean over the batch (DFM: of Σ_s mask_s · MSE_s)
+    stage_losses: Tensor  #: (S,) mean MSE of each stage over the samples that trained it (0 where none)
+    stage_counts: Tensor  #: (S,) number of samples that trained each stage
+    path: Any = None  #: the path sample the loss was computed on (PathSample for DFM; for tests and diagnostics)
 
 
 class DFMObjective:
@@ -165,6 +168,10 @@ class DFMObjective:
         self.data_std = None if data_std is None else tuple(float(v) for v in data_std)
 
     # -- draws ----------------------------------------------------------------------------------------------
+    def begin_step(self, step: int, model: nn.Module | None = None, ema: nn.Module | None = None) -> None:
+        """Called by the trainer before every optimiser step; DFM trains every stage at every step (the
+        cascade's objective switches models here)."""
+
     def sample_main_stage(
         self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> Tensor:

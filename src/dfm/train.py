@@ -1,6 +1,6 @@
 """The training loop: one process or many (torchrun, DDP or FSDP2), bf16 autocast, EMA, atomic checkpoints.
 
-Run it as ``dfm train --preset quickstart`` or ``torchrun --nproc_per_node 8 -m dfm.train --preset ...``.
+Run it as ``dfm train --preset quickstart`` or ``torchrun --nproc_per_node 8 -m dfm train --preset ...``.
 
 Reproducibility: all randomness of step k (which images, main stages, times, noise, label dropout) is drawn from
 generators seeded by (seed, k) for the whole global batch, and each rank takes its slice. A run resumed from a
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from dfm.checkpoint import (
     atomic_write_text,
@@ -34,8 +35,13 @@ from dfm.checkpoint import (
     save_checkpoint,
 )
 from dfm.config import RunConfig
+from dfm.data import build_dataset
+from dfm.decomposition import estimate_level_std
 from dfm.factory import make_decomposition, make_model, make_objective
+from dfm.generate import METHOD_FILE, sample_grid_files
+from dfm.methods import get_method
 from dfm.objective import DFMObjective
+from dfm.visual import plot_losses, read_metrics
 
 CONFIG_FILE = "config.json"
 DATA_SPEC_FILE = "data_spec.json"
@@ -149,6 +155,7 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         self.cfg = cfg
+        self.method = get_method(cfg.method.method)
         self.run_dir = Path(run_dir)
         self.d = dist_info or Dist()
         self.progress = progress
@@ -166,8 +173,6 @@ class Trainer:
             for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "samples"):
                 ensure_writable(folder)
             clean_leftovers(self.run_dir / "checkpoints")
-
-        from dfm.data import build_dataset
 
         data = cfg.data
         # Augmentation draws from a generator seeded per step (see train_step), so resumes are exact.
@@ -200,8 +205,7 @@ class Trainer:
         if needs_std and cfg.method.data_std is None:
             cfg.method.data_std = self._estimate_data_std()
         self.objective: DFMObjective = make_objective(cfg.method, self.decomposition, t.steps)
-        if cfg.method.method == "cascade":  # saved in config.json, so that a longer resumed run keeps it
-            cfg.method.cascade_switch_step = self.objective.switch_step
+        self.method.decide_at_start(cfg.method, self.objective)  # saved in config.json; a resumed run keeps it
         self.level_shapes_1 = self.decomposition.level_shapes((1, *self.sample_shape))
 
         torch.manual_seed(t.seed)
@@ -256,8 +260,10 @@ class Trainer:
             for key in ("level_std", "data_std"):  # measured at the start of the run: keep the run's values
                 if getattr(old.method, key) is not None and getattr(self.cfg.method, key) is None:
                     setattr(self.cfg.method, key, getattr(old.method, key))
-            if old.method.cascade_switch_step is not None and self.cfg.method.cascade_switch_step is None:
-                self.cfg.method.cascade_switch_step = old.method.cascade_switch_step
+            if old.method.method == self.cfg.method.method:  # what the run decided at its start, e.g. the
+                for key in get_method(old.method.method).decided_at_start:  # cascade's switch step
+                    if old.method.options.get(key) is not None and self.cfg.method.options.get(key) is None:
+                        self.cfg.method.options[key] = old.method.options[key]
             diffs = _config_diff(
                 old,
                 self.cfg,
@@ -294,24 +300,13 @@ class Trainer:
         return self.dataset.get_batch(idx, augment=False)[0]
 
     def _estimate_level_std(self) -> tuple[float, ...]:
-        from dfm.decomposition import estimate_level_std
-
         base = make_decomposition(self.cfg.method, standardized=False)
         return tuple(round(s, 6) for s in estimate_level_std(base, self._std_batch()))
 
     def _estimate_data_std(self) -> tuple[float, ...]:
         """The std of what each stage's network sees, for preconditioning: the (standardised) levels of the
         decomposition; for the cascade, the low-resolution image and the full image."""
-        from dfm.decomposition import downsample, estimate_level_std
-        from dfm.factory import stage_factors
-
-        x = self._std_batch()
-        if self.cfg.method.method == "cascade":
-            f = stage_factors(self.cfg.method)[0]
-            low = downsample(x, (*x.shape[2:-2], x.shape[-2] // f, x.shape[-1] // f), self.cfg.method.resample)
-            stds = (float(low.float().std()), float(x.float().std()))
-        else:
-            stds = estimate_level_std(self.decomposition, x)
+        stds = self.method.measure_data_std(self.cfg.method, self.decomposition, self._std_batch())
         if min(stds) < MIN_DATA_STD and self.d.main:
             print(f"note: measured level stds {tuple(round(s, 6) for s in stds)}: a (nearly) constant level is "
                   f"preconditioned as if its std were {MIN_DATA_STD}", file=sys.stderr)  # fmt: skip
@@ -332,8 +327,7 @@ class Trainer:
                 net = nn.parallel.DistributedDataParallel(
                     model,
                     device_ids=[self.d.local_rank] if self.d.device.type == "cuda" else None,
-                    # the cascade trains one of its two models per phase
-                    find_unused_parameters=self.cfg.method.method == "cascade",
+                    find_unused_parameters=self.method.unused_parameters,
                 )
         if self.cfg.train.compile:
             net = torch.compile(net)
@@ -375,8 +369,6 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """Drop log lines written after the checkpoint we resumed from (they will be written again), and a last
         line torn by a crash or a full disk."""
-        from dfm.visual import read_metrics
-
         f = self.run_dir / METRICS_FILE
         if not f.is_file():
             return
@@ -395,8 +387,7 @@ class Trainer:
         index = self.indexer(step)
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 1))
         shapes = [(B, *s[1:]) for s in self.level_shapes_1]
-        if hasattr(self.objective, "begin_step"):  # the cascade switches from stage 1 to stage 2 here
-            self.objective.begin_step(step, self.model, self.ema)
+        self.objective.begin_step(step, self.model, self.ema)  # the cascade switches from stage 1 to 2 here
         draw = self.objective.draw(shapes, generator=gen)
         drop = torch.rand(B, generator=gen) < cfg.method.label_dropout
         data_gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 2))
@@ -517,8 +508,6 @@ class Trainer:
         ema = self.ema_model()
         if ema is None:
             return None
-        from dfm.generate import sample_grid_files
-
         return sample_grid_files(
             ema,
             self.decomposition,
@@ -537,8 +526,6 @@ class Trainer:
         t = cfg.train
         bar = None
         if self.d.main and self.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0)
         writer = None
         if self.d.main and t.tensorboard:
@@ -586,12 +573,8 @@ class Trainer:
         self.write_samples()
         ema = self.ema_model()
         if ema is not None:
-            from dfm.visual import plot_losses
-
             plot_losses(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
             ema.save_pretrained(self.run_dir / "pretrained")
-            from dfm.generate import METHOD_FILE
-
             self.cfg.save(self.run_dir / "pretrained" / METHOD_FILE)
             shutil.copyfile(self.run_dir / DATA_SPEC_FILE, self.run_dir / "pretrained" / DATA_SPEC_FILE)
         return self.run_dir
@@ -616,11 +599,6 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dfm.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the entry point of earlier versions; the command line is `dfm` (python -m dfm)
+    sys.exit("dfm.train is a library module: run `dfm train ...`, `python -m dfm train ...` or "
+             "`torchrun ... -m dfm train ...`")  # fmt: skip

@@ -7,14 +7,18 @@
   per-stage time windows and re-noising at every jump (:class:`PyramidalObjective`, :func:`sample_pyramidal`).
 
 Flow Matching, the third baseline, is the one-stage case of :class:`dfm.DFMObjective` and needs nothing here.
+Each module registers its method (:class:`Cascade`, :class:`Pyramidal`) in :mod:`dfm.methods`, with its own
+settings (:class:`CascadeOptions`, :class:`PyramidalOptions`, given as ``-o method.options.KEY=VALUE``).
 Both objectives have the trainer's interface (``num_stages``, ``draw(level_shapes, generator)``, ``draw[lo:hi]``,
 ``loss(model, x, y, draw=...)`` with ``.loss``, ``.stage_losses``, ``.stage_counts``).
 """
 
 from dfm.baselines.cascade import (
+    Cascade,
     CascadeDraw,
     CascadeModel,
     CascadeObjective,
+    CascadeOptions,
     init_stage2_from_stage1,
     sample_cascade,
 )
@@ -22,21 +26,27 @@ from dfm.baselines.common import StageLoss
 from dfm.baselines.conditioned_dit import ConditionedDiT
 from dfm.baselines.pyramidal import (
     GaussianPyramid,
+    Pyramidal,
     PyramidalDraw,
     PyramidalObjective,
+    PyramidalOptions,
     PyramidalPath,
     block_noise,
     sample_pyramidal,
 )
 
 __all__ = [
+    "Cascade",
     "CascadeDraw",
     "CascadeModel",
     "CascadeObjective",
+    "CascadeOptions",
     "ConditionedDiT",
     "GaussianPyramid",
+    "Pyramidal",
     "PyramidalDraw",
     "PyramidalObjective",
+    "PyramidalOptions",
     "PyramidalPath",
     "StageLoss",
     "block_noise",

@@ -33,16 +33,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from dfm.baselines.common import StageLoss, mse_per_sample, stage_statistics
+from dfm.baselines.common import mse_per_sample, stage_statistics
 from dfm.baselines.conditioned_dit import ConditionedDiT
-from dfm.decomposition import _INTERP_MODES, _resize, downsample
+from dfm.decomposition import _INTERP_MODES, Decomposition, _resize, downsample
+from dfm.methods import Method, register_method, stage_factors, two_stage_baseline
+from dfm.models import create_config
 from dfm.models.config import DiTConfig
 from dfm.models.dit import DFMDiT
-from dfm.objective import logit_normal, randn
+from dfm.objective import LossOutput, logit_normal, randn
 from dfm.sampling import (
     SOLVERS,
     PreviewCallback,
@@ -52,6 +55,10 @@ from dfm.sampling import (
     ode_step,
     prepare_guidance,
 )
+
+if TYPE_CHECKING:
+    from dfm.config import MethodConfig, RunConfig
+    from dfm.schedule import StageSchedule
 
 CASCADE_CONFIG = "cascade.json"
 MODEL_TYPE = "dfm-cascade"
@@ -398,7 +405,7 @@ class CascadeObjective:
         y: Tensor | None = None,
         generator: torch.Generator | None = None,
         draw: CascadeDraw | None = None,
-    ) -> StageLoss:
+    ) -> LossOutput:
         """Flow-matching loss of the stage this step trains (``model`` is a :class:`CascadeModel`)."""
         if draw is None:
             low_shape = (*x.shape[:-2], x.shape[-2] // self.factor, x.shape[-1] // self.factor)
@@ -410,7 +417,7 @@ class CascadeObjective:
             pred = model(path.x_t, path.t, y, 1, self.up(path.cond), path.cond_t)
         per_sample = mse_per_sample(pred, path.target)
         loss, stage_losses, counts = stage_statistics(per_sample, draw.main_stage, self.num_stages)
-        return StageLoss(loss, stage_losses, counts, path)
+        return LossOutput(loss, stage_losses, counts, path)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -486,3 +493,82 @@ def sample_cascade(
     if callback is not None:
         callback(1, images)
     return SampleOutput(images, [low, images], [low, images])
+
+
+# ------------------------------------------------------------------------------------------------ registry entry
+@dataclass
+class CascadeOptions:
+    """The cascade's own settings (``-o method.options.KEY=VALUE``)."""
+
+    stage1_fraction: float = 0.8  #: share of the optimiser steps that train stage 1 (paper: ~80%)
+    switch_step: int | None = None  #: first stage-2 step; None = round(stage1_fraction * train.steps), then saved
+    cond_loc: float = 1.5  #: conditioning level t_c ~ LogitNormal(cond_loc, cond_scale) (paper: 1.5, 1)
+    cond_scale: float = 1.0
+    cond_noise: float = 0.025  #: 1 - t_c at inference (paper: 0.025)
+
+
+class Cascade(Method):
+    """Two models, low resolution then full resolution conditioned on the first's upsampled result."""
+
+    name = "cascade"
+    description = "a two-model cascade: low resolution, then full resolution conditioned on it"
+    Options = CascadeOptions
+    decided_at_start = ("switch_step",)
+    unused_parameters = True  # it trains one of its two models per phase
+    supports_fsdp = False  # it copies weights between its models at the switch
+
+    def validate(self, cfg: RunConfig) -> None:
+        m = cfg.method
+        if m.stages != 2:
+            raise ValueError("method cascade has two stages (low resolution, then full): set method.stages=2")
+        if m.standardize or m.decomposition != "laplacian":
+            raise ValueError("method cascade has its own pyramid: leave method.decomposition and standardize alone")
+        if m.loss_weighting != "velocity":
+            raise ValueError("method cascade trains with the velocity loss: set method.loss_weighting=velocity")
+
+    def num_data_std(self, m: MethodConfig) -> int:
+        return 2  # its low-resolution model, then the full one
+
+    def from_dfm(self, m: MethodConfig) -> MethodConfig:
+        return two_stage_baseline(m, self.name)
+
+    def objective(self, m: MethodConfig, decomposition: Decomposition, total_steps: int | None = None) -> Any:
+        opts = self.options(m)
+        switch = opts.switch_step
+        if switch is None:
+            if total_steps is None:
+                raise ValueError("the cascade needs method.options.switch_step or the total number of steps")
+            switch = round(opts.stage1_fraction * total_steps)
+        return CascadeObjective(
+            switch, stage_factors(m)[0], m.resample, m.main_loc, m.main_scale, opts.cond_loc, opts.cond_scale
+        )
+
+    def decide_at_start(self, m: MethodConfig, objective: Any) -> None:
+        m.options["switch_step"] = objective.switch_step
+
+    def measure_data_std(self, m: MethodConfig, decomposition: Decomposition, x: Tensor) -> tuple[float, ...]:
+        f = stage_factors(m)[0]
+        low = downsample(x, (*x.shape[2:-2], x.shape[-2] // f, x.shape[-1] // f), m.resample)
+        return float(low.float().std()), float(x.float().std())
+
+    def model(self, cfg: RunConfig, settings: dict[str, Any]) -> nn.Module:
+        # stage 2 is the one-stage model; stage 1 is derived from it
+        std = settings["data_std"]
+        config = create_config(cfg.model.name, **{**settings, "stage_factors": (1,), "data_std": std and std[1:]})
+        return CascadeModel.from_config(config, stage_factors(cfg.method)[0], cfg.method.resample, std and std[0])
+
+    def sample(
+        self,
+        model: nn.Module,
+        decomposition: Decomposition,
+        m: MethodConfig,
+        schedule: StageSchedule,
+        shape: Sequence[int],
+        labels: Tensor | None,
+        **common: Any,
+    ) -> SampleOutput:
+        cond_noise = self.options(m).cond_noise
+        return sample_cascade(model, shape, labels, steps=schedule.steps, cond_noise=cond_noise, **common)
+
+
+register_method(Cascade())

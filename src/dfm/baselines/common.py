@@ -1,27 +1,21 @@
-"""Pieces shared by the baselines: the loss record the trainer reads, and small helpers.
+"""Small helpers shared by the baselines.
 
-The trainer only reads ``loss``, ``stage_losses`` and ``stage_counts`` of an objective's output (the same fields
-as :class:`dfm.objective.LossOutput`), and only moves ``main_stage``, ``t`` and ``noise`` of a draw to the device,
+Their objectives return :class:`dfm.objective.LossOutput` like DFM's. The trainer only reads ``loss``,
+``stage_losses`` and ``stage_counts`` of it, and only moves ``main_stage``, ``t`` and ``noise`` of a draw to the device,
 so every baseline draw keeps its randomness in those three fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from dfm.objective import LossOutput
 
-@dataclass
-class StageLoss:
-    """The loss of one batch, with per-stage statistics for logging."""
-
-    loss: Tensor  #: scalar, mean over the batch of each sample's MSE
-    stage_losses: Tensor  #: (S,) mean MSE of each stage over the samples that trained it (0 where none)
-    stage_counts: Tensor  #: (S,) number of samples that trained each stage
-    path: Any = None  #: the path sample the loss was computed on (for tests and diagnostics)
+#: The baselines' losses are :class:`dfm.objective.LossOutput` records (this name is kept for old imports).
+StageLoss = LossOutput
 
 
 def stage_statistics(per_sample: Tensor, stage: Tensor, num_stages: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -84,14 +84,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from dfm.baselines.common import StageLoss, mse_per_sample, stage_statistics, unwrap
+from dfm.baselines.common import mse_per_sample, stage_statistics, unwrap
 from dfm.decomposition import Decomposition, _block_mean, _block_repeat, _normalise_factors
+from dfm.methods import Method, register_method, two_stage_baseline
 from dfm.models.precondition import flow_preconditioning
-from dfm.objective import VelocityModel, logit_normal, randn
+from dfm.objective import LossOutput, VelocityModel, logit_normal, randn
 from dfm.sampling import (
     SOLVERS,
     PreviewCallback,
@@ -101,6 +103,10 @@ from dfm.sampling import (
     ode_step,
     prepare_guidance,
 )
+
+if TYPE_CHECKING:
+    from dfm.config import MethodConfig, RunConfig
+    from dfm.schedule import StageSchedule
 
 TIME_DISTS = ("uniform", "logit_normal")
 
@@ -363,6 +369,9 @@ class PyramidalObjective:
         self.time_dist, self.loc, self.scale = time_dist, float(loc), float(scale)
         self.data_std = None if data_std is None else tuple(float(v) for v in data_std)
 
+    def begin_step(self, step: int, model: nn.Module | None = None, ema: nn.Module | None = None) -> None:
+        """Called by the trainer before every optimiser step; one model trains every stage, so nothing to do."""
+
     def draw(
         self,
         level_shapes: Sequence[Sequence[int]],
@@ -407,7 +416,7 @@ class PyramidalObjective:
         y: Tensor | None = None,
         generator: torch.Generator | None = None,
         draw: PyramidalDraw | None = None,
-    ) -> StageLoss:
+    ) -> LossOutput:
         """Mean over the batch of ``‖G_k(x_τ, t, y, k) - (E_k - S_k)‖²`` with k each sample's stage."""
         _check_model(model)
         levels = self.decomposition.decompose(x)
@@ -423,7 +432,7 @@ class PyramidalObjective:
         # A sample's error on other stages is ||G - 0||² of an unused head: keep only its own stage.
         per_sample = per_stage.gather(1, path.main_stage.long()[:, None])[:, 0]
         loss, stage_losses, counts = stage_statistics(per_sample, path.main_stage, self.num_stages)
-        return StageLoss(loss, stage_losses, counts, path)
+        return LossOutput(loss, stage_losses, counts, path)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -505,3 +514,66 @@ def sample_pyramidal(
         if callback is not None:
             callback(k, preview)
     return SampleOutput(x, ends, previews)
+
+
+# ------------------------------------------------------------------------------------------------ registry entry
+@dataclass
+class PyramidalOptions:
+    """Pyramidal Flow's own settings (``-o method.options.KEY=VALUE``)."""
+
+    windows: tuple[float, ...] | None = None  #: inner window boundaries; None = equal windows
+    gamma: tuple[float, ...] | None = None  #: jump-noise correlation per jump; None = 1/(f²-1) = 1/3
+    time: str = "uniform"  #: law of τ in a window, uniform | logit_normal(main_loc, main_scale)
+
+
+class Pyramidal(Method):
+    """Pyramidal Flow: one model over a Gaussian pyramid, time windows per stage, re-noising at every jump."""
+
+    name = "pyramidal"
+    description = "Pyramidal Flow: one model, per-stage time windows over a Gaussian pyramid"
+    Options = PyramidalOptions
+
+    def validate(self, cfg: RunConfig) -> None:
+        m = cfg.method
+        if m.stages < 2:
+            raise ValueError("method pyramidal needs method.stages >= 2 (one stage is plain Flow Matching)")
+        if m.standardize or m.decomposition != "laplacian":
+            raise ValueError("method pyramidal has its own pyramid: leave method.decomposition and standardize alone")
+        if m.loss_weighting != "velocity":
+            raise ValueError("method pyramidal trains with the velocity loss: set method.loss_weighting=velocity")
+
+    def from_dfm(self, m: MethodConfig) -> MethodConfig:
+        return two_stage_baseline(m, self.name)
+
+    def decomposition(self, m: MethodConfig) -> Decomposition:
+        return GaussianPyramid(m.stages, m.factors)  # downsampled images, not residuals
+
+    def path(self, m: MethodConfig, decomposition: Decomposition) -> PyramidalPath:
+        opts = self.options(m)
+        return PyramidalPath(decomposition, opts.windows, opts.gamma)
+
+    def _path_std(self, m: MethodConfig) -> tuple[float, ...] | None:
+        return m.data_std if m.precondition else None  # the path's own preconditioning
+
+    def objective(self, m: MethodConfig, decomposition: Decomposition, total_steps: int | None = None) -> Any:
+        path = self.path(m, decomposition)
+        return PyramidalObjective(path, self.options(m).time, m.main_loc, m.main_scale, self._path_std(m))
+
+    def network_preconditioned(self, m: MethodConfig) -> bool:
+        return False  # its preconditioning belongs to its path (PyramidalPreconditioning), not to the network
+
+    def sample(
+        self,
+        model: nn.Module,
+        decomposition: Decomposition,
+        m: MethodConfig,
+        schedule: StageSchedule,
+        shape: Sequence[int],
+        labels: Tensor | None,
+        **common: Any,
+    ) -> SampleOutput:
+        path = self.path(m, decomposition)
+        return sample_pyramidal(model, path, shape, labels, steps=schedule.steps, data_std=self._path_std(m), **common)
+
+
+register_method(Pyramidal())

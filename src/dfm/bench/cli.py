@@ -11,6 +11,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from dfm.bench.quality import add_quality_parser
+from dfm.bench.speed import SpeedSettings, markdown_report, run_speed, write_report
+
 __all__ = ["add_bench_parser", "add_speed_parser", "main", "run_speed_command"]
 
 
@@ -81,8 +84,6 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="bench_command", metavar="{speed,quality}")
     commands.required = True
     add_speed_parser(commands)
-    from dfm.bench.quality import add_quality_parser
-
     add_quality_parser(commands)
     return parser
 
@@ -96,8 +97,6 @@ def _command_line() -> str:
 
 def run_speed_command(args: argparse.Namespace) -> int:
     """Run `bench speed` from parsed arguments: print the Markdown table, write JSON + Markdown with --out."""
-    from dfm.bench.speed import SpeedSettings, markdown_report, run_speed, write_report
-
     settings = SpeedSettings(
         model=args.model,
         input_shape=args.input,

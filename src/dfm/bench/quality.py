@@ -29,8 +29,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from dfm.bench.measure import hardware_info, hardware_line
+from dfm.checkpoint import find_latest, load_checkpoint
 from dfm.config import RunConfig, apply_overrides, get_preset, with_method
+from dfm.data import build_dataset
+from dfm.eval import EvalConfig, SWDConfig, build_reference, evaluate, save_reference
+from dfm.eval.cli import _weights_arg
+from dfm.eval.extractors.classifier import train_fashion_classifier
+from dfm.eval.images import ImageSet, load_fashion_mnist
+from dfm.eval.weights import sha256_file
+from dfm.factory import make_decomposition, make_model, make_objective
+from dfm.generate import crop_border, data_padding, default_labels, generate, load_run
+from dfm.train import Trainer
 
 METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
 #: Videos: the image metrics frame by frame, plus temporal consistency (FVD needs I3D weights: see docs).
@@ -159,9 +171,6 @@ def ensure_classifier(cache: Path, log: Callable[[str], None]) -> Path:
     """The domain classifier (trained once, deterministically, on the data set's labels; shared by all benches)."""
     path = cache / "fashion_cnn.safetensors"
     if not path.is_file():
-        from dfm.eval.extractors.classifier import train_fashion_classifier
-        from dfm.eval.images import load_fashion_mnist
-
         log(f"training the domain classifier (once) -> {path}")
         x, y = load_fashion_mnist(split="train")
         xt, yt = load_fashion_mnist(split="test")
@@ -189,8 +198,6 @@ def reference_images(cache: Path, settings: QualitySettings) -> str:
     d = cfg.data
     path = cache / f"ref_data_{d.dataset}_{d.resolution}px_{d.frames}f_n{count}.npz"
     if not path.is_file():  # e.g. moving Fashion-MNIST: write the test clips once, as uint8 (N, T, H, W, C)
-        from dfm.data import build_dataset
-
         ds = build_dataset(d.dataset, d.resolution, train=False, data_dir=d.data_dir, frames=d.frames,
                            num_clips=count)  # fmt: skip
         x, y = ds.get_batch(torch.arange(min(count, len(ds))), augment=False)
@@ -209,8 +216,6 @@ def ensure_references(cache: Path, settings: QualitySettings, weights: dict[str,
     The file name holds everything the statistics depend on (images, count, extractor weights), so presets
     and ablations with the same reference share one file and a changed setting never reuses a stale one.
     """
-    from dfm.eval import build_reference, save_reference
-    from dfm.eval.weights import sha256_file
 
     images = reference_images(cache, settings)
     source = Path(images).stem if images.endswith(".npz") else images.replace(":", "-")
@@ -232,8 +237,6 @@ def ensure_references(cache: Path, settings: QualitySettings, weights: dict[str,
 
 def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> float:
     """Train (or finish) one run; returns the wall time spent training it, summed over resumes."""
-    from dfm.checkpoint import find_latest, load_checkpoint
-    from dfm.train import Trainer
 
     timing = run_dir / "bench_time.json"
     spent = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else 0.0
@@ -250,7 +253,6 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> floa
 
 def _to_uint8_native(images: torch.Tensor, cfg: RunConfig, run_dir: Path) -> torch.Tensor:
     """Samples to uint8 NCHW without the data set's padding, to compare with the real images at their size."""
-    from dfm.generate import crop_border, data_padding
 
     x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return crop_border(x, data_padding(cfg, run_dir))
@@ -270,10 +272,6 @@ def evaluate_checkpoint(
     """Sample ``num_samples`` images from checkpoint ``step`` (EMA) and score them; cached in ``out_file``."""
     if out_file.is_file():
         return json.loads(out_file.read_text())
-    from dfm.eval import EvalConfig, SWDConfig, evaluate
-    from dfm.eval.images import ImageSet
-    from dfm.factory import make_decomposition
-    from dfm.generate import default_labels, generate, load_run
 
     ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
     model, run_cfg = load_run(run_dir, checkpoint=str(ckpt), device=settings.device)
@@ -305,10 +303,6 @@ def evaluate_checkpoint(
 def training_flops(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int) -> float:
     """3 x forward FLOPs x images seen, counted on the training objective's own forward pass (one sample);
     the cascade's two phases are counted separately and weighted by their share of the steps."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from dfm.factory import make_decomposition, make_model, make_objective
-
     method = dataclasses.replace(cfg.method, level_std=cfg.method.level_std or None)
     decomposition = make_decomposition(method, standardized=False)
     model = make_model(cfg, sample_shape, num_classes)
@@ -318,8 +312,7 @@ def training_flops(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int
     phases = [0] if switch is None else [0, switch]
     flops = []
     for step in phases:
-        if hasattr(objective, "begin_step"):
-            objective.begin_step(step, model)
+        objective.begin_step(step, model)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             objective.loss(model, x, y, generator=torch.Generator().manual_seed(0))
         flops.append(counter.get_total_flops())
@@ -434,7 +427,6 @@ def run_quality(
     Everything is cached: finished runs and scores under ``out``, the domain classifier and the reference
     statistics under ``cache`` (default :func:`default_cache`), so an interrupted bench resumes where it stopped.
     """
-    from dfm.bench.measure import hardware_info, hardware_line
 
     if not settings.variants:
         raise ValueError("no variants to compare")
@@ -456,7 +448,6 @@ def run_quality(
             cfg = run_config(settings, variant, seed)
             run_dir = out / "runs" / f"{variant.run_key()}-s{seed}"
             seconds = train_run(cfg, run_dir, log)
-            from dfm.generate import load_run
 
             model, run_cfg = load_run(run_dir)  # the run's own config holds what it measured (data_std)
             shape = (model.config.in_channels, *model.config.input_size)
@@ -539,8 +530,6 @@ def settings_from_args(args) -> QualitySettings:
 
 
 def add_quality_parser(commands) -> None:
-    from dfm.eval.cli import _weights_arg
-
     p = commands.add_parser("quality", help="DFM vs Flow Matching, cascade and Pyramidal Flow at equal compute",
                             description=__doc__.split("\n\n")[0])  # fmt: skip
     p.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS), help="bench size (default: cpu)")

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dfm.data.base import DFMDataset, random_hflip
+from dfm.data.vae import load_vae
 
 __all__ = ["FORMAT", "LatentDataset", "LatentWriter", "is_latent_dir", "read_latent_info"]
 
@@ -210,8 +211,6 @@ class LatentDataset(DFMDataset):
 
         The VAE is loaded on first use (needs diffusers) on ``x``'s device and kept.
         """
-        from dfm.data.vae import load_vae
-
         if self._vae is None:
             self._vae = load_vae(self.vae_path, device=x.device, shift=self.latent_shift, scale=self.latent_scale)
         elif self._vae.device != x.device:

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dfm.data import build_dataset
 from dfm.data.latents import LatentWriter, is_latent_dir, read_latent_info
 from dfm.data.vae import VAE, load_vae
 
@@ -51,8 +52,6 @@ def prepare_latents(
     Returns ``out``. Existing splits in ``out`` are kept when they come from the same VAE and
     resolution; the split being written is replaced.
     """
-    from dfm.data import build_dataset  # the registry imports this module's siblings
-
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be at least 1")
     if dtype not in _DTYPES:

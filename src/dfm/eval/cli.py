@@ -8,6 +8,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from dfm.checkpoint import atomic_write_text, describe_os_error, ensure_writable
+from dfm.eval.evaluate import EvalConfig, build_reference, evaluate
+from dfm.eval.extractors import EXTRACTORS
+from dfm.eval.extractors.classifier import train_fashion_classifier
+from dfm.eval.images import load_fashion_mnist
+from dfm.eval.reference import save_reference
+from dfm.eval.swd import SWDConfig
+
 __all__ = ["add_eval_parser", "run_eval", "main"]
 
 _COMMANDS = ("score", "ref", "train-classifier", "list")
@@ -109,9 +117,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _score(args: argparse.Namespace) -> dict:
-    from .evaluate import EvalConfig, evaluate
-    from .swd import SWDConfig
-
     config = EvalConfig(
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
         num_samples=args.num_samples,
@@ -127,8 +132,6 @@ def _score(args: argparse.Namespace) -> dict:
         prompts_file=args.prompts,
         progress=not args.no_progress,
     )
-    from dfm.checkpoint import atomic_write_text, ensure_writable
-
     samples = Path(args.samples)
     out = Path(args.out) if args.out else (samples if samples.is_dir() else samples.parent) / "scores.json"
     ensure_writable(out.parent)  # before the long part, not after it
@@ -141,9 +144,6 @@ def _score(args: argparse.Namespace) -> dict:
 
 
 def _ref(args: argparse.Namespace) -> None:
-    from .evaluate import build_reference
-    from .reference import save_reference
-
     weights = dict(args.weights).get(args.extractor)
     reference = build_reference(
         args.source,
@@ -161,9 +161,6 @@ def _ref(args: argparse.Namespace) -> None:
 
 
 def _train_classifier(args: argparse.Namespace) -> None:
-    from .extractors.classifier import train_fashion_classifier
-    from .images import load_fashion_mnist
-
     images, labels = load_fashion_mnist(args.root, "train")
     test_images, test_labels = load_fashion_mnist(args.root, "test")
     summary = train_fashion_classifier(
@@ -181,8 +178,6 @@ def _train_classifier(args: argparse.Namespace) -> None:
 
 
 def _list() -> None:
-    from .extractors import EXTRACTORS
-
     for name, entry in sorted(EXTRACTORS.items()):
         env = f"  (weights: ${entry.env_var})" if entry.env_var else ""
         print(f"{name:>20s}  {entry.description}{env}")
@@ -203,8 +198,6 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"dfm eval: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a read-only folder, a full disk...
-        from dfm.cli import describe_os_error
-
         print(f"dfm eval: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .extractors import FeatureExtractor, build_extractor
+from .clip_score import clip_score, load_clip
+from .extractors import EXTRACTORS, FeatureExtractor, build_extractor
 from .frechet import FeatureStats
 from .images import ImageSet, load_images, read_sampling_settings
 from .inception_score import inception_score
@@ -51,8 +53,6 @@ _SCORE_NAMES = {"fd:inception-v3": "fid", "fd:dinov2-vitl14": "fdd", "fd:i3d": "
 
 def parse_metric(metric: str) -> tuple[str, str | None]:
     """'fid' -> ('fd', 'inception-v3'); 'swd' -> ('swd', None); 'accuracy' -> ('accuracy', 'fashion-cnn')."""
-    from .extractors import EXTRACTORS
-
     name = _ALIASES.get(metric, metric)
     if name in ("swd", "clip", "temporal"):
         return name, None
@@ -179,8 +179,6 @@ def _check_input_kind(extractor: FeatureExtractor, image_set: ImageSet, what: st
 
 def _environment(device: str) -> dict:
     try:
-        from importlib.metadata import version
-
         dfm_version = version("dfm")
     except Exception:
         dfm_version = None
@@ -337,8 +335,6 @@ def evaluate(
 
 
 def _clip_score(sample_set: ImageSet, config: EvalConfig, protocol: dict) -> float:
-    from .clip_score import clip_score, load_clip
-
     if sample_set.images.ndim != 4:
         raise ValueError("metric 'clip' takes images; these samples are videos")
     prompts = sample_set.prompts

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
+from dfm.data.fashion_mnist import load_fashion_mnist as _load_fashion_mnist
 
 __all__ = ["ImageSet", "load_images", "load_fashion_mnist", "read_sampling_settings"]
 
@@ -57,14 +60,10 @@ def _to_nchw(array: np.ndarray, where: str) -> torch.Tensor:
 
 def load_fashion_mnist(root: str | Path | None = None, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST as (uint8 (N, 28, 28), int64 (N,)) from `dfm.data` (never downloads here)."""
-    from dfm.data.fashion_mnist import load_fashion_mnist as load
-
-    return load(root=root, split=split)
+    return _load_fashion_mnist(root=root, split=split)
 
 
 def _load_folder(path: Path) -> ImageSet:
-    from PIL import Image
-
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no PNG/JPEG images in folder {path}")

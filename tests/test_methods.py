@@ -1,0 +1,194 @@
+"""The method registry: every method's settings, legacy configs, and a new method added in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dfm.config import RunConfig, apply_overrides, get_preset, with_method
+from dfm.factory import make_decomposition, make_model, make_objective
+from dfm.generate import generate
+from dfm.methods import DFM, Method, get_method, method_names, register_method
+from dfm.objective import DFMObjective
+
+
+def test_builtin_methods_and_unknown_name():
+    assert method_names()[:4] == ("dfm", "fm", "cascade", "pyramidal")
+    assert get_method("cascade").unused_parameters and not get_method("cascade").supports_fsdp
+    with pytest.raises(ValueError, match=r"method.method='cascad': choose one of \('dfm', 'fm', 'cascade'"):
+        apply_overrides(get_preset("quickstart"), ["method.method=cascad"])
+
+
+def test_options_are_typed_filled_and_checked():
+    cfg = with_method(get_preset("quickstart"), "cascade")
+    assert cfg.method.options == {"stage1_fraction": 0.8, "switch_step": None, "cond_loc": 1.5, "cond_scale": 1.0,
+                                  "cond_noise": 0.025}  # fmt: skip
+    cfg = apply_overrides(cfg, ["method.options.cond_noise=0.05", "method.options.switch_step=7"])
+    assert cfg.method.options["cond_noise"] == 0.05 and cfg.method.options["switch_step"] == 7
+    assert make_objective(cfg.method, make_decomposition(cfg.method), 100).switch_step == 7
+    with pytest.raises(ValueError, match="cannot parse method.options.switch_step='x' as int"):
+        apply_overrides(cfg, ["method.options.switch_step=x"])
+    with pytest.raises(ValueError, match=r"a setting of method cascade: method.options.cond_noise"):
+        apply_overrides(get_preset("quickstart"), ["method.cond_noise=0.05"])
+    with pytest.raises(ValueError, match="unknown setting method.options.windows of method dfm; its options: none"):
+        apply_overrides(get_preset("quickstart"), ["method.options.windows=0.5"])
+    pyr = with_method(get_preset("quickstart"), "pyramidal")
+    pyr = apply_overrides(pyr, ["method.options.windows=0.4", "method.options.gamma=0.25"])
+    assert pyr.method.options == {"windows": (0.4,), "gamma": (0.25,), "time": "uniform"}
+    data = pyr.to_dict()
+    data["method"]["options"]["bogus"] = 1
+    with pytest.raises(ValueError, match=r"method.options \['bogus'\] are not settings of method pyramidal"):
+        RunConfig.from_dict(data)
+    data["method"]["options"] = {"windows": "wide"}
+    with pytest.raises(ValueError, match="method.options.windows='wide' must be of type"):
+        RunConfig.from_dict(data)
+
+
+def test_options_round_trip_through_json(tmp_path):
+    cfg = apply_overrides(with_method(get_preset("quickstart"), "pyramidal"), ["method.options.windows=0.3"])
+    cfg.save(tmp_path / "config.json")
+    assert RunConfig.load(tmp_path / "config.json") == cfg
+
+
+def _legacy(method: str) -> dict:
+    data = with_method(get_preset("quickstart"), method).to_dict()
+    del data["method"]["options"]
+    data["method"].update(
+        cascade_stage1_fraction=0.7, cascade_switch_step=12, cond_loc=1.5, cond_scale=1.0, cond_noise=0.05,
+        pyramid_windows=[0.5], pyramid_gamma=None, pyramid_time="logit_normal",
+    )  # fmt: skip
+    return data
+
+
+def test_legacy_configs_move_baseline_fields_into_options():
+    cascade = RunConfig.from_dict(_legacy("cascade"))
+    assert cascade.method.options == {"stage1_fraction": 0.7, "switch_step": 12, "cond_loc": 1.5, "cond_scale": 1.0,
+                                      "cond_noise": 0.05}  # fmt: skip
+    pyramidal = RunConfig.from_dict(_legacy("pyramidal"))
+    assert pyramidal.method.options == {"windows": (0.5,), "gamma": None, "time": "logit_normal"}
+    dfm = RunConfig.from_dict(_legacy("dfm"))  # the baselines' fields had no effect on DFM: dropped
+    assert dfm.method.options == {} and dfm.method.method == "dfm"
+
+
+# -- a fifth method, defined in one place (what a user's plug-in module would hold)
+@dataclasses.dataclass
+class EchoOptions:
+    scale: float = 1.0  #: multiplies the DFM loss
+
+
+class _ScaledObjective(DFMObjective):
+    def __init__(self, *args, scale: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def loss(self, *args, **kwargs):
+        out = super().loss(*args, **kwargs)
+        out.loss = out.loss * self.scale
+        return out
+
+
+class ScaledDFM(DFM):
+    name = "test-scaled-dfm"
+    description = "DFM with its loss multiplied by a constant (a test method)"
+    Options = EchoOptions
+
+    def objective(self, m, decomposition, total_steps=None):
+        return _ScaledObjective(decomposition, stage_probs=m.stage_probs, scale=self.options(m).scale)
+
+
+def test_a_new_method_is_one_class(tmp_path):
+    register_method(ScaledDFM())
+    try:
+        cfg = get_preset("quickstart")
+        cfg = apply_overrides(cfg, ["method.method=test-scaled-dfm", "method.options.scale=3.0",
+                                    "method.data_std=0.5,0.2"])  # fmt: skip
+        assert "test-scaled-dfm" in method_names() and cfg.method.options == {"scale": 3.0}
+        objective = make_objective(cfg.method, make_decomposition(cfg.method))
+        assert isinstance(objective, _ScaledObjective) and objective.scale == 3.0
+        model = make_model(cfg, (1, 32, 32), 10)
+        x, y = torch.randn(4, 1, 32, 32), torch.arange(4)
+        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+        plain = DFMObjective(make_decomposition(cfg.method), stage_probs=(0.5, 0.5)).loss(model, x, y, generator=g())
+        scaled = objective.loss(model, x, y, generator=g())
+        torch.testing.assert_close(scaled.loss, 3.0 * plain.loss)
+        cfg.method.steps = (2, 2)
+        images, previews = generate(model, make_decomposition(cfg.method), cfg, (1, 32, 32), [0, 1], [0, 1])
+        assert images.shape == (2, 1, 32, 32) and len(previews) == 2
+    finally:
+        from dfm import methods
+
+        methods._REGISTRY.pop("test-scaled-dfm", None)
+
+
+def test_register_refuses_a_method_without_name_or_dataclass_options():
+    class Nameless(Method):
+        pass
+
+    with pytest.raises(ValueError, match="needs a name"):
+        register_method(Nameless())
+
+    class BadOptions(Method):
+        name = "bad"
+        Options = dict
+
+    with pytest.raises(TypeError, match="Options must be a dataclass"):
+        register_method(BadOptions())
+
+
+# -- one entry point, no import cycles inside the package
+def test_python_m_dfm_is_the_command_and_dfm_train_points_to_it():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dfm", "presets"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "quickstart" in done.stdout
+    old = subprocess.run([sys.executable, "-m", "dfm.train", "--preset", "quickstart"], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert old.returncode == 1 and "python -m dfm train" in old.stderr
+
+
+def test_no_module_level_import_cycles():
+    """Module-level imports of dfm modules form no cycle (what lets every internal import sit at the top)."""
+    import ast
+    from pathlib import Path
+
+    import dfm
+
+    root = Path(dfm.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str) -> str:
+        while name not in modules and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return name
+
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                deps.add(owner(f"{base}.{node.module}" if node.module else base))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "dfm":
+                deps.add(owner(node.module))
+            elif isinstance(node, ast.Import):
+                deps |= {owner(a.name) for a in node.names if a.name.split(".")[0] == "dfm"}
+        graph[name] = deps - {name}
+
+    def visit(node: str, path: list[str], done: set[str]) -> None:
+        for dep in graph.get(node, ()):
+            assert dep not in path, "import cycle: " + " -> ".join([*path[path.index(dep) :], dep])
+            if dep not in done:
+                visit(dep, [*path, dep], done)
+        done.add(node)
+
+    done: set[str] = set()
+    for name in graph:
+        visit(name, [name], done)
+    assert "dfm.train" in graph and "dfm.cli" in graph["dfm.__main__"]
