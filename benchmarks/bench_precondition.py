@@ -38,7 +38,7 @@ def main() -> None:
     y = torch.randint(0, 10, (args.batch,))
     std = estimate_level_std(pyramid, x)
     objective = DFMObjective(pyramid, stage_probs=(0.5, 0.5))
-    common = dict(input_size=(args.size, args.size), in_channels=1, num_classes=10, class_dropout=0.0)
+    common = dict(input_size=(args.size, args.size), in_channels=1, num_classes=10)
     models, optims = {}, {}
     for name, extra in (("off", dict(precondition=False)), ("on", dict(precondition=True, data_std=std))):
         torch.manual_seed(0)

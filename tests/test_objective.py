@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dfm.decomposition import HaarWavelet, Identity, LaplacianPyramid
-from dfm.objective import DFMObjective, default_stage_probs, logit_normal, stage_mask
+from dfm.objective import DFMObjective, active_mask, default_stage_probs, logit_normal
 
 N = 100_000
 FAST = settings(max_examples=25, deadline=None)
@@ -40,7 +40,7 @@ def test_default_stage_probs():
 
 
 def test_stage_mask():
-    mask = stage_mask(torch.tensor([0, 2, 1]), 3)
+    mask = active_mask(torch.tensor([0, 2, 1]), 3)
     assert mask.dtype == torch.float32
     assert mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 0]]
 
@@ -145,7 +145,7 @@ def test_path_algebra(seed, stages):
     obj = DFMObjective(dec, stage_probs=(1 / stages,) * stages)
     path = obj.sample_path(levels, generator=gen(seed + 1))
     assert path.t.shape == (16, stages) and path.mask.shape == (16, stages) and path.main_stage.shape == (16,)
-    torch.testing.assert_close(path.mask, stage_mask(path.main_stage, stages))
+    torch.testing.assert_close(path.mask, active_mask(path.main_stage, stages))
     for s, (x1, xt, v) in enumerate(zip(levels, path.levels_t, path.targets)):
         assert xt.shape == x1.shape and v.shape == x1.shape and xt.dtype == torch.float64
         t = path.t[:, s].double().view(-1, 1, 1, 1)

@@ -189,7 +189,7 @@ def test_guidance_errors():
 
 # -- what the model is fed ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("solver", ["euler", "heun"])
-def test_inactive_stages_are_fed_zeros_and_main_stage_is_the_phase(solver):
+def test_inactive_stages_are_fed_zeros_and_main_stage_is_the_schedules(solver):
     dec = LaplacianPyramid(3)
     sched = StageSchedule((3, 2, 2), (0.5, 0.8))
     field = GaussianField()
@@ -198,14 +198,14 @@ def test_inactive_stages_are_fed_zeros_and_main_stage_is_the_phase(solver):
     assert len(field.calls) == per_step * sched.num_steps
     for i, (levels, t, y, main_stage) in enumerate(field.calls):
         n, second = divmod(i, per_step)
-        phase = sched.phase[n].item()
+        generated = sched.main_stage[n].item()
         assert y is None
-        assert main_stage.shape == (2,) and (main_stage == phase).all()
+        assert main_stage.shape == (2,) and (main_stage == generated).all()
         assert t.shape == (2, 3)
         row = sched.grid[n + second].float()
         torch.testing.assert_close(t, row.expand(2, 3))
         for s, lv in enumerate(levels):
-            if s > phase:
+            if s > generated:
                 assert (lv == 0).all() and (t[:, s] == 0).all()
             else:
                 assert lv.abs().sum() > 0
@@ -220,7 +220,7 @@ def test_noise_argument_and_trajectory():
     assert len(out.trajectory) == sched.num_steps + 1
     assert all(torch.equal(a, b) for a, b in zip(out.trajectory[0], noise))
     assert all(torch.equal(a, b) for a, b in zip(out.trajectory[-1], out.levels))
-    # stage 2 does not move during phase 1
+    # stage 2 does not move while stage 1 is generated
     for step in range(1, 5):
         assert torch.equal(out.trajectory[step][1], noise[1])
     assert not torch.equal(out.trajectory[5][1], noise[1])
@@ -317,7 +317,7 @@ def test_a_dit_gives_each_seed_its_image_bitwise_in_the_same_batch_and_to_roundi
 
     torch.manual_seed(0)
     model = DFMDiT(DiTConfig(input_size=(8, 8), in_channels=1, patch_size=2, hidden_size=32, depth=2, num_heads=2,
-                             num_classes=4, class_dropout=0.0))  # fmt: skip
+                             num_classes=4))  # fmt: skip
     for p in model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     dec, sched = LaplacianPyramid(2), StageSchedule((3, 2), (0.7,))

@@ -29,11 +29,11 @@ def test_paper_default_table():
         j = k - 30
         assert grid[k, 0].item() == pytest.approx(0.7 + 0.3 * j / 10, abs=1e-12)
         assert grid[k, 1].item() == pytest.approx(j / 10, abs=1e-12)
-    assert sched.phase.tolist() == [0] * 30 + [1] * 10
+    assert sched.main_stage.tolist() == [0] * 30 + [1] * 10
     assert sched.active.shape == (40, 2) and sched.active.dtype == torch.bool
     assert sched.active[:, 0].all()
     assert sched.active[:, 1].tolist() == [False] * 30 + [True] * 10
-    assert sched.phase_ends == [30, 40]
+    assert sched.stage_ends == [30, 40]
 
 
 def test_three_stages_by_hand():
@@ -48,7 +48,7 @@ def test_three_stages_by_hand():
         [1.0, 1.0, 1.0],
     ]
     torch.testing.assert_close(sched.grid, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0)
-    assert sched.phase.tolist() == [0, 0, 1, 1, 2, 2]
+    assert sched.main_stage.tolist() == [0, 0, 1, 1, 2, 2]
     assert sched.active.tolist() == [
         [True, False, False],
         [True, False, False],
@@ -57,7 +57,7 @@ def test_three_stages_by_hand():
         [True, True, True],
         [True, True, True],
     ]
-    assert sched.phase_ends == [2, 4, 6]
+    assert sched.stage_ends == [2, 4, 6]
 
 
 def test_uneven_three_stage_case():
@@ -65,7 +65,7 @@ def test_uneven_three_stage_case():
     g = sched.grid
     assert g.shape == (9, 3)
     assert g[3].tolist() == [0.6, 0.0, 0.0]
-    assert g[4].tolist() == [0.9, 0.9, 0.0]  # a one-step phase jumps straight to the threshold
+    assert g[4].tolist() == [0.9, 0.9, 0.0]  # a one-step stage jumps straight to the threshold
     assert g[6].tolist() == pytest.approx([0.95, 0.95, 0.5])
     assert g[8].tolist() == [1.0, 1.0, 1.0]
 
@@ -74,7 +74,7 @@ def test_single():
     sched = StageSchedule.single(8)
     assert sched.num_stages == 1 and sched.thresholds == () and sched.steps == (8,)
     torch.testing.assert_close(sched.grid[:, 0], torch.linspace(0, 1, 9, dtype=torch.float64), atol=1e-15, rtol=0)
-    assert sched.phase.tolist() == [0] * 8
+    assert sched.main_stage.tolist() == [0] * 8
     assert sched.active.all()
     assert StageSchedule.single(1).grid.tolist() == [[0.0], [1.0]]
 
@@ -98,14 +98,14 @@ def test_schedule_properties(sched):
     assert (g[0] == 0).all() and (g[-1] == 1).all()
     assert (g >= 0).all() and (g <= 1).all()
     assert (g[1:] >= g[:-1]).all()  # monotone non-decreasing per stage
-    assert sched.phase.shape == (n,) and sched.active.shape == (n, s)
-    assert sched.phase.tolist() == sum(([i] * k for i, k in enumerate(sched.steps)), [])
+    assert sched.main_stage.shape == (n,) and sched.active.shape == (n, s)
+    assert sched.main_stage.tolist() == sum(([i] * k for i, k in enumerate(sched.steps)), [])
     taus = list(sched.thresholds) + [1.0]
-    for i, end in enumerate(sched.phase_ends):
+    for i, end in enumerate(sched.stage_ends):
         assert (g[end, : i + 1] == taus[i]).all()  # stages up to i land exactly on their threshold
         assert (g[end, i + 1 :] == 0).all()
     for step in range(n):
-        p = sched.phase[step].item()
+        p = sched.main_stage[step].item()
         moving = g[step + 1] > g[step]
         assert moving.tolist() == [j <= p for j in range(s)]  # exactly the active stages move
         assert sched.active[step].tolist() == [j <= p for j in range(s)]

@@ -334,12 +334,12 @@ def validate_sampling(m: MethodConfig) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Catch settings a user can get wrong, with a message that says what to change."""
-    m, t, o = cfg.method, cfg.train, cfg.optim
+    m, tc, o = cfg.method, cfg.train, cfg.optim
     spec = get_method(m.method)
     if m.stages < 1:
         raise ValueError(f"method.stages={m.stages} must be >= 1")
     spec.validate(cfg)
-    if t.distributed == "fsdp" and not spec.supports_fsdp:
+    if tc.distributed == "fsdp" and not spec.supports_fsdp:
         raise ValueError(f"method {m.method} does not support FSDP: use train.distributed=ddp")
     _resolve_options(m)
     validate_sampling(m)
@@ -355,21 +355,21 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"model.overrides.{key} is set from the method: use method.{key} instead")
     if not 0 <= m.label_dropout < 1:
         raise ValueError(f"method.label_dropout={m.label_dropout} must be in [0, 1)")
-    if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
+    if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1:
         raise ValueError("train.steps, train.batch_size and train.grad_accum must be >= 1")
-    if t.batch_size % t.grad_accum:
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
-    if t.precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision={t.precision!r}: choose fp32 or bf16")
-    if t.distributed not in ("ddp", "fsdp"):
-        raise ValueError(f"train.distributed={t.distributed!r}: choose ddp or fsdp")
-    if t.keep_last < 1:
-        raise ValueError(f"train.keep_last={t.keep_last} must be >= 1")
-    if t.log_every < 1:
-        raise ValueError(f"train.log_every={t.log_every} must be >= 1 (1 = every step)")
-    if t.ckpt_every < 0 or t.sample_every < 0:
+    if tc.batch_size % tc.grad_accum:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum={tc.grad_accum}")
+    if tc.precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.precision={tc.precision!r}: choose fp32 or bf16")
+    if tc.distributed not in ("ddp", "fsdp"):
+        raise ValueError(f"train.distributed={tc.distributed!r}: choose ddp or fsdp")
+    if tc.keep_last < 1:
+        raise ValueError(f"train.keep_last={tc.keep_last} must be >= 1")
+    if tc.log_every < 1:
+        raise ValueError(f"train.log_every={tc.log_every} must be >= 1 (1 = every step)")
+    if tc.ckpt_every < 0 or tc.sample_every < 0:
         raise ValueError("train.ckpt_every and train.sample_every must be >= 0 (0 = only at the end)")
-    if t.num_sample_images < 1 or t.threads < 0:
+    if tc.num_sample_images < 1 or tc.threads < 0:
         raise ValueError("train.num_sample_images must be >= 1 and train.threads >= 0 (0 = torch default)")
     fields = _model_fields() if cfg.model.overrides else {}
     for name, value in cfg.model.overrides.items():

@@ -49,7 +49,6 @@ def make_model(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int):
         in_channels=int(sample_shape[0]),
         num_classes=num_classes,
         stage_factors=stage_factors(method),
-        class_dropout=0.0,
         precondition=in_network,
         data_std=method.data_std if in_network else None,
     )

@@ -77,9 +77,12 @@ def logit_normal(
     return torch.sigmoid(loc + scale * randn(shape, generator, device))
 
 
-def stage_mask(main_stage: Tensor, num_stages: int) -> Tensor:
+def active_mask(main_stage: Tensor, num_stages: int) -> Tensor:
     """(B, S) float mask, 1 for stages at or before the main stage (active), 0 after it."""
     return (torch.arange(num_stages, device=main_stage.device)[None, :] <= main_stage[:, None]).float()
+
+
+stage_mask = active_mask  #: former name of :func:`active_mask`
 
 
 @dataclass
@@ -217,7 +220,7 @@ class DFMObjective:
         if draw is None:
             shapes = [tuple(lv.shape) for lv in levels]
             draw = self.draw(shapes, main_stage, generator, levels[0].device, levels[0].dtype)
-        mask = stage_mask(draw.main_stage, self.num_stages)
+        mask = active_mask(draw.main_stage, self.num_stages)
         levels_t, targets = [], []
         for s, x1 in enumerate(levels):
             noise = draw.noise[s].to(x1.dtype)

@@ -2,7 +2,7 @@
 
 Every stage starts from its own Gaussian noise at t = 0 and is integrated to t = 1 (data) along the schedule's
 grid; no noise is re-injected between stages. At each step the model sees the active stages only (inactive ones
-are zeroed and sit at t = 0) and is told the stage being generated (the schedule's phase) as ``main_stage``.
+are zeroed and sit at t = 0) and is told the stage being generated (the schedule's ``main_stage`` at that step).
 
 Euler:  x_{n+1} = x_n + Δt_n ⊙ v(x_n, t_n)
 Heun:   x̃ = x_n + Δt_n ⊙ v(x_n, t_n),   x_{n+1} = x_n + Δt_n ⊙ (v(x_n, t_n) + v(x̃, t_{n+1})) / 2
@@ -200,27 +200,27 @@ def sample(
 
     grid = schedule.grid.to(device=device, dtype=torch.float32)
     active = schedule.active.to(device)
-    phase = schedule.phase.to(device)
+    generated = schedule.main_stage.to(device)
 
     def velocity(levels: list[Tensor], n: int, t_row: Tensor) -> list[Tensor]:
         mask = active[n]
         inputs = [lv * mask[s] for s, lv in enumerate(levels)]
         t = t_row.expand(b, num_stages)
-        main_stage = phase[n].expand(b)
+        main_stage = generated[n].expand(b)
         forward = lambda a, labels: model(a[:-2], a[-2], labels, a[-1])  # noqa: E731
         return guided_velocity(forward, [*inputs, t, main_stage], y, scales if use_cfg else [1.0] * num_stages,
                                null_class)  # fmt: skip
 
     trajectory = [[lv.clone() for lv in x]] if return_trajectory else None
     previews: list[Tensor] = []
-    phase_ends = set(schedule.phase_ends)
+    stage_ends = set(schedule.stage_ends)
     for n in range(schedule.num_steps):
         t0, t1 = grid[n], grid[n + 1]
         x, v = ode_step(lambda lv, t, n=n: velocity(lv, n, t), x, t0, t1, t1 - t0, solver)
         if return_trajectory:
             trajectory.append([lv.clone() for lv in x])
-        if n + 1 in phase_ends:
-            stage = int(phase[n])
+        if n + 1 in stage_ends:
+            stage = int(generated[n])
             # Denoised estimate x̂ = x + (1 - t) v from the latest velocity: at a threshold τ < 1 the state still
             # holds (1 - τ) noise, the estimate does not.
             denoised = [x[s] + (1 - t1[s]) * v[s] for s in range(stage + 1)]

@@ -1,6 +1,7 @@
 """The stage schedule used at sampling time (method.md section 6).
 
-Stages are generated in phases. Phase i (0-based) takes ``steps[i]`` Euler/Heun steps during which stage i moves
+Stages are generated one after the other. Stage i (0-based) is the *main stage* (the paper's Q: the stage being
+generated) for ``steps[i]`` Euler/Heun steps, during which it moves
 linearly from 0 to its threshold τ_i and every earlier stage moves linearly from τ_{i-1} to τ_i; later stages stay
 at t = 0 and are masked. The last threshold is 1, so all stages end at t = 1 (data) together.
 
@@ -33,7 +34,7 @@ class StageSchedule:
 
     Attributes:
         grid: (sum(steps) + 1, S) float64 tensor, row n = times of all stages after n steps (row 0 = all zeros).
-        phase: (sum(steps),) long tensor, the stage being generated (the main stage) at each step.
+        main_stage: (sum(steps),) long tensor, the stage being generated at each step.
         active: (sum(steps), S) bool tensor, stages that move (and are fed to the model) at each step.
     """
 
@@ -55,8 +56,8 @@ class StageSchedule:
         self.steps = tuple(int(n) for n in steps)
         self.thresholds = thresholds
         self.num_stages = len(steps)
-        self.grid, self.phase = self._build()
-        self.active = torch.arange(self.num_stages)[None, :] <= self.phase[:, None]
+        self.grid, self.main_stage = self._build()
+        self.active = torch.arange(self.num_stages)[None, :] <= self.main_stage[:, None]
 
     @classmethod
     def single(cls, steps: int) -> StageSchedule:
@@ -68,7 +69,17 @@ class StageSchedule:
         return sum(self.steps)
 
     @property
+    def phase(self) -> Tensor:
+        """Former name of :attr:`main_stage`."""
+        return self.main_stage
+
+    @property
     def phase_ends(self) -> list[int]:
+        """Former name of :attr:`stage_ends`."""
+        return self.stage_ends
+
+    @property
+    def stage_ends(self) -> list[int]:
         """Step index (row of ``grid``) at which each stage reaches its threshold."""
         ends, n = [], 0
         for k in self.steps:
@@ -79,8 +90,8 @@ class StageSchedule:
     def _build(self) -> tuple[Tensor, Tensor]:
         taus = self.thresholds + (1.0,)
         rows = [torch.zeros(self.num_stages, dtype=torch.float64)]
-        phase = []
-        start = 0.0  # where earlier stages stand at the start of this phase (τ_{i-1})
+        main_stage = []
+        start = 0.0  # where earlier stages stand when stage i starts (τ_{i-1})
         for i, (n, tau) in enumerate(zip(self.steps, taus)):
             for k in range(1, n + 1):
                 frac = k / n
@@ -90,9 +101,9 @@ class StageSchedule:
                 if k == n:  # land exactly on the threshold despite rounding
                     row[: i + 1] = tau
                 rows.append(row)
-                phase.append(i)
+                main_stage.append(i)
             start = tau
-        return torch.stack(rows), torch.tensor(phase, dtype=torch.long)
+        return torch.stack(rows), torch.tensor(main_stage, dtype=torch.long)
 
     def __repr__(self) -> str:
         return f"StageSchedule(steps={self.steps}, thresholds={self.thresholds})"

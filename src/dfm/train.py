@@ -159,16 +159,16 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.d = dist_info or Dist()
         self.progress = progress
-        t = cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        if t.batch_size % (self.d.world * t.grad_accum):
+        tc = cfg.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        if tc.batch_size % (self.d.world * tc.grad_accum):
             raise TrainingError(
-                f"train.batch_size={t.batch_size} must be divisible by world size x grad_accum "
-                f"= {self.d.world} x {t.grad_accum}"
+                f"train.batch_size={tc.batch_size} must be divisible by world size x grad_accum "
+                f"= {self.d.world} x {tc.grad_accum}"
             )
-        self.local_batch = t.batch_size // self.d.world
-        self.micro_batch = self.local_batch // t.grad_accum
+        self.local_batch = tc.batch_size // self.d.world
+        self.micro_batch = self.local_batch // tc.grad_accum
         if self.d.main:  # a read-only --out fails now, not at the first checkpoint after hours of training
             for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "samples"):
                 ensure_writable(folder)
@@ -204,11 +204,11 @@ class Trainer:
         needs_std = cfg.method.precondition or cfg.method.loss_weighting == "edm"
         if needs_std and cfg.method.data_std is None:
             cfg.method.data_std = self._estimate_data_std()
-        self.objective: DFMObjective = make_objective(cfg.method, self.decomposition, t.steps)
+        self.objective: DFMObjective = make_objective(cfg.method, self.decomposition, tc.steps)
         self.method.decide_at_start(cfg.method, self.objective)  # saved in config.json; a resumed run keeps it
         self.level_shapes_1 = self.decomposition.level_shapes((1, *self.sample_shape))
 
-        torch.manual_seed(t.seed)
+        torch.manual_seed(tc.seed)
         self.model = make_model(cfg, self.sample_shape, self.num_classes).to(self.d.device)
         self.step = 0
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -230,7 +230,7 @@ class Trainer:
         )
         if ck is not None:
             self._load_state(ck, ckpt)
-        self.indexer = EpochIndexer(len(self.dataset), t.batch_size, t.seed)
+        self.indexer = EpochIndexer(len(self.dataset), tc.batch_size, tc.seed)
         if self.d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -523,12 +523,12 @@ class Trainer:
     # -- loop ------------------------------------------------------------------------------------------------
     def fit(self) -> Path:
         cfg = self.cfg
-        t = cfg.train
+        tc = cfg.train
         bar = None
         if self.d.main and self.progress:
-            bar = tqdm(total=t.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0)
+            bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0)
         writer = None
-        if self.d.main and t.tensorboard:
+        if self.d.main and tc.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
@@ -539,12 +539,12 @@ class Trainer:
         metrics = open(self.run_dir / METRICS_FILE, "a") if self.d.main else None
         tic, imgs = time.perf_counter(), 0
         try:
-            while self.step < t.steps:
+            while self.step < tc.steps:
                 row = self.train_step()
-                imgs += t.batch_size
+                imgs += tc.batch_size
                 if bar is not None:
                     bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
                     now = time.perf_counter()
                     row["images_per_s"] = imgs / max(now - tic, 1e-9)
                     tic, imgs = now, 0
@@ -559,9 +559,9 @@ class Trainer:
                         for s, v in enumerate(row["stage_loss"]):
                             writer.add_scalar(f"stage_loss/{s + 1}", v, self.step)
                         writer.add_scalar("lr", row["lr"], self.step)
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == t.steps:
+                if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or self.step == tc.steps:
                     self.save()
-                if t.sample_every and self.step % t.sample_every == 0 and self.step != t.steps:
+                if tc.sample_every and self.step % tc.sample_every == 0 and self.step != tc.steps:
                     self.write_samples()
         finally:
             if bar is not None:

@@ -290,7 +290,7 @@ class CascadeObjective:
     Example:
         >>> import torch
         >>> objective = CascadeObjective(switch_step=8)
-        >>> objective.phase(7), objective.phase(8)
+        >>> objective.training_stage(7), objective.training_stage(8)
         (0, 1)
     """
 
@@ -326,7 +326,7 @@ class CascadeObjective:
             raise ValueError(f"stage1_fraction={stage1_fraction} must be in (0, 1)")
         return cls(round(stage1_fraction * total_steps), **kwargs)  # type: ignore[arg-type]
 
-    def phase(self, step: int) -> int:
+    def training_stage(self, step: int) -> int:
         """0 while stage 1 trains, 1 from ``switch_step`` on."""
         return int(step >= self.switch_step)
 
@@ -337,7 +337,7 @@ class CascadeObjective:
         the model at step 0). A flag saved with the weights makes this happen once, also across resumes.
         """
         self.step = int(step)
-        if self.phase(step) == 1 and model is not None and not bool(model.stage2_initialised):
+        if self.training_stage(step) == 1 and model is not None and not bool(model.stage2_initialised):
             model.init_stage2()
             if ema is not None:
                 ema.stage2.load_state_dict(model.stage2.state_dict())
@@ -361,7 +361,7 @@ class CascadeObjective:
         low, full = (tuple(s) for s in level_shapes)
         if tuple(d * self.factor for d in low[-2:]) != full[-2:]:
             raise ValueError(f"level shapes {low} and {full} are not a factor-{self.factor} pair")
-        stage = self.phase(self.step if step is None else step)
+        stage = self.training_stage(self.step if step is None else step)
         b = full[0]
         t = logit_normal((b,), self.main_loc, self.main_scale, generator)
         if stage == 0:
@@ -514,7 +514,7 @@ class Cascade(Method):
     description = "a two-model cascade: low resolution, then full resolution conditioned on it"
     Options = CascadeOptions
     decided_at_start = ("switch_step",)
-    unused_parameters = True  # it trains one of its two models per phase
+    unused_parameters = True  # it trains one of its two models at a time
     supports_fsdp = False  # it copies weights between its models at the switch
 
     def validate(self, cfg: RunConfig) -> None:

@@ -97,9 +97,9 @@ class ConditionedDiT(DFMDiT):
         else:
             tokens, cond_tokens = tokens + self.pos_embed, cond_tokens + self.pos_embed
         seq = torch.cat([tokens, cond_tokens], dim=1)  # (B, 2N, D)
-        stage_mask = torch.ones(batch, 1, dtype=torch.bool, device=x.device) if cfg.specialise != "none" else None
+        expert_mask = torch.ones(batch, 1, dtype=torch.bool, device=x.device) if cfg.specialise != "none" else None
         for block in self.blocks:
-            seq = block(seq, c, rope, stage_mask)  # (B, 2N, D)
+            seq = block(seq, c, rope, expert_mask)  # (B, 2N, D)
 
         # Only the generated tokens reach the head; the conditioning tokens have done their work in attention.
         out = self.final_layers[0](self.norm_final(seq[:, :n]), c)  # (B, N, p² C)

@@ -9,7 +9,7 @@ Latents are normalised the diffusers way, ``x = (z - shift) * scale``, with ``sh
 
 Example:
     >>> vae = load_vae("path/to/vae")                 # doctest: +SKIP
-    >>> mean, std = vae.encode(images)                # images (B, 3, H, W) in [-1, 1]
+    >>> mean, std = vae.encode(images)                # doctest: +SKIP
     >>> images_again = vae.decode(mean)               # doctest: +SKIP
 """
 

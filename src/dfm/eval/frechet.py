@@ -69,7 +69,9 @@ class FeatureStats:
 
         n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d n_b / n,  M2 = M2_a + M2_b + d d^T n_a n_b / n
 
-    >>> stats = FeatureStats(2); stats.update(torch.tensor([[0.0, 0.0], [2.0, 2.0]])); stats.mean
+    >>> stats = FeatureStats(2)
+    >>> _ = stats.update(torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
+    >>> stats.mean
     array([1., 1.])
     """
 

@@ -42,8 +42,6 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     """Number of real classes; the label ``num_classes`` is the null class used for guidance."""
-    class_dropout: float = 0.1
-    """Probability of replacing a label by the null class in training mode (DiT-style)."""
     pos: str = "rope"
     """"rope": axial 2D (3D for video) rotary embedding of q and k; "sincos": fixed sin-cos added to tokens."""
     rope_base: float = 10000.0
@@ -103,8 +101,6 @@ class DiTConfig:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} must be > 0")
         if self.num_classes < 0:
             raise ValueError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ValueError(f"class_dropout={self.class_dropout} must be in [0, 1)")
         if self.pos not in POSITION_CHOICES:
             raise ValueError(f"pos={self.pos!r} is not one of {POSITION_CHOICES}")
         if self.specialise not in SPECIALISE_CHOICES:
@@ -155,6 +151,9 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
+        # Models saved before label dropout moved to the trainer (method.label_dropout) carry class_dropout:
+        # the network never used it in our training (it was always 0 there), so it is dropped.
+        data = {k: v for k, v in data.items() if k != "class_dropout"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

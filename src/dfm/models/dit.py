@@ -58,7 +58,7 @@ class DFMDiT(nn.Module):
 
         self.x_embedders = nn.ModuleList(nn.Linear(c * p * p, d) for p in patches)
         self.t_embedders = nn.ModuleList(TimestepEmbedder(d) for _ in range(s_count))
-        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout)
+        self.y_embedder = LabelEmbedder(config.num_classes, d)
         # A stage embedding in a one-stage model would be a constant bias on c: leave it out so that S = 1
         # is exactly a standard DiT.
         self.stage_embedder = nn.Embedding(s_count, d) if config.use_stage_embedding and s_count > 1 else None
@@ -151,7 +151,7 @@ class DFMDiT(nn.Module):
             main_stage = torch.full((batch,), cfg.num_stages - 1, dtype=torch.long, device=device)
         active = stages[None, :] <= main_stage[:, None]  # (B, S)
         t = torch.where(active, t, 0.0)
-        stage_mask = stages[None, :] == main_stage[:, None] if cfg.specialise != "none" else None
+        expert_mask = stages[None, :] == main_stage[:, None] if cfg.specialise != "none" else None
 
         cond = self.y_embedder(y, batch, device)  # (B, D) adaLN conditioning vector
         if self.stage_embedder is not None:
@@ -174,7 +174,7 @@ class DFMDiT(nn.Module):
         else:
             tokens = tokens + self.pos_embed
         for block in self.blocks:
-            tokens = block(tokens, cond, rope, stage_mask)  # (B, N, D)
+            tokens = block(tokens, cond, rope, expert_mask)  # (B, N, D)
 
         tokens = self.norm_final(tokens)
         outputs = []

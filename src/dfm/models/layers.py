@@ -75,21 +75,19 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class embedding with a null class (index ``num_classes``) for classifier-free guidance.
 
-    In training mode each label is replaced by the null class with probability ``dropout`` (DiT-style).
+    It never drops labels itself: label dropout for guidance is the training loop's job (``method.label_dropout``
+    in :class:`dfm.train.Trainer`, seeded per step so that a run is reproducible); pass ``y = null_class`` there.
     """
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout: float) -> None:
+    def __init__(self, num_classes: int, hidden_size: int) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.dropout = dropout
         self.embedding = nn.Embedding(num_classes + 1, hidden_size)
 
     def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
         null = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
         if y is None:
             y = null
-        elif self.training and self.dropout > 0:
-            y = torch.where(torch.rand(batch, device=device) < self.dropout, null, y)
         return self.embedding(y)
 
 
@@ -120,12 +118,12 @@ class StageLinear(nn.Linear):
             self.expert_weight.copy_(self.weight.expand_as(self.expert_weight))
             self.expert_bias.copy_(self.bias.expand_as(self.expert_bias))
 
-    def forward(self, x: Tensor, stage_mask: Tensor | None = None) -> Tensor:
-        """x: (B, ..., in); stage_mask: (B, S) bool one-hot of the main stage (needed with experts)."""
+    def forward(self, x: Tensor, expert_mask: Tensor | None = None) -> Tensor:
+        """x: (B, ..., in); expert_mask: (B, S) bool one-hot of the main stage (needed with experts)."""
         shared = F.linear(x, self.weight, self.bias)
         if self.expert_weight is None or self.expert_bias is None:
             return shared
-        if stage_mask is None:
+        if expert_mask is None:
             raise ValueError("a specialised layer needs the main stage of every sample")
         # One pass per stage over the whole batch, then a select: static shapes (torch.compile friendly) and a
         # sample's output depends only on its own stage's expert, at the price of S extra matmuls per layer
@@ -134,7 +132,7 @@ class StageLinear(nn.Linear):
         expert = F.linear(x, self.expert_weight[0], self.expert_bias[0])
         for s in range(1, self.expert_weight.shape[0]):
             out_s = F.linear(x, self.expert_weight[s], self.expert_bias[s])
-            expert = torch.where(stage_mask[:, s].view(shape), out_s, expert)
+            expert = torch.where(expert_mask[:, s].view(shape), out_s, expert)
         return 0.5 * (shared + expert)
 
 
@@ -147,14 +145,14 @@ class Attention(nn.Module):
         self.qkv = StageLinear(dim, 3 * dim, num_experts)
         self.proj = StageLinear(dim, dim, num_experts)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, stage_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, expert_mask: Tensor | None) -> Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(x, stage_mask).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        qkv = self.qkv(x, expert_mask).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, d), stage_mask)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d), expert_mask)
 
 
 class Mlp(nn.Module):
@@ -163,8 +161,8 @@ class Mlp(nn.Module):
         self.fc1 = StageLinear(dim, hidden, num_experts)
         self.fc2 = StageLinear(hidden, dim, num_experts)
 
-    def forward(self, x: Tensor, stage_mask: Tensor | None) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x, stage_mask), approximate="tanh"), stage_mask)
+    def forward(self, x: Tensor, expert_mask: Tensor | None) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x, expert_mask), approximate="tanh"), expert_mask)
 
 
 class DiTBlock(nn.Module):
@@ -182,11 +180,11 @@ class DiTBlock(nn.Module):
         self.adaLN_act = nn.SiLU()
         self.adaLN_modulation = StageLinear(dim, 6 * dim, experts if specialise == "all" else 0)
 
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None, stage_mask: Tensor | None) -> Tensor:
-        mods = self.adaLN_modulation(self.adaLN_act(c), stage_mask).chunk(6, dim=-1)
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None, expert_mask: Tensor | None) -> Tensor:
+        mods = self.adaLN_modulation(self.adaLN_act(c), expert_mask).chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, stage_mask)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), stage_mask)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, expert_mask)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), expert_mask)
         return x
 
 
