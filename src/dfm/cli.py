@@ -180,6 +180,29 @@ def _sampling_settings(args, cfg: RunConfig) -> tuple[list[float] | None, list[i
     return guidance, steps, thresholds
 
 
+def _sample_labels(classes: str | None, seeds: list[int], num_classes: int) -> list[int] | None:
+    """One label per seed: ``--classes`` cycled over the seeds, else ``seed % num_classes``."""
+    if not classes:
+        return default_labels(seeds, num_classes)
+    if num_classes == 0:
+        raise ValueError("--classes: this model is unconditional (no classes); leave --classes out")
+    chosen = _numbers(classes, "--classes", int, example="0,1,2")
+    bad = [c for c in chosen if not 0 <= c < num_classes]
+    if bad or not chosen:
+        raise ValueError(f"--classes {classes} out of range: this model has classes 0..{num_classes - 1}")
+    return [chosen[i % len(chosen)] for i in range(len(seeds))]
+
+
+def _gather_on_rank0(d, images, previews):
+    """All ranks' samples on rank 0 (object gather works for gloo and nccl); None on the other ranks."""
+    gathered = [None] * d.world if d.main else None
+    dist.gather_object((images, previews), gathered, dst=0)
+    finish_distributed()
+    if not d.main:
+        return None
+    return torch.cat([g[0] for g in gathered]), [torch.cat([g[1][i] for g in gathered]) for i in range(len(previews))]
+
+
 def _run_sample(args) -> int:
     d = init_distributed()
     seeds = parse_seeds(args.seeds)
@@ -189,29 +212,16 @@ def _run_sample(args) -> int:
         ensure_writable(out)
     num_classes = model.num_classes
     guidance, steps, thresholds = _sampling_settings(args, cfg)
-    if args.classes:
-        if num_classes == 0:
-            raise ValueError("--classes: this model is unconditional (no classes); leave --classes out")
-        classes = _numbers(args.classes, "--classes", int, example="0,1,2")
-        bad = [c for c in classes if not 0 <= c < num_classes]
-        if bad or not classes:
-            raise ValueError(f"--classes {args.classes} out of range: this model has classes 0..{num_classes - 1}")
-        labels = [classes[i % len(classes)] for i in range(len(seeds))]
-    else:
-        labels = default_labels(seeds, num_classes)
+    labels = _sample_labels(args.classes, seeds, num_classes)
     decomposition = make_decomposition(cfg.method)
-    shape = (model.config.in_channels, *model.config.input_size)
     mine = shard(list(range(len(seeds))), d.rank, d.world)
-    my_seeds = [seeds[i] for i in mine]
-    my_labels = None if labels is None else [labels[i] for i in mine]
-    decoder = make_decoder(cfg, d.device)
     images, previews = generate(
         model,
         decomposition,
         cfg,
-        shape,
-        my_labels,
-        my_seeds,
+        (model.config.in_channels, *model.config.input_size),
+        None if labels is None else [labels[i] for i in mine],
+        [seeds[i] for i in mine],
         guidance=None if guidance is None else (guidance[0] if len(guidance) == 1 else guidance),
         steps=steps,
         thresholds=thresholds,
@@ -219,31 +229,20 @@ def _run_sample(args) -> int:
         batch_size=args.batch_size,
         device=d.device,
         precision=args.precision,
-        decoder=decoder,
+        decoder=make_decoder(cfg, d.device),
         progress=d.main,
     )
-    if d.world > 1:  # gather on rank 0 (object gather works for gloo and nccl)
-        gathered = [None] * d.world if d.main else None
-        dist.gather_object((images, previews), gathered, dst=0)
-        finish_distributed()
-        if not d.main:
+    if d.world > 1:
+        gathered = _gather_on_rank0(d, images, previews)
+        if gathered is None:
             return 0
-        images = torch.cat([g[0] for g in gathered])
-        previews = [torch.cat([g[1][i] for g in gathered]) for i in range(len(previews))]
+        images, previews = gathered
+    crop = data_padding(cfg, args.run)
     written = write_outputs(
-        images,
-        previews,
-        seeds,
-        labels,
-        out,
-        grid=not args.no_grid,
-        pngs=args.png,
-        npz=args.npz,
-        progression=not args.no_progression,
-        mp4=args.mp4,
-        crop=data_padding(cfg, args.run),
+        images, previews, seeds, labels, out, grid=not args.no_grid, pngs=args.png, npz=args.npz,
+        progression=not args.no_progression, mp4=args.mp4, crop=crop,
         nrow=grid_columns(min(len(images), 256), num_classes),
-    )
+    )  # fmt: skip
     settings = {
         "run": str(args.run),
         "seeds": args.seeds,
@@ -257,7 +256,7 @@ def _run_sample(args) -> int:
         "precision": args.precision,
         "method": cfg.method.method,
         "decomposition": repr(decomposition),
-        "cropped_padding": data_padding(cfg, args.run),
+        "cropped_padding": crop,
     }
     save_json(out / "sampling.json", settings)
     for kind, path in written.items():

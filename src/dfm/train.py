@@ -159,7 +159,25 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.d = dist_info or Dist()
         self.progress = progress
-        tc = cfg.train
+        self._check_batch_and_output()
+        self.dataset = self._open_dataset()
+        self.sample_shape = tuple(self.dataset.sample_shape)
+        self.num_classes = int(self.dataset.num_classes)
+        ckpt = self._resolve_resume(resume)
+        self._measure_and_build_objective()
+        ck = load_checkpoint(ckpt, map_location="cpu") if ckpt is not None else None
+        self._build_model(ck, ckpt)
+        self._build_optimizer()
+        if ck is not None:
+            self._load_state(ck, ckpt)
+        self.indexer = EpochIndexer(len(self.dataset), cfg.train.batch_size, cfg.train.seed)
+        if self.d.main:
+            self._write_run_files()
+
+    # -- setup steps (in the order __init__ runs them) ---------------------------------------------------------
+    def _check_batch_and_output(self) -> None:
+        """Threads, the per-rank batch, and a writable run directory (before any long work)."""
+        tc = self.cfg.train
         if tc.threads:
             torch.set_num_threads(tc.threads)
         if tc.batch_size % (self.d.world * tc.grad_accum):
@@ -174,11 +192,13 @@ class Trainer:
                 ensure_writable(folder)
             clean_leftovers(self.run_dir / "checkpoints")
 
-        data = cfg.data
-        # Augmentation draws from a generator seeded per step (see train_step), so resumes are exact.
+    def _open_dataset(self):
+        """The training set; augmentation draws from a generator seeded per step (see train_step), so resumes
+        are exact."""
+        data = self.cfg.data
         extra = {"skip_bad": True} if data.skip_bad else {}
         try:
-            self.dataset = build_dataset(
+            dataset = build_dataset(
                 data.dataset,
                 data.resolution,
                 train=True,
@@ -192,53 +212,54 @@ class Trainer:
             if not extra:
                 raise
             raise TrainingError(f"data.skip_bad applies to image folders; {data.dataset!r} is not one") from None
-        if len(self.dataset) == 0:
+        if len(dataset) == 0:
             raise TrainingError(f"dataset {data.dataset!r} is empty")
-        self.sample_shape = tuple(self.dataset.sample_shape)
-        self.num_classes = int(self.dataset.num_classes)
+        return dataset
 
-        ckpt = self._resolve_resume(resume)
-        if cfg.method.standardize and cfg.method.level_std is None:
-            cfg.method.level_std = self._estimate_level_std()
-        self.decomposition = make_decomposition(cfg.method)
-        needs_std = cfg.method.precondition or cfg.method.loss_weighting == "edm"
-        if needs_std and cfg.method.data_std is None:
-            cfg.method.data_std = self._estimate_data_std()
-        self.objective: DFMObjective = make_objective(cfg.method, self.decomposition, tc.steps)
-        self.method.decide_at_start(cfg.method, self.objective)  # saved in config.json; a resumed run keeps it
+    def _measure_and_build_objective(self) -> None:
+        """Measure what the config leaves to the data (level and data stds), then the decomposition and the
+        objective; what the method decides at the start (the cascade's switch step) goes into the config."""
+        m = self.cfg.method
+        if m.standardize and m.level_std is None:
+            m.level_std = self._estimate_level_std()
+        self.decomposition = make_decomposition(m)
+        needs_std = m.precondition or m.loss_weighting == "edm"
+        if needs_std and m.data_std is None:
+            m.data_std = self._estimate_data_std()
+        self.objective: DFMObjective = make_objective(m, self.decomposition, self.cfg.train.steps)
+        self.method.decide_at_start(m, self.objective)  # saved in config.json; a resumed run keeps it
         self.level_shapes_1 = self.decomposition.level_shapes((1, *self.sample_shape))
 
-        torch.manual_seed(tc.seed)
-        self.model = make_model(cfg, self.sample_shape, self.num_classes).to(self.d.device)
+    def _build_model(self, ck: dict | None, ckpt: Path | None) -> None:
+        """The model and its EMA (seeded), with the checkpoint's weights, then wrapped for DDP/FSDP/compile."""
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = make_model(self.cfg, self.sample_shape, self.num_classes).to(self.d.device)
         self.step = 0
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        ck = load_checkpoint(ckpt, map_location="cpu") if ckpt is not None else None
         if ck is not None:  # weights go in before sharding, so FSDP needs no special path for them
             self._load_weights(self.model, ck["model"], ckpt)
             self._load_weights(self.ema, ck["ema"], ckpt)
         self.net = self._wrap(self.model)  # FSDP2 shards self.model (and the EMA alike) in place
+
+    def _build_optimizer(self) -> None:
+        o = self.cfg.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=cfg.optim.lr,
-            betas=cfg.optim.betas,
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
+            self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
         )
-        warm = cfg.optim.warmup_steps
+        warm = o.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: min(1.0, (k + 1) / warm) if warm > 0 else 1.0
         )
-        if ck is not None:
-            self._load_state(ck, ckpt)
-        self.indexer = EpochIndexer(len(self.dataset), tc.batch_size, tc.seed)
-        if self.d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
-            # What the model needs to be rebuilt without opening the data set again (dfm sample, the benches).
-            spec = {"sample_shape": list(self.sample_shape), "num_classes": self.num_classes,
-                    "padding": int(getattr(self.dataset, "padding", 0))}  # fmt: skip
-            atomic_write_text(self.run_dir / DATA_SPEC_FILE, json.dumps(spec) + "\n")
-            self._truncate_metrics()
+
+    def _write_run_files(self) -> None:
+        """config.json (with what was measured) and data_spec.json; drop log lines past the resumed step."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / CONFIG_FILE, json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        # What the model needs to be rebuilt without opening the data set again (dfm sample, the benches).
+        spec = {"sample_shape": list(self.sample_shape), "num_classes": self.num_classes,
+                "padding": int(getattr(self.dataset, "padding", 0))}  # fmt: skip
+        atomic_write_text(self.run_dir / DATA_SPEC_FILE, json.dumps(spec) + "\n")
+        self._truncate_metrics()
 
     # -- setup helpers ---------------------------------------------------------------------------------------
     def _resolve_resume(self, resume: str | None) -> Path | None:

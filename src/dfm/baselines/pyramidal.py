@@ -437,6 +437,18 @@ class PyramidalObjective:
 
 # ------------------------------------------------------------------------------------------------ sampling
 @torch.no_grad()
+def _integrate_window(velocity, x: Tensor, window: tuple[float, float], n: int, solver: str) -> tuple[Tensor, Tensor]:
+    """``n`` ODE steps of local time τ from 0 to 1 over one stage's window (global time lo + τ (hi - lo));
+    returns the end state and the last velocity."""
+    lo, hi = window
+    v = torch.zeros_like(x)
+    for i in range(n):
+        tau0, tau1 = i / n, (i + 1) / n
+        (x,), (v,) = ode_step(lambda xs, tau: [velocity(xs[0], lo + tau * (hi - lo))], [x], tau0, tau1,
+                              [tau1 - tau0], solver)  # fmt: skip
+    return x, v
+
+
 def sample_pyramidal(
     model: VelocityModel,
     path: PyramidalPath,
@@ -500,13 +512,7 @@ def sample_pyramidal(
     for k in range(k_count):
         if k > 0:
             x = path.renoise(x, k, draws[k].float())
-        lo, hi = path.window(k)
-        n = int(steps[k])
-        v = torch.zeros_like(x)
-        for i in range(n):
-            tau0, tau1 = i / n, (i + 1) / n
-            (x,), (v,) = ode_step(lambda xs, tau, k=k, lo=lo, hi=hi: [velocity(xs[0], k, lo + tau * (hi - lo))],
-                                  [x], tau0, tau1, [tau1 - tau0], solver)  # fmt: skip
+        x, v = _integrate_window(lambda xk, t, k=k: velocity(xk, k, t), x, path.window(k), int(steps[k]), solver)
         ends.append(x)
         e, s = path.end_coef(k), path.start_coef(k)
         preview = x + (1 - e) * v / (e - s)
