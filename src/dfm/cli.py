@@ -28,10 +28,9 @@ from dfm.generate import (
     load_run,
     make_decoder,
     parse_seeds,
-    save_json,
     shard,
-    write_outputs,
 )
+from dfm.outputs import save_json, write_outputs
 from dfm.train import Trainer, TrainingError, finish_distributed, init_distributed
 from dfm.visual import grid_columns
 

@@ -1,4 +1,5 @@
-"""Generation from a trained run: load the model, sample with per-image seeds, write grids, PNGs, npz, GIFs.
+"""Generation from a trained run: load the model and sample with per-image seeds (the files ``dfm sample``
+writes are :mod:`dfm.outputs`'; its names are importable from here too).
 
 An image is a function of its seed, its class and the sampler settings: its starting noise depends on its seed
 only, so ``--seeds 0-49999`` gives seed 17 the same image whether it is drawn alone, in a batch of 256, or on any
@@ -13,11 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -32,7 +31,8 @@ from dfm.decomposition import Decomposition
 from dfm.factory import make_model, make_schedule
 from dfm.methods import get_method
 from dfm.models import DFMDiT
-from dfm.visual import grid_columns, image_grid, progression_grid, save_gif, save_png, to_uint8, upsample_to
+from dfm.outputs import crop_border, save_json, save_mp4, write_outputs  # noqa: F401 (dfm sample's writers)
+from dfm.visual import grid_columns, image_grid, progression_grid, save_gif, save_png
 
 RUN_CONFIG = "config.json"
 METHOD_FILE = "dfm_run.json"  # the RunConfig saved next to a save_pretrained model
@@ -182,11 +182,6 @@ def generate(
     return torch.cat(images), [torch.cat(p) for p in all_previews]
 
 
-def crop_border(x: Tensor, p: int) -> Tensor:
-    """Drop ``p`` pixels on every side of the last two dimensions (the data set's padding)."""
-    return x[..., p : x.shape[-2] - p, p : x.shape[-1] - p] if p else x
-
-
 def upsample_like(x: Tensor, ref: Tensor) -> Tensor:
     return torch.nn.functional.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -251,98 +246,7 @@ def sample_grid_files(
     return out_dir / f"step_{step:08d}.png"
 
 
-def write_outputs(
-    images: Tensor,
-    previews: list[Tensor],
-    seeds: Sequence[int],
-    labels: Sequence[int] | None,
-    out: Path,
-    grid: bool = True,
-    pngs: bool = False,
-    npz: bool = False,
-    progression: bool = True,
-    class_names: Sequence[str] | None = None,
-    nrow: int | None = None,
-    mp4: bool = False,
-    crop: int = 0,
-) -> dict[str, str]:
-    """Write the requested outputs of ``dfm sample``; returns {kind: path}. PNGs and the npz drop ``crop``
-    pixels on every side (the data set's padding, see :func:`data_padding`); the grids keep them. For videos
-    the npz holds the whole clips (N, T, H, W, C), the grid and the PNGs the middle frame, the GIF/MP4 all frames."""
-    out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, str] = {}
-    video = images.dim() == 5
-    stills = images[:, :, images.shape[2] // 2] if video else images
-    native = crop_border(stills, crop)
-    if grid:
-        written["grid"] = str(save_png(image_grid(stills[:256], nrow=nrow), out / "grid.png"))
-    if pngs:
-        folder = out / "images"
-        folder.mkdir(exist_ok=True)
-        arr = to_uint8(native)
-        for i, seed in enumerate(seeds):
-            label = f"_class{labels[i]}" if labels is not None else ""
-            save_png(arr[i], folder / f"seed{seed:06d}{label}.png")
-        written["images"] = str(folder)
-    if npz:  # videos: whole clips (N, T, H, W, C), what `dfm eval` needs for FVD and per-frame scores
-        arr = to_uint8(crop_border(images, crop))
-        payload = {"arr_0": arr, "seeds": np.asarray(seeds, dtype=np.int64)}
-        if labels is not None:
-            payload["labels"] = np.asarray(labels, dtype=np.int64)
-        tmp = out / f".samples.tmp{os.getpid()}.npz"
-        np.savez(tmp, **payload)
-        os.replace(tmp, out / "samples.npz")
-        written["npz"] = str(out / "samples.npz")
-    if video:
-        gif_frames = [image_grid(images[:16, :, f], nrow=4) for f in range(images.shape[2])]
-        written["gif"] = str(save_gif(gif_frames, out / "video.gif"))
-        if mp4:
-            written["mp4"] = str(save_mp4(gif_frames, out / "video.mp4"))
-        if progression and len(previews) > 1:
-            # Per frame: every stage's preview clip (enlarged) beside the final clip.
-            rows = min(len(seeds), 8)
-            frames = [
-                progression_grid([p[:rows, :, f] for p in previews], images[:rows, :, f], max_rows=rows)
-                for f in range(images.shape[2])
-            ]
-            written["progression_gif"] = str(save_gif(frames, out / "progression.gif"))
-    if progression and len(previews) > 1 and not video:
-        rows = min(len(seeds), 10)
-        written["progression"] = str(
-            save_png(progression_grid(previews, images, max_rows=rows), out / "progression.png")
-        )
-        size = images.shape[-2:]
-        frames = [image_grid(upsample_to(p[:16], size), nrow=min(4, rows)) for p in previews]
-        frames.append(image_grid(images[:16].float(), nrow=min(4, rows)))
-        written["progression_gif"] = str(save_gif(frames, out / "progression.gif", duration_ms=600))
-    return written
-
-
-def save_mp4(frames: Sequence[np.ndarray], path: Path, fps: int = 8) -> Path:
-    """MP4 through the optional imageio + imageio-ffmpeg packages (``pip install "dfm[video]"``)."""
-    try:
-        import imageio.v2 as imageio
-    except ImportError as err:
-        raise ImportError('MP4 output needs imageio and imageio-ffmpeg: pip install "dfm[video]"') from err
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.mp4")
-    try:
-        imageio.mimwrite(
-            tmp, [f if f.shape[-1] == 3 else np.repeat(f, 3, axis=-1) for f in frames], fps=fps, macro_block_size=1
-        )
-    except (ValueError, RuntimeError, ImportError) as err:
-        tmp.unlink(missing_ok=True)
-        raise ImportError('MP4 output needs the ffmpeg backend: pip install "dfm[video]"') from err
-    os.replace(tmp, path)
-    return path
-
-
 def shard(seq: Sequence[int], rank: int, world: int) -> list[int]:
     """Contiguous shard of ``seq`` for ``rank`` (``world`` processes): ranks' shards concatenate back to ``seq``."""
     per = math.ceil(len(seq) / world)
     return list(seq[rank * per : (rank + 1) * per])
-
-
-def save_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

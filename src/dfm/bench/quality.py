@@ -41,7 +41,8 @@ from dfm.eval.extractors.classifier import train_fashion_classifier
 from dfm.eval.images import ImageSet, load_fashion_mnist
 from dfm.eval.weights import sha256_file
 from dfm.factory import make_decomposition, make_model, make_objective
-from dfm.generate import crop_border, data_padding, default_labels, generate, load_run
+from dfm.generate import data_padding, default_labels, generate, load_run
+from dfm.outputs import crop_border
 from dfm.train import Trainer
 
 METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
