@@ -80,11 +80,7 @@ def build_dataset(
         **kwargs: passed to the dataset class (e.g. ``upscale``, ``skip_bad``, ``mode``).
     """
     name = str(name_or_path)
-    key = name.lower().replace("_", "-")
-    split = "train" if train else "test"
-    if key.startswith(("fashion-mnist:", "fashionmnist:")):  # fashion-mnist:fit trains without the val images
-        key, _, named_split = key.partition(":")
-        split = named_split if train else split
+    key, split = _parse_name(name, train)
     if key in ("fashion-mnist", "fashionmnist"):
         return FashionMNIST(
             root=data_dir,
@@ -106,29 +102,62 @@ def build_dataset(
             download=download,
             **kwargs,
         )
+    path = _existing_folder(name)
+    if is_latent_dir(path):
+        return _latent_dataset(path, resolution, split, train, random_flip, **kwargs)
+    return _folder_dataset(path, resolution, frames, train, random_flip, **kwargs)
+
+
+# The helpers' own parameters are positional-only, so that any name in ``kwargs`` reaches the dataset class.
+
+
+def _parse_name(name: str, train: bool) -> tuple[str, str]:
+    """(lower-case key, split): ``"fashion-mnist:fit"`` names its training split; else train or test."""
+    key = name.lower().replace("_", "-")
+    split = "train" if train else "test"
+    if key.startswith(("fashion-mnist:", "fashionmnist:")):  # fashion-mnist:fit trains without the val images
+        key, _, named_split = key.partition(":")
+        split = named_split if train else split
+    return key, split
+
+
+def _existing_folder(name: str) -> Path:
+    """``name`` as a folder; an error naming the built-ins when there is no such folder."""
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ValueError(
             f"dataset {name!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing "
             "folder; pass one of those names or a folder of images, clips or prepared latents"
         )
-    if is_latent_dir(path):
-        info = read_latent_info(path)
-        if resolution is not None and resolution not in (info.get("image_resolution"), info["latent_shape"][-1]):
-            raise ValueError(
-                f"resolution {resolution} does not match the latents in {path} (images "
-                f"{info.get('image_resolution')}, latents {info['latent_shape'][-1]}); run `dfm prepare` "
-                "at that resolution or drop the resolution setting"
-            )
-        # Without a test split, evaluation reads the training latents (the only ones there are).
-        latent_split = split if split in info["splits"] else "train"
-        return LatentDataset(
-            path,
-            split=latent_split,
-            sample_posterior=train,
-            random_flip=_flip(random_flip, False, train),
-            **kwargs,
+    return path
+
+
+def _latent_dataset(
+    path: Path, resolution: int | None, split: str, train: bool, random_flip: bool | None, /, **kwargs: Any
+) -> LatentDataset:
+    """A latent directory from ``dfm prepare``; ``resolution``, if given, must be its image or latent size."""
+    info = read_latent_info(path)
+    if resolution is not None and resolution not in (info.get("image_resolution"), info["latent_shape"][-1]):
+        raise ValueError(
+            f"resolution {resolution} does not match the latents in {path} (images "
+            f"{info.get('image_resolution')}, latents {info['latent_shape'][-1]}); run `dfm prepare` "
+            "at that resolution or drop the resolution setting"
         )
+    # Without a test split, evaluation reads the training latents (the only ones there are).
+    latent_split = split if split in info["splits"] else "train"
+    return LatentDataset(
+        path,
+        split=latent_split,
+        sample_posterior=train,
+        random_flip=_flip(random_flip, False, train),
+        **kwargs,
+    )
+
+
+def _folder_dataset(
+    path: Path, resolution: int | None, frames: int | None, train: bool, random_flip: bool | None, /, **kwargs: Any
+) -> DFMDataset:
+    """A folder of clips when ``frames`` is given, else of images."""
     if resolution is None:
         raise ValueError(f"a resolution is needed for the folder {path}; pass --resolution")
     if frames is not None:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dfm.data import build_dataset
+from dfm.data import DFMDataset, build_dataset
 from dfm.data.latents import LatentWriter, is_latent_dir, read_latent_info
 from dfm.data.vae import VAE, load_vae
 
@@ -52,13 +52,39 @@ def prepare_latents(
     Returns ``out``. Existing splits in ``out`` are kept when they come from the same VAE and
     resolution; the split being written is replaced.
     """
+    _check_settings(batch_size, dtype)
+    if not isinstance(vae, VAE):
+        vae = load_vae(vae, device=device)
+    latent_shape = vae.latent_shape(vae.latent_channels, resolution)
+    dataset = _image_dataset(data, vae, resolution, split, upscale, skip_bad)
+    out = Path(out)
+    old_splits = _kept_splits(out, split, latent_shape, vae, resolution, dataset.class_names)
+    writer = LatentWriter(
+        out,
+        latent_shape=latent_shape,
+        vae=vae.source,
+        shift=vae.shift,
+        scale=vae.scale,
+        class_names=dataset.class_names,
+        shard_size=shard_size,
+        dtype=_DTYPES[dtype],
+        extra={"image_resolution": resolution, "source_data": str(data)},
+    )
+    writer.info["splits"].update(old_splits)
+    _encode(dataset, vae, writer, split, batch_size, num_workers, progress)
+    return out
+
+
+def _check_settings(batch_size: int, dtype: str) -> None:
+    """Reject a batch size below 1 and a storage dtype we cannot write."""
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size} must be at least 1")
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
-    if not isinstance(vae, VAE):
-        vae = load_vae(vae, device=device)
-    latent_shape = vae.latent_shape(vae.latent_channels, resolution)
+
+
+def _image_dataset(data: str, vae: VAE, resolution: int, split: str, upscale: bool, skip_bad: bool) -> DFMDataset:
+    """The images to encode, unflipped; an error unless they are images with channels the VAE takes."""
     dataset_kwargs: dict[str, Any] = {}
     if Path(data).is_dir():
         dataset_kwargs = {"upscale": upscale, "skip_bad": skip_bad}
@@ -72,36 +98,34 @@ def prepare_latents(
             f"--data {data} has {dataset.channels} channels but the VAE expects {in_channels}; "
             "convert the images or pick a matching VAE"
         )
+    return dataset
 
-    out = Path(out)
-    old_splits: dict[str, Any] = {}
-    if is_latent_dir(out):
-        old = read_latent_info(out)
-        same = (
-            old["latent_shape"] == list(latent_shape)
-            and old["vae"] == vae.source
-            and old.get("image_resolution") == resolution
-            and old["class_names"] == dataset.class_names
-        )
-        if not same:
-            raise ValueError(
-                f"--out {out} already holds latents of another VAE, resolution or class list; "
-                "choose a new --out directory"
-            )
-        old_splits = {name: s for name, s in old["splits"].items() if name != split}
 
-    writer = LatentWriter(
-        out,
-        latent_shape=latent_shape,
-        vae=vae.source,
-        shift=vae.shift,
-        scale=vae.scale,
-        class_names=dataset.class_names,
-        shard_size=shard_size,
-        dtype=_DTYPES[dtype],
-        extra={"image_resolution": resolution, "source_data": str(data)},
+def _kept_splits(
+    out: Path, split: str, latent_shape: tuple[int, ...], vae: VAE, resolution: int, class_names: list[str]
+) -> dict[str, Any]:
+    """The splits already in ``out`` other than ``split``; an error if they come from another VAE or data."""
+    if not is_latent_dir(out):
+        return {}
+    old = read_latent_info(out)
+    same = (
+        old["latent_shape"] == list(latent_shape)
+        and old["vae"] == vae.source
+        and old.get("image_resolution") == resolution
+        and old["class_names"] == class_names
     )
-    writer.info["splits"].update(old_splits)
+    if not same:
+        raise ValueError(
+            f"--out {out} already holds latents of another VAE, resolution or class list; choose a new --out directory"
+        )
+    return {name: s for name, s in old["splits"].items() if name != split}
+
+
+def _encode(
+    dataset: DFMDataset, vae: VAE, writer: LatentWriter, split: str, batch_size: int, num_workers: int, progress: bool
+) -> None:
+    """Encode every image of ``dataset`` in order into ``split`` of ``writer`` (grey repeated for an RGB VAE)."""
+    in_channels = int(vae.model.config.in_channels)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     with writer:
         for x, y in tqdm(loader, desc=f"encoding {split}", unit="batch", disable=not progress):
@@ -109,7 +133,6 @@ def prepare_latents(
                 x = x.expand(-1, in_channels, -1, -1)
             mean, std = vae.encode(x)
             writer.add(split, mean, std, y)
-    return out
 
 
 def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:

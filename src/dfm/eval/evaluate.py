@@ -203,7 +203,28 @@ def evaluate(
     parsed = [parse_metric(m) for m in config.metrics]
     sample_set = samples if isinstance(samples, ImageSet) else load_images(samples)
     sample_set = sample_set.subset(config.num_samples)
+    ref_images, ref_stats = _load_references(references, config.num_reference)
+    _require_reference(parsed, references)
+    protocol = _protocol(samples, sample_set, ref_images, ref_stats, config)
 
+    scores: dict[str, float] = {}
+    for extractor_name in dict.fromkeys(e for _, e in parsed if e is not None):
+        kinds = {kind for kind, e in parsed if e == extractor_name}
+        scores.update(_extractor_scores(extractor_name, kinds, sample_set, ref_images, ref_stats, config, protocol))
+    all_kinds = {kind for kind, _ in parsed}
+    if "swd" in all_kinds:
+        scores.update(_swd_scores(sample_set, ref_images, config, protocol))
+    if "temporal" in all_kinds:
+        scores.update(_temporal_scores(sample_set, ref_images))
+    if "clip" in all_kinds:
+        scores["clip_score"] = _clip_score(sample_set, config, protocol)
+    return {"scores": scores, "protocol": protocol}
+
+
+def _load_references(
+    references: Sequence[str | Path], num_reference: int | None
+) -> tuple[ImageSet | None, dict[str, ReferenceStats]]:
+    """At most one image reference (its first `num_reference` images) and the statistics files by extractor."""
     ref_images: ImageSet | None = None
     ref_stats: dict[str, ReferenceStats] = {}
     for ref in references:
@@ -212,15 +233,27 @@ def evaluate(
             ref_stats[loaded.extractor] = loaded
         elif ref_images is None:
             ref_images = load_images(ref)
-            ref_images = ref_images.subset(min(len(ref_images), config.num_reference or len(ref_images)))
+            ref_images = ref_images.subset(min(len(ref_images), num_reference or len(ref_images)))
         else:
             raise ValueError(f"only one image reference can be given, got a second one: {ref}")
+    return ref_images, ref_stats
 
+
+def _require_reference(parsed: Sequence[tuple[str, str | None]], references: Sequence[str | Path]) -> None:
+    """Fail early when a metric that compares with a reference has none."""
     needs_reference = {kind for kind, _ in parsed if kind in ("fd", "pr", "swd", "temporal")}
     if needs_reference and not references:
         raise ValueError(f"metrics {sorted(needs_reference)} need a reference: pass --ref DATASET|FOLDER|NPZ|STATS.npz")
 
-    scores: dict[str, float] = {}
+
+def _protocol(
+    samples: str | Path | ImageSet,
+    sample_set: ImageSet,
+    ref_images: ImageSet | None,
+    ref_stats: dict[str, ReferenceStats],
+    config: EvalConfig,
+) -> dict:
+    """The record of what was scored and how; the metric steps add their extractors and settings."""
     protocol: dict = {
         "metrics": list(config.metrics),
         "samples": {**sample_set.source, "count": len(sample_set)},
@@ -236,102 +269,165 @@ def evaluate(
         protocol["references"].append(
             {"kind": "statistics", "extractor": name, "count": ref.stats.count, **ref.protocol}
         )
+    return protocol
 
-    for extractor_name in dict.fromkeys(e for _, e in parsed if e is not None):
-        kinds = {kind for kind, e in parsed if e == extractor_name}
-        extractor = build_extractor(extractor_name, config.weights.get(extractor_name), config.device, config.download)
-        protocol["extractors"][extractor_name] = extractor.describe()
-        per_frame = sample_set.images.ndim == 5 and not extractor.takes_video
-        samples_in = as_frames(sample_set) if per_frame else sample_set
-        refs_in = as_frames(ref_images) if per_frame and ref_images is not None else ref_images
-        if per_frame:
-            protocol["settings"]["per_frame"] = True
-        _check_input_kind(extractor, samples_in, "samples")
-        if refs_in is not None:
-            _check_input_kind(extractor, refs_in, "reference")
-        fake = extract(
+
+def _extractor_scores(
+    extractor_name: str,
+    kinds: set[str],
+    sample_set: ImageSet,
+    ref_images: ImageSet | None,
+    ref_stats: dict[str, ReferenceStats],
+    config: EvalConfig,
+    protocol: dict,
+) -> dict[str, float]:
+    """The scores of the metric `kinds` (fd, pr, is, accuracy) that share the extractor `extractor_name`."""
+    extractor = build_extractor(extractor_name, config.weights.get(extractor_name), config.device, config.download)
+    protocol["extractors"][extractor_name] = extractor.describe()
+    per_frame, samples_in, refs_in = _extractor_inputs(extractor, sample_set, ref_images, protocol)
+    fake = extract(
+        extractor,
+        samples_in.images,
+        config.batch_size,
+        keep_features="pr" in kinds,
+        keep_logits=bool(kinds & {"is", "accuracy"}),
+        progress=config.progress,
+        desc=f"{extractor_name} samples",
+    )
+    real: Extracted | None = None
+    if kinds & {"fd", "pr"}:
+        real = _reference_features(extractor, extractor_name, kinds, ref_stats.get(extractor_name), refs_in, config)
+    scores = _feature_scores(extractor_name, kinds, fake, real, per_frame, config)
+    if "accuracy" in kinds:
+        scores.update(_class_accuracy(extractor, extractor_name, fake, samples_in, refs_in, per_frame, config))
+    return scores
+
+
+def _extractor_inputs(
+    extractor: FeatureExtractor, sample_set: ImageSet, ref_images: ImageSet | None, protocol: dict
+) -> tuple[bool, ImageSet, ImageSet | None]:
+    """(per_frame, samples, reference) as `extractor` takes them: video frames for an image extractor."""
+    per_frame = sample_set.images.ndim == 5 and not extractor.takes_video
+    samples_in = as_frames(sample_set) if per_frame else sample_set
+    refs_in = as_frames(ref_images) if per_frame and ref_images is not None else ref_images
+    if per_frame:
+        protocol["settings"]["per_frame"] = True
+    _check_input_kind(extractor, samples_in, "samples")
+    if refs_in is not None:
+        _check_input_kind(extractor, refs_in, "reference")
+    return per_frame, samples_in, refs_in
+
+
+def _reference_features(
+    extractor: FeatureExtractor,
+    extractor_name: str,
+    kinds: set[str],
+    stats_file: ReferenceStats | None,
+    refs_in: ImageSet | None,
+    config: EvalConfig,
+) -> Extracted:
+    """The reference side of FD and PR: a statistics file that serves, else the reference images."""
+    if stats_file is not None and ("pr" not in kinds or stats_file.features is not None):
+        features = None if stats_file.features is None else torch.from_numpy(stats_file.features)
+        return Extracted(stats_file.stats, features, None)
+    if refs_in is not None:
+        return extract(
             extractor,
-            samples_in.images,
+            refs_in.images,
             config.batch_size,
             keep_features="pr" in kinds,
-            keep_logits=bool(kinds & {"is", "accuracy"}),
             progress=config.progress,
-            desc=f"{extractor_name} samples",
+            desc=f"{extractor_name} reference",
         )
-        real: Extracted | None = None
-        if kinds & {"fd", "pr"}:
-            stats_file = ref_stats.get(extractor_name)
-            if stats_file is not None and ("pr" not in kinds or stats_file.features is not None):
-                features = None if stats_file.features is None else torch.from_numpy(stats_file.features)
-                real = Extracted(stats_file.stats, features, None)
-            elif refs_in is not None:
-                real = extract(
-                    extractor,
-                    refs_in.images,
-                    config.batch_size,
-                    keep_features="pr" in kinds,
-                    progress=config.progress,
-                    desc=f"{extractor_name} reference",
-                )
-            else:
-                raise ValueError(
-                    f"no reference for extractor {extractor_name}: pass reference images, or statistics built with "
-                    f"`dfm eval ref --extractor {extractor_name}`" + (" --save-features" if "pr" in kinds else "")
-                )
-        suffix = "" if extractor_name == "inception-v3" else f"_{extractor_name}"
-        if per_frame:
-            suffix = f"_frames{suffix}"
-        if "fd" in kinds:
-            fd_name = f"fd_frames_{extractor_name}" if per_frame else f"fd:{extractor_name}"
-            scores[_SCORE_NAMES.get(fd_name, fd_name.replace(":", "_"))] = fake.stats.frechet_distance(real.stats)
-        if "pr" in kinds:
-            precision, recall = precision_recall(real.features, fake.features, config.pr_k)
-            scores[f"precision{suffix}"], scores[f"recall{suffix}"] = precision, recall
-        if "is" in kinds:
-            mean, std = inception_score(fake.logits, min(config.is_splits, len(fake.logits)))
-            scores[f"is{suffix}_mean"], scores[f"is{suffix}_std"] = mean, std
-        if "accuracy" in kinds:
-            if samples_in.labels is None:
-                raise ValueError(
-                    "metric 'accuracy' needs labelled samples: an npz key 'labels' or file names containing class<K>"
-                )
-            predictions = fake.logits.argmax(1)
-            num_classes = fake.logits.shape[1]
-            wrong = samples_in.labels[(samples_in.labels < 0) | (samples_in.labels >= num_classes)]
-            if len(wrong):
-                raise ValueError(
-                    f"sample label {int(wrong[0])} is not a class of the {extractor_name} classifier "
-                    f"(0..{num_classes - 1}): give labels of its classes, or leave out the accuracy metric"
-                )
-            key = "class_accuracy_frames" if per_frame else "class_accuracy"
-            scores[key] = (predictions == samples_in.labels[: len(predictions)]).double().mean().item()
-            if refs_in is not None and refs_in.labels is not None:  # the ceiling: the same classifier on real data
-                count = min(len(refs_in.images), len(predictions))
-                real_logits = extract(extractor, refs_in.images[:count], config.batch_size, keep_logits=True,
-                                      progress=False, desc=f"{extractor_name} reference").logits  # fmt: skip
-                hits = real_logits.argmax(1) == refs_in.labels[:count]
-                scores[f"{key}_ref"] = hits.double().mean().item()
-        del extractor
+    raise ValueError(
+        f"no reference for extractor {extractor_name}: pass reference images, or statistics built with "
+        f"`dfm eval ref --extractor {extractor_name}`" + (" --save-features" if "pr" in kinds else "")
+    )
 
-    if any(kind == "swd" for kind, _ in parsed):
-        if ref_images is None:
-            raise ValueError("metric 'swd' needs reference images (a dataset, folder or npz), not a statistics file")
-        video = sample_set.images.ndim == 5
-        sam, ref = (as_frames(sample_set), as_frames(ref_images)) if video else (sample_set, ref_images)
-        count = min(len(sam), len(ref), config.swd_max_images)
-        a, b, notes = _match_for_swd(sam.images[:count], ref.images[:count])
-        swd = sliced_wasserstein_distance(a, b, config.swd)
-        scores.update({k.replace("swd_", "swd_frames_") if video else k: v for k, v in swd.items()})
-        protocol["settings"]["swd"] = {**config.swd.to_dict(), **notes}
-    if any(kind == "temporal" for kind, _ in parsed):
-        if ref_images is None or ref_images.images.ndim != 5:
-            raise ValueError("metric 'temporal' needs reference videos (an npz of clips)")
-        mine, theirs = temporal_change(sample_set.images), temporal_change(ref_images.images)
-        scores["temporal_change"], scores["temporal_change_ref"] = mine, theirs
-        scores["temporal_change_gap"] = abs(mine - theirs) / max(theirs, 1e-12)
-    if any(kind == "clip" for kind, _ in parsed):
-        scores["clip_score"] = _clip_score(sample_set, config, protocol)
-    return {"scores": scores, "protocol": protocol}
+
+def _feature_scores(
+    extractor_name: str,
+    kinds: set[str],
+    fake: Extracted,
+    real: Extracted | None,
+    per_frame: bool,
+    config: EvalConfig,
+) -> dict[str, float]:
+    """Fréchet distance, precision and recall, and Inception Score, as `kinds` ask."""
+    scores: dict[str, float] = {}
+    suffix = "" if extractor_name == "inception-v3" else f"_{extractor_name}"
+    if per_frame:
+        suffix = f"_frames{suffix}"
+    if "fd" in kinds:
+        fd_name = f"fd_frames_{extractor_name}" if per_frame else f"fd:{extractor_name}"
+        scores[_SCORE_NAMES.get(fd_name, fd_name.replace(":", "_"))] = fake.stats.frechet_distance(real.stats)
+    if "pr" in kinds:
+        precision, recall = precision_recall(real.features, fake.features, config.pr_k)
+        scores[f"precision{suffix}"], scores[f"recall{suffix}"] = precision, recall
+    if "is" in kinds:
+        mean, std = inception_score(fake.logits, min(config.is_splits, len(fake.logits)))
+        scores[f"is{suffix}_mean"], scores[f"is{suffix}_std"] = mean, std
+    return scores
+
+
+def _class_accuracy(
+    extractor: FeatureExtractor,
+    extractor_name: str,
+    fake: Extracted,
+    samples_in: ImageSet,
+    refs_in: ImageSet | None,
+    per_frame: bool,
+    config: EvalConfig,
+) -> dict[str, float]:
+    """Class accuracy of the labelled samples, and of labelled reference images as the ceiling."""
+    if samples_in.labels is None:
+        raise ValueError(
+            "metric 'accuracy' needs labelled samples: an npz key 'labels' or file names containing class<K>"
+        )
+    predictions = fake.logits.argmax(1)
+    num_classes = fake.logits.shape[1]
+    wrong = samples_in.labels[(samples_in.labels < 0) | (samples_in.labels >= num_classes)]
+    if len(wrong):
+        raise ValueError(
+            f"sample label {int(wrong[0])} is not a class of the {extractor_name} classifier "
+            f"(0..{num_classes - 1}): give labels of its classes, or leave out the accuracy metric"
+        )
+    key = "class_accuracy_frames" if per_frame else "class_accuracy"
+    scores = {key: (predictions == samples_in.labels[: len(predictions)]).double().mean().item()}
+    if refs_in is not None and refs_in.labels is not None:  # the ceiling: the same classifier on real data
+        count = min(len(refs_in.images), len(predictions))
+        real_logits = extract(extractor, refs_in.images[:count], config.batch_size, keep_logits=True,
+                              progress=False, desc=f"{extractor_name} reference").logits  # fmt: skip
+        hits = real_logits.argmax(1) == refs_in.labels[:count]
+        scores[f"{key}_ref"] = hits.double().mean().item()
+    return scores
+
+
+def _swd_scores(
+    sample_set: ImageSet, ref_images: ImageSet | None, config: EvalConfig, protocol: dict
+) -> dict[str, float]:
+    """Multi-scale sliced Wasserstein distance, per frame for videos."""
+    if ref_images is None:
+        raise ValueError("metric 'swd' needs reference images (a dataset, folder or npz), not a statistics file")
+    video = sample_set.images.ndim == 5
+    sam, ref = (as_frames(sample_set), as_frames(ref_images)) if video else (sample_set, ref_images)
+    count = min(len(sam), len(ref), config.swd_max_images)
+    a, b, notes = _match_for_swd(sam.images[:count], ref.images[:count])
+    swd = sliced_wasserstein_distance(a, b, config.swd)
+    protocol["settings"]["swd"] = {**config.swd.to_dict(), **notes}
+    return {k.replace("swd_", "swd_frames_") if video else k: v for k, v in swd.items()}
+
+
+def _temporal_scores(sample_set: ImageSet, ref_images: ImageSet | None) -> dict[str, float]:
+    """Temporal change of the sample and reference videos, and their relative gap."""
+    if ref_images is None or ref_images.images.ndim != 5:
+        raise ValueError("metric 'temporal' needs reference videos (an npz of clips)")
+    mine, theirs = temporal_change(sample_set.images), temporal_change(ref_images.images)
+    return {
+        "temporal_change": mine,
+        "temporal_change_ref": theirs,
+        "temporal_change_gap": abs(mine - theirs) / max(theirs, 1e-12),
+    }
 
 
 def _clip_score(sample_set: ImageSet, config: EvalConfig, protocol: dict) -> float:
