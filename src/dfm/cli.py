@@ -21,7 +21,10 @@ from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset, validate
 from dfm.data.prepare import add_prepare_parser
 from dfm.eval.cli import add_eval_parser
 from dfm.factory import make_decomposition
+from dfm.finetune import finetune_config
 from dfm.generate import (
+    METHOD_FILE,
+    RUN_CONFIG,
     data_padding,
     default_labels,
     generate,
@@ -105,7 +108,11 @@ def _train_config(args) -> RunConfig:
 def _run_train(args) -> int:
     cfg = _train_config(args)
     suffix = f"-{args.method}" if args.method and args.method != "dfm" and args.method not in cfg.preset else ""
-    out = args.out or f"runs/{cfg.preset or 'run'}{suffix}"
+    return _fit(cfg, args.out or f"runs/{cfg.preset or 'run'}{suffix}", args)
+
+
+def _fit(cfg: RunConfig, out: str, args) -> int:
+    """Train ``cfg`` into ``out`` (one process or a torchrun rank) and say where everything is."""
     d = init_distributed()
     trainer = Trainer(cfg, out, resume=args.resume, dist_info=d, progress=not args.no_progress)
     run = trainer.fit()
@@ -121,6 +128,52 @@ def _run_train(args) -> int:
         print(f"  loss curve:  {run / 'loss.png'}")
         print(f"  model:       {run / 'pretrained'}   (dfm sample {run} --seeds 0-63)")
     return 0
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained Flow Matching model as a DFM (or as Flow Matching, the baseline)",
+        description="Start from a one-stage model (a --method fm run or its pretrained/ directory). --method dfm "
+        "converts it into a DFM that is exactly the pretrained model at step 0 (its modules become the coarse "
+        "stage's, the new stage starts at zero), then trains it with the method settings of --like; --method fm "
+        "fine-tunes it as it is. The learning rate is a tenth of the pretrained run's unless --lr is given.",
+    )
+    p.add_argument("--from", dest="source", required=True, help="a run directory or a pretrained/ directory")
+    p.add_argument("--method", default="dfm", choices=["dfm", "fm"], help="dfm (default) or fm")
+    p.add_argument("--like", default="quickstart", choices=sorted(PRESETS), help="DFM preset for the method settings")
+    p.add_argument("--out", help="run directory (default: runs/finetune-<method>)")
+    p.add_argument("--steps", type=int, default=800, help="optimiser steps (default 800)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default: the pretrained run's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: a tenth of the pretrained run's)")
+    p.add_argument("--seed", type=int, help="run seed (train.seed)")
+    p.add_argument("--data", help="the new data: fashion-mnist, an image folder or a `dfm prepare` directory")
+    p.add_argument("--data-dir", help="where built-in datasets live")
+    p.add_argument("--classes", help="train on these classes only, e.g. 5,6,7,8,9 (data.classes)")
+    p.add_argument("--resume", help="'auto' (latest checkpoint of --out) or a checkpoint directory")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any setting (repeatable)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    source = Path(args.source)
+    file = source / RUN_CONFIG if (source / "checkpoints").is_dir() else source / METHOD_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"--from {source}: expected a run directory or its pretrained/ directory ({file} missing)"
+        )
+    cfg = finetune_config(RunConfig.load(file), args.method, args.steps, args.like)
+    ov = [f"train.init_from={source}"]
+    flags = (("batch_size", "train.batch_size"), ("lr", "optim.lr"), ("seed", "train.seed"), ("data", "data.dataset"),
+             ("data_dir", "data.data_dir"), ("classes", "data.classes"))  # fmt: skip
+    for flag, key in flags:
+        value = getattr(args, flag)
+        if value is not None:
+            ov.append(f"{key}={value}")
+    cfg = apply_overrides(cfg, ov + args.override)
+    return _fit(cfg, args.out or f"runs/finetune-{args.method}", args)
 
 
 def _add_sample(sub) -> None:
@@ -286,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfm", description="Decomposable Flow Matching")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_finetune(sub)
     _add_sample(sub)
     _add_presets(sub)
     add_bench_parser(sub)

@@ -82,6 +82,7 @@ class DataConfig:
     frames: int | None = None  #: videos: frames per clip (None = the dataset's default)
     num_clips: int | None = None  #: generated video sets: number of clips (None = the dataset's default)
     skip_bad: bool = False  #: image folders: check every file at start and leave out unreadable ones (warning)
+    classes: tuple[int, ...] | None = None  #: train on these classes only (labels keep their values); None = all
 
 
 @dataclass
@@ -112,6 +113,9 @@ class TrainConfig:
     num_sample_images: int = 40  #: images in the periodic sample grids
     tensorboard: bool = False
     threads: int = 0  #: CPU threads (0 = torch default)
+    #: start from these weights (a run or a ``pretrained/`` directory) instead of a fresh model; a one-stage model
+    #: is converted to the method's stages, exactly the pretrained model at initialisation (dfm.finetune)
+    init_from: str | None = None
 
 
 @dataclass

@@ -36,10 +36,13 @@ from dfm.checkpoint import (
 )
 from dfm.config import RunConfig
 from dfm.data import build_dataset
+from dfm.data.subset import ClassSubset
 from dfm.decomposition import estimate_level_std
 from dfm.factory import make_decomposition, make_model, make_objective
-from dfm.generate import METHOD_FILE, sample_grid_files
+from dfm.finetune import init_from_one_stage
+from dfm.generate import METHOD_FILE, load_run, sample_grid_files
 from dfm.methods import get_method
+from dfm.models import DFMDiT
 from dfm.objective import DFMObjective
 from dfm.visual import plot_losses, read_metrics
 
@@ -164,6 +167,8 @@ class Trainer:
         self.sample_shape = tuple(self.dataset.sample_shape)
         self.num_classes = int(self.dataset.num_classes)
         ckpt = self._resolve_resume(resume)
+        # Pretrained weights to start from (fine-tuning); a resumed run has its own in the checkpoint.
+        self.source = self._load_source() if cfg.train.init_from and ckpt is None else None
         self._measure_and_build_objective()
         ck = load_checkpoint(ckpt, map_location="cpu") if ckpt is not None else None
         self._build_model(ck, ckpt)
@@ -212,6 +217,8 @@ class Trainer:
             if not extra:
                 raise
             raise TrainingError(f"data.skip_bad applies to image folders; {data.dataset!r} is not one") from None
+        if data.classes is not None:
+            dataset = ClassSubset(dataset, data.classes)
         if len(dataset) == 0:
             raise TrainingError(f"dataset {data.dataset!r} is empty")
         return dataset
@@ -226,6 +233,10 @@ class Trainer:
         needs_std = m.precondition or m.loss_weighting == "edm"
         if needs_std and m.data_std is None:
             m.data_std = self._estimate_data_std()
+            if self.source is not None and self.source.config.precondition:
+                # the pretrained model's input scaling: its std for the stage(s) it becomes (dfm.finetune)
+                src_std = tuple(self.source.config.data_std)
+                m.data_std = src_std if len(src_std) == len(m.data_std) else (src_std[0], *m.data_std[1:])
         self.objective: DFMObjective = make_objective(m, self.decomposition, self.cfg.train.steps)
         self.method.decide_at_start(m, self.objective)  # saved in config.json; a resumed run keeps it
         self.level_shapes_1 = self.decomposition.level_shapes((1, *self.sample_shape))
@@ -234,12 +245,47 @@ class Trainer:
         """The model and its EMA (seeded), with the checkpoint's weights, then wrapped for DDP/FSDP/compile."""
         torch.manual_seed(self.cfg.train.seed)
         self.model = make_model(self.cfg, self.sample_shape, self.num_classes).to(self.d.device)
+        if self.source is not None:
+            self._init_from_source()
         self.step = 0
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         if ck is not None:  # weights go in before sharding, so FSDP needs no special path for them
             self._load_weights(self.model, ck["model"], ckpt)
             self._load_weights(self.ema, ck["ema"], ckpt)
         self.net = self._wrap(self.model)  # FSDP2 shards self.model (and the EMA alike) in place
+
+    def _load_source(self) -> nn.Module:
+        """The model of ``train.init_from`` (EMA weights of a run, or a ``pretrained/`` directory)."""
+        path = self.cfg.train.init_from
+        try:
+            source, _ = load_run(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise TrainingError(f"train.init_from: {err}") from None
+        if not isinstance(source, DFMDiT):
+            raise TrainingError(
+                f"train.init_from={path}: fine-tuning starts from a DFM-DiT (not {type(source).__name__})"
+            )
+        m = self.cfg.method
+        if source.config.precondition != m.precondition:
+            on = str(source.config.precondition).lower()
+            raise TrainingError(
+                f"train.init_from={path} was trained with precondition={on}: set -o method.precondition={on} "
+                "(dfm finetune does this for you)"
+            )
+        return source
+
+    def _init_from_source(self) -> None:
+        """Copy (same stages) or convert (one stage -> the method's stages) the pretrained weights."""
+        source, path = self.source, self.cfg.train.init_from
+        try:
+            if source.config.num_stages == self.model.config.num_stages:
+                if source.config != self.model.config:
+                    raise ValueError("its config differs from this run's model: fine-tune the same model")
+                self.model.load_state_dict(source.state_dict())
+            else:
+                init_from_one_stage(self.model, source)
+        except ValueError as err:
+            raise TrainingError(f"train.init_from={path}: {err}") from None
 
     def _build_optimizer(self) -> None:
         o = self.cfg.optim

@@ -1,8 +1,8 @@
 """The two non-trivial baselines of the DFM paper (method.md section 7), built on the same DiT backbone.
 
-- :mod:`dfm.baselines.cascade` (a package: model, objective, sampler): two flow-matching models, low resolution then full resolution conditioned on the
-  upsampled first result through concatenated tokens (:class:`CascadeModel`, :class:`CascadeObjective`,
-  :func:`sample_cascade`).
+- :mod:`dfm.baselines.cascade` (a package: model, objective, sampler): two flow-matching models, low resolution
+  then full resolution conditioned on the upsampled first result through concatenated tokens
+  (:class:`CascadeModel`, :class:`CascadeObjective`, :func:`sample_cascade`).
 - :mod:`dfm.baselines.pyramidal`: Pyramidal Flow (Jin et al. 2024), one model over a Gaussian pyramid with
   per-stage time windows and re-noising at every jump (:class:`PyramidalObjective`, :func:`sample_pyramidal`).
 

@@ -1,0 +1,173 @@
+"""Fine-tune a pretrained one-stage flow model as a DFM (the paper's FLUX recipe, here for our own DiT).
+
+Conversion of a one-stage :class:`~dfm.models.DFMDiT` (a ``--method fm`` run, or any standard DiT saved with
+``save_pretrained``) into a multi-stage one whose output at initialisation *is* the pretrained model's:
+
+- the transformer blocks, the class embedding and the final norm are copied;
+- the pretrained patch embedding, timestep embedder and output head become the **coarsest** stage's. The coarse
+  level is seen as if lifted ``f``x (nearest) onto the pretrained grid, so the pretrained ``p x p`` patch acts as
+  a ``p/f x p/f`` patch: its embedding weights are summed over each ``f x f`` block (lift, then embed, exactly),
+  and the head's outputs are averaged over each ``f x f`` block (average pooling undoes the nearest lift);
+- every new stage's modules start at zero: patch embedding (its level adds nothing to the tokens), the last
+  layer of its timestep embedder (zeroing both layers would freeze it: SiLU(0) = 0), its output head, and the
+  stage-index embedding. A new stage's network output is therefore 0 at initialisation (its velocity is the
+  preconditioning's skip term ``c_skip x``, as for any freshly initialised preconditioned stage).
+
+We lift inside the model (the weight arithmetic above) rather than storing a lifted level in the decomposition:
+the pyramid, the objective and the sampler stay the ones of a DFM trained from scratch, and the coarse stage keeps
+its small patch count. Both views give the same function at initialisation.
+
+With preconditioning, the coarse stage keeps the pretrained model's data std (so that the input scaling is the
+same); the new stages get the std measured on the fine-tuning data.
+
+Example:
+    >>> import torch
+    >>> from dfm.models import DFMDiT, DiTConfig
+    >>> from dfm.finetune import convert_one_stage
+    >>> fm = DFMDiT(DiTConfig(input_size=(8, 8), in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2,
+    ...                       num_classes=3, stage_factors=(1,)))
+    >>> dfm = convert_one_stage(fm, stage_factors=(2, 1))
+    >>> dfm.config.stage_factors, dfm.config.stage_patch_size(0)
+    ((2, 1), 1)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dfm.config import RunConfig, get_preset, validate
+from dfm.models import DFMDiT
+
+#: DiTConfig fields a target model must share with its one-stage source (everything but the stages)
+SHARED_FIELDS = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio",
+                 "num_classes", "pos", "rope_base")  # fmt: skip
+
+
+def lift_patch_embedding(weight: Tensor, channels: int, patch: int, factor: int) -> Tensor:
+    """(D, C p p) weights of a ``p``-patch embedding -> (D, C q q), ``q = p / factor``, that embed a level ``factor``x
+    coarser exactly as the ``p``-patch embeds its nearest-neighbour lift: each ``factor x factor`` block summed."""
+    q = patch // factor
+    w = weight.reshape(weight.shape[0], channels, q, factor, q, factor)
+    return w.sum(dim=(3, 5)).reshape(weight.shape[0], channels * q * q)
+
+
+def pool_head(weight: Tensor, channels: int, patch: int, factor: int) -> Tensor:
+    """(C p p, ...) output rows of a ``p``-patch head -> (C q q, ...), the average over each ``factor x factor``
+    block (average pooling of the head's output, which undoes a nearest lift exactly)."""
+    q = patch // factor
+    w = weight.reshape(channels, q, factor, q, factor, *weight.shape[1:])
+    return w.mean(dim=(2, 4)).reshape(channels * q * q, *weight.shape[1:])
+
+
+def check_compatible(target: DFMDiT, source: DFMDiT) -> None:
+    """Raise ``ValueError`` unless ``source`` is a one-stage model with ``target``'s backbone."""
+    if source.config.num_stages != 1:
+        raise ValueError(f"the source model has {source.config.num_stages} stages: conversion starts from one stage")
+    if target.config.specialise != "none" or source.config.specialise != "none":
+        raise ValueError("conversion needs specialise='none' (per-stage experts have no pretrained counterpart)")
+    diff = [f"{k}: {getattr(source.config, k)} vs {getattr(target.config, k)}" for k in SHARED_FIELDS
+            if getattr(source.config, k) != getattr(target.config, k)]  # fmt: skip
+    if diff:
+        raise ValueError(f"the pretrained model and the DFM differ in {'; '.join(diff)}: fine-tune the same backbone")
+    factor = target.config.stage_factors[0]
+    if target.config.patch_size % factor:
+        raise ValueError(
+            f"patch {target.config.patch_size} is not divisible by the coarsest factor {factor}: the pretrained patch "
+            "must cover whole coarse pixels"
+        )
+    if source.config.precondition != target.config.precondition:
+        raise ValueError("the DFM must be preconditioned exactly when the pretrained model is (method.precondition)")
+    if source.config.precondition and source.config.data_std[0] != target.config.data_std[0]:
+        raise ValueError(
+            f"the coarsest stage's data std {target.config.data_std[0]} must be the pretrained model's "
+            f"{source.config.data_std[0]} for an exact conversion"
+        )
+
+
+@torch.no_grad()
+def init_from_one_stage(target: DFMDiT, source: DFMDiT) -> DFMDiT:
+    """Fill ``target`` (a multi-stage DFMDiT) from a one-stage ``source`` as described in the module docstring."""
+    check_compatible(target, source)
+    cfg = target.config
+    c, p, f = cfg.in_channels, cfg.patch_size, cfg.stage_factors[0]
+    src = source.state_dict()
+    shared = {k: v for k, v in src.items() if not k.startswith(("x_embedders.", "t_embedders.", "final_layers."))}
+    missing = target.load_state_dict(shared, strict=False).missing_keys
+    unexpected = [k for k in missing if not k.startswith(("x_embedders.", "t_embedders.", "final_layers.", "stage_"))]
+    if unexpected:
+        raise ValueError(f"the source model lacks {unexpected[:3]}")
+    coarse_embed, coarse_head = target.x_embedders[0], target.final_layers[0]
+    coarse_embed.weight.copy_(lift_patch_embedding(source.x_embedders[0].weight, c, p, f))
+    coarse_embed.bias.copy_(source.x_embedders[0].bias)
+    target.t_embedders[0].load_state_dict(source.t_embedders[0].state_dict())
+    coarse_head.adaLN_modulation.load_state_dict(source.final_layers[0].adaLN_modulation.state_dict())
+    coarse_head.linear.weight.copy_(pool_head(source.final_layers[0].linear.weight, c, p, f))
+    coarse_head.linear.bias.copy_(pool_head(source.final_layers[0].linear.bias, c, p, f))
+    for s in range(1, cfg.num_stages):
+        _zero(target.x_embedders[s])
+        _zero(target.t_embedders[s].mlp[2])
+        _zero(target.final_layers[s].linear)
+        _zero(target.final_layers[s].adaLN_modulation[-1])
+    if target.stage_embedder is not None:
+        target.stage_embedder.weight.zero_()
+    return target
+
+
+def _zero(layer: nn.Linear) -> None:
+    layer.weight.zero_()
+    layer.bias.zero_()
+
+
+def convert_one_stage(
+    source: DFMDiT, stage_factors: Sequence[int] = (2, 1), data_std: Sequence[float] | None = None
+) -> DFMDiT:
+    """A new multi-stage DFMDiT with ``stage_factors``, initialised from the one-stage ``source``.
+
+    ``data_std``: with a preconditioned source, the std of every stage; its first entry must be the source's
+    (default: the source's std for the coarsest stage and 1.0 for the others).
+    """
+    cfg = source.config
+    std = None
+    if cfg.precondition:
+        std = tuple(data_std) if data_std is not None else (cfg.data_std[0],) + (1.0,) * (len(stage_factors) - 1)
+    target = DFMDiT(dataclasses.replace(cfg, stage_factors=tuple(stage_factors), data_std=std))
+    return init_from_one_stage(target.to(next(source.parameters()).device), source)
+
+
+def finetune_config(source: RunConfig, method: str = "dfm", steps: int = 800, like: str = "quickstart") -> RunConfig:
+    """The run config of ``dfm finetune``: the pretrained run's model, data, optimiser and training settings, with
+
+    - the method: ``dfm`` takes the method settings of the DFM preset ``like`` (stages, p(Q), sampling steps), with
+      as many stages as that preset; ``fm`` keeps the source's one-stage method (plain fine-tuning, the baseline);
+    - preconditioning as the pretrained model had it (an exact conversion needs the same input scaling);
+    - the learning rate a tenth of the source's (the paper: 1e-4 pretraining, 1e-5 fine-tuning) and a warm-up of
+      at most a tenth of the steps;
+    - ``train.init_from`` left for the caller to set (the pretrained directory).
+    """
+    if source.method.method not in ("fm", "dfm"):
+        raise ValueError(f"fine-tuning starts from a DFM-DiT run (fm or dfm), not from method {source.method.method}")
+    cfg = copy.deepcopy(source)
+    if method == "dfm":
+        if source.method.stages != 1:
+            raise ValueError("--method dfm converts a one-stage (Flow Matching) model; this one already has stages")
+        template = get_preset(like)
+        if template.method.method != "dfm":
+            raise ValueError(f"--like {like}: choose a DFM preset for the method settings (e.g. quickstart)")
+        cfg.method = dataclasses.replace(template.method, precondition=source.method.precondition, data_std=None)
+    elif method == "fm":
+        if source.method.method != "fm":
+            raise ValueError("--method fm fine-tunes a one-stage (Flow Matching) model as it is; this one is a DFM")
+        cfg.method = dataclasses.replace(source.method, data_std=None)
+    else:
+        raise ValueError(f"--method {method}: choose dfm (convert, then fine-tune as a DFM) or fm (plain fine-tuning)")
+    cfg.optim = dataclasses.replace(source.optim, lr=source.optim.lr / 10,
+                                    warmup_steps=min(source.optim.warmup_steps, steps // 10))  # fmt: skip
+    cfg.train = dataclasses.replace(source.train, steps=steps, init_from=None)
+    cfg.preset = f"finetune-{method}"
+    validate(cfg)
+    return cfg

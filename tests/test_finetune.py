@@ -1,0 +1,185 @@
+"""Fine-tuning a pretrained one-stage model as a DFM: exact conversion, the trainer path, `dfm finetune`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfm.cli import main as cli
+from dfm.config import RunConfig, apply_overrides, get_preset, with_method
+from dfm.data import build_dataset
+from dfm.data.subset import ClassSubset
+from dfm.finetune import convert_one_stage, finetune_config, lift_patch_embedding, pool_head
+from dfm.generate import load_run
+from dfm.models import DFMDiT, DiTConfig
+from dfm.train import Trainer, TrainingError
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_data = pytest.mark.skipif(
+    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
+)
+TINY = [
+    "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
+    "-o", "train.num_sample_images=2", "-o", "optim.warmup_steps=2", "-o", "train.threads=1",
+    "-o", "train.sample_every=0",
+]  # fmt: skip
+
+
+def _pretrained(precondition: bool, patch: int = 4, size: int = 16) -> DFMDiT:
+    torch.manual_seed(0)
+    extra = dict(precondition=True, data_std=(0.6,)) if precondition else {}
+    model = DFMDiT(DiTConfig(input_size=(size, size), in_channels=2, patch_size=patch, hidden_size=32, depth=2,
+                             num_heads=2, num_classes=3, stage_factors=(1,), **extra))  # fmt: skip
+    for p in model.parameters():  # a "trained" model: no zero-initialised part left
+        p.data.normal_(0, 0.1)
+    return model
+
+
+def test_lifted_embedding_and_pooled_head_are_nearest_lift_and_average_pool():
+    x = torch.randn(3, 2, 4, 4)  # a coarse level; its 2x nearest lift is 8x8
+    weight = torch.randn(5, 2 * 4 * 4)  # a patch-4 embedding of the lifted level
+    lifted = F.interpolate(x, scale_factor=2, mode="nearest")
+    from dfm.models.layers import patchify, unpatchify
+
+    direct = patchify(lifted, 4) @ weight.T
+    torch.testing.assert_close(patchify(x, 2) @ lift_patch_embedding(weight, 2, 4, 2).T, direct, rtol=1e-5, atol=1e-5)
+    head = torch.randn(2 * 4 * 4, 5)
+    tokens = torch.randn(3, 4, 5)
+    full = unpatchify(tokens @ head.T, (8, 8), 2, 4)
+    coarse = unpatchify(tokens @ pool_head(head, 2, 4, 2).T, (4, 4), 2, 2)
+    torch.testing.assert_close(coarse, F.avg_pool2d(full, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+@pytest.mark.parametrize("factors", [(2, 1), (4, 1), (4, 2, 1)])
+def test_converted_model_is_the_pretrained_model_at_init(precondition, factors):
+    source = _pretrained(precondition)
+    std = (0.6, *[0.2] * (len(factors) - 1)) if precondition else None
+    model = convert_one_stage(source, factors, std)
+    b, f0 = 4, factors[0]
+    levels = [torch.randn(b, 2, 16 // f, 16 // f) for f in factors]
+    t, y = torch.rand(b, len(factors)), torch.tensor([0, 1, 2, 3])
+    for main in range(len(factors)):
+        out = model(levels, t, y, torch.full((b,), main))
+        lifted = F.interpolate(levels[0], scale_factor=f0, mode="nearest")
+        reference = F.avg_pool2d(source([lifted], t[:, :1], y)[0], f0)
+        torch.testing.assert_close(out[0], reference, rtol=1e-5, atol=1e-6)
+        for s in range(1, len(factors)):  # new stages: the network adds nothing (preconditioning: the skip term)
+            skip = model.config.precondition
+            expected = torch.zeros_like(levels[s]) if not skip or s > main else out[s]
+            torch.testing.assert_close(out[s], expected, rtol=0, atol=0)
+            if skip and s <= main:
+                from dfm.models.precondition import flow_preconditioning
+
+                c_skip = flow_preconditioning(t[:, s], std[s])[1].view(-1, 1, 1, 1)
+                torch.testing.assert_close(out[s], c_skip * levels[s], rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_reach_the_new_stage():
+    model = convert_one_stage(_pretrained(False), (2, 1))
+    levels = [torch.randn(4, 2, 8, 8), torch.randn(4, 2, 16, 16)]
+    out = model(levels, torch.rand(4, 2), torch.tensor([0, 1, 2, 0]), torch.ones(4, dtype=torch.long))
+    (sum(o.square().mean() for o in out) + out[1].sum()).backward()
+    for name in ("x_embedders.1.weight", "t_embedders.1.mlp.2.weight", "final_layers.1.linear.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_conversion_refuses_what_it_cannot_make_exact():
+    source = _pretrained(True)
+    with pytest.raises(ValueError, match="coarsest stage's data std 0.5 must be the pretrained model's 0.6"):
+        convert_one_stage(source, (2, 1), (0.5, 0.2))
+    with pytest.raises(ValueError, match="not divisible by the resolution factor 8"):
+        convert_one_stage(_pretrained(False), (8, 1))
+    with pytest.raises(ValueError, match="starts from one stage"):
+        convert_one_stage(convert_one_stage(_pretrained(False), (2, 1)), (2, 1))
+
+
+def test_finetune_config_and_its_errors():
+    fm = with_method(get_preset("quickstart"), "fm")
+    cfg = finetune_config(fm, "dfm", steps=400)
+    assert cfg.method.method == "dfm" and cfg.method.stages == 2 and cfg.method.steps == (30, 10)
+    assert cfg.optim.lr == pytest.approx(fm.optim.lr / 10) and cfg.optim.warmup_steps == 40
+    assert cfg.method.precondition == fm.method.precondition and cfg.method.data_std is None
+    assert finetune_config(fm, "fm").method.stages == 1
+    with pytest.raises(ValueError, match="already has stages"):
+        finetune_config(get_preset("quickstart"), "dfm")
+    with pytest.raises(ValueError, match="choose dfm .* or fm"):
+        finetune_config(fm, "cascade")
+
+
+@needs_data
+def test_class_subset_keeps_only_those_classes_and_their_labels():
+    base = build_dataset("fashion-mnist", 32)
+    subset = ClassSubset(base, (5, 9))
+    assert len(subset) == 12000 and set(subset.labels.tolist()) == {5, 9}
+    x, y = subset.get_batch(torch.arange(0, 12000, 997), augment=False)
+    assert set(y.tolist()) <= {5, 9} and x.shape[1:] == (1, 32, 32) and subset.num_classes == 10
+    with pytest.raises(ValueError, match=r"data.classes=\(5, 12\)"):
+        ClassSubset(base, (5, 12))
+
+
+@needs_data
+def test_dfm_finetune_end_to_end(tmp_path, capsys):
+    fm_run = tmp_path / "fm"
+    assert cli(["train", "--method", "fm", "--out", str(fm_run), "--steps", "3", "--batch-size", "4",
+                "--no-progress", *TINY, "-o", "data.classes=0,1,2,3,4"]) == 0  # fmt: skip
+    out = tmp_path / "ft"
+    args = ["finetune", "--from", str(fm_run), "--out", str(out), "--steps", "2", "--batch-size", "4",
+            "--classes", "5,6,7,8,9", "--no-progress", "-o", "train.threads=1", "-o", "train.num_sample_images=2",
+            "-o", "method.steps=2,2"]  # fmt: skip
+    assert cli(args) == 0
+    cfg = RunConfig.load(out / "config.json")
+    source, source_cfg = load_run(fm_run)
+    assert cfg.train.init_from == str(fm_run) and cfg.data.classes == (5, 6, 7, 8, 9)
+    assert cfg.method.method == "dfm" and cfg.method.precondition == source_cfg.method.precondition
+    assert cfg.method.data_std[0] == source_cfg.method.data_std[0]
+    assert cfg.optim.lr == pytest.approx(source_cfg.optim.lr / 10)
+    # At step 0 the trainer's model is the pretrained one, converted: same as converting by hand.
+    cfg0 = apply_overrides(cfg, ["train.steps=1"])
+    trainer = Trainer(cfg0, tmp_path / "ft0", progress=False)
+    expected = convert_one_stage(source, (2, 1), cfg.method.data_std)
+    for k, v in expected.state_dict().items():  # the new stage's first time layer is random and does not matter
+        if not k.startswith("t_embedders.1.mlp.0"):
+            torch.testing.assert_close(trainer.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    levels, t = [torch.randn(3, 1, 16, 16), torch.randn(3, 1, 32, 32)], torch.rand(3, 2)
+    for main in (0, 1):
+        stage = torch.full((3,), main)
+        got, want = (
+            trainer.model(levels, t, torch.tensor([5, 6, 7]), stage),
+            expected(levels, t, torch.tensor([5, 6, 7]), stage),
+        )
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Resuming does not convert again: it continues from its own checkpoint.
+    assert cli([*args[:5], "--steps", "3", *args[7:], "--resume", "auto"]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    assert cli(["sample", str(out), "--seeds", "0-1", "--classes", "5", "--steps", "2,2"]) == 0
+
+
+@needs_data
+def test_plain_finetune_starts_from_the_same_weights_and_refuses_mismatches(tmp_path):
+    fm_run = tmp_path / "fm"
+    assert cli(["train", "--method", "fm", "--out", str(fm_run), "--steps", "2", "--batch-size", "4",
+                "--no-progress", *TINY]) == 0  # fmt: skip
+    source, source_cfg = load_run(fm_run)
+    cfg = apply_overrides(finetune_config(source_cfg, "fm", steps=1), [f"train.init_from={fm_run}"])
+    trainer = Trainer(cfg, tmp_path / "ft", progress=False)
+    for k, v in source.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[k], v, rtol=0, atol=0)
+    off = apply_overrides(cfg, ["method.precondition=false"])
+    with pytest.raises(TrainingError, match="set -o method.precondition=true"):
+        Trainer(off, tmp_path / "ft2", progress=False)
+    bigger = apply_overrides(cfg, ["model.overrides.hidden_size=64"])
+    with pytest.raises(TrainingError, match="differs from this run's model"):
+        Trainer(bigger, tmp_path / "ft3", progress=False)
+    assert cli(["finetune", "--from", str(tmp_path / "nothing"), "--steps", "1"]) == 2
+    pretrained = ["finetune", "--from", str(fm_run / "pretrained"), "--method", "fm", "--steps", "1", "--out",
+                  str(tmp_path / "ft4"), "--batch-size", "4", "--no-progress", "-o", "train.threads=1"]  # fmt: skip
+    assert cli(pretrained) == 0
+    assert RunConfig.load(tmp_path / "ft4" / "config.json").train.init_from == str(fm_run / "pretrained")
