@@ -184,6 +184,10 @@ def test_prepare_end_to_end(tmp_path, capsys):
     assert set(json.loads((out / "latents.json").read_text())["splits"]) == {"train", "test"}
     assert main([*argv, "--resolution", "8"]) == 2
     assert "choose a new --out directory" in capsys.readouterr().err
+    # latents are not images to encode: a clear error, not a TypeError about folder options
+    again = ["--data", str(out), "--vae", str(vae_dir), "--out", str(tmp_path / "again"), "--resolution", "16"]
+    assert main(again) == 2
+    assert f"--data {out} is not an image dataset" in capsys.readouterr().err
 
     parser = argparse.ArgumentParser()
     add_prepare_parser(parser.add_subparsers(dest="command"))

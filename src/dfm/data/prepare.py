@@ -86,6 +86,8 @@ def _check_settings(batch_size: int, dtype: str) -> None:
 def _image_dataset(data: str, vae: VAE, resolution: int, split: str, upscale: bool, skip_bad: bool) -> DFMDataset:
     """The images to encode, unflipped; an error unless they are images with channels the VAE takes."""
     dataset_kwargs: dict[str, Any] = {}
+    if is_latent_dir(Path(data)):
+        raise ValueError(f"--data {data} is not an image dataset; pass a folder of images or 'fashion-mnist'")
     if Path(data).is_dir():
         dataset_kwargs = {"upscale": upscale, "skip_bad": skip_bad}
     # No flips: stored latents are of the images as they are. The split picks Fashion-MNIST's files.
