@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfm.bench.measure import hardware_line
+from dfm.bench.measure import hardware_info, hardware_line
 from dfm.bench.quality import default_cache, ensure_classifier
 from dfm.cli import main as cli
 from dfm.config import RunConfig, apply_overrides
@@ -40,9 +40,11 @@ OLD, NEW = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn")
 
 
-def references(out: Path, weights: dict) -> list[str]:
-    """Reference statistics (one file per extractor) of the test images of the new classes, computed once."""
-    images_path = out / "ref_test_classes5-9.npz"
+def references(cache: Path, weights: dict) -> list[str]:
+    """Reference statistics (one file per extractor) of the test images of the new classes, computed once and
+    kept in the bench cache (``$DFM_CACHE/bench``) for every later run."""
+    cache.mkdir(parents=True, exist_ok=True)
+    images_path = cache / "ref_test_classes5-9.npz"
     if not images_path.is_file():
         images, labels = load_fashion_mnist(split="test")
         keep = torch.isin(labels, torch.tensor(NEW))
@@ -50,7 +52,7 @@ def references(out: Path, weights: dict) -> list[str]:
     refs = []
     for metric in METRICS:
         extractor = metric.split(":")[1]
-        path = out / f"ref_stats_{extractor}_classes5-9.npz"
+        path = cache / f"ref_stats_{extractor}_classes5-9.npz"
         if not path.is_file():
             stats = build_reference(str(images_path), extractor, None, weights=weights.get(extractor),
                                     download=False, progress=False)  # fmt: skip
@@ -104,7 +106,7 @@ def main() -> int:
                     "--steps", str(args.finetune_steps), "--classes", ",".join(map(str, NEW)), *lr, *every,
                     *common]) == 0  # fmt: skip
     weights = {"fashion-cnn": str(ensure_classifier(default_cache(), print))}
-    ref = references(out, weights)
+    ref = references(default_cache(), weights)
     rows = [{"method": "pretrained (FM, classes 0-4)", "step": 0,
              **score(pre, None, out / "scores" / "pretrained.json", ref, weights, args.num_samples)}]  # fmt: skip
     for method, run in runs.items():
@@ -116,8 +118,9 @@ def main() -> int:
                 ckpt = run / "checkpoints" / f"step_{step:08d}"
                 row = score(run, ckpt, out / "scores" / f"{method}-{step}.json", ref, weights, args.num_samples)
             rows.append({"method": name, "step": step, **row})
-    (out / "results.json").write_text(json.dumps({"hardware": hardware_line(), "rows": rows}, indent=1) + "\n")
-    print(f"hardware: {hardware_line()}")
+    hardware = hardware_line(hardware_info(torch.device("cpu")))
+    (out / "results.json").write_text(json.dumps({"hardware": hardware, "rows": rows}, indent=1) + "\n")
+    print(f"hardware: {hardware}")
     print("| method | fine-tuning step | FD EfficientNet-Lite0 | FD domain classifier |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['step']} | {r['fd_efficientnet-lite0']:.1f} | {r['fd_fashion-cnn']:.1f} |")
