@@ -148,6 +148,7 @@ def generate(
     precision: str = "fp32",
     decoder: Callable[[Tensor], Tensor] | None = None,
     progress: bool = False,
+    callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Sample one image per seed (class ``labels[i]``); returns (images, per-stage previews) on the CPU."""
     m = cfg.method
@@ -168,6 +169,8 @@ def generate(
             else contextlib.nullcontext()
         )
         common = dict(seeds=sd, guidance=guidance, solver=solver, device=device)
+        if callback is not None:  # callback(stage, preview) when a stage reaches its threshold
+            common["callback"] = callback
         with ctx:
             out = get_method(m.method).sample(model, decomposition, m, schedule, (len(sd), *shape), y, **common)
         imgs, prev = out.images.float(), [p.float() for p in out.previews]

@@ -1,0 +1,78 @@
+"""DFMPipeline: diffusers' conventions over a trained run, the same images as `dfm sample`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="DFMPipeline needs diffusers (pip install 'dfm[vae]')")
+
+from dfm.cli import main as cli  # noqa: E402
+from dfm.pipeline import DFMPipeline, DFMPipelineOutput  # noqa: E402
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(
+    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
+)
+TINY = [
+    "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
+    "-o", "train.num_sample_images=2", "-o", "optim.warmup_steps=2", "-o", "train.threads=1",
+    "-o", "train.sample_every=0", "-o", "method.steps=2,2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pipe") / "run"
+    assert cli(["train", "--out", str(path), "--steps", "3", "--batch-size", "4", "--no-progress", *TINY]) == 0
+    return path
+
+
+def test_pipeline_images_equal_dfm_sample(run, tmp_path):
+    assert cli(["sample", str(run), "--seeds", "0-5", "--npz", "--out", str(tmp_path / "s"), "--steps", "3,2"]) == 0
+    expected = np.load(tmp_path / "s" / "samples.npz")
+    for source in (run, run / "pretrained"):
+        pipe = DFMPipeline.from_pretrained(source)
+        out = pipe(seeds=range(6), num_inference_steps=(3, 2), output_type="np")
+        assert isinstance(out, DFMPipelineOutput) and out.images.shape == (6, 28, 28, 1)
+        np.testing.assert_array_equal(np.round(out.images * 255).astype(np.uint8), expected["arr_0"])
+        assert len(out.previews) == 2 and out.previews[0].shape == (6, 16, 16, 1)
+
+
+def test_save_pretrained_round_trip_and_dfm_sample_reads_it(run, tmp_path):
+    pipe = DFMPipeline.from_pretrained(run)
+    saved = pipe.save_pretrained(tmp_path / "pipe")
+    assert (saved / "model_index.json").is_file()
+    again = DFMPipeline.from_pretrained(saved)
+    a = pipe(seeds=[3, 4], class_labels=7, output_type="pt")
+    b = again(seeds=[3, 4], class_labels=7, output_type="pt")
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+    assert a.images.shape == (2, 1, 28, 28) and 0 <= float(a.images.min()) and float(a.images.max()) <= 1
+    assert cli(["sample", str(saved), "--seeds", "0-1", "--out", str(tmp_path / "s2")]) == 0
+
+
+def test_pil_output_callback_generator_and_errors(run):
+    pipe = DFMPipeline.from_pretrained(run)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    record = lambda p, step, stage, kw: calls.append((step, stage, kw["preview"].shape[-1]))  # noqa: E731
+    out = pipe(class_labels=[1, 2, 3], num_inference_steps=(2, 2), generator=torch.Generator().manual_seed(0),
+               callback_on_step_end=record)  # fmt: skip
+    assert [im.size for im in out.images] == [(28, 28)] * 3 and len(out.previews) == 2
+    assert calls == [(2, 0, 16), (4, 1, 32)]
+    again = pipe(class_labels=[1, 2, 3], num_inference_steps=(2, 2), generator=torch.Generator().manual_seed(0))
+    assert [np.asarray(a).tolist() for a in out.images] == [np.asarray(b).tolist() for b in again.images]
+    images, previews = pipe(seeds=[0], num_inference_steps=4, output_type="np", return_dict=False)
+    assert images.shape == (1, 28, 28, 1) and len(previews) == 2  # 4 steps split like the run's (2, 2)
+    with pytest.raises(ValueError, match="output_type='jpg'"):
+        pipe(seeds=[0], output_type="jpg")
+    with pytest.raises(ValueError, match=r"class_labels \[12\]: this model has classes 0..9"):
+        pipe(seeds=[0], class_labels=12)
+    with pytest.raises(ValueError, match="one step count per stage"):
+        pipe(seeds=[0], num_inference_steps=(2, 2, 2))
+    with pytest.raises(ValueError, match="2 class_labels for 3 images"):
+        pipe(seeds=[0, 1, 2], class_labels=[1, 2])
