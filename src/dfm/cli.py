@@ -316,6 +316,28 @@ def _run_sample(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="try a trained model in the browser, watching it generate coarse to fine",
+                       description="A local web page with the model's controls; each stage's preview appears as "
+                       "soon as the stage reaches its threshold. Needs `pip install 'dfm[serve]'`.")  # fmt: skip
+    p.add_argument("run", help="a run directory or its pretrained/ directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+    try:
+        from dfm.serve import serve  # optional: fastapi and uvicorn (dfm[serve])
+    except ImportError as err:
+        raise ImportError(f"dfm serve needs fastapi and uvicorn: pip install 'dfm[serve]' ({err})") from None
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port}: choose a port between 1 and 65535")
+    serve(args.run, args.host, args.port, args.device)
+    return 0
+
+
 def _add_presets(sub) -> None:
     p = sub.add_parser("presets", help="list presets, or print one as JSON")
     p.add_argument("name", nargs="?")
@@ -342,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_sample(sub)
     _add_presets(sub)
+    _add_serve(sub)
     add_bench_parser(sub)
     add_eval_parser(sub)
     add_prepare_parser(sub)

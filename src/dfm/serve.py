@@ -1,0 +1,369 @@
+"""``dfm serve``: try a trained model in the browser, watching it generate coarse to fine.
+
+FastAPI + uvicorn with server-sent events (a small, well-kept ASGI stack; the page needs one stream of events per
+job, which SSE gives without a websocket protocol on either side). The page sends the settings, then receives one
+event per stage as soon as that stage reaches its threshold (the stage's preview), progress events, and the final
+images. Safety: it binds 127.0.0.1 unless told otherwise; every field is validated with bounds and a bad value gets
+a 4xx with a message the page shows; the client never names a file; one job runs at a time, a few wait, more are
+refused (429); the model is loaded once and only read.
+
+    dfm serve runs/quickstart            # then open http://127.0.0.1:7860
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from torch import nn
+
+from dfm.data.fashion_mnist import CLASS_NAMES as FASHION_NAMES
+from dfm.factory import make_decomposition
+from dfm.generate import data_padding, generate, load_run, make_decoder
+from dfm.outputs import crop_border
+from dfm.sampling import SOLVERS
+from dfm.visual import image_grid, upsample_to
+
+MAX_IMAGES = 16
+MAX_STEPS = 200
+MAX_QUEUE = 4
+MAX_BODY = 16_384  # bytes of a request body
+
+
+class GenerateRequest(BaseModel):
+    """What the page may ask for; anything else is refused with a 422 and the offending field."""
+
+    model_config = {"extra": "forbid"}
+
+    class_label: int | None = Field(None, ge=0, le=100_000)
+    seeds: list[int] | None = Field(None, max_length=MAX_IMAGES)
+    num_images: int = Field(4, ge=1, le=MAX_IMAGES)
+    guidance: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=8)
+    steps: list[int] | None = Field(None, min_length=1, max_length=8)
+    thresholds: list[float] | None = Field(None, max_length=7)
+    solver: str = "euler"
+
+
+class Cancelled(Exception):
+    """Raised inside the sampler when the page cancels its job."""
+
+
+@dataclass
+class Job:
+    id: str
+    request: GenerateRequest
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class _Watched(nn.Module):
+    """The model, counting network evaluations for the progress events and stopping when a job is cancelled."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.job: Job | None = None
+        self.calls = 0
+        self.on_call = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.job is not None and self.job.cancel.is_set():
+            raise Cancelled
+        self.calls += 1
+        if self.on_call is not None:
+            self.on_call(self.calls)
+        return self.model(*args, **kwargs)
+
+
+def _png(x: torch.Tensor, nrow: int) -> str:
+    """A batch in [-1, 1] as one grid PNG, as a data URL."""
+    grid = image_grid(x.float(), nrow=nrow, pad=2)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class Server:
+    """The loaded model and the job queue behind the app."""
+
+    def __init__(self, run: str | Path, device: str = "cpu") -> None:
+        model, cfg = load_run(run, device=device)
+        self.model = _Watched(model.eval().requires_grad_(False))
+        self.cfg = cfg
+        self.device = device
+        self.decomposition = make_decomposition(cfg.method)
+        self.decoder = make_decoder(cfg, device)
+        self.padding = data_padding(cfg, run)
+        self.shape = (model.config.in_channels, *model.config.input_size)
+        self.num_classes = int(model.num_classes)
+        fashion = str(cfg.data.dataset).startswith("fashion-mnist") and self.num_classes == len(FASHION_NAMES)
+        self.class_names = list(FASHION_NAMES) if fashion else [str(i) for i in range(self.num_classes)]
+        self.jobs: dict[str, Job] = {}
+        self.waiting = 0
+        self.lock = asyncio.Lock()
+
+    def info(self) -> dict:
+        m = self.cfg.method
+        return {"method": m.method, "stages": m.stages, "steps": list(m.steps), "thresholds": list(m.thresholds),
+                "guidance": m.guidance, "solvers": list(SOLVERS), "classes": self.class_names,
+                "limits": {"images": MAX_IMAGES, "steps": MAX_STEPS, "queue": MAX_QUEUE},
+                "video": len(self.shape) == 4}  # fmt: skip
+
+    def check(self, r: GenerateRequest) -> None:
+        """Bounds that depend on the model; a ValueError names the field and what to change."""
+        m = self.cfg.method
+        if r.class_label is not None and not 0 <= r.class_label < max(self.num_classes, 1):
+            raise ValueError(f"class: this model has classes 0..{self.num_classes - 1}")
+        if r.steps is not None and (len(r.steps) != m.stages or any(not 1 <= s <= MAX_STEPS for s in r.steps)):
+            raise ValueError(f"steps: give {m.stages} step counts between 1 and {MAX_STEPS}, e.g. {list(m.steps)}")
+        if r.thresholds is not None and (
+            len(r.thresholds) != m.stages - 1
+            or any(not 0 < v < 1 for v in r.thresholds)
+            or any(b <= a for a, b in zip(r.thresholds, r.thresholds[1:]))
+        ):
+            raise ValueError(f"thresholds: give {m.stages - 1} increasing values strictly between 0 and 1")
+        if any(not 0 <= g <= 20 for g in r.guidance) or len(r.guidance) not in (1, m.stages):
+            raise ValueError(f"guidance: one scale or one per stage ({m.stages}), each between 0 and 20")
+        if r.solver not in SOLVERS:
+            raise ValueError(f"solver: choose one of {', '.join(SOLVERS)}")
+        if r.seeds is not None and (not r.seeds or any(not 0 <= s < 2**31 for s in r.seeds)):
+            raise ValueError("seeds: give integers between 0 and 2^31 - 1, or leave empty for random ones")
+
+    def run(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        """Generate one job in a worker thread, sending its events to the page."""
+        r = job.request
+        send = lambda kind, data: loop.call_soon_threadsafe(job.events.put_nowait, (kind, data))  # noqa: E731
+        seeds = r.seeds or [random.randrange(2**31) for _ in range(r.num_images)]
+        labels = (
+            None
+            if self.num_classes == 0
+            else ([r.class_label] * len(seeds) if r.class_label is not None else [s % self.num_classes for s in seeds])
+        )
+        steps = r.steps or list(self.cfg.method.steps)
+        total = sum(steps) * (2 if r.solver == "heun" else 1)
+        nrow = min(len(seeds), 4)
+        tic = time.perf_counter()
+        self.model.job, self.model.calls = job, 0
+        self.model.on_call = lambda n: send("progress", {"call": n, "total": total}) if n % 2 == 0 else None
+
+        def stage_done(stage: int, preview: torch.Tensor) -> None:
+            image = preview if self.decoder is None else self.decoder(upsample_to(preview, self.shape[-2:]))
+            if image.dim() == 5:
+                image = image[:, :, image.shape[2] // 2]
+            send("stage", {"stage": stage, "seconds": round(time.perf_counter() - tic, 3),
+                           "image": _png(upsample_to(image, self.shape[-2:]), nrow)})  # fmt: skip
+
+        try:
+            guidance = r.guidance[0] if len(r.guidance) == 1 else r.guidance
+            images, _ = generate(self.model, self.decomposition, self.cfg, self.shape, labels, seeds,
+                                 guidance=guidance, steps=steps, thresholds=r.thresholds, solver=r.solver,
+                                 batch_size=MAX_IMAGES, device=self.device, decoder=self.decoder,
+                                 callback=stage_done)  # fmt: skip
+            if images.dim() == 5:
+                images = images[:, :, images.shape[2] // 2]
+            final = crop_border(images, self.padding)
+            send("done", {"seconds": round(time.perf_counter() - tic, 3), "seeds": seeds, "image": _png(final, nrow),
+                          "width": int(final.shape[-1]), "height": int(final.shape[-2])})  # fmt: skip
+        except Cancelled:
+            send("cancelled", {})
+        except Exception as err:  # noqa: BLE001 - the page gets a message, the server keeps serving
+            send("error", {"message": f"{type(err).__name__}: {err}"})
+        finally:
+            self.model.job, self.model.on_call = None, None
+
+
+def create_app(run: str | Path, device: str = "cpu") -> FastAPI:
+    """The web app for the model of ``run`` (a run directory or a ``pretrained/`` directory)."""
+    server = Server(run, device)
+    app = FastAPI(title="dfm serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            return JSONResponse({"error": f"request too large (at most {MAX_BODY} bytes)"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE
+
+    @app.get("/api/info")
+    async def info() -> dict:
+        return server.info()
+
+    @app.post("/api/generate")
+    async def submit(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+            r = GenerateRequest.model_validate(body)
+            server.check(r)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+            return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=422)
+        except (ValueError, UnicodeDecodeError) as err:
+            return JSONResponse({"error": str(err) if str(err) else "the request is not valid JSON"}, status_code=422)
+        if server.waiting >= MAX_QUEUE:
+            return JSONResponse({"error": "too many jobs waiting: try again in a moment"}, status_code=429)
+        job = Job(uuid.uuid4().hex, r)
+        server.jobs[job.id] = job
+        server.waiting += 1
+        loop = asyncio.get_running_loop()
+
+        async def work() -> None:
+            async with server.lock:  # one job at a time
+                server.waiting -= 1
+                if job.cancel.is_set():
+                    job.events.put_nowait(("cancelled", {}))
+                    return
+                await asyncio.to_thread(server.run, job, loop)
+
+        asyncio.create_task(work())
+        return JSONResponse({"job": job.id})
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    async def cancel(job_id: str) -> dict:
+        job = server.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, "no such job")
+        job.cancel.set()
+        return {"cancelled": job_id}
+
+    @app.get("/api/jobs/{job_id}/events")
+    async def events(job_id: str) -> StreamingResponse:
+        job = server.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, "no such job")
+
+        async def stream():
+            while True:
+                kind, data = await job.events.get()
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                if kind in ("done", "error", "cancelled"):
+                    server.jobs.pop(job_id, None)
+                    return
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu") -> None:
+    import uvicorn  # the server itself; the app above is importable without running it
+
+    app = create_app(run, device)
+    print(f"dfm serve: http://{host}:{port}  (model {run}; Ctrl+C stops)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dfm serve</title>
+<style>
+ body { font-family: system-ui, sans-serif; margin: 1.5em; max-width: 60em; }
+ fieldset { display: flex; flex-wrap: wrap; gap: 0.8em 1.5em; border: 1px solid #ccc; }
+ label { display: flex; flex-direction: column; font-size: 0.9em; }
+ input, select { width: 9em; }
+ #error { color: #b00020; min-height: 1.2em; }
+ #stages { display: flex; gap: 1.5em; flex-wrap: wrap; margin-top: 1em; }
+ figure { margin: 0; } img { image-rendering: pixelated; width: 16em; border: 1px solid #ddd; }
+ #timeline { font-family: monospace; }
+</style></head><body>
+<h1>dfm serve</h1>
+<p id="about"></p>
+<fieldset>
+ <label>class <select id="class_label"><option value="">by seed</option></select></label>
+ <label>seeds (e.g. 0-3, empty = random) <input id="seeds" value=""></label>
+ <label>images <input id="num_images" type="number" value="4" min="1"></label>
+ <label>guidance (one, or one per stage) <input id="guidance" value="1.0"></label>
+ <label>steps per stage <input id="steps"></label>
+ <label>thresholds <input id="thresholds"></label>
+ <label>solver <select id="solver"></select></label>
+</fieldset>
+<p><button id="generate">Generate</button> <button id="cancel" disabled>Cancel</button></p>
+<div id="error" role="alert"></div>
+<div id="timeline"></div>
+<div id="stages"></div>
+<h2>Result</h2>
+<figure><img id="final" alt="final images"><figcaption id="final_caption"></figcaption></figure>
+<script>
+const $ = (id) => document.getElementById(id);
+let info = null, job = null, source = null;
+function numbers(text, parse) {
+  text = text.trim(); if (!text) return null;
+  const out = [];
+  for (const part of text.split(",")) {
+    const range = part.trim().match(/^(\\d+)-(\\d+)$/);
+    if (range) { for (let i = +range[1]; i <= +range[2]; i++) out.push(i); }
+    else out.push(parse(part.trim()));
+  }
+  return out;
+}
+async function load() {
+  info = await (await fetch("/api/info")).json();
+  $("about").textContent = `${info.method}, ${info.stages} stage(s); up to ${info.limits.images} images`;
+  info.classes.forEach((name, i) => $("class_label").add(new Option(`${i}: ${name}`, i)));
+  info.solvers.forEach((s) => $("solver").add(new Option(s, s)));
+  $("steps").value = info.steps.join(","); $("thresholds").value = info.thresholds.join(",");
+}
+function finish() { $("generate").disabled = false; $("cancel").disabled = true; if (source) source.close(); }
+$("generate").onclick = async () => {
+  $("error").textContent = ""; $("stages").innerHTML = ""; $("final").removeAttribute("src");
+  $("final_caption").textContent = ""; $("timeline").textContent = "";
+  let body;
+  try {
+    body = { num_images: +$("num_images").value, solver: $("solver").value,
+      guidance: numbers($("guidance").value, Number) || [1.0], steps: numbers($("steps").value, Number),
+      thresholds: numbers($("thresholds").value, Number), seeds: numbers($("seeds").value, Number),
+      class_label: $("class_label").value === "" ? null : +$("class_label").value };
+    if (Object.values(body).some((v) => Array.isArray(v) && v.some(Number.isNaN)) || Number.isNaN(body.num_images))
+      throw new Error("numbers only, e.g. 30,10");
+  } catch (e) { $("error").textContent = e.message; return; }
+  const started = performance.now();
+  const res = await fetch("/api/generate", { method: "POST", headers: { "Content-Type": "application/json" },
+                                             body: JSON.stringify(body) });
+  const reply = await res.json();
+  if (!res.ok) { $("error").textContent = reply.error || reply.detail || res.statusText; return; }
+  job = reply.job; $("generate").disabled = true; $("cancel").disabled = false;
+  source = new EventSource(`/api/jobs/${job}/events`);
+  source.addEventListener("progress", (e) => { const d = JSON.parse(e.data);
+    $("timeline").textContent = `network evaluations ${d.call} / ${d.total}`; });
+  source.addEventListener("stage", (e) => { const d = JSON.parse(e.data);
+    const fig = document.createElement("figure"); const img = new Image(); img.src = d.image;
+    img.className = "preview"; img.dataset.stage = d.stage; img.dataset.at = performance.now() - started;
+    fig.append(img, Object.assign(document.createElement("figcaption"),
+      { textContent: `stage ${d.stage + 1} preview after ${d.seconds.toFixed(2)} s` }));
+    $("stages").append(fig); });
+  source.addEventListener("done", (e) => { const d = JSON.parse(e.data); $("final").src = d.image;
+    $("final").dataset.at = performance.now() - started;
+    $("final_caption").textContent = `${d.seeds.length} image(s) of ${d.width}x${d.height}, seeds ${d.seeds.join(", ")},
+ ${d.seconds.toFixed(2)} s`; finish(); });
+  source.addEventListener("error", (e) => { if (e.data) $("error").textContent = JSON.parse(e.data).message;
+    finish(); });
+  source.addEventListener("cancelled", () => { $("error").textContent = "cancelled"; finish(); });
+};
+$("cancel").onclick = () => { if (job) fetch(`/api/jobs/${job}/cancel`, { method: "POST" }); };
+load();
+</script></body></html>
+"""

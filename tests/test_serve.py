@@ -1,0 +1,115 @@
+"""`dfm serve` in a real browser (Debian's chromium driven by playwright), and its API's answers to bad requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="dfm serve needs fastapi and uvicorn (pip install 'dfm[serve]')")
+pytest.importorskip("uvicorn", reason="dfm serve needs fastapi and uvicorn (pip install 'dfm[serve]')")
+
+from dfm.cli import main as cli  # noqa: E402
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(
+    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
+)
+CHROMIUM = os.environ.get("DFM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+TINY = [
+    "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
+    "-o", "train.num_sample_images=2", "-o", "optim.warmup_steps=2", "-o", "train.threads=1",
+    "-o", "train.sample_every=0", "-o", "method.steps=3,2",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers=headers or {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as res:
+            return res.status, json.loads(res.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    run = tmp_path_factory.mktemp("serve") / "run"
+    assert cli(["train", "--out", str(run), "--steps", "3", "--batch-size", "4", "--no-progress", *TINY]) == 0
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dfm", "serve", str(run), "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if _request(f"{url}/api/info")[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail(f"dfm serve did not start:\n{proc.stdout.read()}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_api_refuses_bad_requests_and_keeps_serving(server):
+    status, info = _request(f"{server}/api/info")
+    assert status == 200 and info["stages"] == 2 and info["classes"][3] == "Dress"
+    bad = [
+        (b'{"steps": [0, 2]}', 422, "steps: give 2 step counts"),
+        (b'{"num_images": 1000}', 422, "num_images"),
+        (b'{"class_label": 12}', 422, "class: this model has classes 0..9"),
+        (b'{"path": "/etc/passwd"}', 422, "path"),
+        (b'{"thresholds": [1.5]}', 422, "thresholds"),
+        (b"not json", 422, "Expecting value"),
+        (b"[" * 20_000, 413, "request too large"),
+    ]
+    for body, code, message in bad:
+        status, reply = _request(f"{server}/api/generate", body)
+        assert status == code and message in reply["error"], (body[:30], status, reply)
+    assert _request(f"{server}/api/jobs/nope/cancel", b"")[0] == 404
+    assert _request(f"{server}/api/info")[0] == 200  # still serving
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser (apt-get install chromium, or set DFM_CHROMIUM)")
+def test_page_shows_the_stage_preview_before_the_final_image(server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(server)
+        page.wait_for_function("document.querySelectorAll('#class_label option').length === 11")
+        assert page.input_value("#steps") == "3,2"
+        page.fill("#seeds", "0-3")
+        page.click("#generate")
+        page.wait_for_selector("#final[src]", timeout=120_000)
+        previews = page.eval_on_selector_all("img.preview", "els => els.map(e => [+e.dataset.stage, +e.dataset.at])")
+        final_at = float(page.get_attribute("#final", "data-at"))
+        assert [s for s, _ in previews] == [0, 1]
+        assert previews[0][1] <= final_at  # the coarse preview reached the page before the final images
+        assert page.evaluate("document.querySelector('#final').naturalWidth") > 0  # the PNG decodes
+        assert "4 image(s) of 28x28, seeds 0, 1, 2, 3" in page.text_content("#final_caption")
+        page.fill("#steps", "0,2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#error').textContent.includes('steps')")
+        assert page.is_enabled("#generate")
+        browser.close()
+    assert _request(f"{server}/api/info")[0] == 200
