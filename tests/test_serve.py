@@ -89,6 +89,24 @@ def test_api_refuses_bad_requests_and_keeps_serving(server):
     assert _request(f"{server}/api/info")[0] == 200  # still serving
 
 
+def test_cancel_stops_the_job_on_the_server(server):
+    status, reply = _request(f"{server}/api/generate", json.dumps({"num_images": 16, "steps": [200, 200]}).encode())
+    assert status == 200
+    job = reply["job"]
+    kinds = []
+    with urllib.request.urlopen(f"{server}/api/jobs/{job}/events", timeout=120) as stream:
+        for line in stream:
+            line = line.decode().strip()
+            if line.startswith("event: "):
+                kinds.append(line[7:])
+                if kinds[-1] == "progress" and kinds.count("progress") == 1:
+                    assert _request(f"{server}/api/jobs/{job}/cancel", b"")[0] == 200
+                if kinds[-1] in ("done", "cancelled", "error"):
+                    break
+    assert kinds[-1] == "cancelled" and "stage" not in kinds  # stopped long before stage 1's 200 steps
+    assert _request(f"{server}/api/info")[0] == 200
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser (apt-get install chromium, or set DFM_CHROMIUM)")
 def test_page_shows_the_stage_preview_before_the_final_image(server):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
