@@ -131,3 +131,22 @@ def test_page_shows_the_stage_preview_before_the_final_image(server):
         assert page.is_enabled("#generate")
         browser.close()
     assert _request(f"{server}/api/info")[0] == 200
+
+
+def test_video_runs_stream_clips(tmp_path):
+    run = tmp_path / "video"
+    assert cli(["train", "--preset", "video-quickstart", "--out", str(run), "--steps", "2", "--batch-size", "4",
+                "--no-progress", *TINY, "-o", "data.num_clips=16", "-o", "data.frames=4"]) == 0  # fmt: skip
+    from fastapi.testclient import TestClient
+
+    from dfm.serve import create_app
+
+    with TestClient(create_app(run)) as client:
+        job = client.post("/api/generate", json={"num_images": 2, "seeds": [0, 1]}).json()["job"]
+        events = client.get(f"/api/jobs/{job}/events").text
+    payloads = {kind: json.loads(data) for kind, data in
+                (block.split("\ndata: ", 1) for block in events.strip().split("\n\n"))}  # fmt: skip
+    kinds = [block.split("\n")[0][7:] for block in events.strip().split("\n\n")]
+    assert "event: done" in events and kinds.count("stage") == 2
+    assert payloads["event: done"]["image"].startswith("data:image/gif;base64,")
+    assert payloads["event: stage"]["image"].startswith("data:image/gif;base64,")

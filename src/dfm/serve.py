@@ -96,11 +96,20 @@ class _Watched(nn.Module):
 
 
 def _png(x: torch.Tensor, nrow: int) -> str:
-    """A batch in [-1, 1] as one grid PNG, as a data URL."""
+    """A batch in [-1, 1] as one grid PNG, as a data URL; a batch of clips (N, C, T, H, W) as an animated GIF."""
+    if x.dim() == 5:
+        return _gif([image_grid(x[:, :, f].float(), nrow=nrow, pad=2) for f in range(x.shape[2])])
     grid = image_grid(x.float(), nrow=nrow, pad=2)
     buf = io.BytesIO()
     PIL.Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _gif(frames: list) -> str:
+    imgs = [PIL.Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    buf = io.BytesIO()
+    imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=150, loop=0)
+    return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 class Server:
@@ -168,10 +177,8 @@ class Server:
 
         def stage_done(stage: int, preview: torch.Tensor) -> None:
             image = preview if self.decoder is None else self.decoder(upsample_to(preview, self.shape[-2:]))
-            if image.dim() == 5:
-                image = image[:, :, image.shape[2] // 2]
             send("stage", {"stage": stage, "seconds": round(time.perf_counter() - tic, 3),
-                           "image": _png(upsample_to(image, self.shape[-2:]), nrow)})  # fmt: skip
+                           "image": _png(_enlarge(image, self.shape[-2:]), nrow)})  # fmt: skip
 
         try:
             guidance = r.guidance[0] if len(r.guidance) == 1 else r.guidance
@@ -179,9 +186,7 @@ class Server:
                                  guidance=guidance, steps=steps, thresholds=r.thresholds, solver=r.solver,
                                  batch_size=MAX_IMAGES, device=self.device, decoder=self.decoder,
                                  callback=stage_done)  # fmt: skip
-            if images.dim() == 5:
-                images = images[:, :, images.shape[2] // 2]
-            final = crop_border(images, self.padding)
+            final = crop_border(images, self.padding)  # videos: clips, shown as animated GIFs
             send("done", {"seconds": round(time.perf_counter() - tic, 3), "seeds": seeds, "image": _png(final, nrow),
                           "width": int(final.shape[-1]), "height": int(final.shape[-2])})  # fmt: skip
         except Cancelled:
@@ -190,6 +195,13 @@ class Server:
             send("error", {"message": f"{type(err).__name__}: {err}"})
         finally:
             self.model.job, self.model.on_call = None, None
+
+
+def _enlarge(x: torch.Tensor, size) -> torch.Tensor:
+    """A stage's preview at the image size (clips frame by frame), so that every picture shows at one scale."""
+    if x.dim() == 5:
+        return torch.stack([upsample_to(x[:, :, f], size) for f in range(x.shape[2])], dim=2)
+    return upsample_to(x, size)
 
 
 def create_app(run: str | Path, device: str = "cpu") -> FastAPI:
