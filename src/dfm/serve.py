@@ -300,6 +300,7 @@ PAGE = """<!doctype html>
  #error { color: #b00020; min-height: 1.2em; }
  #stages { display: flex; gap: 1.5em; flex-wrap: wrap; margin-top: 1em; }
  figure { margin: 0; } img { image-rendering: pixelated; width: 16em; border: 1px solid #ddd; }
+ #final:not([src]) { display: none; }
  #timeline { font-family: monospace; }
 </style></head><body>
 <h1>dfm serve</h1>
@@ -307,7 +308,7 @@ PAGE = """<!doctype html>
 <fieldset>
  <label>class <select id="class_label"><option value="">by seed</option></select></label>
  <label>seeds (e.g. 0-3, empty = random) <input id="seeds" value=""></label>
- <label>images <input id="num_images" type="number" value="4" min="1"></label>
+ <label>images (when no seeds) <input id="num_images" type="number" value="4" min="1"></label>
  <label>guidance (one, or one per stage) <input id="guidance" value="1.0"></label>
  <label>steps per stage <input id="steps"></label>
  <label>thresholds <input id="thresholds"></label>
@@ -358,6 +359,7 @@ $("generate").onclick = async () => {
   const reply = await res.json();
   if (!res.ok) { $("error").textContent = reply.error || reply.detail || res.statusText; return; }
   job = reply.job; $("generate").disabled = true; $("cancel").disabled = false;
+  $("final_caption").textContent = "generating: each stage's preview appears above as soon as it is ready";
   source = new EventSource(`/api/jobs/${job}/events`);
   source.addEventListener("progress", (e) => { const d = JSON.parse(e.data);
     $("timeline").textContent = `network evaluations ${d.call} / ${d.total}`; });

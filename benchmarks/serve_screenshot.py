@@ -1,0 +1,63 @@
+"""The README's picture of `dfm serve` mid-generation: the first stage's preview shown, the final images pending.
+
+    python benchmarks/serve_screenshot.py runs/quickstart --out docs/images/serve.png
+
+Starts the server, opens the page in Debian's chromium (playwright), asks for 16 images with a long second stage
+(so that the picture can be taken between the two), and screenshots the page once the stage-1 preview is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from playwright.sync_api import sync_playwright
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run")
+    p.add_argument("--out", default="docs/images/serve.png")
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dfm", "serve", args.run, "--port", str(port)], env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{url}/api/info", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.1)
+        browser_path = os.environ.get("DFM_CHROMIUM") or shutil.which("chromium")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.goto(url)
+            page.wait_for_function("document.querySelectorAll('#class_label option').length > 1")
+            page.select_option("#class_label", "8")
+            page.fill("#seeds", "0-15")
+            page.fill("#steps", "30,200")
+            page.click("#generate")
+            page.wait_for_selector("img.preview[data-stage='0']")
+            time.sleep(0.5)
+            page.screenshot(path=args.out, full_page=True)
+            page.click("#cancel")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"screenshot written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
