@@ -76,3 +76,35 @@ def test_pil_output_callback_generator_and_errors(run):
         pipe(seeds=[0], num_inference_steps=(2, 2, 2))
     with pytest.raises(ValueError, match="2 class_labels for 3 images"):
         pipe(seeds=[0, 1, 2], class_labels=[1, 2])
+
+
+def test_latent_run_round_trips_with_its_vae(tmp_path):
+    from PIL import Image
+
+    from dfm.data.prepare import main as prepare
+    from test_data_latents import tiny_vae_dir
+
+    vae_dir = tiny_vae_dir(tmp_path)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / "images" / "a").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / "a" / f"{i}.png"
+        )
+    latents = tmp_path / "latents"
+    assert prepare(["--data", str(tmp_path / "images"), "--vae", str(vae_dir), "--out", str(latents),
+                    "--resolution", "16"]) == 0  # fmt: skip
+    run = tmp_path / "run"
+    latent_model = ["-o", "data.resolution=none", "-o", "model.overrides.patch_size=2"]
+    assert cli(["train", "--data", str(latents), "--out", str(run), "--steps", "2", "--batch-size", "2",
+                "--no-progress", *TINY, *latent_model]) == 0  # fmt: skip
+    pipe = DFMPipeline.from_pretrained(run)
+    before = pipe(seeds=[0, 1], output_type="np", num_inference_steps=(2, 2))
+    assert before.images.shape == (2, 16, 16, 3)  # decoded by the VAE
+    saved = pipe.save_pretrained(tmp_path / "pipe")
+    assert (saved / "vae" / "config.json").is_file()
+    import shutil
+
+    shutil.rmtree(vae_dir)  # the saved pipeline carries its own VAE
+    after = DFMPipeline.from_pretrained(saved)(seeds=[0, 1], output_type="np", num_inference_steps=(2, 2))
+    np.testing.assert_array_equal(before.images, after.images)

@@ -28,12 +28,14 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import nn
 
 from dfm.config import RunConfig
+from dfm.data.vae import load_vae
 from dfm.factory import make_decomposition
 from dfm.generate import METHOD_FILE, data_padding, default_labels, generate, load_run, make_decoder
 from dfm.outputs import crop_border
 from dfm.visual import to_uint8
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+VAE_DIR = "vae"
 
 
 @dataclass
@@ -59,9 +61,16 @@ class DFMPipeline(DiffusionPipeline):
     # -- loading and saving our pretrained/ directories
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> DFMPipeline:
-        """From a run directory (EMA weights of its latest checkpoint by default) or a ``pretrained/`` directory."""
+        """From a run directory (EMA weights of its latest checkpoint by default), a ``pretrained/`` directory,
+        or a directory written by :meth:`save_pretrained` (which holds the VAE of a latent run in ``vae/``)."""
         model, cfg = load_run(path, ema=ema, device=device)
-        return cls(model.eval(), cfg, data_padding(cfg, path))
+        pipe = cls(model.eval(), cfg, data_padding(cfg, path))
+        vae_dir, index = Path(path) / VAE_DIR, Path(path) / "model_index.json"
+        if vae_dir.is_dir() and index.is_file():
+            norm = json.loads(index.read_text()).get("vae_normalisation", {})
+            vae = load_vae(vae_dir, device=device, shift=norm.get("shift"), scale=norm.get("scale"))
+            pipe._decoder, pipe._decoder_ready = vae.decode_normalized, True
+        return pipe
 
     def save_pretrained(self, directory: str | Path, **_: Any) -> Path:
         """Write a ``pretrained/``-style directory that :meth:`from_pretrained` and ``dfm sample`` read."""
@@ -71,7 +80,13 @@ class DFMPipeline(DiffusionPipeline):
         shape = (self.model.config.in_channels, *self.model.config.input_size)
         spec = {"sample_shape": list(shape), "num_classes": self.model.num_classes, "padding": self.padding}
         (path / "data_spec.json").write_text(json.dumps(spec) + "\n")
-        (path / "model_index.json").write_text(json.dumps({"_class_name": type(self).__name__}) + "\n")
+        index: dict[str, Any] = {"_class_name": type(self).__name__}
+        decoder = self.decoder
+        if decoder is not None:  # a latent run: its VAE travels with the model
+            vae = decoder.__self__
+            vae.model.save_pretrained(path / VAE_DIR)
+            index["vae_normalisation"] = {"shift": vae.shift, "scale": vae.scale}
+        (path / "model_index.json").write_text(json.dumps(index) + "\n")
         return path
 
     @property
