@@ -118,7 +118,7 @@ def test_page_shows_the_stage_preview_before_the_final_image(server):
         assert page.input_value("#steps") == "3,2"
         page.fill("#seeds", "0-3")
         page.click("#generate")
-        page.wait_for_selector("#final[src]", timeout=120_000)
+        page.wait_for_selector("#final[data-final='1']", timeout=120_000)
         previews = page.eval_on_selector_all("img.preview", "els => els.map(e => [+e.dataset.stage, +e.dataset.at])")
         final_at = float(page.get_attribute("#final", "data-at"))
         assert [s for s, _ in previews] == [0, 1]

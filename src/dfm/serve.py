@@ -368,9 +368,11 @@ $("generate").onclick = async () => {
     img.className = "preview"; img.dataset.stage = d.stage; img.dataset.at = performance.now() - started;
     fig.append(img, Object.assign(document.createElement("figcaption"),
       { textContent: `stage ${d.stage + 1} preview after ${d.seconds.toFixed(2)} s` }));
-    $("stages").append(fig); });
+    $("stages").append(fig);
+    $("final").src = d.image; $("final").dataset.final = "0";  // the latest preview stands in for the result
+    $("final_caption").textContent = `stage ${d.stage + 1} preview; the next stage is being generated`; });
   source.addEventListener("done", (e) => { const d = JSON.parse(e.data); $("final").src = d.image;
-    $("final").dataset.at = performance.now() - started;
+    $("final").dataset.at = performance.now() - started; $("final").dataset.final = "1";
     $("final_caption").textContent = `${d.seeds.length} image(s) of ${d.width}x${d.height}, seeds ${d.seeds.join(", ")},
  ${d.seconds.toFixed(2)} s`; finish(); });
   source.addEventListener("error", (e) => { if (e.data) $("error").textContent = JSON.parse(e.data).message;
