@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
-import time
 import urllib.request
+
+from dfm.serve import running_server
 
 
 def main() -> int:
@@ -26,19 +24,7 @@ def main() -> int:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "dfm", "serve", args.run, "--port", str(port)], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"{url}/api/info", timeout=5)
-                break
-            except OSError:
-                time.sleep(0.1)
+    with running_server(args.run, threads=args.threads) as url:
         rows = []
         for i in range(args.repeats + 1):  # the first job warms up
             body = json.dumps({"num_images": args.images, "seeds": list(range(args.images))}).encode()
@@ -60,9 +46,6 @@ def main() -> int:
                 print(f"job {i}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), flush=True)
         for key in rows[0]:
             print(f"median {key}: {statistics.median(r[key] for r in rows):.3f} s")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     return 0
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 
 from playwright.sync_api import sync_playwright
+
+from dfm.serve import running_server
 
 
 def main() -> int:
@@ -25,18 +24,7 @@ def main() -> int:
     p.add_argument("run")
     p.add_argument("--out", default="docs/images/serve.png")
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dfm", "serve", args.run, "--port", str(port)], env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"{url}/api/info", timeout=5)
-                break
-            except OSError:
-                time.sleep(0.1)
+    with running_server(args.run) as url:
         browser_path = os.environ.get("DFM_CHROMIUM") or shutil.which("chromium")
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=["--no-sandbox", "--disable-gpu"])
@@ -52,9 +40,6 @@ def main() -> int:
             page.screenshot(path=args.out, full_page=True)
             page.click("#cancel")
             browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     print(f"screenshot written to {args.out}")
     return 0
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,16 +16,9 @@ from dfm.finetune import convert_one_stage, finetune_config, lift_patch_embeddin
 from dfm.generate import load_run
 from dfm.models import DFMDiT, DiTConfig
 from dfm.train import Trainer, TrainingError
+from helpers import TINY_RUN, needs_data
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_data = pytest.mark.skipif(
-    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
-)
-TINY = [
-    "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
-    "-o", "train.num_sample_images=2", "-o", "optim.warmup_steps=2", "-o", "train.threads=1",
-    "-o", "train.sample_every=0",
-]  # fmt: skip
+TINY = TINY_RUN
 
 
 def _pretrained(precondition: bool, patch: int = 4, size: int = 16) -> DFMDiT:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,10 @@ pytest.importorskip("diffusers", reason="DFMPipeline needs diffusers (pip instal
 
 from dfm.cli import main as cli  # noqa: E402
 from dfm.pipeline import DFMPipeline, DFMPipelineOutput  # noqa: E402
+from helpers import TINY_RUN, needs_data  # noqa: E402
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(
-    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
-)
-TINY = [
-    "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
-    "-o", "train.num_sample_images=2", "-o", "optim.warmup_steps=2", "-o", "train.threads=1",
-    "-o", "train.sample_every=0", "-o", "method.steps=2,2",
-]  # fmt: skip
+pytestmark = needs_data
+TINY = [*TINY_RUN, "-o", "method.steps=2,2"]
 
 
 @pytest.fixture(scope="module")

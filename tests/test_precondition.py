@@ -4,7 +4,6 @@ held-aside validation split used to choose settings."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +19,9 @@ from dfm.generate import load_run
 from dfm.models import DiTConfig
 from dfm.models.precondition import flow_preconditioning
 from dfm.objective import DFMObjective
+from helpers import TINY_RUN, needs_data
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_data = pytest.mark.skipif(
-    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
-)
-TINY = [
-    "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
-    "-o", "train.num_sample_images=2", "-o", "method.steps=2,2", "-o", "optim.warmup_steps=2",
-    "-o", "train.threads=1", "-o", "train.sample_every=0",
-]  # fmt: skip
+TINY = [*TINY_RUN, "-o", "method.steps=2,2"]
 
 
 def _train(run: Path, steps: int, *extra: str) -> None:

@@ -5,13 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -19,23 +14,12 @@ pytest.importorskip("fastapi", reason="dfm serve needs fastapi and uvicorn (pip 
 pytest.importorskip("uvicorn", reason="dfm serve needs fastapi and uvicorn (pip install 'dfm[serve]')")
 
 from dfm.cli import main as cli  # noqa: E402
+from dfm.serve import running_server  # noqa: E402
+from helpers import TINY_RUN, needs_data  # noqa: E402
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(
-    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
-)
+pytestmark = needs_data
 CHROMIUM = os.environ.get("DFM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-TINY = [
-    "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
-    "-o", "train.num_sample_images=2", "-o", "optim.warmup_steps=2", "-o", "train.threads=1",
-    "-o", "train.sample_every=0", "-o", "method.steps=3,2",
-]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TINY = [*TINY_RUN, "-o", "method.steps=3,2"]
 
 
 def _request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
@@ -51,23 +35,8 @@ def _request(url: str, body: bytes | None = None, headers: dict | None = None) -
 def server(tmp_path_factory):
     run = tmp_path_factory.mktemp("serve") / "run"
     assert cli(["train", "--out", str(run), "--steps", "3", "--batch-size", "4", "--no-progress", *TINY]) == 0
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dfm", "serve", str(run), "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if _request(f"{url}/api/info")[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"dfm serve did not start:\n{proc.stdout.read()}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_server(run, threads=1) as url:
+        yield url
 
 
 def test_api_refuses_bad_requests_and_keeps_serving(server):

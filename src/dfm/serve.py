@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +287,33 @@ def create_app(run: str | Path, device: str = "cpu") -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+@contextlib.contextmanager
+def running_server(run: str | Path, threads: int | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """``dfm serve RUN`` in a child process on a free local port, for scripts and tests; yields its URL once it
+    answers, and stops it afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen([sys.executable, "-m", "dfm", "serve", str(run), "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/info", timeout=5)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"dfm serve {run} did not start:\n{proc.communicate()[0]}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 7860, device: str = "cpu") -> None:
