@@ -81,25 +81,24 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
+#: flags that `dfm train` and `dfm finetune` share, as the settings they set
+_COMMON_FLAGS = {"batch_size": "train.batch_size", "lr": "optim.lr", "seed": "train.seed", "data": "data.dataset",
+                 "data_dir": "data.data_dir"}  # fmt: skip
+
+
+def _flag_overrides(args, **more: str) -> list[str]:
+    """``section.key=value`` overrides for the flags given on the command line (common ones plus ``more``)."""
+    pairs = {**_COMMON_FLAGS, **more}
+    return [f"{key}={getattr(args, flag)}" for flag, key in pairs.items() if getattr(args, flag) is not None]
+
+
 def _train_config(args) -> RunConfig:
     cfg = RunConfig.load(args.config) if args.config else get_preset(args.preset)
     if args.method == "dfm" and cfg.method.method != "dfm":
         raise ValueError("this preset is not a DFM preset: pick a DFM preset (e.g. quickstart) with --method dfm")
     if args.method:
         cfg = with_method(cfg, args.method)
-    ov = []
-    for flag, key in (
-        ("steps", "train.steps"),
-        ("batch_size", "train.batch_size"),
-        ("lr", "optim.lr"),
-        ("seed", "train.seed"),
-        ("data", "data.dataset"),
-        ("data_dir", "data.data_dir"),
-        ("model", "model.name"),
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            ov.append(f"{key}={value}")
+    ov = _flag_overrides(args, steps="train.steps", model="model.name")
     if args.skip_bad:
         ov.append("data.skip_bad=true")
     return apply_overrides(cfg, ov + args.override)
@@ -165,13 +164,7 @@ def _run_finetune(args) -> int:
             f"--from {source}: expected a run directory or its pretrained/ directory ({file} missing)"
         )
     cfg = finetune_config(RunConfig.load(file), args.method, args.steps, args.like)
-    ov = [f"train.init_from={source}"]
-    flags = (("batch_size", "train.batch_size"), ("lr", "optim.lr"), ("seed", "train.seed"), ("data", "data.dataset"),
-             ("data_dir", "data.data_dir"), ("classes", "data.classes"))  # fmt: skip
-    for flag, key in flags:
-        value = getattr(args, flag)
-        if value is not None:
-            ov.append(f"{key}={value}")
+    ov = [f"train.init_from={source}", *_flag_overrides(args, classes="data.classes")]
     cfg = apply_overrides(cfg, ov + args.override)
     return _fit(cfg, args.out or f"runs/finetune-{args.method}", args)
 
