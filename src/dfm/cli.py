@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dfm.autoencoder import add_autoencoder_parser
 from dfm.bench.cli import add_bench_parser
 from dfm.checkpoint import describe_os_error, ensure_writable
 from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset, validate_sampling, with_method
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_presets(sub)
     _add_serve(sub)
+    add_autoencoder_parser(sub)
     add_bench_parser(sub)
     add_eval_parser(sub)
     add_prepare_parser(sub)

@@ -1,0 +1,78 @@
+"""`dfm autoencoder measure`: PSNRs, scale equivariance and pyramid energies on known cases."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfm.autoencoder import down, level_energy, measure, psnr
+
+
+class Identity:
+    """An exactly scale-equivariant "autoencoder": the latent is the image."""
+
+    def encode(self, x):
+        return x.clone(), torch.zeros_like(x)
+
+    def decode(self, z):
+        return z.clone()
+
+
+class Blocky:
+    """Latent = 2x2 block means, decode = nearest upsampling: exact for images made of 2x2 blocks, and scale-
+    equivariant at 2x only for images made of 4x4 blocks."""
+
+    def encode(self, x):
+        return F.avg_pool2d(x, 2), torch.zeros_like(x[..., ::2, ::2])
+
+    def decode(self, z):
+        return F.interpolate(z, scale_factor=2, mode="nearest")
+
+
+def test_identity_is_exact_and_scale_equivariant():
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    r = measure(Identity(), x, batch_size=3)
+    assert math.isinf(r["recon_psnr"]) and math.isinf(r["se_psnr_2x"]) and math.isinf(r["se_psnr_4x"])
+    assert r["latent_energy"] == r["pixel_energy"] and abs(sum(r["pixel_energy"]) - 1) < 1e-3
+    z = x  # the latent is the image: its statistics are the image's
+    assert r["shift"] == pytest.approx(float(z.mean()), abs=1e-4)
+    assert r["scale"] == pytest.approx(1 / float(z.std()), rel=1e-4)
+
+
+def test_blocky_autoencoder_is_measured_as_expected():
+    torch.manual_seed(0)
+    blocks2 = F.interpolate(torch.rand(4, 1, 8, 8) * 2 - 1, scale_factor=2, mode="nearest")
+    r = measure(Blocky(), blocks2)
+    assert math.isinf(r["recon_psnr"]) and math.isfinite(r["se_psnr_2x"])
+    blocks4 = F.interpolate(torch.rand(4, 1, 4, 4) * 2 - 1, scale_factor=4, mode="nearest")
+    r = measure(Blocky(), blocks4)
+    assert math.isinf(r["recon_psnr"]) and math.isinf(r["se_psnr_2x"]) and math.isfinite(r["se_psnr_4x"])
+
+
+def test_psnr_down_and_energy():
+    a = torch.zeros(1, 1, 4, 4)
+    assert psnr(a, a + 0.2) == pytest.approx(10 * math.log10(4 / 0.04))
+    assert torch.equal(down(torch.arange(16.0).view(1, 1, 4, 4), 2), torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+    flat = torch.ones(2, 1, 16, 16)
+    assert level_energy(flat, 3) == pytest.approx([1.0, 0.0, 0.0], abs=1e-6)  # a constant lives in the coarsest level
+    checker = (torch.arange(16)[None, :] + torch.arange(16)[:, None]) % 2 * 2.0 - 1.0
+    assert level_energy(checker.view(1, 1, 16, 16), 3)[-1] == pytest.approx(1.0, abs=1e-6)  # all in the finest
+
+
+def test_measure_a_tiny_diffusers_vae_from_the_command_line(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    from dfm.cli import main as cli
+    from test_data_latents import tiny_vae_dir
+
+    vae_dir = tiny_vae_dir(tmp_path)
+    out = tmp_path / "m.json"
+    assert cli(["autoencoder", "measure", "--vae", str(vae_dir), "--num-images", "8", "--resolution", "16",
+                "--out", str(out)]) == 0  # fmt: skip
+    r = json.loads(out.read_text())
+    assert r["num_images"] == 8 and r["latent_size"] == [4, 8, 8] and len(r["latent_std"]) == 4
+    assert r["recon_psnr"] < 40 and r["se_psnr_2x"] < 40  # an untrained VAE reconstructs nothing well
+    assert "| autoencoder |" in out.with_suffix(".md").read_text() and "SE PSNR 2x" in capsys.readouterr().out
