@@ -76,3 +76,52 @@ def test_measure_a_tiny_diffusers_vae_from_the_command_line(tmp_path, capsys):
     assert r["num_images"] == 8 and r["latent_size"] == [4, 8, 8] and len(r["latent_std"]) == 4
     assert r["recon_psnr"] < 40 and r["se_psnr_2x"] < 40  # an untrained VAE reconstructs nothing well
     assert "| autoencoder |" in out.with_suffix(".md").read_text() and "SE PSNR 2x" in capsys.readouterr().out
+
+
+def _finetune(out, *extra):
+    from dfm.cli import main as cli
+
+    args = ["autoencoder", "finetune", "--init", "scratch", "--out", str(out), "--resolution", "16",
+            "--num-images", "128", "--batch-size", "8", "--lr", "1e-3", "--no-progress", *extra]  # fmt: skip
+    assert cli(args) == 0
+
+
+def test_se_finetune_lowers_the_se_error_and_resumes_exactly(tmp_path):
+    pytest.importorskip("diffusers")
+    from dfm.data.vae import load_vae
+    from dfm.eval.images import load_fashion_mnist
+
+    images = load_fashion_mnist(split="test")[0][:64, None].float() / 127.5 - 1
+    images = F.interpolate(images, size=(16, 16), mode="area")
+    scores = {}
+    for weight in ("0", "1"):
+        _finetune(tmp_path / f"w{weight}", "--steps", "30", "--se-weight", weight)
+        scores[weight] = measure(load_vae(tmp_path / f"w{weight}"), images)
+    assert scores["1"]["se_psnr_2x"] > scores["0"]["se_psnr_2x"] + 0.5  # the SE term does what it says
+    assert scores["1"]["se_psnr_4x"] > scores["0"]["se_psnr_4x"] + 0.5
+    # interrupted at step 4 of 8 and resumed = 8 steps straight, bit for bit
+    _finetune(tmp_path / "straight", "--steps", "8")
+    _finetune(tmp_path / "resumed", "--steps", "4")
+    _finetune(tmp_path / "resumed", "--steps", "8")
+    a, b = (load_vae(tmp_path / d).model.state_dict() for d in ("straight", "resumed"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    rows = [json.loads(r) for r in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+
+
+def test_se_finetuned_autoencoder_works_with_dfm_prepare(tmp_path):
+    pytest.importorskip("diffusers")
+    from dfm.cli import main as cli
+    from dfm.data import build_dataset
+
+    _finetune(tmp_path / "ae", "--steps", "2")
+    out = tmp_path / "latents"
+    assert cli(["prepare", "--data", "fashion-mnist", "--vae", str(tmp_path / "ae"), "--out", str(out),
+                "--resolution", "16", "--split", "test", "--batch-size", "64"]) == 0  # fmt: skip
+    ds = build_dataset(out, train=False)
+    assert len(ds) == 10000 and ds.sample_shape == (4, 8, 8)
+    with pytest.raises(ValueError, match="not both"):
+        from dfm.autoencoder import run_finetune
+
+        run_finetune(type("A", (), {"vae": "x", "init": "scratch"})())

@@ -18,18 +18,24 @@ Any object with ``encode(x) -> (mean, std)`` and ``decode(z) -> images`` works (
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from dfm.checkpoint import ensure_writable
 from dfm.data import build_dataset
-from dfm.data.vae import load_vae
+from dfm.data.vae import load_vae, require_diffusers
 from dfm.decomposition import LaplacianPyramid
 
 FACTORS = (2, 4)
@@ -116,9 +122,116 @@ def write(result: dict[str, Any], out: str | Path, name: str = "autoencoder") ->
     return out, table
 
 
+# ------------------------------------------------------------------------------------------------ SE fine-tuning
+@dataclass
+class SEConfig:
+    """Settings of ``dfm autoencoder finetune`` (the paper: 10,000 steps at 256 px, batch 64, factors 2 and 4)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    se_weight: float = 1.0  #: weight of the scale-equivariance term
+    factors: tuple[int, ...] = FACTORS  #: one drawn at random per step, as in the paper
+    recon: str = "l1"  #: l1 | l2 reconstruction of the full image
+    kl_weight: float = 1e-6  #: the KL term of the posterior (Stable Diffusion's VAE training weight)
+    freeze_encoder: bool = False  #: train the decoder only (the latent space, hence prepared latents, stays)
+    precision: str = "fp32"  #: fp32 | bf16 (autocast)
+    ema_decay: float = 0.0  #: 0 = no EMA; else the saved model is the EMA
+    seed: int = 0
+    ckpt_every: int = 200
+
+
+def se_losses(model: Any, x: Tensor, factor: int, recon: str = "l1") -> dict[str, Tensor]:
+    """The training terms for a diffusers ``AutoencoderKL`` on images ``x`` in [-1, 1]: reconstruction of ``x``,
+    scale equivariance (decode the ``factor``x area-downsampled latent, compare with the downsampled image) and
+    the posterior's KL to N(0, I) (mean over elements)."""
+    posterior = model.encode(x).latent_dist
+    z = posterior.sample()
+    dist = F.l1_loss if recon == "l1" else F.mse_loss
+    rec = dist(model.decode(z).sample.float(), x.float())
+    se = dist(model.decode(down(z, factor)).sample.float(), down(x, factor).float())
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).float().mean()
+    return {"recon": rec, "se": se, "kl": kl}
+
+
+def scratch_autoencoder(channels: int = 1, latent_channels: int = 4) -> Any:
+    """A small ``AutoencoderKL`` (2x downsampling, about 0.2M parameters) that trains on a CPU."""
+    diffusers = require_diffusers()
+    return diffusers.AutoencoderKL(
+        in_channels=channels, out_channels=channels, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, sample_size=32,
+    )  # fmt: skip
+
+
+def finetune_se(model: Any, images: Tensor, out: str | Path, cfg: SEConfig, progress: bool = True) -> Path:
+    """Train ``model`` (a diffusers ``AutoencoderKL``) on ``images`` with reconstruction + SE + KL; resumes from
+    ``out/checkpoint.pt``; writes the (EMA) model with ``save_pretrained`` into ``out`` and ``log.jsonl``."""
+    out = ensure_writable(out)
+    if cfg.recon not in ("l1", "l2") or cfg.precision not in ("fp32", "bf16") or cfg.steps < 1:
+        raise ValueError("recon must be l1 or l2, precision fp32 or bf16, steps >= 1")
+    if any(images.shape[-1] % (f * 2 ** (len(model.config.block_out_channels) - 1)) for f in cfg.factors):
+        raise ValueError(f"image size {images.shape[-1]} must be divisible by every SE factor times the VAE's factor")
+    model.train().requires_grad_(True)
+    if cfg.freeze_encoder:
+        for part in (model.encoder, model.quant_conv):
+            part.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    step, ckpt = 0, out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        step = int(state["step"])
+    log = out / "log.jsonl"
+    if log.is_file():  # lines past the checkpoint are written again
+        rows = [line for line in log.read_text().splitlines() if line.strip()]
+        log.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+    bar = tqdm(total=cfg.steps, initial=step, desc="autoencoder", disable=not progress, dynamic_ncols=True)
+    while step < cfg.steps:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+        factor = cfg.factors[int(torch.randint(len(cfg.factors), (1,), generator=gen))]
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # the posterior sample
+        ctx = torch.autocast("cpu", torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
+        with ctx:
+            terms = se_losses(model, images[idx].float(), factor, cfg.recon)
+        loss = terms["recon"] + cfg.se_weight * terms["se"] + cfg.kl_weight * terms["kl"]
+        if not torch.isfinite(loss):
+            raise ValueError(f"the loss became {float(loss)} at step {step}: lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - cfg.ema_decay)
+        row = {"step": step, "factor": factor, **{k: round(float(v.detach()), 6) for k, v in terms.items()}}
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt)
+    bar.close()
+    final = (ema if ema is not None else model).eval()
+    final.save_pretrained(out)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ command line
 def add_autoencoder_parser(sub) -> None:
-    p = sub.add_parser("autoencoder", help="autoencoders for latent DFM: measure scale equivariance")
+    p = sub.add_parser("autoencoder", help="autoencoders for latent DFM: measure and train scale equivariance")
     commands = p.add_subparsers(dest="autoencoder_command", required=True)
     m = commands.add_parser(
         "measure",
@@ -132,9 +245,73 @@ def add_autoencoder_parser(sub) -> None:
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--out", default="autoencoder_measure.json", help="JSON output; the Markdown table goes beside it")
     m.set_defaults(func=run_autoencoder)
+    t = commands.add_parser(
+        "finetune",
+        help="make an AutoencoderKL scale-equivariant (or train a small one from scratch with --init scratch)",
+        description="Reconstruction + scale equivariance (decode(down(z)) against down(x), the factor drawn per step) "
+        "+ KL. Resumes from OUT/checkpoint.pt; writes the model with save_pretrained into OUT.",
+    )
+    t.add_argument("--vae", help="the AutoencoderKL to fine-tune (a save_pretrained directory or hub id)")
+    t.add_argument("--init", choices=["scratch"], help="scratch: a small new AutoencoderKL instead of --vae")
+    t.add_argument("--channels", type=int, default=1, help="with --init scratch: image channels (default 1)")
+    t.add_argument("--data", default="fashion-mnist", help="images: fashion-mnist or an image folder")
+    t.add_argument("--resolution", type=int, default=32)
+    t.add_argument("--num-images", type=int, default=10000, help="training images held in memory (default 10000)")
+    t.add_argument("--out", required=True, help="output directory (also the resume point)")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--se-weight", type=float, default=1.0, help="weight of the scale-equivariance term (default 1)")
+    t.add_argument("--factors", default="2,4", help="SE downsampling factors, one drawn per step (default 2,4)")
+    t.add_argument("--recon", choices=["l1", "l2"], default="l1")
+    t.add_argument("--kl-weight", type=float, default=1e-6)
+    t.add_argument("--freeze-encoder", action="store_true", help="train the decoder only (the latents stay valid)")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    t.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (default 0: none)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=run_autoencoder)
+
+
+def _images(data: str, resolution: int, count: int, channels: int) -> Tensor:
+    """Up to ``count`` images of ``data`` in [-1, 1], with the autoencoder's channels (grey repeated to RGB)."""
+    dataset = build_dataset(data, resolution, train=True)
+    images, _ = dataset.get_batch(torch.arange(min(count, len(dataset))), augment=False)
+    if images.shape[1] == 1 and channels == 3:
+        images = images.repeat(1, 3, 1, 1)
+    if images.shape[1] != channels:
+        raise ValueError(f"--data has {images.shape[1]} channels but the autoencoder takes {channels}")
+    return images
+
+
+def run_finetune(args) -> int:
+    if (args.vae is None) == (args.init != "scratch"):
+        raise ValueError("give --vae PATH (fine-tune an AutoencoderKL) or --init scratch (a small new one), not both")
+    factors = tuple(int(f) for f in args.factors.split(","))
+    if not factors or any(f < 2 for f in factors):
+        raise ValueError(f"--factors {args.factors}: downsampling factors >= 2, e.g. 2,4")
+    cfg = SEConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, se_weight=args.se_weight,
+                   factors=factors, recon=args.recon, kl_weight=args.kl_weight, freeze_encoder=args.freeze_encoder,
+                   precision=args.precision, ema_decay=args.ema, seed=args.seed)  # fmt: skip
+    out = Path(args.out)
+    if (out / "checkpoint.pt").is_file() and (out / "config.json").is_file():
+        diffusers = require_diffusers()  # resume: the architecture saved with the run, weights from the checkpoint
+        model = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(out))
+    else:
+        torch.manual_seed(cfg.seed)  # a scratch model's initial weights
+        model = load_vae(args.vae).model if args.vae is not None else scratch_autoencoder(channels=args.channels)
+        ensure_writable(out)
+        model.save_config(out)  # so that a resumed run rebuilds the same architecture
+    torch.manual_seed(cfg.seed)
+    images = _images(args.data, args.resolution, args.num_images, int(model.config.in_channels))
+    finetune_se(model, images, out, cfg, progress=not args.no_progress)
+    print(f"autoencoder written to {out} (AutoencoderKL.save_pretrained; dfm prepare --vae {out} uses it)")
+    return 0
 
 
 def run_autoencoder(args) -> int:
+    if args.autoencoder_command == "finetune":
+        return run_finetune(args)
     if args.num_images < 2 or args.batch_size < 1:
         raise ValueError("--num-images must be >= 2 and --batch-size >= 1")
     vae = load_vae(args.vae)
