@@ -22,7 +22,11 @@ def collect(files: list[str], dfm: str, fm: str) -> dict[str, dict[str, dict[int
     """{metric: {variant: {step: mean over seeds}}} at guidance 1.0 for the two variants."""
     values: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for file in files:
-        for row in json.loads(Path(file).read_text())["rows"]:
+        path = Path(file)
+        # a bench output directory: every score it holds (also those of earlier, shorter invocations)
+        rows = ([json.loads(f.read_text()) for f in sorted((path / "scores").glob("*.json"))] if path.is_dir()
+                else json.loads(path.read_text())["rows"])  # fmt: skip
+        for row in rows:
             if row["guidance"] != 1.0 or row["variant"] not in (dfm, fm):
                 continue
             for metric in METRICS:
@@ -34,7 +38,7 @@ def collect(files: list[str], dfm: str, fm: str) -> dict[str, dict[str, dict[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="results.json files of dfm bench quality")
+    parser.add_argument("results", nargs="+", help="results.json files of dfm bench quality, or its --out directories")
     parser.add_argument("--dfm", default="DFM", help="variant name of DFM (default DFM)")
     parser.add_argument("--fm", default="Flow Matching", help="variant name of Flow Matching")
     parser.add_argument("--out", help="PNG of the ratio against steps")
