@@ -121,6 +121,13 @@ def test_se_finetuned_autoencoder_works_with_dfm_prepare(tmp_path):
                 "--resolution", "16", "--split", "test", "--batch-size", "64"]) == 0  # fmt: skip
     ds = build_dataset(out, train=False)
     assert len(ds) == 10000 and ds.sample_shape == (4, 8, 8)
+    from dfm.data.vae import load_vae
+    from dfm.generate import previews_exact
+
+    assert load_vae(tmp_path / "ae").scale_equivariant  # trained with the SE term: marked so
+    assert previews_exact(load_vae(tmp_path / "ae").decode_normalized)
+    _finetune(tmp_path / "plain", "--steps", "1", "--se-weight", "0")
+    assert not previews_exact(load_vae(tmp_path / "plain").decode_normalized)
     with pytest.raises(ValueError, match="not both"):
         from dfm.autoencoder import run_finetune
 

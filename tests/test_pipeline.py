@@ -94,6 +94,12 @@ def test_latent_run_round_trips_with_its_vae(tmp_path):
     pipe = DFMPipeline.from_pretrained(run)
     before = pipe(seeds=[0, 1], output_type="np", num_inference_steps=(2, 2))
     assert before.images.shape == (2, 16, 16, 3)  # decoded by the VAE
+    assert before.previews[0].shape == (2, 16, 16, 3)  # not scale-equivariant: the upsampled latent decoded
+    (vae_dir / "dfm_autoencoder.json").write_text('{"scale_equivariant": true}')
+    exact = DFMPipeline.from_pretrained(run)(seeds=[0, 1], output_type="np", num_inference_steps=(2, 2))
+    assert exact.previews[0].shape == (2, 8, 8, 3)  # the coarse latent decoded as it is: the coarse image
+    np.testing.assert_array_equal(exact.images, before.images)
+    (vae_dir / "dfm_autoencoder.json").unlink()
     saved = pipe.save_pretrained(tmp_path / "pipe")
     assert (saved / "vae" / "config.json").is_file()
     import shutil

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from dfm.checkpoint import ensure_writable
 from dfm.data import build_dataset
-from dfm.data.vae import load_vae, require_diffusers
+from dfm.data.vae import SE_FILE, load_vae, require_diffusers
 from dfm.decomposition import LaplacianPyramid
 
 FACTORS = (2, 4)
@@ -226,6 +226,9 @@ def finetune_se(model: Any, images: Tensor, out: str | Path, cfg: SEConfig, prog
     bar.close()
     final = (ema if ema is not None else model).eval()
     final.save_pretrained(out)
+    record = {"scale_equivariant": cfg.se_weight > 0, "se_weight": cfg.se_weight, "factors": list(cfg.factors),
+              "steps": cfg.steps}  # fmt: skip
+    (out / SE_FILE).write_text(json.dumps(record) + "\n")
     return out
 
 

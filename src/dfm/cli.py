@@ -32,6 +32,7 @@ from dfm.generate import (
     load_run,
     make_decoder,
     parse_seeds,
+    previews_exact,
     shard,
 )
 from dfm.outputs import save_json, write_outputs
@@ -261,6 +262,13 @@ def _run_sample(args) -> int:
     labels = _sample_labels(args.classes, seeds, num_classes)
     decomposition = make_decomposition(cfg.method)
     mine = shard(list(range(len(seeds))), d.rank, d.world)
+    decoder = make_decoder(cfg, d.device)
+    if d.main and not previews_exact(decoder):
+        note = (
+            "note: the stage previews of this latent run are approximate (the partial latent is upsampled, "
+            "then decoded); a scale-equivariant autoencoder (dfm autoencoder finetune) makes them exact"
+        )
+        print(note, file=sys.stderr)
     images, previews = generate(
         model,
         decomposition,
@@ -275,7 +283,7 @@ def _run_sample(args) -> int:
         batch_size=args.batch_size,
         device=d.device,
         precision=args.precision,
-        decoder=make_decoder(cfg, d.device),
+        decoder=decoder,
         progress=d.main,
     )
     if d.world > 1:

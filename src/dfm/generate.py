@@ -121,6 +121,12 @@ def _data_spec(cfg: RunConfig, run: Path) -> tuple[tuple[int, ...], int]:
     return tuple(ds.sample_shape), int(ds.num_classes)
 
 
+def previews_exact(decoder: Callable | None) -> bool:
+    """Whether stage previews of a run decode exactly: pixel runs, or latent runs whose autoencoder is
+    scale-equivariant (``dfm autoencoder finetune``)."""
+    return decoder is None or bool(getattr(getattr(decoder, "__self__", None), "scale_equivariant", False))
+
+
 def make_decoder(cfg: RunConfig, device: str | torch.device = "cpu") -> Callable[[Tensor], Tensor] | None:
     """For latent runs, the VAE decoder (model space -> pixels in [-1, 1]); None for pixel-space runs."""
     if not is_latent_dir(Path(cfg.data.dataset)):
@@ -176,7 +182,9 @@ def generate(
         imgs, prev = out.images.float(), [p.float() for p in out.previews]
         if decoder is not None:
             imgs = decoder(imgs)
-            prev = [decoder(upsample_like(p, out.images)) for p in prev]
+            # A scale-equivariant autoencoder decodes a coarse latent to the coarse image: previews exactly; any
+            # other decodes the partial latent upsampled to full size, an approximation (previews_exact says which)
+            prev = [decoder(p) if previews_exact(decoder) else decoder(upsample_like(p, out.images)) for p in prev]
         images.append(imgs.cpu())
         if not all_previews:
             all_previews = [[] for _ in prev]

@@ -28,7 +28,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import nn
 
 from dfm.config import RunConfig
-from dfm.data.vae import load_vae
+from dfm.data.vae import SE_FILE, load_vae
 from dfm.factory import make_decomposition
 from dfm.generate import METHOD_FILE, data_padding, default_labels, generate, load_run, make_decoder
 from dfm.outputs import crop_border
@@ -85,6 +85,8 @@ class DFMPipeline(DiffusionPipeline):
         if decoder is not None:  # a latent run: its VAE travels with the model
             vae = decoder.__self__
             vae.model.save_pretrained(path / VAE_DIR)
+            if vae.scale_equivariant:
+                (path / VAE_DIR / SE_FILE).write_text(json.dumps({"scale_equivariant": True}) + "\n")
             index["vae_normalisation"] = {"shift": vae.shift, "scale": vae.scale}
         (path / "model_index.json").write_text(json.dumps(index) + "\n")
         return path

@@ -40,7 +40,7 @@ from torch import nn
 
 from dfm.data.fashion_mnist import CLASS_NAMES as FASHION_NAMES
 from dfm.factory import make_decomposition
-from dfm.generate import data_padding, generate, load_run, make_decoder
+from dfm.generate import data_padding, generate, load_run, make_decoder, previews_exact
 from dfm.outputs import crop_border
 from dfm.sampling import SOLVERS
 from dfm.visual import image_grid, upsample_to
@@ -143,7 +143,7 @@ class Server:
         return {"method": m.method, "stages": m.stages, "steps": list(m.steps), "thresholds": list(m.thresholds),
                 "guidance": m.guidance, "solvers": list(SOLVERS), "classes": self.class_names,
                 "limits": {"images": MAX_IMAGES, "steps": MAX_STEPS, "queue": MAX_QUEUE},
-                "video": len(self.shape) == 4}  # fmt: skip
+                "video": len(self.shape) == 4, "previews_exact": previews_exact(self.decoder)}  # fmt: skip
 
     def check(self, r: GenerateRequest) -> None:
         """Bounds that depend on the model; a ValueError names the field and what to change."""
@@ -369,7 +369,8 @@ function numbers(text, parse) {
 }
 async function load() {
   info = await (await fetch("/api/info")).json();
-  $("about").textContent = `${info.method}, ${info.stages} stage(s); up to ${info.limits.images} images`;
+  $("about").textContent = `${info.method}, ${info.stages} stage(s); up to ${info.limits.images} images` +
+    (info.previews_exact ? "" : "; stage previews are approximate (autoencoder not scale-equivariant)");
   info.classes.forEach((name, i) => $("class_label").add(new Option(`${i}: ${name}`, i)));
   info.solvers.forEach((s) => $("solver").add(new Option(s, s)));
   $("steps").value = info.steps.join(","); $("thresholds").value = info.thresholds.join(",");

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -34,6 +35,10 @@ def require_diffusers() -> Any:
     return diffusers
 
 
+#: written by ``dfm autoencoder finetune`` beside the weights of an autoencoder trained with the SE term
+SE_FILE = "dfm_autoencoder.json"
+
+
 class VAE:
     """An ``AutoencoderKL`` with the encode/decode/normalise calls ``dfm`` needs.
 
@@ -51,6 +56,9 @@ class VAE:
         self.shift = float(shift if shift is not None else (getattr(config, "shift_factor", None) or 0.0))
         self.scale = float(scale if scale is not None else getattr(config, "scaling_factor", 1.0))
         self.latent_channels = int(config.latent_channels)
+        #: trained for scale equivariance (``dfm autoencoder finetune`` wrote SE_FILE beside its weights): a coarse
+        #: latent then decodes to the coarse image, so DFM's stage previews can be decoded straight from it
+        self.scale_equivariant = False
         self.downsample_factor = 2 ** (len(config.block_out_channels) - 1)
 
     @property
@@ -129,4 +137,9 @@ def load_vae(
     except OSError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise FileNotFoundError(f"cannot load a VAE from {source!r}: {first_line}") from err
-    return VAE(model.to(device), source=source, shift=shift, scale=scale)
+    vae = VAE(model.to(device), source=source, shift=shift, scale=scale)
+    marker = os.path.join(source, subfolder or "", SE_FILE) if local else None
+    if marker is not None and os.path.isfile(marker):
+        with open(marker) as f:
+            vae.scale_equivariant = bool(json.load(f).get("scale_equivariant", False))
+    return vae
