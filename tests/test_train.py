@@ -19,11 +19,7 @@ from PIL import Image
 from dfm.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
 from dfm.cli import main as cli
 from dfm.config import RunConfig
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_data = pytest.mark.skipif(
-    not FMNIST.exists() and not os.environ.get("DFM_DATA_DIR"), reason="Fashion-MNIST not installed"
-)
+from helpers import FMNIST, needs_data
 
 # A tiny model and short schedules: every run below takes a few seconds on 2 CPU cores.
 TINY = [
