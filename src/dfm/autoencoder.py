@@ -276,9 +276,9 @@ def add_autoencoder_parser(sub) -> None:
     t.set_defaults(func=run_autoencoder)
 
 
-def _images(data: str, resolution: int, count: int, channels: int) -> Tensor:
+def _images(data: str, resolution: int, count: int, channels: int, train: bool = True) -> Tensor:
     """Up to ``count`` images of ``data`` in [-1, 1], with the autoencoder's channels (grey repeated to RGB)."""
-    dataset = build_dataset(data, resolution, train=True)
+    dataset = build_dataset(data, resolution, train=train)
     images, _ = dataset.get_batch(torch.arange(min(count, len(dataset))), augment=False)
     if images.shape[1] == 1 and channels == 3:
         images = images.repeat(1, 3, 1, 1)
@@ -318,14 +318,7 @@ def run_autoencoder(args) -> int:
     if args.num_images < 2 or args.batch_size < 1:
         raise ValueError("--num-images must be >= 2 and --batch-size >= 1")
     vae = load_vae(args.vae)
-    dataset = build_dataset(args.data, args.resolution, train=False)
-    count = min(args.num_images, len(dataset))
-    images, _ = dataset.get_batch(torch.arange(count), augment=False)
-    channels = int(vae.model.config.in_channels)
-    if images.shape[1] == 1 and channels == 3:
-        images = images.repeat(1, 3, 1, 1)  # grey images through an RGB autoencoder
-    if images.shape[1] != channels:
-        raise ValueError(f"--data has {images.shape[1]} channels but the autoencoder takes {channels}")
+    images = _images(args.data, args.resolution, args.num_images, int(vae.model.config.in_channels), train=False)
     result = measure(vae, images, args.batch_size)
     json_path, table = write(result, args.out, name=str(args.vae))
     print(table.read_text(), end="")

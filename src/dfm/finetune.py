@@ -74,12 +74,6 @@ def check_compatible(target: DFMDiT, source: DFMDiT) -> None:
             if getattr(source.config, k) != getattr(target.config, k)]  # fmt: skip
     if diff:
         raise ValueError(f"the pretrained model and the DFM differ in {'; '.join(diff)}: fine-tune the same backbone")
-    factor = target.config.stage_factors[0]
-    if target.config.patch_size % factor:
-        raise ValueError(
-            f"patch {target.config.patch_size} is not divisible by the coarsest factor {factor}: the pretrained patch "
-            "must cover whole coarse pixels"
-        )
     if source.config.precondition != target.config.precondition:
         raise ValueError("the DFM must be preconditioned exactly when the pretrained model is (method.precondition)")
     if source.config.precondition and source.config.data_std[0] != target.config.data_std[0]:

@@ -163,6 +163,7 @@ def generate(
     solver = solver or m.solver
     images: list[Tensor] = []
     all_previews: list[list[Tensor]] = []
+    exact = previews_exact(decoder)
     batches = range(0, len(seeds), batch_size)
     if progress:
         batches = tqdm(batches, desc="sample", unit="batch", dynamic_ncols=True)
@@ -184,7 +185,7 @@ def generate(
             imgs = decoder(imgs)
             # A scale-equivariant autoencoder decodes a coarse latent to the coarse image: previews exactly; any
             # other decodes the partial latent upsampled to full size, an approximation (previews_exact says which)
-            prev = [decoder(p) if previews_exact(decoder) else decoder(upsample_like(p, out.images)) for p in prev]
+            prev = [decoder(p if exact else upsample_like(p, out.images)) for p in prev]
         images.append(imgs.cpu())
         if not all_previews:
             all_previews = [[] for _ in prev]

@@ -140,11 +140,11 @@ class DFMPipeline(DiffusionPipeline):
         shape = (model.config.in_channels, *model.config.input_size)
         decomposition = make_decomposition(cfg.method)
         images, previews = [], []
+        callback = self._stage_callback(callback_on_step_end, steps or cfg.method.steps)
         with self.progress_bar(total=len(seeds)) as bar:
             for lo in range(0, len(seeds), batch_size):
                 batch_seeds = seeds[lo : lo + batch_size]
                 batch_labels = None if labels is None else labels[lo : lo + batch_size]
-                callback = self._stage_callback(callback_on_step_end, steps or cfg.method.steps)
                 x, p = generate(model, decomposition, cfg, shape, batch_labels, batch_seeds,
                                 guidance=guidance_scale, steps=steps, thresholds=thresholds, solver=solver,
                                 batch_size=batch_size, device=self.device, decoder=self.decoder,
