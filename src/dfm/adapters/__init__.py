@@ -1,0 +1,47 @@
+"""Convert pretrained diffusers text-to-image flow transformers (FLUX, SD3) into DFM models (paper Sec. 5).
+
+Each adapter is an ``nn.Module`` with the package's model contract (t = 0 noise, t = 1 data)::
+
+    model(levels_t, t, y=None, main_stage=None) -> velocities
+    levels_t:   list of S latents (B, 16, H / f_s, W / f_s), coarse to fine (stage factors f_s, default (2, 1))
+    t:          (B, S) float in [0, 1]
+    y:          TextCondition(prompt_embeds (B, L, D), pooled (B, D)), or None for the empty prompt
+                (set it once with ``set_empty_prompt``)
+    main_stage: (B,) long; stages s > main_stage are inactive (inputs and times zeroed). None = last stage.
+
+At initialisation the coarse stage reproduces the pretrained model (on the nearest-neighbour lift of the coarse
+level, output average-pooled) and every new stage outputs 0; see :mod:`dfm.adapters.common`. diffusers (and peft
+for LoRA) are optional dependencies (``pip install dfm[finetune]``); they are imported when an adapter is built.
+"""
+
+from dfm.adapters.common import (
+    DEFAULT_LORA_TARGETS,
+    AdapterConfig,
+    StageAdapter,
+    TextCondition,
+    add_lora,
+    flux_image_ids,
+    fsdp_wrap_modules,
+    lora_target_names,
+    pack,
+    unpack,
+)
+from dfm.adapters.flux import FluxDFMAdapter, flux_mu, flux_time_shift
+from dfm.adapters.sd3 import SD3DFMAdapter
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "AdapterConfig",
+    "FluxDFMAdapter",
+    "SD3DFMAdapter",
+    "StageAdapter",
+    "TextCondition",
+    "add_lora",
+    "flux_image_ids",
+    "flux_mu",
+    "flux_time_shift",
+    "fsdp_wrap_modules",
+    "lora_target_names",
+    "pack",
+    "unpack",
+]
