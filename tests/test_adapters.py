@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
 
@@ -232,7 +233,9 @@ def test_save_load_round_trip(kind, with_lora, tmp_path):
         got = loaded(levels, t, None, main)
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     assert loaded.stage_factors == adapter.stage_factors and loaded.lora_settings == adapter.lora_settings
-    # the saved transformer is a plain diffusers one
+    # the saved transformer is a plain diffusers one (no wrapper nor LoRA keys)
+    keys = load_file(tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert not [k for k in keys if "lora" in k or "base" in k or "stages" in k]
     plain = type(adapter.transformer).from_pretrained(tmp_path / "model" / "transformer")
     assert type(plain.proj_out) is torch.nn.Linear
 

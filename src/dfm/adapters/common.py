@@ -183,10 +183,6 @@ class StageNormOut(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- helpers on modules
-def get_submodule(root: nn.Module, name: str) -> nn.Module:
-    return root.get_submodule(name)
-
-
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -195,7 +191,7 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 @contextlib.contextmanager
 def swapped(root: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[None]:
     """Temporarily replace submodules of ``root`` (dotted names) and put the current ones back afterwards."""
-    saved = {name: get_submodule(root, name) for name in replacements}
+    saved = {name: root.get_submodule(name) for name in replacements}
     try:
         for name, module in replacements.items():
             set_submodule(root, name, module)
@@ -420,20 +416,27 @@ class StageAdapter(nn.Module):
         sibling directory, then move it into place."""
         target = Path(directory)
         tmp, old = atomic_directory(target)
+        try:
+            self._write(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        commit_directory(tmp, target, old)
+        return target
+
+    def _write(self, path: Path) -> None:
         with self._plain_transformer():
-            self.transformer.save_pretrained(tmp / TRANSFORMER_DIR)
-        save_file(self.stage_state_dict(), tmp / STAGE_WEIGHTS, metadata={"format": "pt"})
+            self.transformer.save_pretrained(path / TRANSFORMER_DIR)
+        save_file(self.stage_state_dict(), path / STAGE_WEIGHTS, metadata={"format": "pt"})
         if self.lora_settings is not None:
             from peft.utils import get_peft_model_state_dict
 
             name = self.lora_settings["adapter_name"]
             lora = get_peft_model_state_dict(self.transformer, adapter_name=name)
-            save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, tmp / LORA_WEIGHTS)
+            save_file({k: v.detach().contiguous().cpu() for k, v in lora.items()}, path / LORA_WEIGHTS)
         settings = {"model_type": self.model_type, "stage_factors": list(self.stage_factors),
                     "guidance": self.config.guidance, "lora": self.lora_settings}  # fmt: skip
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
-        commit_directory(tmp, target, old)
-        return target
+        (path / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
     @classmethod
     def _transformer_class(cls) -> type[nn.Module]:
@@ -443,6 +446,10 @@ class StageAdapter(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike[str], torch_dtype: torch.dtype | None = None) -> StageAdapter:
         """Load an adapter written by :meth:`save_pretrained`."""
         path = Path(directory)
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(
+                f"{path / ADAPTER_CONFIG} not found: expected a directory written by save_pretrained"
+            )
         settings = json.loads((path / ADAPTER_CONFIG).read_text())
         if settings.get("model_type") != cls.model_type:
             raise ValueError(f"{path / ADAPTER_CONFIG} is a {settings.get('model_type')!r}, not a {cls.model_type!r}")
