@@ -18,6 +18,7 @@ from dfm.bench.quality import (
     add_quality_parser,
     comparison_variants,
     ensure_references,
+    reference_images,
     run_quality,
     settings_from_args,
 )
@@ -136,3 +137,41 @@ def test_cli_shares_reference_statistics_and_never_reuses_stale_ones(tmp_path: P
     assert all("_n32.npz" in Path(p).name for p in new[:2]) and len(list(cache.glob("ref_*.npz"))) == 4
     with pytest.raises(SystemExit):
         cli([*common, "--weights", "fashion-cnn"])  # NAME=PATH expected
+
+
+def test_latent_bench_decodes_samples_and_scores_them_against_the_images(tmp_path: Path, classifier: str) -> None:
+    """Latents from `dfm prepare`: samples are decoded by the recorded VAE and compared with the source images."""
+    diffusers = pytest.importorskip("diffusers")
+    from PIL import Image
+
+    from dfm.data.prepare import prepare_latents
+
+    rng = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(32):  # 64 images: the smoke preset's reference count
+            pixels = (torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+    torch.manual_seed(0)
+    blocks = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                                  layers_per_block=1, norm_num_groups=4, sample_size=16, **blocks)  # fmt: skip
+    vae.save_pretrained(tmp_path / "vae")
+    latents = prepare_latents(str(tmp_path / "images"), str(tmp_path / "vae"), tmp_path / "latents", resolution=16,
+                              progress=False)  # fmt: skip
+    args = _parse("--preset", "smoke", "--methods", "dfm,fm", "--num-samples", "8", "-o", f"data.dataset={latents}",
+                  "-o", "data.resolution=16", "-o", "model.overrides.patch_size=2")  # fmt: skip
+    settings = settings_from_args(args)
+    result = run_quality(settings, tmp_path / "bench", command="test", log=lambda _: None,
+                         weights={"fashion-cnn": classifier}, cache=tmp_path / "cache")  # fmt: skip
+    assert {r["method"] for r in result["rows"]} == {"dfm", "fm"}
+    # the reference holds the 64 source images (16 px, RGB), not latents
+    (ref_images,) = (tmp_path / "cache").glob("ref_data_images-*_16px_*.npz")
+    import numpy as np
+
+    assert np.load(ref_images)["arr_0"].shape == (64, 16, 16, 3)
+    spec = json.loads(next((tmp_path / "bench").rglob("data_spec.json")).read_text())
+    assert spec["sample_shape"] == [4, 8, 8] and spec["padding"] == 0
+    val = settings_from_args(_parse("--preset", "smoke", "--reference", "val", "-o", f"data.dataset={latents}"))
+    with pytest.raises(ValueError, match=r"latents \(dfm prepare\) are scored on --reference test"):
+        reference_images(tmp_path / "cache", val)

@@ -208,3 +208,4 @@ def test_prepare_fashion_mnist_split_and_grey_to_rgb(tmp_path, monkeypatch):
     assert len(LatentDataset(tmp_path / "out", "train")) == 5
     test = LatentDataset(tmp_path / "out", "test")
     assert len(test) == 3 and test.sample_shape == (4, 16, 16) and test.class_names[0] == "T-shirt/top"
+    assert test.padding == 2 and test.source_data == "fashion-mnist"  # 28 px padded to 32: decoded samples crop it

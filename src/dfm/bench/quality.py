@@ -34,14 +34,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from dfm.bench.measure import hardware_info, hardware_line
 from dfm.checkpoint import find_latest, load_checkpoint
 from dfm.config import RunConfig, apply_overrides, get_preset, with_method
-from dfm.data import build_dataset
+from dfm.data import build_dataset, is_latent_dir, read_latent_info
 from dfm.eval import EvalConfig, SWDConfig, build_reference, evaluate, save_reference
 from dfm.eval.cli import _weights_arg
 from dfm.eval.extractors.classifier import train_fashion_classifier
 from dfm.eval.images import ImageSet, load_fashion_mnist
 from dfm.eval.weights import sha256_file
 from dfm.factory import make_decomposition, make_model, make_objective
-from dfm.generate import data_padding, default_labels, generate, load_run
+from dfm.generate import data_padding, default_labels, generate, load_run, make_decoder
 from dfm.outputs import crop_border
 from dfm.train import Trainer
 
@@ -183,6 +183,10 @@ def _data_overrides(settings: QualitySettings) -> list[str]:
     """The bench's overrides; with ``reference="val"`` training also leaves the held-aside images out."""
     overrides = list(settings.overrides)
     if settings.reference == "val":
+        if is_latent_dir(Path(apply_overrides(get_preset(settings.preset), overrides).data.dataset)):
+            raise ValueError(
+                "--reference val needs pixel Fashion-MNIST; latents (dfm prepare) are scored on --reference test"
+            )
         if get_preset(settings.preset).data.dataset != "fashion-mnist":
             raise ValueError("--reference val needs a Fashion-MNIST preset (its training split has a held-aside part)")
         overrides.append("data.dataset=fashion-mnist:fit")
@@ -193,11 +197,19 @@ def reference_images(cache: Path, settings: QualitySettings) -> str:
     """The real images the samples are compared with: the test split of the preset's data set (or, with
     ``reference="val"``, the 5,000 held-aside Fashion-MNIST training images)."""
     cfg = apply_overrides(get_preset(settings.preset), _data_overrides(settings))
-    if cfg.data.dataset.startswith("fashion-mnist"):
+    d = cfg.data
+    if is_latent_dir(Path(d.dataset)):  # latents: samples are decoded, so compare with the images they encode
+        info = read_latent_info(Path(d.dataset))
+        if info.get("source_data") is None:
+            raise ValueError(f"{d.dataset} does not record its images: run `dfm prepare` again to bench on it")
+        d = dataclasses.replace(d, dataset=str(info["source_data"]), resolution=int(info["image_resolution"]))
+    if d.dataset.startswith("fashion-mnist"):
         return f"fashion-mnist:{settings.reference}"
     count = settings.num_reference or 1000
-    d = cfg.data
-    path = cache / f"ref_data_{d.dataset}_{d.resolution}px_{d.frames}f_n{count}.npz"
+    name = d.dataset
+    if "/" in name:  # a folder: its name and a hash of its path
+        name = f"{Path(name).name}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    path = cache / f"ref_data_{name}_{d.resolution}px_{d.frames}f_n{count}.npz"
     if not path.is_file():  # e.g. moving Fashion-MNIST: write the test clips once, as uint8 (N, T, H, W, C)
         ds = build_dataset(d.dataset, d.resolution, train=False, data_dir=d.data_dir, frames=d.frames,
                            num_clips=count)  # fmt: skip
@@ -283,7 +295,8 @@ def evaluate_checkpoint(
     images, _ = generate(model, make_decomposition(run_cfg.method), run_cfg, (model.config.in_channels,
                          *model.config.input_size), labels, seeds, guidance=guidance, steps=sample.get("steps"),
                          thresholds=sample.get("thresholds"), solver=sample.get("solver"),
-                         batch_size=settings.sample_batch, device=settings.device)  # fmt: skip
+                         batch_size=settings.sample_batch, device=settings.device,
+                         decoder=make_decoder(run_cfg, settings.device))  # fmt: skip
     sample_seconds = time.perf_counter() - tic
     image_set = ImageSet(
         _to_uint8_native(images, run_cfg, run_dir), torch.tensor(labels), {"kind": "bench", "count": len(seeds)}

@@ -204,6 +204,9 @@ class LatentDataset(DFMDataset):
         self.latent_shift = float(info["shift"])
         self.latent_scale = float(info["scale"])
         self.image_resolution = info.get("image_resolution")
+        self.source_data = info.get("source_data")
+        #: pixels of padding of the encoded images (decoded samples drop it to compare with the real images)
+        self.padding = int(info.get("padding", _fashion_padding(self.source_data, self.image_resolution)))
         self._vae: Any = None
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,3 +242,10 @@ class LatentDataset(DFMDataset):
         if augment and self.random_flip:
             x = random_hflip(x, generator)
         return x, self.labels[indices]
+
+
+def _fashion_padding(source: str | None, resolution: int | None) -> int:
+    """The padding of latents prepared before ``dfm prepare`` recorded it: Fashion-MNIST's rule, else 0."""
+    if source is None or resolution is None or str(source).lower().partition(":")[0] != "fashion-mnist":
+        return 0
+    return 0 if resolution == 28 or (2 * resolution) % 32 else 2 * resolution // 32

@@ -68,7 +68,7 @@ def prepare_latents(
         class_names=dataset.class_names,
         shard_size=shard_size,
         dtype=_DTYPES[dtype],
-        extra={"image_resolution": resolution, "source_data": str(data)},
+        extra={"image_resolution": resolution, "source_data": str(data), "padding": int(dataset.padding)},
     )
     writer.info["splits"].update(old_splits)
     _encode(dataset, vae, writer, split, batch_size, num_workers, progress)
