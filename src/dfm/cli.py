@@ -22,10 +22,11 @@ from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset, validate
 from dfm.data.prepare import add_prepare_parser
 from dfm.eval.cli import add_eval_parser
 from dfm.factory import make_decomposition
-from dfm.finetune import finetune_config
+from dfm.finetune import diffusers_finetune_config, finetune_config
 from dfm.generate import (
     METHOD_FILE,
     RUN_CONFIG,
+    _data_spec,
     data_padding,
     default_labels,
     generate,
@@ -36,6 +37,7 @@ from dfm.generate import (
     shard,
 )
 from dfm.outputs import save_json, write_outputs
+from dfm.text import TextCondition
 from dfm.train import Trainer, TrainingError, finish_distributed, init_distributed
 from dfm.visual import grid_columns
 
@@ -135,12 +137,16 @@ def _add_finetune(sub) -> None:
     p = sub.add_parser(
         "finetune",
         help="fine-tune a pretrained Flow Matching model as a DFM (or as Flow Matching, the baseline)",
-        description="Start from a one-stage model (a --method fm run or its pretrained/ directory). --method dfm "
-        "converts it into a DFM that is exactly the pretrained model at step 0 (its modules become the coarse "
-        "stage's, the new stage starts at zero), then trains it with the method settings of --like; --method fm "
-        "fine-tunes it as it is. The learning rate is a tenth of the pretrained run's unless --lr is given.",
+        description="Start from a one-stage model (a --method fm run or its pretrained/ directory, or a diffusers "
+        "FLUX / SD3 directory). --method dfm converts it into a DFM that is exactly the pretrained model at step 0 "
+        "(its modules become the coarse stage's, the new stage starts at zero), then trains it with the method "
+        "settings of --like; --method fm fine-tunes it as it is. The learning rate is a tenth of the pretrained "
+        "run's unless --lr is given. A diffusers model trains with the paper's recipe (dfm.finetune."
+        "diffusers_finetune_config) on captioned latents (dfm prepare --text-encoder).",
     )
-    p.add_argument("--from", dest="source", required=True, help="a run directory or a pretrained/ directory")
+    p.add_argument("--from", dest="source", required=True,
+                   help="a run directory, a pretrained/ directory, or a diffusers FLUX / SD3 directory "
+                   "(model_index.json + transformer/)")  # fmt: skip
     p.add_argument("--method", default="dfm", choices=["dfm", "fm"], help="dfm (default) or fm")
     p.add_argument("--like", default="quickstart", choices=sorted(PRESETS), help="DFM preset for the method settings")
     p.add_argument("--out", help="run directory (default: runs/finetune-<method>)")
@@ -152,6 +158,13 @@ def _add_finetune(sub) -> None:
     p.add_argument("--data-dir", help="where built-in datasets live")
     p.add_argument("--classes", help="train on these classes only, e.g. 5,6,7,8,9 (data.classes)")
     p.add_argument("--resume", help="'auto' (latest checkpoint of --out) or a checkpoint directory")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="train.precision (diffusers models: bf16 default)")
+    p.add_argument("--lora", type=int, metavar="RANK", help="diffusers models: LoRA of this rank on the transformer "
+                   "blocks (peft); the new stage modules always train fully")  # fmt: skip
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="diffusers models: recompute activations")
+    p.add_argument("--ema", action="store_true", help="diffusers models: keep an EMA of the trainable weights "
+                   "(off by default: it doubles the memory of a full fine-tune)")  # fmt: skip
     p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any setting (repeatable)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -160,22 +173,48 @@ def _add_finetune(sub) -> None:
 
 def _run_finetune(args) -> int:
     source = Path(args.source)
+    if (source / "model_index.json").is_file():
+        return _run_finetune_diffusers(args, source)
+    if args.lora is not None or args.gradient_checkpointing:
+        raise ValueError(f"--lora and --gradient-checkpointing apply to diffusers FLUX / SD3 models, not to {source}")
     file = source / RUN_CONFIG if (source / "checkpoints").is_dir() else source / METHOD_FILE
     if not file.is_file():
         raise FileNotFoundError(
             f"--from {source}: expected a run directory or its pretrained/ directory ({file} missing)"
         )
     cfg = finetune_config(RunConfig.load(file), args.method, args.steps, args.like)
-    ov = [f"train.init_from={source}", *_flag_overrides(args, classes="data.classes")]
+    ov = [f"train.init_from={source}", *_flag_overrides(args, classes="data.classes", precision="train.precision")]
     cfg = apply_overrides(cfg, ov + args.override)
     return _fit(cfg, args.out or f"runs/finetune-{args.method}", args)
+
+
+def _run_finetune_diffusers(args, source: Path) -> int:
+    """``dfm finetune --from <diffusers FLUX / SD3 directory>``: the paper's recipe on captioned latents."""
+    if args.data is None:
+        raise ValueError("--data: give the captioned latents of `dfm prepare --text-encoder` to fine-tune on")
+    if args.classes:
+        raise ValueError("--classes: a text-to-image model trains on captions, not classes; leave --classes out")
+    cfg = diffusers_finetune_config(source, args.method, args.steps)
+    ov = _flag_overrides(args, precision="train.precision", lora="model.lora_rank", lora_alpha="model.lora_alpha")
+    if args.gradient_checkpointing:
+        ov.append("model.gradient_checkpointing=true")
+    if args.ema:
+        ov.append("optim.ema=true")
+    cfg = apply_overrides(cfg, ov + args.override)
+    return _fit(cfg, args.out or f"runs/finetune-{cfg.model.backbone}-{args.method}", args)
 
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a run or a save_pretrained directory")
     p.add_argument("run", help="run directory (uses its latest checkpoint) or a save_pretrained directory")
-    p.add_argument("--seeds", default="0-63", help="one image per seed, e.g. 0-49999 or 1,5,9 (default 0-63)")
+    p.add_argument("--seeds", help="one image per seed, e.g. 0-49999 or 1,5,9 (default 0-63; with prompts, one "
+                   "seed per prompt: 0-<prompts - 1>)")  # fmt: skip
     p.add_argument("--classes", help="class per image, cycled: e.g. 3 or 0,1,2 (default: seed %% number of classes)")
+    p.add_argument("--prompt", action="append", default=[], help="text-to-image runs (FLUX / SD3): a prompt, "
+                   "repeatable; prompts are cycled over the seeds")  # fmt: skip
+    p.add_argument("--prompts", help="text-to-image runs: a file with one prompt per line")
+    p.add_argument("--time-shift", action="store_true", help="FLUX's resolution-dependent time shift of the "
+                   "sampling grid (method.time_shift)")  # fmt: skip
     p.add_argument("--guidance", help="classifier-free guidance: one scale, or one per stage like 1.0,2.0")
     p.add_argument("--steps", help="sampling steps per stage, e.g. 30,10")
     p.add_argument("--thresholds", help="stage thresholds, e.g. 0.7")
@@ -250,16 +289,49 @@ def _gather_on_rank0(d, images, previews):
     return torch.cat([g[0] for g in gathered]), [torch.cat([g[1][i] for g in gathered]) for i in range(len(previews))]
 
 
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts:
+        try:
+            prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise ValueError(f"--prompts {args.prompts}: cannot read it ({err.strerror})") from None
+    return prompts
+
+
+def _encode_prompts(cfg: RunConfig, prompts: list[str], seeds: list[int], device) -> TextCondition:
+    """One text condition per seed (prompts cycled), encoded once per prompt with the encoder that prepared the
+    training captions (recorded in the latents' JSON)."""
+    from dfm import text
+    from dfm.data.latents import read_latent_info
+
+    info = read_latent_info(cfg.data.dataset).get("text") or {}
+    encoder = text.load_text_encoder(info["encoder"], int(info["max_length"]), device)
+    encoded = encoder(prompts)
+    return encoded[torch.tensor([i % len(prompts) for i in range(len(seeds))])]
+
+
 def _run_sample(args) -> int:
     d = init_distributed()
-    seeds = parse_seeds(args.seeds)
+    prompts = _read_prompts(args)
+    seeds = parse_seeds(args.seeds or (f"0-{len(prompts) - 1}" if prompts else "0-63"))
     out = Path(args.out or Path(args.run) / "samples" / "cli")
     model, cfg = load_run(args.run, ema=not args.no_ema, checkpoint=args.checkpoint, device=d.device)
+    if args.time_shift:
+        cfg.method.time_shift = True
     if d.main:
         ensure_writable(out)
     num_classes = model.num_classes
+    text_model = hasattr(model, "null_condition")
+    if prompts and not text_model:
+        raise ValueError("--prompt/--prompts: this run is not text-conditioned (it takes --classes)")
+    if text_model and not prompts:
+        raise ValueError("this run is text-to-image: give --prompt TEXT (repeatable) or --prompts FILE")
+    if text_model and args.classes:
+        raise ValueError("--classes: this run is text-to-image; give --prompt TEXT instead")
     guidance, steps, thresholds = _sampling_settings(args, cfg)
     labels = _sample_labels(args.classes, seeds, num_classes)
+    conditions = _encode_prompts(cfg, prompts, seeds, d.device) if text_model else None
     decomposition = make_decomposition(cfg.method)
     mine = shard(list(range(len(seeds))), d.rank, d.world)
     decoder = make_decoder(cfg, d.device)
@@ -269,12 +341,17 @@ def _run_sample(args) -> int:
             "then decoded); a scale-equivariant autoencoder (dfm autoencoder finetune) makes them exact"
         )
         print(note, file=sys.stderr)
+    if text_model:
+        shape, chosen = _data_spec(cfg, Path(args.run))[0], conditions[torch.tensor(mine, dtype=torch.long)]
+    else:
+        shape, chosen = (model.config.in_channels, *model.config.input_size), None
+        chosen = None if labels is None else [labels[i] for i in mine]
     images, previews = generate(
         model,
         decomposition,
         cfg,
-        (model.config.in_channels, *model.config.input_size),
-        None if labels is None else [labels[i] for i in mine],
+        shape,
+        chosen,
         [seeds[i] for i in mine],
         guidance=None if guidance is None else (guidance[0] if len(guidance) == 1 else guidance),
         steps=steps,
@@ -293,7 +370,7 @@ def _run_sample(args) -> int:
         images, previews = gathered
     crop = data_padding(cfg, args.run)
     written = write_outputs(
-        images, previews, seeds, labels, out, grid=not args.no_grid, pngs=args.png, npz=args.npz,
+        images, previews, seeds, labels, out, grid=not args.no_grid, pngs=args.png or text_model, npz=args.npz,
         progression=not args.no_progression, mp4=args.mp4, crop=crop,
         nrow=grid_columns(min(len(images), 256), num_classes),
     )  # fmt: skip
@@ -302,6 +379,8 @@ def _run_sample(args) -> int:
         "seeds": args.seeds,
         "count": len(seeds),
         "classes": args.classes,
+        "prompts": [prompts[i % len(prompts)] for i in range(len(seeds))] if prompts else None,
+        "time_shift": cfg.method.time_shift,
         "guidance": guidance or cfg.method.guidance,
         "steps": steps or list(cfg.method.steps),
         "thresholds": thresholds if thresholds is not None else list(cfg.method.thresholds),

@@ -61,15 +61,29 @@ class MethodConfig:
     thresholds: tuple[float, ...] = (0.7,)  #: τ per stage jump (paper: 0.7 at 512 px, 0.9 robust default)
     solver: str = "euler"
     guidance: float = 1.0
+    #: FLUX's resolution-dependent time shift of the sampling grid (dfm.adapters.flux_time_shift, one token count,
+    #: the finest latent's, for all stages): more steps at high noise for larger images
+    time_shift: bool = False
     #: the method's own settings (``-o method.options.KEY=VALUE``), typed by its registry entry's ``Options``
     #: (dfm.methods): e.g. the cascade's ``cond_noise``, Pyramidal Flow's ``windows``; filled with the defaults
     options: dict[str, Any] = field(default_factory=dict)
+
+
+BACKBONES = ("dit", "flux", "sd3")
 
 
 @dataclass
 class ModelConfig:
     name: str = "DFM-DiT-Tiny"  #: a name of dfm.models' registry
     overrides: dict[str, Any] = field(default_factory=dict)  #: DiTConfig fields to change (hidden_size, depth...)
+    #: ``dit``: our DiT (``name``, ``overrides``); ``flux`` / ``sd3``: the transformer of the diffusers directory
+    #: ``pretrained`` converted to the method's stages (dfm.adapters), text-conditioned
+    backbone: str = "dit"
+    pretrained: str | None = None  #: flux / sd3: a diffusers model directory (model_index.json + transformer/)
+    lora_rank: int = 0  #: flux / sd3: LoRA rank (0 = full fine-tuning); the new stage modules always train fully
+    lora_alpha: float | None = None  #: LoRA alpha (None = the rank)
+    gradient_checkpointing: bool = False  #: flux / sd3: recompute the blocks' activations in backward
+    guidance: float = 1.0  #: FLUX-dev's guidance-distilled input, fixed during fine-tuning and sampling (paper: 1.0)
 
 
 @dataclass
@@ -95,6 +109,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     ema_warmup: bool = True  #: decay_k = min(ema_decay, (1 + k) / (10 + k)), so short runs get a useful EMA
+    #: keep an EMA of the weights (sampled by default); flux / sd3: of the trainable parameters only (off in their
+    #: fine-tuning recipe: it doubles the memory of a full fine-tune)
+    ema: bool = True
 
 
 @dataclass
@@ -386,8 +403,42 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(
                 f"model.overrides.{name}={value!r} must be of type {kind}: give it as e.g. true, 2, 0.5 or 2,1"
             )
+    _validate_backbone(cfg)
     if o.lr <= 0 or o.warmup_steps < 0 or o.grad_clip < 0 or not 0 <= o.ema_decay < 1:
         raise ValueError("optim: lr must be > 0, warmup_steps >= 0, grad_clip >= 0 and ema_decay in [0, 1)")
+
+
+def _validate_backbone(cfg: RunConfig) -> None:
+    """The diffusers backbones (flux, sd3): what they support, each error saying what to set."""
+    mc, m = cfg.model, cfg.method
+    if mc.backbone not in BACKBONES:
+        raise ValueError(f"model.backbone={mc.backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if mc.lora_rank < 0:
+        raise ValueError(f"model.lora_rank={mc.lora_rank} must be >= 0 (0 = no LoRA)")
+    if mc.backbone == "dit":
+        if mc.lora_rank or mc.gradient_checkpointing or mc.pretrained:
+            raise ValueError(
+                "model.lora_rank, model.gradient_checkpointing and model.pretrained apply to model.backbone=flux|sd3; "
+                "our DiT starts from train.init_from"
+            )
+        return
+    if not mc.pretrained:
+        raise ValueError(f"model.backbone={mc.backbone} needs model.pretrained=<diffusers model directory>")
+    if m.method not in ("dfm", "fm"):
+        raise ValueError(f"model.backbone={mc.backbone} trains with method dfm or fm, not {m.method}")
+    if m.precondition:
+        raise ValueError(f"model.backbone={mc.backbone} is not preconditioned: set method.precondition=false")
+    if m.standardize or m.loss_weighting != "velocity":
+        raise ValueError(
+            f"model.backbone={mc.backbone} converts the pretrained model exactly only without method.standardize "
+            "and with method.loss_weighting=velocity"
+        )
+    if mc.overrides:
+        raise ValueError(f"model.overrides set DiT fields; model.backbone={mc.backbone} takes its shape from the model")
+    if cfg.train.init_from:
+        raise ValueError(f"model.backbone={mc.backbone} starts from model.pretrained: leave train.init_from unset")
+    if cfg.optim.ema and cfg.train.distributed == "fsdp":
+        raise ValueError(f"model.backbone={mc.backbone} with FSDP keeps no EMA: set optim.ema=false")
 
 
 def _resolve_options(m: MethodConfig) -> None:

@@ -34,8 +34,18 @@ def make_schedule(
 
 
 def make_model(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int):
-    """The DFM-DiT named by ``cfg.model`` sized for the data; the trainer does label dropout itself."""
+    """The DFM-DiT named by ``cfg.model`` sized for the data; the trainer does label dropout itself.
+
+    ``model.backbone=flux|sd3``: the transformer of the diffusers directory ``model.pretrained`` converted to the
+    method's stages (:func:`dfm.adapters.load_adapter`; one stage for ``fm``: the transformer unchanged), with
+    LoRA and gradient checkpointing as configured."""
     method = cfg.method
+    if cfg.model.backbone != "dit":
+        from dfm.adapters import load_adapter
+
+        mc = cfg.model
+        return load_adapter(mc.pretrained, stage_factors(method), mc.guidance, mc.lora_rank, mc.lora_alpha,
+                            mc.gradient_checkpointing, kind=mc.backbone)  # fmt: skip
     if method.precondition and method.data_std is None:
         raise ValueError(
             "method.precondition is on but method.data_std is unset: the trainer measures it from the data "

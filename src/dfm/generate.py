@@ -7,6 +7,11 @@ number of GPUs. Precisely: bitwise the same for the same batch composition (same
 processes, hence the same neighbours); otherwise equal up to float rounding, because matrix products reduce in an
 order that depends on the batch shape, which in rare cases moves a uint8 pixel by one level (one pixel in 256
 images, measured between ``--batch-size 64`` and ``--batch-size 1``).
+
+Text-to-image runs (diffusers FLUX / SD3 backbones, :mod:`dfm.adapters`): ``labels`` is a
+:class:`~dfm.text.TextCondition` with one row per image (``dfm sample --prompt`` encodes the prompts with the text
+encoder recorded by ``dfm prepare``), and guidance is true classifier-free guidance against the empty prompt.
+``method.time_shift`` shifts the sampling grid as FLUX's pipeline does (one token count for all stages).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dfm.factory import make_model, make_schedule
 from dfm.methods import get_method
 from dfm.models import DFMDiT
 from dfm.outputs import crop_border, save_json, save_mp4, write_outputs  # noqa: F401 (dfm sample's writers)
+from dfm.text import TextCondition
 from dfm.visual import grid_columns, image_grid, progression_grid, save_gif, save_png
 
 RUN_CONFIG = "config.json"
@@ -68,15 +74,30 @@ def load_run(
             raise FileNotFoundError(f"{path} has no complete checkpoint yet: train longer or pass another run")
         shape, num_classes = _data_spec(cfg, path)
         model = make_model(cfg, shape, num_classes)
-        state = load_weights(ckpt, ema=ema)
+        if cfg.model.backbone != "dit":  # checkpoints hold the trainable weights (EMA: if kept) and the empty prompt
+            state = {**load_weights(ckpt, ema=False), **(load_weights(ckpt, ema=True) if ema else {})}
+            if "empty_pooled" in state:
+                model.set_empty_prompt(TextCondition(state.pop("empty_prompt_embeds"), state.pop("empty_pooled")))
+        else:
+            state = load_weights(ckpt, ema=ema)
         try:
-            model.load_state_dict(state)
+            if cfg.model.backbone != "dit":
+                unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+                if unexpected:
+                    raise RuntimeError(f"unexpected weights {unexpected[:3]}")
+            else:
+                model.load_state_dict(state)
         except RuntimeError as err:
             raise ValueError(
                 f"{ckpt} does not fit the run config {path / RUN_CONFIG}: {str(err).splitlines()[0]}"
             ) from None
         _require_finite(model, ckpt / (EMA_FILE if ema else MODEL_FILE))
         return model.to(device).eval(), cfg
+    if (path / "dfm_adapter.json").is_file():  # a diffusers backbone's save_pretrained (dfm.adapters)
+        from dfm.adapters import load_saved_adapter
+
+        model = _require_finite(load_saved_adapter(path).to(device).eval(), path)
+        return model, RunConfig.load(path / METHOD_FILE)
     if (path / "cascade.json").is_file():
         model = CascadeModel.from_pretrained(path, device=device).eval()
         return _require_finite(model, path), RunConfig.load(path / METHOD_FILE)
@@ -142,7 +163,7 @@ def generate(
     decomposition: Decomposition,
     cfg: RunConfig,
     shape: Sequence[int],
-    labels: Sequence[int] | None,
+    labels: Sequence[int] | TextCondition | None,
     seeds: Sequence[int],
     *,
     guidance: float | Sequence[float] | None = None,
@@ -156,9 +177,15 @@ def generate(
     progress: bool = False,
     callback: Callable[[int, Tensor], None] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Sample one image per seed (class ``labels[i]``); returns (images, per-stage previews) on the CPU."""
+    """Sample one image per seed (class ``labels[i]``, or text condition row i); returns (images, per-stage
+    previews) on the CPU."""
     m = cfg.method
     schedule = make_schedule(m, steps, thresholds)
+    if m.time_shift:  # FLUX's shift for the finest latent's token count, (H / 2) * (W / 2)
+        from dfm.adapters.flux import flux_time_shift
+
+        tokens = (shape[-2] // 2) * (shape[-1] // 2)
+        schedule = schedule.warped(lambda t: flux_time_shift(t, tokens))
     guidance = m.guidance if guidance is None else guidance
     solver = solver or m.solver
     images: list[Tensor] = []
@@ -169,7 +196,10 @@ def generate(
         batches = tqdm(batches, desc="sample", unit="batch", dynamic_ncols=True)
     for lo in batches:
         sd = list(seeds[lo : lo + batch_size])
-        y = None if labels is None else torch.as_tensor(list(labels[lo : lo + batch_size]), device=device)
+        if isinstance(labels, TextCondition):
+            y = labels[lo : lo + batch_size].to(device)
+        else:
+            y = None if labels is None else torch.as_tensor(list(labels[lo : lo + batch_size]), device=device)
         ctx = (
             torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
             if precision == "bf16"
@@ -230,10 +260,12 @@ def sample_grid_files(
     shape: Sequence[int],
     n: int = 40,
     decoder: Callable[[Tensor], Tensor] | None = None,
+    text: TextCondition | None = None,
 ) -> Path:
-    """The trainer's periodic pictures: a grid of samples and a coarse-to-fine progression (fixed seeds)."""
+    """The trainer's periodic pictures: a grid of samples and a coarse-to-fine progression (fixed seeds); a text
+    model draws image i with row i of ``text``."""
     device = next(model.parameters()).device
-    labels = default_labels(range(n), num_classes)
+    labels = default_labels(range(n), num_classes) if text is None else text
     images, previews = generate(
         model,
         decomposition,

@@ -8,7 +8,9 @@ Euler:  x_{n+1} = x_n + Δt_n ⊙ v(x_n, t_n)
 Heun:   x̃ = x_n + Δt_n ⊙ v(x_n, t_n),   x_{n+1} = x_n + Δt_n ⊙ (v(x_n, t_n) + v(x̃, t_{n+1})) / 2
 
 where Δt_n is the per-stage time increment (zero for stages that do not move). Classifier-free guidance, per
-stage s: v_s = v_s(∅) + w_s · (v_s(y) - v_s(∅)).
+stage s: v_s = v_s(∅) + w_s · (v_s(y) - v_s(∅)). ``y`` is a (B,) tensor of class labels (∅ = the null class) or,
+for text-to-image models (:mod:`dfm.adapters`), a :class:`~dfm.text.TextCondition` (∅ = the empty prompt, from
+``model.null_condition(batch)``): true classifier-free guidance, the two branches run as one doubled batch.
 
 Example:
     >>> import torch
@@ -32,6 +34,7 @@ from torch import Tensor
 from dfm.decomposition import Decomposition
 from dfm.objective import VelocityModel
 from dfm.schedule import StageSchedule
+from dfm.text import TextCondition
 
 SOLVERS = ("euler", "heun")
 
@@ -79,16 +82,33 @@ def _guidance_scales(guidance: float | Sequence[float], num_stages: int) -> list
 
 def prepare_guidance(
     model: object,
-    y: Tensor | None,
+    y: Tensor | TextCondition | None,
     batch: int,
     guidance: float | Sequence[float],
     num_stages: int,
-    null_class: int | None = None,
+    null_class: int | TextCondition | None = None,
     device: torch.device | str | None = None,
-) -> tuple[list[float], bool, int | None, Tensor | None]:
-    """Check labels and guidance for a sampler: (per-stage scales, whether CFG is on, null class, labels)."""
+) -> tuple[list[float], bool, int | TextCondition | None, Tensor | TextCondition | None]:
+    """Check labels and guidance for a sampler: (per-stage scales, whether CFG is on, null class, labels).
+
+    With a :class:`~dfm.text.TextCondition` ``y`` the "null class" returned is the unconditional condition: the
+    given ``null_class`` condition, else ``model.null_condition(batch)`` (the empty prompt)."""
     scales = _guidance_scales(guidance, num_stages)
     use_cfg = any(w != 1.0 for w in scales)
+    if isinstance(y, TextCondition):
+        if y.batch != batch:
+            raise ValueError(f"the text condition has batch {y.batch}, the samples {batch}: give one per sample")
+        if use_cfg:
+            if not isinstance(null_class, TextCondition):
+                hook = getattr(model, "null_condition", None)
+                if hook is None:
+                    raise ValueError(
+                        "classifier-free guidance with text needs the empty prompt: a model with "
+                        "null_condition(batch), or null_class=TextCondition(...)"
+                    )
+                null_class = hook(batch)
+            null_class = null_class.expand(batch).to(device)
+        return scales, use_cfg, null_class, y.to(device)
     if use_cfg:
         null_class = null_class if null_class is not None else getattr(model, "null_class", None)
         if y is None or null_class is None:
@@ -101,23 +121,28 @@ def prepare_guidance(
 
 
 def guided_velocity(
-    forward: Callable[[list, Tensor | None], Sequence[Tensor]],
+    forward: Callable[[list, Tensor | TextCondition | None], Sequence[Tensor]],
     inputs: list,
-    y: Tensor | None,
+    y: Tensor | TextCondition | None,
     scales: Sequence[float],
-    null_class: int | None = None,
+    null_class: int | TextCondition | None = None,
 ) -> list[Tensor]:
     """Classifier-free guidance, one scale per output: ``v = v(∅) + w · (v(y) - v(∅))``, in float32.
 
     ``forward(inputs, labels)`` runs the network; ``inputs`` is a list of batch tensors (or None) that are the same
     for both branches. With any scale other than 1 the conditional and unconditional branches run as one doubled
-    batch in which only the label differs (``null_class`` for the second half); otherwise the network runs once.
+    batch in which only the label differs (``null_class`` for the second half; for a text condition ``y``,
+    ``null_class`` is the unconditional condition, e.g. the empty prompt); otherwise the network runs once.
     All three samplers (DFM, the cascade, Pyramidal Flow) guide through this function.
     """
     if all(w == 1.0 for w in scales):
         return [v.float() for v in forward(inputs, y)]
     doubled = [None if a is None else torch.cat([a, a]) for a in inputs]
-    out = forward(doubled, torch.cat([y, torch.full_like(y, null_class)]))
+    if isinstance(y, TextCondition):
+        labels = TextCondition.cat([y, null_class.expand(y.batch)])
+    else:
+        labels = torch.cat([y, torch.full_like(y, null_class)])
+    out = forward(doubled, labels)
     guided = []
     for w, v in zip(scales, out):
         v_cond, v_uncond = v.float().chunk(2)
@@ -151,13 +176,13 @@ def sample(
     decomposition: Decomposition,
     schedule: StageSchedule,
     shape: Sequence[int],
-    y: Tensor | None = None,
+    y: Tensor | TextCondition | None = None,
     *,
     seeds: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     noise: Sequence[Tensor] | None = None,
     guidance: float | Sequence[float] = 1.0,
-    null_class: int | None = None,
+    null_class: int | TextCondition | None = None,
     solver: str = "euler",
     device: torch.device | str | None = None,
     callback: PreviewCallback | None = None,
@@ -170,11 +195,13 @@ def sample(
         decomposition: the decomposition the model was trained with (gives level shapes and recomposition).
         schedule: per-stage time grid; its number of stages must match the decomposition's.
         shape: full-resolution output shape (B, C, H, W) or (B, C, T, H, W).
-        y: (B,) class labels, or None for an unconditional model.
+        y: (B,) class labels, a :class:`~dfm.text.TextCondition` (text models), or None (unconditional / the
+            text model's empty prompt).
         seeds: one seed per sample (batch-independent noise); otherwise ``generator`` or the global RNG.
         noise: explicit initial noise per level (overrides seeds/generator).
         guidance: classifier-free guidance scale, one for all stages or one per stage (1 = no guidance).
-        null_class: label of the unconditional branch; defaults to ``model.null_class``.
+        null_class: label of the unconditional branch; defaults to ``model.null_class`` (text: the condition of
+            the unconditional branch, default ``model.null_condition(B)``).
         solver: ``"euler"`` or ``"heun"``.
         callback: called as ``callback(stage, preview)`` when a stage reaches its threshold.
         return_trajectory: also return the levels at every grid row.

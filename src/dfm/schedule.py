@@ -17,6 +17,7 @@ Example, the paper's two-stage default at 512 px (30 + 10 steps, τ = 0.7)::
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Sequence
@@ -104,6 +105,14 @@ class StageSchedule:
                 main_stage.append(i)
             start = tau
         return torch.stack(rows), torch.tensor(main_stage, dtype=torch.long)
+
+    def warped(self, warp) -> StageSchedule:
+        """A copy whose times are ``warp(t)`` (elementwise on the grid and the thresholds; ``warp`` must be
+        increasing with ``warp(0) = 0`` and ``warp(1) = 1``), e.g. FLUX's time shift; steps and stages unchanged."""
+        out = copy.copy(self)
+        out.grid = warp(self.grid)
+        out.thresholds = tuple(float(warp(torch.tensor(t, dtype=torch.float64))) for t in self.thresholds)
+        return out
 
     def __repr__(self) -> str:
         return f"StageSchedule(steps={self.steps}, thresholds={self.thresholds})"

@@ -6,6 +6,17 @@ Reproducibility: all randomness of step k (which images, main stages, times, noi
 generators seeded by (seed, k) for the whole global batch, and each rank takes its slice. A run resumed from a
 checkpoint therefore continues exactly as if it had never stopped, and 2 processes compute the same steps as 1
 process at the same global batch.
+
+Diffusers backbones (``model.backbone=flux|sd3``, :mod:`dfm.adapters`, set up by ``dfm finetune --from DIR``): the
+model is the transformer of ``model.pretrained`` converted to the method's stages, trained on text latents
+(``dfm prepare --text-encoder``) whose batches are :class:`~dfm.text.TextCondition`; label dropout becomes caption
+dropout (a dropped caption is replaced by the empty prompt's embedding). Only parameters that require grad are
+optimised (with LoRA: the LoRA weights and the new stage modules), and checkpoints hold only those (and the empty
+prompt): the frozen weights come from ``model.pretrained`` again on resume. The EMA is optional (``optim.ema``; of
+the trainable parameters only). FSDP2 shards every transformer block named by the transformer's
+``_no_split_modules`` (:func:`dfm.adapters.fsdp_wrap_modules`), then the root, with a bf16-parameter / fp32-reduce
+mixed-precision policy under ``train.precision=bf16``; our DiT shards its ``blocks`` as before. The finished model
+is the adapter's ``save_pretrained`` in ``pretrained/``.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from dfm.generate import METHOD_FILE, load_run, sample_grid_files
 from dfm.methods import get_method
 from dfm.models import DFMDiT
 from dfm.objective import DFMObjective
+from dfm.text import TextCondition
 from dfm.visual import plot_losses, read_metrics
 
 CONFIG_FILE = "config.json"
@@ -53,7 +65,7 @@ METRICS_FILE = "metrics.jsonl"
 #: flat-coloured images, would otherwise get an infinite input scale from the preconditioning.
 MIN_DATA_STD = 1e-3
 # Settings that only the sampler reads: a resumed run may change them (training does not depend on them).
-SAMPLING_SETTINGS = {"method.steps", "method.thresholds", "method.solver", "method.guidance"}
+SAMPLING_SETTINGS = {"method.steps", "method.thresholds", "method.solver", "method.guidance", "method.time_shift"}
 
 
 class TrainingError(RuntimeError):
@@ -140,6 +152,34 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
 
 
+class TrainableEMA:
+    """EMA of a model's trainable parameters only (diffusers backbones: frozen weights never change, and a copy of
+    a 12B transformer would double the memory). Its state dict is keyed by the model's parameter names."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def parameters(self):
+        return iter(self.shadow.values())
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1.0 - decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.shadow)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise RuntimeError(f"EMA keys differ: missing {sorted(set(self.shadow) - set(state))[:3]}, unexpected "
+                               f"{sorted(set(state) - set(self.shadow))[:3]}")  # fmt: skip
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     """EMA decay at optimiser step ``step`` (1-based); the warm-up keeps short runs from averaging the init."""
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
@@ -166,6 +206,8 @@ class Trainer:
         self.dataset = self._open_dataset()
         self.sample_shape = tuple(self.dataset.sample_shape)
         self.num_classes = int(self.dataset.num_classes)
+        self.adapter = cfg.model.backbone != "dit"  # a diffusers FLUX / SD3 transformer (dfm.adapters)
+        self.empty_prompt = self._check_text()
         ckpt = self._resolve_resume(resume)
         # Pretrained weights to start from (fine-tuning); a resumed run has its own in the checkpoint.
         self.source = self._load_source() if cfg.train.init_from and ckpt is None else None
@@ -223,6 +265,21 @@ class Trainer:
             raise TrainingError(f"dataset {data.dataset!r} is empty")
         return dataset
 
+    def _check_text(self) -> TextCondition | None:
+        """Text latents go with a diffusers backbone and the reverse; the empty prompt of text latents."""
+        text = getattr(self.dataset, "text", None) is not None
+        if self.adapter and not text:
+            raise TrainingError(
+                f"model.backbone={self.cfg.model.backbone} trains on captioned latents: prepare the data with "
+                "dfm prepare --text-encoder <model directory>"
+            )
+        if text and not self.adapter:
+            raise TrainingError(
+                f"{self.cfg.data.dataset} holds text embeddings: train a diffusers model on it (dfm finetune --from "
+                "<FLUX or SD3 directory>)"
+            )
+        return self.dataset.empty_prompt if text else None
+
     def _measure_and_build_objective(self) -> None:
         """Measure what the config leaves to the data (level and data stds), then the decomposition and the
         objective; what the method decides at the start (the cascade's switch step) goes into the config."""
@@ -244,15 +301,31 @@ class Trainer:
     def _build_model(self, ck: dict | None, ckpt: Path | None) -> None:
         """The model and its EMA (seeded), with the checkpoint's weights, then wrapped for DDP/FSDP/compile."""
         torch.manual_seed(self.cfg.train.seed)
-        self.model = make_model(self.cfg, self.sample_shape, self.num_classes).to(self.d.device)
+        self.model = self._fresh_model().to(self.d.device)
         if self.source is not None:
             self._init_from_source()
         self.step = 0
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if not self.cfg.optim.ema:
+            self.ema = None
+        elif self.adapter:
+            self.ema = TrainableEMA(self.model)
+        else:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         if ck is not None:  # weights go in before sharding, so FSDP needs no special path for them
             self._load_weights(self.model, ck["model"], ckpt)
-            self._load_weights(self.ema, ck["ema"], ckpt)
+            if self.ema is not None:
+                self._load_weights(self.ema, ck["ema"], ckpt)
         self.net = self._wrap(self.model)  # FSDP2 shards self.model (and the EMA alike) in place
+
+    def _fresh_model(self) -> nn.Module:
+        """The configured model (a diffusers backbone: converted from model.pretrained, with the empty prompt)."""
+        model = make_model(self.cfg, self.sample_shape, self.num_classes)
+        if self.adapter:
+            model.set_empty_prompt(self.empty_prompt)
+        return model
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _load_source(self) -> nn.Module:
         """The model of ``train.init_from`` (EMA weights of a run, or a ``pretrained/`` directory)."""
@@ -289,9 +362,10 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         o = self.cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
-        )
+        params = self.model.parameters()
+        if self.adapter:  # LoRA: the LoRA weights and the new stage modules only
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         warm = o.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: min(1.0, (k + 1) / warm) if warm > 0 else 1.0
@@ -382,7 +456,19 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         net = model
         if self.d.world > 1:
-            if self.cfg.train.distributed == "fsdp":
+            if self.cfg.train.distributed == "fsdp" and self.adapter:
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                from dfm.adapters import fsdp_wrap_modules
+
+                policy = MixedPrecisionPolicy()
+                if self.cfg.train.precision == "bf16":
+                    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                classes = fsdp_wrap_modules(model)
+                for block in [m for m in model.modules() if isinstance(m, classes)]:
+                    fully_shard(block, mp_policy=policy)
+                fully_shard(model, mp_policy=policy)
+            elif self.cfg.train.distributed == "fsdp":
                 from torch.distributed.fsdp import fully_shard
 
                 # The EMA is sharded like the model so that its update is local to each rank.
@@ -407,13 +493,30 @@ class Trainer:
             return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return module.state_dict()
 
+    def _model_state(self) -> dict[str, Tensor]:
+        """The model's checkpointed weights: all of them; a diffusers backbone's trainable ones and the empty prompt
+        (its frozen weights are model.pretrained's). A collective under FSDP."""
+        state = self._full_state(self.model)
+        if self.adapter:
+            keep = self._trainable_names()
+            state = {k: v for k, v in state.items() if k in keep or k.startswith("empty_")}
+        return state
+
     @property
     def _fsdp(self) -> bool:
         return self.d.world > 1 and self.cfg.train.distributed == "fsdp"
 
     def _load_weights(self, module: nn.Module, state: dict[str, Tensor], path: Path) -> None:
         try:
-            module.load_state_dict(state)
+            if self.adapter and module is self.model:  # trainable weights and the empty prompt only
+                expected = self._trainable_names() | {"empty_prompt_embeds", "empty_pooled"}
+                if set(state) != expected:
+                    raise RuntimeError(f"it holds other weights than the trainable ones: missing "
+                                       f"{sorted(expected - set(state))[:3]}, unexpected "
+                                       f"{sorted(set(state) - expected)[:3]}")  # fmt: skip
+                module.load_state_dict(state, strict=False)
+            else:
+                module.load_state_dict(state)
         except RuntimeError as err:
             raise TrainingError(f"checkpoint {path} does not fit this model: {str(err).splitlines()[0]}") from None
 
@@ -463,7 +566,10 @@ class Trainer:
         lo = self.d.rank * self.local_batch
         # Augmentation (flips, latent posterior draws) uses a generator seeded per step, so resumes are exact.
         x_all, y_all = self.dataset.get_batch(index[lo : lo + self.local_batch], generator=data_gen)
-        y_all = torch.where(drop[lo : lo + self.local_batch], torch.full_like(y_all, self.num_classes), y_all)
+        if isinstance(y_all, TextCondition):  # caption dropout: the empty prompt instead
+            y_all = y_all.where(drop[lo : lo + self.local_batch], self.empty_prompt)
+        else:
+            y_all = torch.where(drop[lo : lo + self.local_batch], torch.full_like(y_all, self.num_classes), y_all)
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)
         stage_sum = torch.zeros(self.objective.num_stages)
@@ -473,7 +579,11 @@ class Trainer:
         for m in range(accum):
             a, b = m * self.micro_batch, (m + 1) * self.micro_batch
             x = x_all[a:b].to(self.d.device, non_blocking=True)
-            y = y_all[a:b].to(self.d.device, non_blocking=True)
+            y = (
+                y_all[a:b].to(self.d.device)
+                if isinstance(y_all, TextCondition)
+                else y_all[a:b].to(self.d.device, non_blocking=True)
+            )
             sub = draw[lo + a : lo + b]
             sub.main_stage, sub.t = sub.main_stage.to(self.d.device), sub.t.to(self.d.device)
             sub.noise = [n.to(self.d.device) for n in sub.noise]
@@ -506,7 +616,11 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        update_ema(self.ema, self.model, ema_decay_at(self.step, cfg.optim.ema_decay, cfg.optim.ema_warmup))
+        decay = ema_decay_at(self.step, cfg.optim.ema_decay, cfg.optim.ema_warmup)
+        if isinstance(self.ema, TrainableEMA):
+            self.ema.update(self.model, decay)
+        elif self.ema is not None:
+            update_ema(self.ema, self.model, decay)
         s = self.objective.num_stages
         stage_loss = (stats[1 : 1 + s] / stats[1 + s :].clamp(min=1)).tolist()
         return {
@@ -520,7 +634,7 @@ class Trainer:
     # -- checkpoints and samples -------------------------------------------------------------------------------
     def _weights_finite(self) -> bool:
         """Whether the weights, the EMA and the optimizer moments are all finite, on every rank."""
-        tensors = [*self.model.parameters(), *self.ema.parameters()]
+        tensors = [*self.model.parameters(), *(self.ema.parameters() if self.ema is not None else [])]
         tensors += [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
         local = [v.to_local() if hasattr(v, "to_local") else v for v in tensors]  # FSDP: this rank's shard
         local = [v for v in local if v.is_floating_point()]
@@ -539,7 +653,13 @@ class Trainer:
                 f"the weights became inf or NaN by step {self.step}: lower optim.lr or keep optim.grad_clip on; "
                 f"not saving them: {kept}"
             )
-        model_state, ema_state = self._full_state(self.model), self._full_state(self.ema)
+        model_state = self._model_state()
+        if self.ema is None:
+            ema_state = {}  # no EMA: samples use the model's weights
+        elif isinstance(self.ema, TrainableEMA):
+            ema_state = self.ema.state_dict()
+        else:
+            ema_state = self._full_state(self.ema)
         optim_state = self.optimizer.state_dict()
         if self._fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -561,14 +681,22 @@ class Trainer:
         return path
 
     def ema_model(self) -> nn.Module | None:
-        """An unsharded EMA model on rank 0 (a collective under FSDP: call it on every rank)."""
+        """An unsharded EMA model on rank 0 (a collective under FSDP: call it on every rank); without an EMA
+        (``optim.ema=false``), the model's weights."""
+        if isinstance(self.ema, TrainableEMA):  # not with FSDP (config.validate)
+            if not self.d.main:
+                return None
+            full = copy.deepcopy(self.model)
+            full.load_state_dict(self.ema.state_dict(), strict=False)
+            return full.eval()
+        source = self.model if self.ema is None else self.ema
         if not self._fsdp:
-            return self.ema if self.d.main else None
-        state = self._full_state(self.ema)
+            return source if self.d.main else None
+        state = self._model_state() if self.ema is None else self._full_state(self.ema)
         if not self.d.main:
             return None
-        full = make_model(self.cfg, self.sample_shape, self.num_classes)
-        full.load_state_dict(state)
+        full = self._fresh_model()
+        full.load_state_dict(state, strict=not self.adapter)
         return full.to(self.d.device).eval()
 
     def write_samples(self) -> Path | None:
@@ -585,7 +713,15 @@ class Trainer:
             self.sample_shape,
             self.cfg.train.num_sample_images,
             decoder=getattr(self.dataset, "decode", None),
+            text=self._sample_captions(),
         )
+
+    def _sample_captions(self) -> TextCondition | None:
+        """Text runs: the periodic samples show the first training captions (cycled), sampled with guidance."""
+        if self.empty_prompt is None:
+            return None
+        n = self.cfg.train.num_sample_images
+        return self.dataset.text_condition(torch.arange(n) % len(self.dataset))
 
     # -- loop ------------------------------------------------------------------------------------------------
     def fit(self) -> Path:

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from dfm.text import TextCondition
+
 ADAPTER_CONFIG = "dfm_adapter.json"
 STAGE_WEIGHTS = "dfm_stages.safetensors"
 LORA_WEIGHTS = "dfm_lora.safetensors"
@@ -50,45 +52,6 @@ DEFAULT_LORA_TARGETS = (
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     "proj_mlp", "proj_out",
 )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- text conditioning
-@dataclass(frozen=True)
-class TextCondition:
-    """Text conditioning of a diffusers text-to-image transformer.
-
-    ``prompt_embeds``: (B, L, D_joint) per-token embeddings (``encoder_hidden_states``);
-    ``pooled``: (B, D_pooled) pooled embedding (``pooled_projections``). A batch of 1 broadcasts.
-    """
-
-    prompt_embeds: Tensor
-    pooled: Tensor
-
-    def __post_init__(self) -> None:
-        if self.prompt_embeds.ndim != 3 or self.pooled.ndim != 2:
-            raise ValueError(
-                f"TextCondition needs prompt_embeds (B, L, D) and pooled (B, D), got "
-                f"{tuple(self.prompt_embeds.shape)} and {tuple(self.pooled.shape)}"
-            )
-        if self.prompt_embeds.shape[0] != self.pooled.shape[0]:
-            raise ValueError(f"prompt_embeds and pooled disagree on the batch: {self.batch} vs {self.pooled.shape[0]}")
-
-    @property
-    def batch(self) -> int:
-        return self.prompt_embeds.shape[0]
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextCondition:
-        return TextCondition(self.prompt_embeds.to(device, dtype), self.pooled.to(device, dtype))
-
-    def expand(self, batch: int) -> TextCondition:
-        """This condition for a batch of ``batch`` (a batch of 1 is broadcast)."""
-        if self.batch == batch:
-            return self
-        if self.batch != 1:
-            raise ValueError(f"text condition has batch {self.batch}, the latents {batch}")
-        return TextCondition(
-            self.prompt_embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1)
-        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- latent helpers
@@ -264,8 +227,8 @@ class StageAdapter(nn.Module):
     def __init__(self, transformer: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         factors = tuple(int(f) for f in config.stage_factors)
-        if len(factors) < 2 or factors[-1] != 1 or any(a <= b for a, b in zip(factors, factors[1:])):
-            raise ValueError(f"stage_factors must decrease strictly to 1 with at least two stages, got {factors}")
+        if not factors or factors[-1] != 1 or any(a <= b for a, b in zip(factors, factors[1:])):
+            raise ValueError(f"stage_factors must decrease strictly to 1, e.g. (2, 1) or (1,), got {factors}")
         self.config = AdapterConfig(factors, config.guidance)
         self.transformer = transformer
         self.register_buffer("empty_prompt_embeds", None)
@@ -297,7 +260,18 @@ class StageAdapter(nn.Module):
     def _run(self, levels: list[Tensor], sigma: Tensor, cond: TextCondition) -> list[Tensor]:
         raise NotImplementedError
 
+    @property
+    def num_classes(self) -> int:
+        """0: text-conditioned, not class-conditional (what ``dfm sample`` checks before ``--classes``)."""
+        return 0
+
     # -- text
+    def null_condition(self, batch: int) -> TextCondition:
+        """The empty prompt for a batch of ``batch``: the unconditional branch of classifier-free guidance."""
+        if self.empty_prompt_embeds is None:
+            raise ValueError("guidance needs the empty prompt's embedding: call set_empty_prompt(TextCondition)")
+        return TextCondition(self.empty_prompt_embeds, self.empty_pooled).expand(batch)
+
     def set_empty_prompt(self, condition: TextCondition) -> None:
         """The embedding of the empty prompt (batch 1), used when the model is called with ``y=None``."""
         if condition.batch != 1:
@@ -357,6 +331,9 @@ class StageAdapter(nn.Module):
         dtype, device = self.transformer.dtype, levels[0].device
         cond = self._text(y, levels[0].shape[0], dtype, device)
         sigma = 1.0 - t
+        if self.num_stages == 1:  # the pretrained transformer as it is (plain Flow Matching fine-tuning)
+            outputs = self._run([lv.to(dtype) for lv in levels], sigma, cond)
+            return [-out.to(levels[0].dtype) for out in outputs]
         time_embed: StageTimeEmbed = self.transformer.time_text_embed
         time_embed.stash(sigma * 1000.0, main_stage)
         try:

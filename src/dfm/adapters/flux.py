@@ -23,7 +23,9 @@ where diffusers expects them (LoRA, saving). At initialisation the coarse veloci
 (``F`` the pretrained FLUX, up to float rounding of the weight sums) and the fine velocity is 0.
 
 Stage factors other than (2, 1) would need patches smaller than one latent pixel at the coarse stage: not
-supported (SD3's adapter, which lifts instead, supports any factors).
+supported (SD3's adapter, which lifts instead, supports any factors). ``stage_factors=(1,)`` is the one-stage case
+(any adapter): no module is swapped, the transformer is used as it is in our time and sign convention (plain Flow
+Matching fine-tuning, the paper's baseline).
 """
 
 from __future__ import annotations
@@ -108,8 +110,11 @@ class FluxDFMAdapter(StageAdapter):
         cfg = transformer.config
         if cfg.patch_size != 1 or cfg.in_channels % (PACK * PACK):
             raise ValueError("expected a FLUX transformer over 2x2-packed latents (patch_size 1, in_channels 4 C)")
-        if tuple(stage_factors) != (PACK, 1):
-            raise ValueError(f"FLUX stage factors must be (2, 1) (one coarse pixel per 2x2 token), got {stage_factors}")
+        if tuple(stage_factors) not in ((PACK, 1), (1,)):
+            raise ValueError(
+                f"FLUX stage factors must be (2, 1) (one coarse pixel per 2x2 token) or (1,) (one stage), "
+                f"got {stage_factors}"
+            )
         guidance = float(guidance) if cfg.guidance_embeds and guidance is not None else None
         if cfg.guidance_embeds and guidance is None:
             raise ValueError("this FLUX has a guidance embedder: give a guidance value (1.0 for training)")
@@ -131,6 +136,8 @@ class FluxDFMAdapter(StageAdapter):
         return FluxTransformer2DModel
 
     def _install(self) -> None:
+        if self.num_stages == 1:  # one stage: the pretrained transformer unchanged
+            return
         t, c, s = self.transformer, self.latent_channels, self.num_stages
         t.x_embedder = FluxStageEmbed(t.x_embedder, c, self.patches)
         t.time_text_embed = StageTimeEmbed(t.time_text_embed, s)
@@ -138,6 +145,8 @@ class FluxDFMAdapter(StageAdapter):
         t.proj_out = FluxStageHead(t.proj_out, c, self.patches)
 
     def _wrappers(self) -> dict[str, nn.Module]:
+        if self.num_stages == 1:
+            return {}
         t = self.transformer
         return {"x_embedder": t.x_embedder, "time_text_embed": t.time_text_embed, "norm_out": t.norm_out,
                 "proj_out": t.proj_out}  # fmt: skip

@@ -111,6 +111,8 @@ class SD3DFMAdapter(StageAdapter):
         return SD3Transformer2DModel
 
     def _install(self) -> None:
+        if self.num_stages == 1:  # one stage: the pretrained transformer unchanged
+            return
         t, s = self.transformer, self.num_stages
         t.pos_embed.proj = SD3StagePatchEmbed(t.pos_embed.proj, s)
         t.time_text_embed = StageTimeEmbed(t.time_text_embed, s)
@@ -119,6 +121,8 @@ class SD3DFMAdapter(StageAdapter):
         t.out_channels = s * self.latent_channels  # SD3's unpatchify reads this attribute (not its config)
 
     def _wrappers(self) -> dict[str, nn.Module]:
+        if self.num_stages == 1:
+            return {}
         t = self.transformer
         return {"pos_embed.proj": t.pos_embed.proj, "time_text_embed": t.time_text_embed, "norm_out": t.norm_out,
                 "proj_out": t.proj_out}  # fmt: skip

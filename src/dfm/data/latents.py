@@ -13,6 +13,13 @@ unit-variance inputs; generated ``x`` decodes with ``z = x / scale + shift``.
      "vae": "<path or hub id>", "shift": s, "scale": k, "num_classes": n, "class_names": [...],
      "splits": {"train": {"num_samples": N, "files": ["train-00000.safetensors", ...]}}}
 
+Text-conditioned latents (``dfm prepare --text-encoder``, for the diffusers FLUX / SD3 backbones) also store, per
+image, its caption's ``prompt_embeds`` (L, D) and ``pooled`` (D,) in the shards (in the storage dtype), the empty
+prompt's embedding once in ``empty_prompt.safetensors``, and ``"text": {"encoder": ..., "max_length": L, ...}`` in
+the JSON; their items are ``(x, TextCondition)`` and they have no classes. The text embeddings are read from the
+shards on demand (memory-mapped), not loaded whole: at 128 T5 tokens of 4096 features in bf16 they are 1 MiB per
+image.
+
 The JSON is written last, so a directory without it is an unfinished preparation.
 """
 
@@ -25,16 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dfm.data.base import DFMDataset, random_hflip
 from dfm.data.vae import load_vae
+from dfm.text import TextCondition
 
 __all__ = ["FORMAT", "LatentDataset", "LatentWriter", "is_latent_dir", "read_latent_info"]
 
 FORMAT = "dfm-latents"
 VERSION = 1
 INFO_FILE = "latents.json"
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+TEXT_KEYS = ("prompt_embeds", "pooled")
 
 
 def is_latent_dir(path: str | os.PathLike) -> bool:
@@ -89,7 +100,10 @@ class LatentWriter:
         shard_size: int = 10_000,
         dtype: torch.dtype = torch.float32,
         extra: dict[str, Any] | None = None,
+        text: dict[str, Any] | None = None,
     ) -> None:
+        """``text``: settings of the text encoder (its source, ``max_length``) for text-conditioned latents, whose
+        batches then come with a :class:`~dfm.text.TextCondition` and which need :meth:`set_empty_prompt`."""
         if shard_size < 1:
             raise ValueError(f"shard_size={shard_size} must be at least 1")
         self.out_dir = Path(out_dir)
@@ -107,44 +121,69 @@ class LatentWriter:
             "splits": {},
             **(extra or {}),
         }
+        if text is not None:
+            self.info["text"] = dict(text)
         self.shard_size = shard_size
         self.dtype = dtype
-        self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._pending: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self._empty_prompt: TextCondition | None = None
 
-    def add(self, split: str, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor) -> None:
-        """Queue a batch of posteriors; full shards are written as soon as they fill."""
+    def add(
+        self, split: str, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, text: TextCondition | None = None
+    ) -> None:
+        """Queue a batch of posteriors (and, for text latents, their captions' embeddings); full shards are
+        written as soon as they fill."""
         expected = tuple(self.info["latent_shape"])
         if tuple(mean.shape[1:]) != expected or mean.shape != std.shape or labels.shape != mean.shape[:1]:
             raise ValueError(
                 f"batch shapes mean {tuple(mean.shape)}, std {tuple(std.shape)}, labels "
                 f"{tuple(labels.shape)} do not match latent shape {expected}"
             )
+        if (text is None) != ("text" not in self.info):
+            raise ValueError("text embeddings go with a writer made with text=..., and every batch needs them")
+        batch = {"mean": mean.detach().cpu().to(self.dtype), "std": std.detach().cpu().to(self.dtype),
+                 "label": labels.cpu().long()}  # fmt: skip
+        if text is not None:
+            if text.batch != mean.shape[0]:
+                raise ValueError(f"{text.batch} text embeddings for {mean.shape[0]} latents")
+            batch.update(prompt_embeds=text.prompt_embeds.detach().cpu().to(self.dtype),
+                         pooled=text.pooled.detach().cpu().to(self.dtype))  # fmt: skip
         self.info["splits"].setdefault(split, {"num_samples": 0, "files": []})
-        self._pending.setdefault(split, []).append(
-            (mean.detach().cpu().to(self.dtype), std.detach().cpu().to(self.dtype), labels.cpu().long())
-        )
-        while sum(m.shape[0] for m, _, _ in self._pending[split]) >= self.shard_size:
+        self._pending.setdefault(split, []).append(batch)
+        while sum(b["mean"].shape[0] for b in self._pending[split]) >= self.shard_size:
             self._flush(split, self.shard_size)
+
+    def set_empty_prompt(self, condition: TextCondition) -> None:
+        """The empty prompt's embedding (batch 1), written once beside the shards."""
+        if condition.batch != 1:
+            raise ValueError(f"the empty prompt is one condition (batch 1), got {condition.batch}")
+        self._empty_prompt = condition
 
     def _flush(self, split: str, count: int | None = None) -> None:
         pending = self._pending.get(split, [])
         if not pending:
             return
-        mean, std, label = (torch.cat(parts) for parts in zip(*pending))
-        count = mean.shape[0] if count is None else count
+        joined = {key: torch.cat([b[key] for b in pending]) for key in pending[0]}
+        total = joined["mean"].shape[0]
+        count = total if count is None else count
         split_info = self.info["splits"][split]
         name = f"{split}-{len(split_info['files']):05d}.safetensors"
-        tensors = {"mean": mean[:count].contiguous(), "std": std[:count].contiguous(), "label": label[:count]}
+        tensors = {key: v[:count].contiguous() for key, v in joined.items()}
         _atomic_write(self.out_dir / name, lambda tmp: save_file(tensors, tmp))
         split_info["files"].append(name)
         split_info["num_samples"] += count
-        rest = (mean[count:], std[count:], label[count:])
-        self._pending[split] = [rest] if rest[0].shape[0] else []
+        self._pending[split] = [{key: v[count:] for key, v in joined.items()}] if total > count else []
 
     def close(self) -> None:
-        """Write the remaining partial shards and then ``latents.json``."""
+        """Write the remaining partial shards (and the empty prompt), then ``latents.json``."""
         for split in list(self._pending):
             self._flush(split)
+        if "text" in self.info:
+            if self._empty_prompt is None:
+                raise ValueError("text latents need the empty prompt's embedding: call set_empty_prompt")
+            empty = {"prompt_embeds": self._empty_prompt.prompt_embeds.detach().cpu().to(self.dtype).contiguous(),
+                     "pooled": self._empty_prompt.pooled.detach().cpu().to(self.dtype).contiguous()}  # fmt: skip
+            _atomic_write(self.out_dir / EMPTY_PROMPT_FILE, lambda tmp: save_file(empty, tmp))
         text = json.dumps(self.info, indent=2)
         _atomic_write(self.out_dir / INFO_FILE, lambda tmp: Path(tmp).write_text(text))
 
@@ -182,10 +221,21 @@ class LatentDataset(DFMDataset):
         self.split = split
         self.sample_posterior = sample_posterior
         self.random_flip = random_flip
+        self.text = info.get("text")  #: the text encoder's settings, for text-conditioned latents (else None)
         shards = []
+        self._text_files: list[tuple[Any, int]] = []  # (open shard, its first index) for text embeddings
+        start = 0
         for name in info["splits"][split]["files"]:
             try:
-                shards.append(load_file(str(self.root / name)))
+                if self.text is None:
+                    shards.append(load_file(str(self.root / name)))
+                else:
+                    handle = safe_open(str(self.root / name), framework="pt")
+                    shards.append({key: handle.get_tensor(key) for key in ("mean", "std", "label")})
+                    if not set(TEXT_KEYS) <= set(handle.keys()):
+                        raise ValueError(f"it holds no text embeddings although {INFO_FILE} has a 'text' entry")
+                    self._text_files.append((handle, start))
+                    start += shards[-1]["mean"].shape[0]
             except Exception as err:  # safetensors raises its own error types
                 raise ValueError(f"cannot read latent shard {self.root / name}: {err}") from err
         self.mean = torch.cat([s["mean"] for s in shards])
@@ -209,6 +259,31 @@ class LatentDataset(DFMDataset):
         self.padding = int(info.get("padding", _fashion_padding(self.source_data, self.image_resolution)))
         self._vae: Any = None
 
+    @property
+    def empty_prompt(self) -> TextCondition | None:
+        """The empty prompt's embedding (batch 1, float32) of text latents; None for class-labelled ones."""
+        if self.text is None:
+            return None
+        file = self.root / EMPTY_PROMPT_FILE
+        try:
+            state = load_file(str(file))
+        except Exception as err:
+            raise ValueError(f"cannot read {file}: {err}; run `dfm prepare` again") from err
+        return TextCondition(state["prompt_embeds"].float(), state["pooled"].float())
+
+    def text_condition(self, indices: torch.Tensor) -> TextCondition:
+        """The caption embeddings (float32) of ``indices``, read from the shards."""
+        if self.text is None:
+            raise ValueError(f"{self.root} holds no text embeddings: prepare it with --text-encoder")
+        starts = [s for _, s in self._text_files]
+        embeds, pooled = [], []
+        for i in torch.as_tensor(indices, dtype=torch.long).tolist():
+            k = max(j for j, s in enumerate(starts) if s <= i)
+            handle, first = self._text_files[k]
+            embeds.append(handle.get_slice("prompt_embeds")[i - first : i - first + 1])
+            pooled.append(handle.get_slice("pooled")[i - first : i - first + 1])
+        return TextCondition(torch.cat(embeds).float(), torch.cat(pooled).float())
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from model-space latents ``x (B, c, h, w)``, through the recorded VAE.
 
@@ -231,8 +306,9 @@ class LatentDataset(DFMDataset):
 
     def get_batch(
         self, indices: torch.Tensor, generator: torch.Generator | None = None, augment: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents of ``indices``; with ``augment``, posterior samples (and flips when enabled)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | TextCondition]:
+        """Latents of ``indices`` and their labels (text latents: their :class:`~dfm.text.TextCondition`); with
+        ``augment``, posterior samples (and flips when enabled)."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         z = self.mean[indices].float()
         if augment and self.sample_posterior:
@@ -241,7 +317,7 @@ class LatentDataset(DFMDataset):
         x = (z - self.latent_shift) * self.latent_scale
         if augment and self.random_flip:
             x = random_hflip(x, generator)
-        return x, self.labels[indices]
+        return x, (self.labels[indices] if self.text is None else self.text_condition(indices))
 
 
 def _fashion_padding(source: str | None, resolution: int | None) -> int:

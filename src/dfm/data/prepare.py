@@ -9,6 +9,17 @@ Usage::
     python -m dfm.data.prepare --data data/pets --vae path/to/vae --out data/pets-latents --resolution 256
 
 Run it again with ``--split test --data data/pets-test`` into the same ``--out`` to add a test split.
+
+Captions (fine-tuning a diffusers FLUX / SD3 model, see :mod:`dfm.adapters`): with ``--text-encoder DIR`` (the
+FLUX or SD3 directory: its pipeline's text encoders are loaded, without transformer and VAE) every image's caption
+is encoded once and stored next to its latent, plus the empty prompt once (see :mod:`dfm.data.latents`). Captions
+come from ``captions.jsonl`` at the folder's root (``{"file": "<path in the folder>", "text": "..."}`` per line) or
+from one ``<image stem>.txt`` beside each image (:func:`dfm.text.read_captions`); every image needs one.
+``--max-text-length`` (default 128) is the number of T5 tokens kept: 512 tokens of 4096 features in bf16 are
+4 MiB per image, 128 are 1 MiB. The embeddings are stored in ``--dtype``, as the latents::
+
+    dfm prepare --data data/pets --vae black-forest-labs/FLUX.1-dev --text-encoder models/FLUX.1-dev \
+        --out data/pets-flux --resolution 512 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from tqdm import tqdm
 from dfm.data import DFMDataset, build_dataset
 from dfm.data.latents import LatentWriter, is_latent_dir, read_latent_info
 from dfm.data.vae import VAE, load_vae
+from dfm.text import TextEncoder, read_captions
 
 __all__ = ["add_prepare_parser", "main", "prepare_latents", "run_prepare"]
 
@@ -46,33 +58,65 @@ def prepare_latents(
     upscale: bool = False,
     skip_bad: bool = False,
     progress: bool = True,
+    text_encoder: str | TextEncoder | None = None,
+    max_text_length: int = 128,
+    text_encoder_source: str | None = None,
 ) -> Path:
     """Encode ``data`` (an image folder or ``"fashion-mnist"``) into the latent directory ``out``.
 
     Returns ``out``. Existing splits in ``out`` are kept when they come from the same VAE and
     resolution; the split being written is replaced.
+
+    ``text_encoder``: a diffusers FLUX / SD3 directory, or any ``prompts -> TextCondition`` callable (then
+    ``text_encoder_source`` is what is recorded as the encoder, for ``dfm sample --prompt``): the images' captions
+    are encoded and stored with the latents, the folder's classes are ignored (see the module docstring).
     """
     _check_settings(batch_size, dtype)
+    if max_text_length < 1:
+        raise ValueError(f"--max-text-length {max_text_length} must be at least 1")
     if not isinstance(vae, VAE):
         vae = load_vae(vae, device=device)
     latent_shape = vae.latent_shape(vae.latent_channels, resolution)
     dataset = _image_dataset(data, vae, resolution, split, upscale, skip_bad)
+    captions, text = None, None
+    if text_encoder is not None:
+        captions = _captions(data, dataset)
+        if isinstance(text_encoder, (str, Path)):
+            from dfm.text import load_text_encoder
+
+            source = str(Path(text_encoder).resolve())
+            text_encoder = load_text_encoder(source, max_text_length, device)
+        else:
+            source = text_encoder_source or getattr(text_encoder, "__name__", "custom")
+        text = {"encoder": source, "max_length": int(max_text_length)}
     out = Path(out)
-    old_splits = _kept_splits(out, split, latent_shape, vae, resolution, dataset.class_names)
+    class_names = [] if text is not None else dataset.class_names
+    old_splits = _kept_splits(out, split, latent_shape, vae, resolution, class_names, text)
     writer = LatentWriter(
         out,
         latent_shape=latent_shape,
         vae=vae.source,
         shift=vae.shift,
         scale=vae.scale,
-        class_names=dataset.class_names,
+        class_names=class_names,
         shard_size=shard_size,
         dtype=_DTYPES[dtype],
         extra={"image_resolution": resolution, "source_data": str(data), "padding": int(dataset.padding)},
+        text=text,
     )
     writer.info["splits"].update(old_splits)
-    _encode(dataset, vae, writer, split, batch_size, num_workers, progress)
+    if text_encoder is not None:
+        writer.set_empty_prompt(text_encoder([""]))
+    _encode(dataset, vae, writer, split, batch_size, num_workers, progress, captions, text_encoder)
     return out
+
+
+def _captions(data: str, dataset: DFMDataset) -> list[str]:
+    """One caption per image of the folder dataset, in its order."""
+    samples = getattr(dataset, "samples", None)
+    if not Path(data).is_dir() or samples is None:
+        raise ValueError(f"--text-encoder needs an image folder with captions; --data {data} is not one")
+    return read_captions(data, [path for path, _ in samples])
 
 
 def _check_settings(batch_size: int, dtype: str) -> None:
@@ -104,7 +148,13 @@ def _image_dataset(data: str, vae: VAE, resolution: int, split: str, upscale: bo
 
 
 def _kept_splits(
-    out: Path, split: str, latent_shape: tuple[int, ...], vae: VAE, resolution: int, class_names: list[str]
+    out: Path,
+    split: str,
+    latent_shape: tuple[int, ...],
+    vae: VAE,
+    resolution: int,
+    class_names: list[str],
+    text: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The splits already in ``out`` other than ``split``; an error if they come from another VAE or data."""
     if not is_latent_dir(out):
@@ -115,26 +165,43 @@ def _kept_splits(
         and old["vae"] == vae.source
         and old.get("image_resolution") == resolution
         and old["class_names"] == class_names
+        and old.get("text") == text
     )
     if not same:
         raise ValueError(
-            f"--out {out} already holds latents of another VAE, resolution or class list; choose a new --out directory"
+            f"--out {out} already holds latents of another VAE, resolution, class list or text encoder; choose a new "
+            "--out directory"
         )
     return {name: s for name, s in old["splits"].items() if name != split}
 
 
 def _encode(
-    dataset: DFMDataset, vae: VAE, writer: LatentWriter, split: str, batch_size: int, num_workers: int, progress: bool
+    dataset: DFMDataset,
+    vae: VAE,
+    writer: LatentWriter,
+    split: str,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    captions: list[str] | None = None,
+    text_encoder: TextEncoder | None = None,
 ) -> None:
-    """Encode every image of ``dataset`` in order into ``split`` of ``writer`` (grey repeated for an RGB VAE)."""
+    """Encode every image of ``dataset`` in order into ``split`` of ``writer`` (grey repeated for an RGB VAE), and
+    with ``captions`` each image's caption (once) by ``text_encoder``."""
     in_channels = int(vae.model.config.in_channels)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    done = 0
     with writer:
         for x, y in tqdm(loader, desc=f"encoding {split}", unit="batch", disable=not progress):
             if x.shape[1] == 1 and in_channels != 1:
                 x = x.expand(-1, in_channels, -1, -1)
             mean, std = vae.encode(x)
-            writer.add(split, mean, std, y)
+            text = None
+            if captions is not None:
+                text = text_encoder(captions[done : done + x.shape[0]])
+                y = torch.zeros_like(y)
+            writer.add(split, mean, std, y, text)
+            done += x.shape[0]
 
 
 def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -162,6 +229,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes")
     parser.add_argument("--upscale", action="store_true", help="allow images smaller than --resolution")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    parser.add_argument("--text-encoder", help="a diffusers FLUX or SD3 directory: encode the images' captions "
+                        "(captions.jsonl or one .txt per image) with its text encoders")  # fmt: skip
+    parser.add_argument("--max-text-length", type=int, default=128,
+                        help="T5 tokens kept per caption (default 128; 512 in bf16 is 4 MiB per image)")  # fmt: skip
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -179,6 +250,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         upscale=args.upscale,
         skip_bad=args.skip_bad,
+        text_encoder=args.text_encoder,
+        max_text_length=args.max_text_length,
     )
     info = read_latent_info(out)
     count = info["splits"][args.split]["num_samples"]
