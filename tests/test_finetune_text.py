@@ -158,6 +158,22 @@ def test_finetune_sample_with_prompts_and_reload(setup, tmp_path, method):
         assert not np.array_equal(a, c)
 
 
+def test_sd3_finetunes_and_samples(setup, tmp_path):
+    torch.manual_seed(0)
+    sd3 = tmp_path / "sd3"
+    diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=D_TEXT, caption_projection_dim=32, pooled_projection_dim=D_POOLED, out_channels=16,
+        pos_embed_max_size=16,
+    ).save_pretrained(sd3 / "transformer")  # fmt: skip
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    run = tmp_path / "run"
+    assert finetune({**setup, "flux": sd3}, run, "dfm") == 0
+    assert RunConfig.load(run / "config.json").model.backbone == "sd3"
+    a = sample_npz(run, tmp_path / "a")
+    assert a.shape == (3, 16, 16, 3) and np.array_equal(a, sample_npz(run / "pretrained", tmp_path / "b"))
+
+
 def test_converted_model_is_the_pretrained_flux_at_step_zero(setup):
     """The trainer's model at step 0, one stage (fm) vs two stages (dfm) on the coarse level: the FM adapter is the
     diffusers transformer unchanged."""
@@ -197,12 +213,13 @@ def test_lora_run_trains_only_lora_and_new_stage_params(setup, tmp_path):
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(setup, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert finetune(setup, whole, "dfm", 4, "-o", "train.ckpt_every=2") == 0
-    assert finetune(setup, parts, "dfm", 2, "-o", "train.ckpt_every=2") == 0
-    assert finetune(setup, parts, "dfm", 4, "-o", "train.ckpt_every=2", "--resume", "auto") == 0
-    a = load_file(whole / "checkpoints" / "step_00000004" / "model.safetensors")
-    b = load_file(parts / "checkpoints" / "step_00000004" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert finetune(setup, whole, "dfm", 4, "-o", "train.ckpt_every=2", "--ema") == 0
+    assert finetune(setup, parts, "dfm", 2, "-o", "train.ckpt_every=2", "--ema") == 0
+    assert finetune(setup, parts, "dfm", 4, "-o", "train.ckpt_every=2", "--ema", "--resume", "auto") == 0
+    for name in ("model.safetensors", "ema.safetensors"):  # the EMA (of the trainable weights) resumes too
+        a = load_file(whole / "checkpoints" / "step_00000004" / name)
+        b = load_file(parts / "checkpoints" / "step_00000004" / name)
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [[json.loads(r)["loss"] for r in (run / "metrics.jsonl").read_text().splitlines()]
               for run in (whole, parts)]  # fmt: skip
     assert losses[0] == losses[1] and len(losses[0]) == 4
@@ -272,3 +289,46 @@ def test_one_line_errors(setup, tmp_path, capsys):
     assert cli(["sample", str(tmp_path / "dit"), "--prompt", "a cat", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not text-conditioned" in err
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_flux_blocks_and_matches_one_process(setup, tmp_path):
+    """2 CPU processes (gloo) with FSDP2 over the FLUX blocks train the same steps as 1 process, and resume.
+
+    The latents' posterior std is zeroed: a posterior draw depends on the rank's slice of the batch (the latent data
+    set draws noise for the indices it is given), so only the posterior means are the same for 1 and 2 processes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    latents = tmp_path / "latents"
+    shutil.copytree(setup["latents"], latents)
+    for shard in latents.glob("train-*.safetensors"):
+        tensors = load_file(shard)
+        tensors["std"] = torch.zeros_like(tensors["std"])
+        save_file(tensors, shard)
+    setup = {**setup, "latents": latents}
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    assert finetune(setup, one, "dfm", 4) == 0
+    args = ["finetune", "--from", str(setup["flux"]), "--data", str(setup["latents"]), "--out", str(two),
+            "--batch-size", "2", "--precision", "fp32", "--no-progress", "-o", "train.log_every=1",
+            "-o", "train.num_sample_images=2", "-o", "train.threads=1", "-o", "method.steps=2,1",
+            "-o", "train.distributed=fsdp", "-o", "train.ckpt_every=2"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for steps, extra in ((2, []), (4, ["--resume", "auto"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dfm",
+               *args, "--steps", str(steps), *extra]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+    losses = [[json.loads(r)["loss"] for r in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    a = load_file(find_latest(one / "checkpoints") / "model.safetensors")
+    b = load_file(find_latest(two / "checkpoints") / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
