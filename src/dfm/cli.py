@@ -344,7 +344,7 @@ def _run_sample(args) -> int:
     if text_model:
         shape, chosen = _data_spec(cfg, Path(args.run))[0], conditions[torch.tensor(mine, dtype=torch.long)]
     else:
-        shape, chosen = (model.config.in_channels, *model.config.input_size), None
+        shape = (model.config.in_channels, *model.config.input_size)
         chosen = None if labels is None else [labels[i] for i in mine]
     images, previews = generate(
         model,
