@@ -15,4 +15,4 @@ fi
 if ! python -c 'import sys, torch; v = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(not (2, 4) <= v < (2, 14))' 2>/dev/null; then
   python -m pip install -q torch==2.13.0
 fi
-python -m pip install -q -e ".[test,eval,vae,video,serve]"
+python -m pip install -q -e ".[test,eval,vae,video,serve,finetune]"

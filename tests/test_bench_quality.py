@@ -125,6 +125,8 @@ def test_cli_shares_reference_statistics_and_never_reuses_stale_ones(tmp_path: P
               "--weights", f"fashion-cnn={classifier}", "--num-samples", "8"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "a")]) == 0
     assert "| Flow Matching | 1.0 |" in capsys.readouterr().out
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "Command: `dfm bench quality --preset smoke --methods fm --cache" in report  # the full command line
     refs = sorted(p.name for p in cache.glob("ref_*.npz"))
     assert len(refs) == 2 and all("_n64.npz" in r for r in refs)  # one per Fréchet extractor, smoke's 64 images
     stamp = {p: p.stat().st_mtime_ns for p in cache.glob("ref_*.npz")}

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -455,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["dfm", *argv])  # how the run was asked for, for reports
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, ImportError, TrainingError) as err:

@@ -579,12 +579,10 @@ def add_quality_parser(commands) -> None:
 
 
 def _run_quality_cli(args) -> int:
-    import sys
-
     settings = settings_from_args(args)
     out = args.out or (f"runs/bench-quality-{args.preset}{'-' + args.ablation if args.ablation else ''}"
                        f"{'-val' if args.reference == 'val' else ''}")  # fmt: skip
-    command = "dfm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("dfm") else "dfm bench quality"
+    command = getattr(args, "command_line", None) or "dfm bench quality"
     result = run_quality(settings, out, command=command, cache=args.cache, weights=dict(args.weights))
     print(result["report"])
     print(f"report: {Path(out) / 'report.md'}; plots: {', '.join(result['plots'])}")
