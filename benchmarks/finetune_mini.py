@@ -87,12 +87,18 @@ def main() -> int:
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: dfm finetune's, a tenth)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--loss-weighting",
+        choices=["edm", "velocity"],
+        default="edm",
+        help="method.loss_weighting of every run (default edm, the presets'; RESULTS' runs: velocity)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     common = ["--no-progress", "-o", f"train.threads={args.threads}", "-o", "train.sample_every=0",
-              "--resume", "auto"]  # fmt: skip
+              "-o", f"method.loss_weighting={args.loss_weighting}", "--resume", "auto"]  # fmt: skip
     pre = out / "pretrain-fm"
     assert cli(["train", "--preset", "quickstart-fm", "--out", str(pre), "--steps", str(args.pretrain_steps),
                 "-o", f"data.classes={','.join(map(str, OLD))}", "-o", f"train.ckpt_every={args.pretrain_steps}",
@@ -113,7 +119,7 @@ def main() -> int:
         name = "DFM" if method == "dfm" else "Flow Matching"
         for step in range(0, args.finetune_steps + 1, args.eval_every):
             if step == 0:  # the fine-tuning run before its first step: the pretrained weights (converted for DFM)
-                row = _step0(pre, method, out, ref, weights, args.num_samples)
+                row = _step0(pre, method, out, ref, weights, args.num_samples, args.loss_weighting)
             else:
                 ckpt = run / "checkpoints" / f"step_{step:08d}"
                 row = score(run, ckpt, out / "scores" / f"{method}-{step}.json", ref, weights, args.num_samples)
@@ -128,7 +134,7 @@ def main() -> int:
     return 0
 
 
-def _step0(pre: Path, method: str, out: Path, ref: list[str], weights: dict, n: int) -> dict:
+def _step0(pre: Path, method: str, out: Path, ref: list[str], weights: dict, n: int, weighting: str) -> dict:
     """Score the model a fine-tuning run starts from (its weights before the first step are not saved): for DFM,
     the trainer's conversion written as a step-0 checkpoint in a throw-away run directory."""
     cache = out / "scores" / f"{method}-0.json"
@@ -137,7 +143,8 @@ def _step0(pre: Path, method: str, out: Path, ref: list[str], weights: dict, n: 
     if method == "fm":  # plain fine-tuning starts from the pretrained weights as they are
         return score(pre, None, cache, ref, weights, n)
     cfg = finetune_config(RunConfig.load(pre / "config.json"), "dfm", steps=1)
-    cfg = apply_overrides(cfg, [f"train.init_from={pre}", "data.classes=5,6,7,8,9", "train.sample_every=0"])
+    cfg = apply_overrides(cfg, [f"train.init_from={pre}", "data.classes=5,6,7,8,9", "train.sample_every=0",
+                                f"method.loss_weighting={weighting}"])  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, progress=False)
         trainer.step = 0
