@@ -53,6 +53,7 @@ def part(name: str, args: argparse.Namespace) -> None:
              "--batch-size", "256", "--device", "cpu"])  # fmt: skip
     run(["bench", "quality", "--preset", "cpu", "--methods", "dfm,fm", "--seeds", "0", "--guidance", "1.0",
          "--steps", str(args.steps), "-o", f"data.dataset={latents}", "-o", "model.overrides.patch_size=2",
+         "-o", f"method.loss_weighting={args.loss_weighting}",
          *threads, "--out", str(out / f"bench-{name}")])  # fmt: skip
 
 
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--ae-lr", type=float, default=5e-4)
     p.add_argument("--steps", type=int, default=800, help="latent DFM / FM training steps (default 800)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--loss-weighting", choices=["edm", "velocity"], default="edm",
+                   help="loss of the latent runs (default edm, the presets'; RESULTS: velocity)")  # fmt: skip
     args = p.parse_args()
     if args.part == "report":
         report(Path(args.out))
