@@ -19,6 +19,7 @@ from dfm.bench.quality import (
     comparison_variants,
     ensure_references,
     reference_images,
+    run_config,
     run_quality,
     settings_from_args,
 )
@@ -76,6 +77,17 @@ def test_sampling_ablation_shares_one_training_run() -> None:
     assert len({v.run_key() for v in variants}) == 1
     assert len({v.run_key() for v in ABLATIONS["stage-probs"]()}) == 6  # 0.3, 0.5, 0.7, 0.8, 0.9, 0.95
     assert Variant("a", "fm").run_key() != Variant("a", "dfm").run_key()
+
+
+def test_each_method_trains_with_its_loss_unless_one_is_asked_for() -> None:
+    plain = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm,cascade"))
+    losses = {v.method: run_config(plain, v, 0).method.loss_weighting for v in plain.variants}
+    assert losses == {"dfm": "edm", "fm": "velocity", "cascade": "velocity"}  # each method's measured best
+    asked = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm", "-o", "method.loss_weighting=edm"))
+    assert {run_config(asked, v, 0).method.loss_weighting for v in asked.variants} == {"edm"}
+    velocity = settings_from_args(_parse("--preset", "smoke", "-o", "method.loss_weighting=velocity"))
+    assert {run_config(velocity, v, 0).method.method for v in velocity.variants} >= {"dfm", "fm"}
+    assert run_config(velocity, velocity.variants[0], 0).method.loss_weighting == "velocity"
 
 
 def test_settings_from_args_and_errors() -> None:

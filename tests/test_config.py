@@ -89,3 +89,12 @@ def test_three_stage_thresholds_must_increase() -> None:
 
 def test_ckpt_every_zero_means_only_at_the_end() -> None:
     assert apply_overrides(get_preset("quickstart"), ["train.ckpt_every=0"]).train.ckpt_every == 0
+
+
+def test_presets_train_each_method_with_its_measured_loss() -> None:
+    from dfm.config import get_preset, with_method
+
+    assert get_preset("quickstart").method.loss_weighting == "edm"  # DFM: EDM weighting (docs/RESULTS.md)
+    assert get_preset("quickstart-fm").method.loss_weighting == "velocity"  # Flow Matching: the velocity MSE
+    assert with_method(get_preset("fmnist-dfm"), "fm").method.loss_weighting == "velocity"
+    assert get_preset("imagenet512-b").method.loss_weighting == "velocity"  # the paper's presets keep its loss

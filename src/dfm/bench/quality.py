@@ -155,6 +155,9 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
 def run_config(settings: QualitySettings, variant: Variant, seed: int) -> RunConfig:
     # Shared settings first, then the method switch (so that e.g. DFM's steps become FM's total at equal NFE).
     cfg = with_method(apply_overrides(get_preset(settings.preset), _data_overrides(settings)), variant.method)
+    asked = [o for o in settings.overrides if o.startswith("method.loss_weighting=")]
+    if variant.method == "fm" and asked:  # the switch gives Flow Matching its own loss; one asked for with -o wins
+        cfg = apply_overrides(cfg, asked[-1:])
     every = settings.eval_steps[0] if settings.eval_steps else settings.steps
     extra = [f"train.steps={settings.steps}", f"train.seed={seed}", f"train.ckpt_every={every}",
              f"train.keep_last={len(settings.eval_steps) + 1}", "train.sample_every=0"]  # fmt: skip
