@@ -26,6 +26,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from dfm.bench.measure import hardware_info, hardware_line
 from dfm.cli import main as cli
 from dfm.data import is_latent_dir
@@ -58,7 +60,7 @@ def part(name: str, args: argparse.Namespace) -> None:
 
 
 def report(out: Path) -> dict:
-    table: dict = {"hardware": hardware_line(hardware_info()), "rows": {}}
+    table: dict = {"hardware": hardware_line(hardware_info(torch.device("cpu"))), "rows": {}}
     for name in PARTS:
         measured = json.loads((out / f"measure-{name}.json").read_text())
         rows = json.loads((out / f"bench-{name}" / "results.json").read_text())["rows"]
