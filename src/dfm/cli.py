@@ -130,7 +130,8 @@ def _fit(cfg: RunConfig, out: str, args) -> int:
         print(f"run directory: {run}")
         print(f"  samples:     {run / 'samples'}")
         print(f"  loss curve:  {run / 'loss.png'}")
-        print(f"  model:       {run / 'pretrained'}   (dfm sample {run} --seeds 0-63)")
+        how = '--prompt "..."' if cfg.model.backbone != "dit" else "--seeds 0-63"  # text models sample from prompts
+        print(f"  model:       {run / 'pretrained'}   (dfm sample {run} {how})")
     return 0
 
 
