@@ -143,6 +143,12 @@ def test_cli_shares_reference_statistics_and_never_reuses_stale_ones(tmp_path: P
     assert len(refs) == 2 and all("_n64.npz" in r for r in refs)  # one per Fréchet extractor, smoke's 64 images
     stamp = {p: p.stat().st_mtime_ns for p in cache.glob("ref_*.npz")}
     assert cli([*common, "--out", str(tmp_path / "b")]) == 0  # another bench: reuses the statistics
+    # The finished run in "a" was trained with the velocity loss: asking for another loss there must not score it.
+    capsys.readouterr()
+    assert cli([*common, "--out", str(tmp_path / "a"), "-o", "method.loss_weighting=edm"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with other settings (method.loss_weighting: velocity -> edm)" in err and "--out" in err
+    assert (tmp_path / "a" / "report.md").read_text() == report
     assert {p: p.stat().st_mtime_ns for p in cache.glob("ref_*.npz")} == stamp
     assert not list(cache.glob("fashion_cnn*"))  # the given classifier was used, none was trained
     fewer = settings_from_args(_parse("--preset", "smoke", "--methods", "fm"))

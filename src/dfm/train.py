@@ -398,29 +398,7 @@ class Trainer:
         saved = self.run_dir / CONFIG_FILE if resume == "auto" else path.parent.parent / CONFIG_FILE
         if saved.is_file():
             old = RunConfig.load(saved)
-            for key in ("level_std", "data_std"):  # measured at the start of the run: keep the run's values
-                if getattr(old.method, key) is not None and getattr(self.cfg.method, key) is None:
-                    setattr(self.cfg.method, key, getattr(old.method, key))
-            if old.method.method == self.cfg.method.method:  # what the run decided at its start, e.g. the
-                for key in get_method(old.method.method).decided_at_start:  # cascade's switch step
-                    if old.method.options.get(key) is not None and self.cfg.method.options.get(key) is None:
-                        self.cfg.method.options[key] = old.method.options[key]
-            diffs = _config_diff(
-                old,
-                self.cfg,
-                ignore={
-                    "train.steps",
-                    "train.log_every",
-                    "train.sample_every",
-                    "train.ckpt_every",
-                    "train.keep_last",
-                    "train.tensorboard",
-                    "train.threads",
-                    "train.num_sample_images",
-                    "preset",
-                    *SAMPLING_SETTINGS,
-                },
-            )
+            diffs = resume_conflicts(old, self.cfg)
             if diffs:
                 raise TrainingError(
                     f"checkpoint {path} was trained with another config ({'; '.join(diffs[:4])}): "
@@ -781,6 +759,36 @@ class Trainer:
             self.cfg.save(self.run_dir / "pretrained" / METHOD_FILE)
             shutil.copyfile(self.run_dir / DATA_SPEC_FILE, self.run_dir / "pretrained" / DATA_SPEC_FILE)
         return self.run_dir
+
+
+#: Settings a resumed run may change: bookkeeping, threads, the preset's name and what only the sampler reads.
+RESUMABLE_SETTINGS = {
+    "train.steps",
+    "train.log_every",
+    "train.sample_every",
+    "train.ckpt_every",
+    "train.keep_last",
+    "train.tensorboard",
+    "train.threads",
+    "train.num_sample_images",
+    "preset",
+    *SAMPLING_SETTINGS,
+}
+
+
+def resume_conflicts(old: RunConfig, cfg: RunConfig) -> list[str]:
+    """How ``cfg`` differs from the config a run was trained with (``old``), as ``key: old -> new`` lines; empty
+    when it may continue that run. What the run measured or decided at its start (level and data stds, e.g. the
+    cascade's switch step) is copied into ``cfg`` where ``cfg`` leaves it open."""
+
+    for key in ("level_std", "data_std"):  # measured at the start of the run: keep the run's values
+        if getattr(old.method, key) is not None and getattr(cfg.method, key) is None:
+            setattr(cfg.method, key, getattr(old.method, key))
+    if old.method.method == cfg.method.method:
+        for key in get_method(old.method.method).decided_at_start:
+            if old.method.options.get(key) is not None and cfg.method.options.get(key) is None:
+                cfg.method.options[key] = old.method.options[key]
+    return _config_diff(old, cfg, ignore=RESUMABLE_SETTINGS)
 
 
 def _config_diff(a: RunConfig, b: RunConfig, ignore: set[str]) -> list[str]:

@@ -17,6 +17,7 @@ continues where it stopped. The report (``report.md``, ``results.json``, plots) 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -43,7 +44,7 @@ from dfm.eval.weights import sha256_file
 from dfm.factory import make_decomposition, make_model, make_objective
 from dfm.generate import data_padding, default_labels, generate, load_run, make_decoder
 from dfm.outputs import crop_border
-from dfm.train import Trainer
+from dfm.train import CONFIG_FILE, Trainer, TrainingError, resume_conflicts
 
 METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
 #: Videos: the image metrics frame by frame, plus temporal consistency (FVD needs I3D weights: see docs).
@@ -257,6 +258,13 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> floa
     timing = run_dir / "bench_time.json"
     spent = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else 0.0
     latest = find_latest(run_dir / "checkpoints")
+    if latest is not None and (run_dir / CONFIG_FILE).is_file():
+        # Run directories are named by method and variant, not by every -o / --reference: a run trained with
+        # other settings must not be scored (or resumed) as if it were this one.
+        diffs = resume_conflicts(RunConfig.load(run_dir / CONFIG_FILE), copy.deepcopy(cfg))
+        if diffs:
+            raise TrainingError(f"{run_dir} was trained with other settings ({'; '.join(diffs[:3])}): give this "
+                                f"bench another --out, or the same settings as that run")  # fmt: skip
     if latest is not None and load_checkpoint(latest)["state"]["step"] >= cfg.train.steps:
         return spent
     log(f"training {run_dir.name} ({cfg.method.method}, seed {cfg.train.seed}, {cfg.train.steps} steps)")
