@@ -4,7 +4,9 @@ Reads the ``results.json`` of one or more ``dfm bench quality`` runs (rows at gu
 prints a Markdown table of both methods' distances and their ratio per step, and plots the ratio against steps
 (1.0 = parity; below 1 DFM is better).
 
-Run: ``python benchmarks/plot_ratio.py runs/bench-budget/results.json --out docs/images/ratio.png``
+Run: ``python benchmarks/plot_ratio.py runs/bench-budget/results.json --out docs/images/ratio.png``, or, to compare
+several DFM runs each against its own Flow Matching run (one line each, one panel per Fréchet distance):
+``python benchmarks/plot_ratio.py --pair "32 px=runs/a,runs/a-fm" --pair "64 px=runs/b,runs/b-fm" --out r.png``
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from collections import defaultdict
 from pathlib import Path
 
 METRICS = ("fd_efficientnet-lite0", "fd_fashion-cnn")
+TITLES = {
+    "fd_efficientnet-lite0": "ImageNet-feature FD (EfficientNet-Lite0)",
+    "fd_fashion-cnn": "domain FD (Fashion-MNIST CNN)",
+}
 
 
 def collect(files: list[str], dfm: str, fm: str) -> dict[str, dict[str, dict[int, float]]]:
@@ -36,40 +42,90 @@ def collect(files: list[str], dfm: str, fm: str) -> dict[str, dict[str, dict[int
             for m, by in values.items()}  # fmt: skip
 
 
+def _table(data: dict, dfm: str, fm: str, label: str = "") -> dict[str, list[tuple[int, float]]]:
+    """Print one Markdown row per metric and step; return {metric: [(step, ratio)]} over the steps both have."""
+    ratios = {}
+    for metric, by in data.items():
+        steps = sorted(set(by.get(dfm, {})) & set(by.get(fm, {})))
+        ratios[metric] = [(s, by[dfm][s] / by[fm][s]) for s in steps]
+        for s, r in ratios[metric]:
+            print(f"| {label + ' | ' if label else ''}{metric} | {s} | {by[dfm][s]:.1f} | {by[fm][s]:.1f} | {r:.3f} |")
+    return ratios
+
+
+def _pair(text: str) -> tuple[str, str, str]:
+    label, sep, dirs = text.partition("=")
+    parts = dirs.split(",")
+    if not sep or not label or len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"--pair {text!r}: expected LABEL=DFM_DIR,FM_DIR")
+    return label, parts[0], parts[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", nargs="+", help="results.json files of dfm bench quality, or its --out directories")
+    parser.add_argument("results", nargs="*", help="results.json files of dfm bench quality, or its --out directories")
+    parser.add_argument(
+        "--pair",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="LABEL=DFM_DIR,FM_DIR",
+        help="a DFM bench output and the Flow Matching one it is compared with (repeatable)",
+    )
     parser.add_argument("--dfm", default="DFM", help="variant name of DFM (default DFM)")
     parser.add_argument("--fm", default="Flow Matching", help="variant name of Flow Matching")
     parser.add_argument("--out", help="PNG of the ratio against steps")
     parser.add_argument("--title", default="DFM / Flow Matching")
     args = parser.parse_args()
+    if bool(args.results) == bool(args.pair):
+        parser.error("give either results files / directories or --pair LABEL=DFM_DIR,FM_DIR (not both)")
 
-    data = collect(args.results, args.dfm, args.fm)
-    if not data:
-        raise SystemExit(f"no rows of {args.dfm!r} and {args.fm!r} at guidance 1.0 in {args.results}")
-    print("| metric | step | DFM | Flow Matching | DFM / FM |")
-    print("|---|---|---|---|---|")
-    ratios = {}
-    for metric, by in data.items():
-        steps = sorted(set(by.get(args.dfm, {})) & set(by.get(args.fm, {})))
-        ratios[metric] = [(s, by[args.dfm][s] / by[args.fm][s]) for s in steps]
-        for s, r in ratios[metric]:
-            print(f"| {metric} | {s} | {by[args.dfm][s]:.1f} | {by[args.fm][s]:.1f} | {r:.3f} |")
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}  # {label: {metric: [(step, ratio)]}}
+    if args.pair:
+        print("| run | metric | step | DFM | Flow Matching | DFM / FM |")
+        print("|---|---|---|---|---|---|")
+        for label, dfm_dir, fm_dir in args.pair:
+            dfm, fm = collect([dfm_dir], args.dfm, args.fm), collect([fm_dir], args.dfm, args.fm)
+            data = {m: {args.dfm: dfm.get(m, {}).get(args.dfm, {}), args.fm: fm.get(m, {}).get(args.fm, {})}
+                    for m in METRICS}  # fmt: skip
+            series[label] = _table(data, args.dfm, args.fm, label)
+            if not any(series[label].values()):
+                raise SystemExit(f"--pair {label}: no step scored for both {args.dfm!r} in {dfm_dir} and "
+                                 f"{args.fm!r} in {fm_dir} at guidance 1.0")  # fmt: skip
+    else:
+        data = collect(args.results, args.dfm, args.fm)
+        if not data:
+            raise SystemExit(f"no rows of {args.dfm!r} and {args.fm!r} at guidance 1.0 in {args.results}")
+        print("| metric | step | DFM | Flow Matching | DFM / FM |")
+        print("|---|---|---|---|---|")
+        series[""] = _table(data, args.dfm, args.fm)
     if args.out:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
-        for metric, points in ratios.items():
-            ax.plot([s for s, _ in points], [r for _, r in points], marker="o", label=metric)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("optimiser steps")
-        ax.set_ylabel("FD ratio DFM / FM (lower: DFM better)")
-        ax.set_title(args.title)
-        ax.legend(fontsize=8)
+        metrics = [m for m in METRICS if any(r.get(m) for r in series.values())]
+        if args.pair:  # one panel per metric, one line per pair
+            fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), dpi=120, squeeze=False)
+            for ax, metric in zip(axes[0], metrics, strict=True):
+                for label, ratios in series.items():
+                    points = ratios.get(metric, [])
+                    ax.plot([s for s, _ in points], [r for _, r in points], marker="o", label=label)
+                ax.set_title(f"{args.title}: {TITLES.get(metric, metric)}", fontsize=9)
+            axes[0][0].legend(fontsize=7)
+        else:  # one panel, one line per metric
+            fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
+            axes = [[ax]]
+            for metric, points in series[""].items():
+                ax.plot([s for s, _ in points], [r for _, r in points], marker="o", label=metric)
+            ax.set_title(args.title)
+            ax.legend(fontsize=8)
+        for ax in axes[0]:
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.axhline(0.9, color="tab:green", lw=0.8, ls=":")
+            ax.set_xlabel("optimiser steps")
+            ax.set_ylabel("FD ratio DFM / FM (lower: DFM better)")
         fig.tight_layout()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.out)
