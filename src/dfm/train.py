@@ -5,7 +5,8 @@ Run it as ``dfm train --preset quickstart`` or ``torchrun --nproc_per_node 8 -m 
 Reproducibility: all randomness of step k (which images, main stages, times, noise, label dropout) is drawn from
 generators seeded by (seed, k) for the whole global batch, and each rank takes its slice. A run resumed from a
 checkpoint therefore continues exactly as if it had never stopped, and 2 processes compute the same steps as 1
-process at the same global batch.
+process at the same global batch. Data augmentation (flips, latent posterior draws) is the exception: each rank
+draws it for its own slice from the step's data generator, so it matches across world sizes only in distribution.
 
 Diffusers backbones (``model.backbone=flux|sd3``, :mod:`dfm.adapters`, set up by ``dfm finetune --from DIR``): the
 model is the transformer of ``model.pretrained`` converted to the method's stages, trained on text latents
