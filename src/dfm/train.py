@@ -399,6 +399,7 @@ class Trainer:
         saved = self.run_dir / CONFIG_FILE if resume == "auto" else path.parent.parent / CONFIG_FILE
         if saved.is_file():
             old = RunConfig.load(saved)
+            adopt_run_measurements(old, self.cfg)
             diffs = resume_conflicts(old, self.cfg)
             if diffs:
                 raise TrainingError(
@@ -777,18 +778,25 @@ RESUMABLE_SETTINGS = {
 }
 
 
-def resume_conflicts(old: RunConfig, cfg: RunConfig) -> list[str]:
-    """How ``cfg`` differs from the config a run was trained with (``old``), as ``key: old -> new`` lines; empty
-    when it may continue that run. What the run measured or decided at its start (level and data stds, e.g. the
-    cascade's switch step) is copied into ``cfg`` where ``cfg`` leaves it open."""
+def adopt_run_measurements(old: RunConfig, cfg: RunConfig) -> None:
+    """Copy into ``cfg``, where it leaves them open, what a run measured or decided at its start (``old``): the
+    level and data stds, and e.g. the cascade's switch step."""
 
-    for key in ("level_std", "data_std"):  # measured at the start of the run: keep the run's values
+    for key in ("level_std", "data_std"):
         if getattr(old.method, key) is not None and getattr(cfg.method, key) is None:
             setattr(cfg.method, key, getattr(old.method, key))
     if old.method.method == cfg.method.method:
         for key in get_method(old.method.method).decided_at_start:
             if old.method.options.get(key) is not None and cfg.method.options.get(key) is None:
                 cfg.method.options[key] = old.method.options[key]
+
+
+def resume_conflicts(old: RunConfig, cfg: RunConfig) -> list[str]:
+    """How ``cfg`` differs from the config a run was trained with (``old``), as ``key: old -> new`` lines; empty
+    when it may continue that run. ``cfg`` is not changed; what the run measured at its start is not a conflict."""
+
+    cfg = copy.deepcopy(cfg)
+    adopt_run_measurements(old, cfg)
     return _config_diff(old, cfg, ignore=RESUMABLE_SETTINGS)
 
 

@@ -17,7 +17,6 @@ continues where it stopped. The report (``report.md``, ``results.json``, plots) 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -261,7 +260,7 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> floa
     if latest is not None and (run_dir / CONFIG_FILE).is_file():
         # Run directories are named by method and variant, not by every -o / --reference: a run trained with
         # other settings must not be scored (or resumed) as if it were this one.
-        diffs = resume_conflicts(RunConfig.load(run_dir / CONFIG_FILE), copy.deepcopy(cfg))
+        diffs = resume_conflicts(RunConfig.load(run_dir / CONFIG_FILE), cfg)
         if diffs:
             raise TrainingError(f"{run_dir} was trained with other settings ({'; '.join(diffs[:3])}): give this "
                                 f"bench another --out, or the same settings as that run")  # fmt: skip
