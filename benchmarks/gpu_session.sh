@@ -9,7 +9,7 @@
 # Every part runs even when an earlier one fails; everything lands in $OUT (results.tgz holds the reports, plots,
 # scores and sample grids, not the checkpoints).
 #
-# Usage: OUT=dir [QUALITY_SECONDS=240] [QUALITY_TIMEOUT=s] [MAX_STEPS=20000] [DEVICE=cuda] [DFM_DATA_DIR=...] [CACHE=...] \
+# Usage: OUT=dir [QUALITY_SECONDS=240] [QUALITY_THREADS=4] [FIXED_STEPS=n] [SKIP_SPEED=1] [QUALITY_TIMEOUT=s] [MAX_STEPS=20000] [DEVICE=cuda] [DFM_DATA_DIR=...] [CACHE=...] \
 #        bash benchmarks/gpu_session.sh
 #   DFM_DATA_DIR: a folder holding fashion-mnist/ (default: the usual search, /usr/share/datasets/fashion-mnist);
 #   CACHE: a bench cache to start from (the domain classifier, reference statistics), copied once per method.
@@ -20,6 +20,10 @@ DEVICE=${DEVICE:-cuda}
 QUALITY_SECONDS=${QUALITY_SECONDS:-240}
 MAX_STEPS=${MAX_STEPS:-20000}
 PY=${PYTHON:-python3}
+# CPU threads per quality process. Two processes with torch's default (one thread per core each) oversubscribe the
+# cores, and the many small CPU ops of a training step (data, noise draws, logging) then made a step ~10 s instead
+# of ~25 ms on the H200 machine (16 cores).
+QUALITY_THREADS=${QUALITY_THREADS:-4}
 WORK=${WORK:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
@@ -51,12 +55,13 @@ platform.python_version()); print(torch.cuda.get_device_name(0) if torch.cuda.is
 } > "$OUT/hardware.txt" 2>&1
 cat "$OUT/hardware.txt"
 
+if [ "${SKIP_SPEED:-0}" = 1 ]; then SPEED_CMD=(true); MINI_CMD=(true); else SPEED_CMD=(timeout 180); MINI_CMD=(timeout 120); fi
 stamp "1. speed bench: ${SPEED[*]}"
-timeout 180 "$PY" -m dfm.cli bench speed --device "$DEVICE" "${SPEED[@]}" --out "$WORK/speed-xl" 2>&1 \
+"${SPEED_CMD[@]}" "$PY" -m dfm.cli bench speed --device "$DEVICE" "${SPEED[@]}" --out "$WORK/speed-xl" 2>&1 \
     | tee "$OUT/speed-xl.log"
 
 stamp "2. step time of the gpu preset's model: ${MINI[*]}"
-timeout 120 "$PY" -m dfm.cli bench speed --device "$DEVICE" "${MINI[@]}" --out "$WORK/speed-mini" 2>&1 \
+"${MINI_CMD[@]}" "$PY" -m dfm.cli bench speed --device "$DEVICE" "${MINI[@]}" --out "$WORK/speed-mini" 2>&1 \
     | tee "$OUT/speed-mini.log"
 STEPS=$("$PY" - "$WORK/speed-mini/speed.json" "$QUALITY_SECONDS" "$STEP_OVERHEAD" "$MAX_STEPS" <<'EOF'
 import json, sys
@@ -70,11 +75,12 @@ print(max(100, min(cap, int(seconds / (step * overhead)) // 100 * 100)))
 EOF
 )
 [ "${SMOKE:-0}" = 1 ] && STEPS=4
+STEPS=${FIXED_STEPS:-$STEPS}
 stamp "3. quality: ${QUALITY[*]} --seeds 0 --steps $STEPS, dfm and fm side by side"
 for m in dfm fm; do
     if [ -n "${CACHE:-}" ]; then mkdir -p "$WORK/cache-$m" && cp -r "$CACHE"/. "$WORK/cache-$m/"; fi
     timeout "${QUALITY_TIMEOUT:-$((QUALITY_SECONDS * 2 + 120))}" "$PY" -m dfm.cli bench quality "${QUALITY[@]}" --seeds 0 --methods $m \
-        --steps "$STEPS" --device "$DEVICE" --cache "$WORK/cache-$m" --out "$WORK/quality-$m" \
+        --steps "$STEPS" --device "$DEVICE" --threads "$QUALITY_THREADS" --cache "$WORK/cache-$m" --out "$WORK/quality-$m" \
         > "$OUT/quality-$m.log" 2>&1 &
 done
 wait
