@@ -20,9 +20,8 @@ DEVICE=${DEVICE:-cuda}
 QUALITY_SECONDS=${QUALITY_SECONDS:-240}
 MAX_STEPS=${MAX_STEPS:-20000}
 PY=${PYTHON:-python3}
-# CPU threads per quality process. Two processes with torch's default (one thread per core each) oversubscribe the
-# cores, and the many small CPU ops of a training step (data, noise draws, logging) then made a step ~10 s instead
-# of ~25 ms on the H200 machine (16 cores).
+# CPU threads per quality process: two processes with torch's default (one per core each) would oversubscribe the
+# cores for the CPU side of a step (data, noise draws, logging).
 QUALITY_THREADS=${QUALITY_THREADS:-4}
 WORK=${WORK:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1

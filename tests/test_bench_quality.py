@@ -72,6 +72,27 @@ def test_smoke_bench_runs_caches_and_reports(tmp_path: Path, classifier: str) ->
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)
 
 
+def test_training_runs_on_the_bench_device(tmp_path: Path, monkeypatch) -> None:
+    # `--device cuda` once trained on the CPU (the Trainer's default) and only scored on the GPU.
+    import dfm.bench.quality as quality
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, cfg, run_dir, resume, dist_info, progress):
+            seen.append(dist_info.device)
+            Path(run_dir).mkdir(parents=True)
+
+        def fit(self):
+            return None
+
+    monkeypatch.setattr(quality, "Trainer", Recorder)
+    cfg = run_config(QualitySettings(**BENCH_PRESETS["smoke"]), comparison_variants()[0], seed=0)
+    quality.train_run(cfg, tmp_path / "cuda-run", log=lambda line: None, device="cuda")
+    quality.train_run(cfg, tmp_path / "cpu-run", log=lambda line: None)
+    assert seen == [torch.device("cuda"), torch.device("cpu")]
+
+
 def test_sampling_ablation_shares_one_training_run() -> None:
     variants = ABLATIONS["sampling"]()
     assert len({v.run_key() for v in variants}) == 1

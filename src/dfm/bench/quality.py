@@ -43,7 +43,7 @@ from dfm.eval.weights import sha256_file
 from dfm.factory import make_decomposition, make_model, make_objective
 from dfm.generate import data_padding, default_labels, generate, load_run, make_decoder
 from dfm.outputs import crop_border
-from dfm.train import CONFIG_FILE, Trainer, TrainingError, resume_conflicts
+from dfm.train import CONFIG_FILE, Dist, Trainer, TrainingError, resume_conflicts
 
 METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
 #: Videos: the image metrics frame by frame, plus temporal consistency (FVD needs I3D weights: see docs).
@@ -251,8 +251,8 @@ def ensure_references(cache: Path, settings: QualitySettings, weights: dict[str,
     return [*refs, images]
 
 
-def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> float:
-    """Train (or finish) one run; returns the wall time spent training it, summed over resumes."""
+def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], device: str = "cpu") -> float:
+    """Train (or finish) one run on ``device``; returns the wall time spent training it, summed over resumes."""
 
     timing = run_dir / "bench_time.json"
     spent = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else 0.0
@@ -268,7 +268,8 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None]) -> floa
         return spent
     log(f"training {run_dir.name} ({cfg.method.method}, seed {cfg.train.seed}, {cfg.train.steps} steps)")
     tic = time.perf_counter()
-    Trainer(cfg, run_dir, resume="auto", progress=False).fit()
+    # The bench's device, not the Trainer's default (the CPU): --device cuda trains on the GPU, not only scores there.
+    Trainer(cfg, run_dir, resume="auto", dist_info=Dist(device=torch.device(device)), progress=False).fit()
     spent += time.perf_counter() - tic
     timing.write_text(json.dumps({"train_seconds": spent}) + "\n")
     return spent
@@ -471,7 +472,7 @@ def run_quality(
         for variant in settings.variants:
             cfg = run_config(settings, variant, seed)
             run_dir = out / "runs" / f"{variant.run_key()}-s{seed}"
-            seconds = train_run(cfg, run_dir, log)
+            seconds = train_run(cfg, run_dir, log, settings.device)
 
             model, run_cfg = load_run(run_dir)  # the run's own config holds what it measured (data_std)
             shape = (model.config.in_channels, *model.config.input_size)
