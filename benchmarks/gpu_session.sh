@@ -5,11 +5,12 @@
 #   2. the training-step time of the `gpu` quality preset's model at its batch (DiT-Mini, 32x32x1, batch 256, bf16);
 #   3. a time-boxed version of `dfm bench quality --preset gpu`: seed 0, DFM and Flow Matching trained side by side
 #      (one process each, so the two share the GPU), with the number of optimiser steps chosen from step 2 so that
-#      training fits in QUALITY_SECONDS (the full preset is 3 seeds x 20,000 steps).
+#      training fits in QUALITY_SECONDS (the full preset is 3 seeds x 20,000 steps); QUALITY_ARGS replaces the
+#      preset and its options.
 # Every part runs even when an earlier one fails; everything lands in $OUT (results.tgz holds the reports, plots,
 # scores and sample grids, not the checkpoints).
 #
-# Usage: OUT=dir [QUALITY_SECONDS=240] [QUALITY_THREADS=4] [FIXED_STEPS=n] [SKIP_SPEED=1] [QUALITY_TIMEOUT=s] [MAX_STEPS=20000] [DEVICE=cuda] [DFM_DATA_DIR=...] [CACHE=...] \
+# Usage: OUT=dir [QUALITY_SECONDS=240] [QUALITY_ARGS='--preset ...'] [QUALITY_THREADS=4] [FIXED_STEPS=n] [SKIP_SPEED=1] [QUALITY_TIMEOUT=s] [MAX_STEPS=20000] [DEVICE=cuda] [DFM_DATA_DIR=...] [CACHE=...] \
 #        bash benchmarks/gpu_session.sh
 #   DFM_DATA_DIR: a folder holding fashion-mnist/ (default: the usual search, /usr/share/datasets/fashion-mnist);
 #   CACHE: a bench cache to start from (the domain classifier, reference statistics), copied once per method.
@@ -40,6 +41,9 @@ else
     # The preset's model, batch, optimiser and sampler; fewer evaluations (2 points, 5,000 samples, guidance 1.0
     # and 1.5 at the end) so that scoring stays a small part of the box.
     QUALITY=(--preset gpu --eval-points 2 --num-samples 5000 --guidance 1.0,1.5)
+    # Or another comparison, e.g. the CPU study's settings far past a CPU's budget:
+    #   QUALITY_ARGS="--preset cpu --guidance 1.0 --eval-points 8" FIXED_STEPS=25600
+    if [ -n "${QUALITY_ARGS:-}" ]; then read -r -a QUALITY <<< "$QUALITY_ARGS"; fi
     # The bench's loop costs more than the bare step (EMA, data, logging, the evaluations), and the two processes
     # share the GPU: budget 2x the measured step.
     STEP_OVERHEAD=${STEP_OVERHEAD:-2}
