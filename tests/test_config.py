@@ -69,6 +69,11 @@ def test_config_files_from_before_the_method_setting_keep_their_preconditioning(
         ("method.solver=rk4", "choose euler or heun"),
         ("train.log_every=0", "train.log_every=0 must be >= 1"),
         ("train.ckpt_every=-1", "train.ckpt_every and train.sample_every must be >= 0"),
+        ("optim.lr=nan", "lr must be > 0"),
+        ("optim.lr=inf", "lr must be > 0"),
+        ("optim.betas=1.5,0.9", "optim.betas=(1.5, 0.9): give two values in [0, 1)"),
+        ("optim.eps=0", "eps must be > 0 (got 0.0)"),
+        ("optim.weight_decay=-1", "weight_decay >= 0 (got -1.0)"),
     ],
 )
 def test_sampling_and_logging_settings_are_validated_up_front(override: str, message: str) -> None:

@@ -406,8 +406,12 @@ def validate(cfg: RunConfig) -> None:
                 f"model.overrides.{name}={value!r} must be of type {kind}: give it as e.g. true, 2, 0.5 or 2,1"
             )
     _validate_backbone(cfg)
-    if o.lr <= 0 or o.warmup_steps < 0 or o.grad_clip < 0 or not 0 <= o.ema_decay < 1:
+    if not (math.isfinite(o.lr) and o.lr > 0) or o.warmup_steps < 0 or not o.grad_clip >= 0 or not 0 <= o.ema_decay < 1:
         raise ValueError("optim: lr must be > 0, warmup_steps >= 0, grad_clip >= 0 and ema_decay in [0, 1)")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ValueError(f"optim.betas={o.betas}: give two values in [0, 1), e.g. 0.9,0.99")
+    if not (math.isfinite(o.eps) and o.eps > 0) or not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise ValueError(f"optim: eps must be > 0 (got {o.eps}) and weight_decay >= 0 (got {o.weight_decay})")
 
 
 def _validate_backbone(cfg: RunConfig) -> None:
