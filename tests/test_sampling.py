@@ -81,11 +81,15 @@ def test_euler_converges_first_order(errors):
 
 def test_heun_beats_euler_and_converges_second_order(errors):
     e, h = errors["euler"], errors["heun"]
-    assert all(hh < ee / 2 for hh, ee in zip(h, e)), (h, e)  # equal steps
-    assert all(hh < ee for hh, ee in zip(h, e[1:])), (h, e)  # equal model evaluations
+    # Heun's last step is an Euler step (it ends at t = 1, where a trained network is not asked), which costs it
+    # accuracy on coarse grids only: better than Euler at equal steps everywhere, by 2x from (20, 8) on, and at
+    # equal model evaluations (2N - 1 against 2N) from (20, 8) on.
+    assert all(hh < ee for hh, ee in zip(h, e)), (h, e)
+    assert all(hh < ee / 2 for hh, ee in zip(h[2:], e[2:])), (h, e)
+    assert all(hh < ee for hh, ee in zip(h[2:], e[3:])), (h, e)
     assert all(a > b for a, b in zip(h, h[1:])), h
     assert 1.6 < math.log2(h[-2] / h[-1]) < 2.4, h
-    assert h[-1] < 1e-3
+    assert h[-1] < 2e-3
 
 
 def test_one_stage_flow_matching():
@@ -94,7 +98,7 @@ def test_one_stage_flow_matching():
     h = [run_error(dec, StageSchedule.single(n), "heun") for n in (10, 20, 40)]
     assert e[0] > e[1] > e[2] and 0.8 < math.log2(e[1] / e[2]) < 1.3, e
     assert h[0] > h[1] > h[2] and 1.6 < math.log2(h[1] / h[2]) < 2.4, h
-    assert all(hh < ee / 10 for hh, ee in zip(h, e))
+    assert all(hh < ee / 9 for hh, ee in zip(h, e)) and h[2] < e[2] / 40, (h, e)
 
 
 def test_three_stage_schedule_converges():
@@ -107,17 +111,21 @@ def test_large_batch_matches_the_data_distribution():
     dec = LaplacianPyramid(2)
     shape = (4096, 1, 4, 4)  # 16384 coarse and 65536 fine values: 4 standard errors < 0.02
     sched = StageSchedule((30, 10), (0.7,))
-    out = sample(GaussianField(), dec, sched, shape, solver="heun", generator=gen(0))
+    out = sample(GaussianField(), dec, StageSchedule((30, 30), (0.7,)), shape, solver="heun", generator=gen(0))
     for s, lv in enumerate(out.levels):
         assert lv.mean().item() == pytest.approx(MU[s], abs=0.02)
         assert lv.std().item() == pytest.approx(SIGMA[s], abs=0.015)
+    # Heun with 30 + 10: its last step (an Euler step, as it ends at t = 1) leaves the fine level a little
+    # under-dispersed, far less than Euler's 30 + 10 below
+    heun_fine = sample(GaussianField(), dec, sched, shape, solver="heun", generator=gen(0)).levels[1].std().item()
+    assert 0.9 * SIGMA[1] < heun_fine < SIGMA[1]
     # Euler with the paper's 30 + 10 steps: right means and coarse spread, but only 10 steps for the fine stage
     # leave it under-dispersed (the "flattened fine textures" of method.md section 6)
     out = sample(GaussianField(), dec, sched, shape, generator=gen(0))
     for s, lv in enumerate(out.levels):
         assert lv.mean().item() == pytest.approx(MU[s], abs=0.02)
     assert out.levels[0].std().item() == pytest.approx(SIGMA[0], abs=0.03)
-    assert 0.7 * SIGMA[1] < out.levels[1].std().item() < SIGMA[1]
+    assert 0.7 * SIGMA[1] < out.levels[1].std().item() < heun_fine
 
 
 def gen(seed):
@@ -195,7 +203,10 @@ def test_inactive_stages_are_fed_zeros_and_main_stage_is_the_schedules(solver):
     field = GaussianField()
     sample(field, dec, sched, (2, 1, 8, 8), solver=solver, generator=gen(1))
     per_step = 2 if solver == "heun" else 1
-    assert len(field.calls) == per_step * sched.num_steps
+    # Heun's last step ends on the data (t = 1), where training never goes: it is an Euler step, so the network is
+    # never asked for a velocity at t = 1.
+    assert len(field.calls) == per_step * sched.num_steps - (per_step - 1)
+    assert all((t < 1).all() for _, t, _, _ in field.calls)
     for i, (levels, t, y, main_stage) in enumerate(field.calls):
         n, second = divmod(i, per_step)
         generated = sched.main_stage[n].item()

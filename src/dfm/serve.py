@@ -42,7 +42,7 @@ from dfm.data.fashion_mnist import CLASS_NAMES as FASHION_NAMES
 from dfm.factory import make_decomposition
 from dfm.generate import data_padding, generate, load_run, make_decoder, previews_exact
 from dfm.outputs import crop_border
-from dfm.sampling import SOLVERS
+from dfm.sampling import SOLVERS, network_evaluations
 from dfm.visual import image_grid, upsample_to
 
 MAX_IMAGES = 16
@@ -176,7 +176,7 @@ class Server:
             else ([r.class_label] * len(seeds) if r.class_label is not None else [s % self.num_classes for s in seeds])
         )
         steps = r.steps or list(self.cfg.method.steps)
-        total = sum(steps) * (2 if r.solver == "heun" else 1)
+        total = network_evaluations(steps, r.solver)
         nrow = min(len(seeds), 4)
         tic = time.perf_counter()
         self.model.job, self.model.calls = job, 0

@@ -445,7 +445,7 @@ def _integrate_window(velocity, x: Tensor, window: tuple[float, float], n: int, 
     for i in range(n):
         tau0, tau1 = i / n, (i + 1) / n
         (x,), (v,) = ode_step(lambda xs, tau: [velocity(xs[0], lo + tau * (hi - lo))], [x], tau0, tau1,
-                              [tau1 - tau0], solver)  # fmt: skip
+                              [tau1 - tau0], solver, ends_clean=i == n - 1 and hi >= 1.0)  # fmt: skip
     return x, v
 
 

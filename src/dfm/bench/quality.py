@@ -43,6 +43,7 @@ from dfm.eval.weights import sha256_file
 from dfm.factory import make_decomposition, make_model, make_objective
 from dfm.generate import data_padding, default_labels, generate, load_run, make_decoder
 from dfm.outputs import crop_border
+from dfm.sampling import network_evaluations
 from dfm.train import CONFIG_FILE, Dist, Trainer, TrainingError, resume_conflicts
 
 METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
@@ -316,7 +317,9 @@ def evaluate_checkpoint(
                         weights=weights, download=False, progress=False, swd=SWDConfig(min_resolution=8))  # fmt: skip
     result = evaluate(image_set, refs, config)
     row = {"variant": variant.name, "method": variant.method, "seed": run_cfg.train.seed, "step": step,
-           "guidance": guidance, "nfe": sum(sample.get("steps") or run_cfg.method.steps) * (1 if guidance == 1 else 2),
+           "guidance": guidance, "nfe": network_evaluations(sample.get("steps") or run_cfg.method.steps,
+                                                       sample.get("solver") or run_cfg.method.solver)
+                                   * (1 if guidance == 1 else 2),
            "sample_seconds": sample_seconds, **result["scores"]}  # fmt: skip
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp")

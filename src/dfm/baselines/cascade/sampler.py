@@ -24,7 +24,8 @@ def _integrate(velocity, x: Tensor, steps: int, solver: str) -> Tensor:
     """Integrate dx/dt = velocity(x, t) from t = 0 to 1 on a uniform grid of ``steps`` steps."""
     for i in range(steps):
         t0, t1 = i / steps, (i + 1) / steps
-        (x,), _ = ode_step(lambda xs, t: [velocity(xs[0], t)], [x], t0, t1, [t1 - t0], solver)
+        last = i == steps - 1
+        (x,), _ = ode_step(lambda xs, t: [velocity(xs[0], t)], [x], t0, t1, [t1 - t0], solver, ends_clean=last)
     return x
 
 
