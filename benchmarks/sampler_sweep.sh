@@ -10,12 +10,15 @@
 #                    training images, so that a choice made here is not made on the test split; add
 #                    fashion-mnist:test to confirm a choice on the bench's split).
 # Env: SEEDS (default 0-999), GUIDANCE (1.0), THREADS (1; give 2 when nothing else runs), CACHE (a bench cache with
-#      the domain classifier fashion_cnn.safetensors; default ~/.cache/dfm/bench), NUM_REF (reference images, 5000).
+#      the domain classifier fashion_cnn.safetensors; default ~/.cache/dfm/bench), NUM_REF (reference images, 5000),
+#      STEP (sample the checkpoint of this training step instead of the latest), ONLY (comma-separated setting
+#      names to run, default all), NO_SWD=1 (Fréchet distances only).
 # Each setting writes OUT/<name>/samples.npz and, per reference R, OUT/<name>/{fd,swd}_R.json; finished ones are
 # skipped, so it resumes. It prints one table per reference.
 set -eu
 DFM_RUN=$1 FM_RUN=$2 OUT=$3 REFERENCES=${4:-fashion-mnist:val}
 SEEDS=${SEEDS:-0-999} GUIDANCE=${GUIDANCE:-1.0} CACHE=${CACHE:-$HOME/.cache/dfm/bench} NUM_REF=${NUM_REF:-5000}
+STEP=${STEP:-} ONLY=${ONLY:-} NO_SWD=${NO_SWD:-0}
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$OUT"
 S=(--seeds "$SEEDS" --guidance "$GUIDANCE" --npz --no-grid --no-progression --batch-size 500)
@@ -28,10 +31,18 @@ SETTINGS=(
     "fm-40|$FM_RUN|--steps 40"
     "fm-heun-20|$FM_RUN|--steps 20 --solver heun"
 )
+if [ -n "$ONLY" ]; then
+    KEEP=()
+    for entry in "${SETTINGS[@]}"; do [[ ",$ONLY," == *",${entry%%|*},"* ]] && KEEP+=("$entry"); done
+    [ ${#KEEP[@]} -gt 0 ] || { echo "ONLY=$ONLY names no setting" >&2; exit 2; }
+    SETTINGS=("${KEEP[@]}")
+fi
 for entry in "${SETTINGS[@]}"; do
     IFS='|' read -r name run options <<< "$entry"
+    ckpt=()
+    [ -n "$STEP" ] && ckpt=(--checkpoint "$run/checkpoints/step_$(printf %08d "$STEP")")
     # shellcheck disable=SC2086
-    [ -f "$OUT/$name/samples.npz" ] || dfm sample "$run" "${S[@]}" $options --out "$OUT/$name"
+    [ -f "$OUT/$name/samples.npz" ] || dfm sample "$run" "${S[@]}" "${ckpt[@]}" $options --out "$OUT/$name"
 done
 
 # The Fréchet distances against cached reference statistics when the bench made them (same protocol), else
@@ -50,7 +61,7 @@ for REF in "${REFLIST[@]}"; do
         [ -f "$OUT/$name/fd_$tag.json" ] || dfm eval score "$OUT/$name/samples.npz" "${REFS[@]}" \
             --metrics fd:efficientnet-lite0,fd:fashion-cnn --weights "fashion-cnn=$CACHE/fashion_cnn.safetensors" \
             --no-download --no-progress --out "$OUT/$name/fd_$tag.json"
-        [ -f "$OUT/$name/swd_$tag.json" ] || dfm eval score "$OUT/$name/samples.npz" --ref "$REF" \
+        [ "$NO_SWD" = 1 ] || [ -f "$OUT/$name/swd_$tag.json" ] || dfm eval score "$OUT/$name/samples.npz" --ref "$REF" \
             --num-ref "$NUM_REF" --metrics swd --swd-min-resolution 8 --no-progress --out "$OUT/$name/swd_$tag.json"
     done
     python3 - "$OUT" "$tag" "${SETTINGS[@]}" <<'PY'
@@ -64,8 +75,11 @@ for entry in entries:
     name = entry.split("|")[0]
     scores = {}
     for part in ("fd", "swd"):
-        with open(f"{out}/{name}/{part}_{tag}.json") as f:
-            scores.update(json.load(f)["scores"])
+        try:
+            with open(f"{out}/{name}/{part}_{tag}.json") as f:
+                scores.update(json.load(f)["scores"])
+        except FileNotFoundError:
+            pass
     print(f"| {name} | " + " | ".join(f"{scores[k]:.1f}" if k in scores else "-" for k in keys) + " |")
 PY
 done
