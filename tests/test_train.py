@@ -68,6 +68,7 @@ def test_train_checkpoint_resume_sample(tmp_path: Path, capsys) -> None:
     assert (out / "progression.gif").is_file()
     settings = json.loads((out / "sampling.json").read_text())
     assert settings["steps"] == [2, 2] and settings["count"] == 6
+    assert settings["checkpoint"] == str(run / "checkpoints" / "step_00000006")  # which weights made them
 
     # The same seed gives the same image whatever the batch it is drawn in.
     out2 = tmp_path / "samples2"
@@ -79,6 +80,10 @@ def test_train_checkpoint_resume_sample(tmp_path: Path, capsys) -> None:
 
     # The pretrained directory samples too.
     assert cli(["sample", str(run / "pretrained"), "--seeds", "0-1", "--out", str(tmp_path / "s3")]) == 0
+    assert json.loads((tmp_path / "s3" / "sampling.json").read_text())["checkpoint"] is None
+    ckpt = list_checkpoints(run / "checkpoints")[0]
+    assert cli(["sample", str(run), "--seeds", "0-1", "--checkpoint", str(ckpt), "--out", str(tmp_path / "s4")]) == 0
+    assert json.loads((tmp_path / "s4" / "sampling.json").read_text())["checkpoint"] == str(ckpt)
 
 
 @needs_data
