@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from dfm.autoencoder import add_autoencoder_parser
 from dfm.bench.cli import add_bench_parser
-from dfm.checkpoint import describe_os_error, ensure_writable, find_latest
+from dfm.checkpoint import describe_os_error, ensure_writable
 from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset, validate_sampling, with_method
 from dfm.data.prepare import add_prepare_parser
 from dfm.eval.cli import add_eval_parser
@@ -35,6 +35,7 @@ from dfm.generate import (
     make_decoder,
     parse_seeds,
     previews_exact,
+    run_checkpoint,
     shard,
 )
 from dfm.outputs import save_json, write_outputs
@@ -376,11 +377,10 @@ def _run_sample(args) -> int:
         progression=not args.no_progression, mp4=args.mp4, crop=crop,
         nrow=grid_columns(min(len(images), 256), num_classes),
     )  # fmt: skip
-    ckpt_root = Path(args.run) / "checkpoints"
-    latest = find_latest(ckpt_root) if not args.checkpoint and ckpt_root.is_dir() else None
+    ckpt = run_checkpoint(args.run, args.checkpoint)
     settings = {
         "run": str(args.run),
-        "checkpoint": str(args.checkpoint or latest) if (args.checkpoint or latest) else None,  # None: pretrained dir
+        "checkpoint": str(ckpt) if ckpt else None,  # None: a pretrained directory
         "seeds": args.seeds,
         "count": len(seeds),
         "classes": args.classes,

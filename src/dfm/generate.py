@@ -61,6 +61,15 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def run_checkpoint(path: str | Path, checkpoint: str | Path | None = None) -> Path | None:
+    """The checkpoint :func:`load_run` loads from ``path``: ``checkpoint`` if given, else the run's latest complete
+    one; None for a directory that is not a training run (e.g. ``pretrained/``) or a run with no checkpoint yet."""
+    path = Path(path)
+    if not ((path / RUN_CONFIG).is_file() and (path / "checkpoints").is_dir()):
+        return None
+    return Path(checkpoint) if checkpoint else find_latest(path / "checkpoints")
+
+
 def load_run(
     path: str | Path, ema: bool = True, checkpoint: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, RunConfig]:
@@ -69,7 +78,7 @@ def load_run(
     path = Path(path)
     if (path / RUN_CONFIG).is_file() and (path / "checkpoints").is_dir():
         cfg = RunConfig.load(path / RUN_CONFIG)
-        ckpt = Path(checkpoint) if checkpoint else find_latest(path / "checkpoints")
+        ckpt = run_checkpoint(path, checkpoint)
         if ckpt is None:
             raise FileNotFoundError(f"{path} has no complete checkpoint yet: train longer or pass another run")
         shape, num_classes = _data_spec(cfg, path)
