@@ -12,13 +12,14 @@
 # Env: SEEDS (default 0-999), GUIDANCE (1.0), THREADS (1; give 2 when nothing else runs), CACHE (a bench cache with
 #      the domain classifier fashion_cnn.safetensors; default ~/.cache/dfm/bench), NUM_REF (reference images, 5000),
 #      STEP (sample the checkpoint of this training step instead of the latest), ONLY (comma-separated setting
-#      names to run, default all), NO_SWD=1 (Fréchet distances only).
+#      names to run, default all), NO_SWD=1 (Fréchet distances only), DFM3_RUN (a 3-stage DFM run: adds the
+#      dfm3-* settings, 20 + 10 + 10 Euler steps and Heun 10 + 5 + 5, thresholds 0.7 and 0.85).
 # Each setting writes OUT/<name>/samples.npz and, per reference R, OUT/<name>/{fd,swd}_R.json; finished ones are
 # skipped, so it resumes. It prints one table per reference.
 set -eu
 DFM_RUN=$1 FM_RUN=$2 OUT=$3 REFERENCES=${4:-fashion-mnist:val}
 SEEDS=${SEEDS:-0-999} GUIDANCE=${GUIDANCE:-1.0} CACHE=${CACHE:-$HOME/.cache/dfm/bench} NUM_REF=${NUM_REF:-5000}
-STEP=${STEP:-} ONLY=${ONLY:-} NO_SWD=${NO_SWD:-0}
+STEP=${STEP:-} ONLY=${ONLY:-} NO_SWD=${NO_SWD:-0} DFM3_RUN=${DFM3_RUN:-}
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$OUT"
 S=(--seeds "$SEEDS" --guidance "$GUIDANCE" --npz --no-grid --no-progression --batch-size 500)
@@ -30,6 +31,10 @@ SETTINGS=(
     "dfm-heun-15-5|$DFM_RUN|--steps 15,5 --thresholds 0.7 --solver heun"
     "fm-40|$FM_RUN|--steps 40"
     "fm-heun-20|$FM_RUN|--steps 20 --solver heun"
+)
+[ -z "$DFM3_RUN" ] || SETTINGS+=(
+    "dfm3-20-10-10|$DFM3_RUN|--steps 20,10,10 --thresholds 0.7,0.85"
+    "dfm3-heun-10-5-5|$DFM3_RUN|--steps 10,5,5 --thresholds 0.7,0.85 --solver heun"
 )
 if [ -n "$ONLY" ]; then
     KEEP=()
