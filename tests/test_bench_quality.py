@@ -56,7 +56,9 @@ def test_smoke_bench_runs_caches_and_reports(tmp_path: Path, classifier: str) ->
     for r in rows:
         assert r["fd_efficientnet-lite0"] > 0 and r["fd_fashion-cnn"] >= 0
         assert {"swd_28", "swd_14", "class_accuracy"} <= set(r)
-        assert r["nfe"] == 4 * (1 if r["guidance"] == 1.0 else 2)  # equal network evaluations for all methods
+        # Heun 2 + 2 (4 for Flow Matching): 2 x 4 - 1 network evaluations, 2 x 4 - 2 for the cascade, whose two
+        # models each end on the data with an Euler step
+        assert r["nfe"] == (6 if r["method"] == "cascade" else 7) * (1 if r["guidance"] == 1.0 else 2)
     report = (tmp_path / "report.md").read_text()
     for name in ("DFM", "Flow Matching", "Cascaded", "Pyramidal Flow"):
         assert f"| {name} | 1.0 |" in report and f"| {name} | 1.5 |" in report
@@ -95,7 +97,8 @@ def test_training_runs_on_the_bench_device(tmp_path: Path, monkeypatch) -> None:
 
 def test_sampling_ablation_shares_one_training_run() -> None:
     variants = ABLATIONS["sampling"]()
-    assert len({v.run_key() for v in variants}) == 1
+    assert len({v.run_key() for v in variants}) == 1 and len(variants) == 10
+    assert [v.sample["solver"] for v in variants] == ["euler"] * 9 + ["heun"]  # the paper's study is Euler's
     assert len({v.run_key() for v in ABLATIONS["stage-probs"]()}) == 6  # 0.3, 0.5, 0.7, 0.8, 0.9, 0.95
     assert Variant("a", "fm").run_key() != Variant("a", "dfm").run_key()
 
@@ -172,6 +175,12 @@ def test_cli_shares_reference_statistics_and_never_reuses_stale_ones(tmp_path: P
     assert (tmp_path / "a" / "report.md").read_text() == report
     assert {p: p.stat().st_mtime_ns for p in cache.glob("ref_*.npz")} == stamp
     assert not list(cache.glob("fashion_cnn*"))  # the given classifier was used, none was trained
+    # Another solver on the same run: no training to redo, but every point is sampled and scored again.
+    scored = set((tmp_path / "a" / "scores").glob("*.json"))
+    assert cli([*common, "--out", str(tmp_path / "a"), "-o", "method.solver=euler"]) == 0
+    assert len(set((tmp_path / "a" / "scores").glob("*.json")) - scored) == len(scored) > 0
+    rows = json.loads((tmp_path / "a" / "results.json").read_text())["rows"]
+    assert {r["nfe"] for r in rows if r["guidance"] == 1.0} == {4}  # Euler 4, where the preset's Heun 4 makes 7
     fewer = settings_from_args(_parse("--preset", "smoke", "--methods", "fm"))
     fewer.num_reference = 32
     new = ensure_references(cache, fewer, {"fashion-cnn": classifier})

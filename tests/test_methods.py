@@ -192,3 +192,20 @@ def test_no_module_level_import_cycles():
     for name in graph:
         visit(name, [name], done)
     assert "dfm.train" in graph and "dfm.cli" in graph["dfm.__main__"]
+
+
+@pytest.mark.parametrize("method", ["dfm", "fm", "cascade", "pyramidal"])
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_network_evaluations_count_the_sampler_calls(method, solver):
+    """What the bench reports as nfe (and serve's progress bar counts to) is the number of forward calls."""
+    cfg = with_method(
+        apply_overrides(get_preset("quickstart"), [f"method.solver={solver}", "method.steps=3,2"]), method
+    )
+    cfg.method.data_std = (0.6,) if method == "fm" else (0.6, 0.2)
+    model = make_model(cfg, (1, 32, 32), 10).eval()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    generate(model, make_decomposition(cfg.method), cfg, (1, 32, 32), [0], [0])
+    expected = get_method(method).network_evaluations(cfg.method.steps, solver)
+    assert len(calls) == expected
+    assert expected == {"euler": 5, "heun": 8 if method == "cascade" else 9}[solver]  # each cascade model ends clean

@@ -42,6 +42,7 @@ def server(tmp_path_factory):
 def test_api_refuses_bad_requests_and_keeps_serving(server):
     status, info = _request(f"{server}/api/info")
     assert status == 200 and info["stages"] == 2 and info["classes"][3] == "Dress"
+    assert info["solver"] == "heun" and info["solvers"] == ["euler", "heun"]  # the run's own solver is the default
     bad = [
         (b'{"steps": [0, 2]}', 422, "steps: give 2 step counts"),
         (b'{"num_images": 1000}', 422, "num_images"),
@@ -62,10 +63,12 @@ def test_cancel_stops_the_job_on_the_server(server):
     status, reply = _request(f"{server}/api/generate", json.dumps({"num_images": 16, "steps": [200, 200]}).encode())
     assert status == 200
     job = reply["job"]
-    kinds = []
+    kinds, totals = [], []
     with urllib.request.urlopen(f"{server}/api/jobs/{job}/events", timeout=120) as stream:
         for line in stream:
             line = line.decode().strip()
+            if line.startswith("data: ") and kinds[-1:] == ["progress"]:
+                totals.append(json.loads(line[6:])["total"])
             if line.startswith("event: "):
                 kinds.append(line[7:])
                 if kinds[-1] == "progress" and kinds.count("progress") == 1:
@@ -73,6 +76,7 @@ def test_cancel_stops_the_job_on_the_server(server):
                 if kinds[-1] in ("done", "cancelled", "error"):
                     break
     assert kinds[-1] == "cancelled" and "stage" not in kinds  # stopped long before stage 1's 200 steps
+    assert set(totals) == {2 * 400 - 1}  # the run's solver, Heun, whose last step is an Euler step
     assert _request(f"{server}/api/info")[0] == 200
 
 
@@ -84,7 +88,7 @@ def test_page_shows_the_stage_preview_before_the_final_image(server):
         page = browser.new_page()
         page.goto(server)
         page.wait_for_function("document.querySelectorAll('#class_label option').length === 11")
-        assert page.input_value("#steps") == "3,2"
+        assert page.input_value("#steps") == "3,2" and page.input_value("#solver") == "heun"
         page.fill("#seeds", "0-3")
         page.click("#generate")
         page.wait_for_selector("#final[data-final='1']", timeout=120_000)
@@ -118,4 +122,5 @@ def test_video_runs_stream_clips(tmp_path):
     kinds = [block.split("\n")[0][7:] for block in events.strip().split("\n\n")]
     assert "event: done" in events and kinds.count("stage") == 2
     assert payloads["event: done"]["image"].startswith("data:image/gif;base64,")
+    assert payloads["event: progress"]["total"] == 5  # the video preset samples with Euler, 3 + 2 steps here
     assert payloads["event: stage"]["image"].startswith("data:image/gif;base64,")

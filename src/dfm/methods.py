@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dfm.decomposition import Decomposition, build_decomposition, estimate_level_std
 from dfm.models import create_model
 from dfm.objective import DFMObjective
-from dfm.sampling import SampleOutput, sample
+from dfm.sampling import SampleOutput, network_evaluations, sample
 from dfm.schedule import StageSchedule
 
 if TYPE_CHECKING:
@@ -62,6 +62,10 @@ class Method:
     def num_data_std(self, m: MethodConfig) -> int:
         """How many data stds the preconditioning needs (one per network stage)."""
         return m.stages
+
+    def network_evaluations(self, steps: Sequence[int], solver: str) -> int:
+        """Network evaluations of one sample (without guidance's doubled batch) with ``steps`` per stage."""
+        return network_evaluations(steps, solver)
 
     def from_dfm(self, m: MethodConfig) -> MethodConfig:
         """This method's twin of a DFM method config (same backbone settings and total sampling steps)."""

@@ -39,15 +39,17 @@ from dfm.text import TextCondition
 SOLVERS = ("euler", "heun")
 
 
-def network_evaluations(steps: Sequence[int], solver: str = "euler") -> int:
+def network_evaluations(steps: Sequence[int], solver: str = "euler", clean_ends: int = 1) -> int:
     """Network evaluations (without guidance's doubled batch) of a grid of ``steps`` per stage: one per Euler step;
-    two per Heun step, except its last, an Euler step (see :func:`ode_step`).
+    two per Heun step, except a step that ends on the data (t = 1), an Euler step (see :func:`ode_step`). DFM's
+    stages share one grid, which ends on the data once; ``clean_ends``: how many of the grids end there (the
+    cascade's two stages each integrate to t = 1).
 
-    >>> network_evaluations((30, 10)), network_evaluations((15, 5), "heun")
-    (40, 39)
+    >>> network_evaluations((30, 10)), network_evaluations((15, 5), "heun"), network_evaluations((10, 10), "heun", 2)
+    (40, 39, 38)
     """
     n = sum(int(k) for k in steps)
-    return 2 * n - 1 if solver == "heun" and n else n
+    return 2 * n - min(clean_ends, n) if solver == "heun" else n
 
 
 #: ``callback(stage, preview)``: called when ``stage`` (0-based) reaches its threshold, with the partial

@@ -41,8 +41,9 @@ from torch import nn
 from dfm.data.fashion_mnist import CLASS_NAMES as FASHION_NAMES
 from dfm.factory import make_decomposition
 from dfm.generate import data_padding, generate, load_run, make_decoder, previews_exact
+from dfm.methods import get_method
 from dfm.outputs import crop_border
-from dfm.sampling import SOLVERS, network_evaluations
+from dfm.sampling import SOLVERS
 from dfm.visual import image_grid, upsample_to
 
 MAX_IMAGES = 16
@@ -62,7 +63,7 @@ class GenerateRequest(BaseModel):
     guidance: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=8)
     steps: list[int] | None = Field(None, min_length=1, max_length=8)
     thresholds: list[float] | None = Field(None, max_length=7)
-    solver: str = "euler"
+    solver: str | None = None  #: None: the run's own (``method.solver``)
 
 
 class Cancelled(Exception):
@@ -141,7 +142,7 @@ class Server:
     def info(self) -> dict:
         m = self.cfg.method
         return {"method": m.method, "stages": m.stages, "steps": list(m.steps), "thresholds": list(m.thresholds),
-                "guidance": m.guidance, "solvers": list(SOLVERS), "classes": self.class_names,
+                "guidance": m.guidance, "solver": m.solver, "solvers": list(SOLVERS), "classes": self.class_names,
                 "limits": {"images": MAX_IMAGES, "steps": MAX_STEPS, "queue": MAX_QUEUE},
                 "video": len(self.shape) == 4, "previews_exact": previews_exact(self.decoder)}  # fmt: skip
 
@@ -160,7 +161,7 @@ class Server:
             raise ValueError(f"thresholds: give {m.stages - 1} increasing values strictly between 0 and 1")
         if any(not 0 <= g <= 20 for g in r.guidance) or len(r.guidance) not in (1, m.stages):
             raise ValueError(f"guidance: one scale or one per stage ({m.stages}), each between 0 and 20")
-        if r.solver not in SOLVERS:
+        if r.solver is not None and r.solver not in SOLVERS:
             raise ValueError(f"solver: choose one of {', '.join(SOLVERS)}")
         if r.seeds is not None and (not r.seeds or any(not 0 <= s < 2**31 for s in r.seeds)):
             raise ValueError("seeds: give integers between 0 and 2^31 - 1, or leave empty for random ones")
@@ -176,7 +177,8 @@ class Server:
             else ([r.class_label] * len(seeds) if r.class_label is not None else [s % self.num_classes for s in seeds])
         )
         steps = r.steps or list(self.cfg.method.steps)
-        total = network_evaluations(steps, r.solver)
+        solver = r.solver or self.cfg.method.solver
+        total = get_method(self.cfg.method.method).network_evaluations(steps, solver)
         nrow = min(len(seeds), 4)
         tic = time.perf_counter()
         self.model.job, self.model.calls = job, 0
@@ -190,7 +192,7 @@ class Server:
         try:
             guidance = r.guidance[0] if len(r.guidance) == 1 else r.guidance
             images, _ = generate(self.model, self.decomposition, self.cfg, self.shape, labels, seeds,
-                                 guidance=guidance, steps=steps, thresholds=r.thresholds, solver=r.solver,
+                                 guidance=guidance, steps=steps, thresholds=r.thresholds, solver=solver,
                                  batch_size=MAX_IMAGES, device=self.device, decoder=self.decoder,
                                  callback=stage_done)  # fmt: skip
             final = crop_border(images, self.padding)  # videos: clips, shown as animated GIFs
@@ -372,7 +374,7 @@ async function load() {
   $("about").textContent = `${info.method}, ${info.stages} stage(s); up to ${info.limits.images} images` +
     (info.previews_exact ? "" : "; stage previews are approximate (autoencoder not scale-equivariant)");
   info.classes.forEach((name, i) => $("class_label").add(new Option(`${i}: ${name}`, i)));
-  info.solvers.forEach((s) => $("solver").add(new Option(s, s)));
+  info.solvers.forEach((s) => $("solver").add(new Option(s, s, s === info.solver, s === info.solver)));
   $("steps").value = info.steps.join(","); $("thresholds").value = info.thresholds.join(",");
 }
 function finish() { $("generate").disabled = false; $("cancel").disabled = true; if (source) source.close(); }

@@ -42,14 +42,16 @@ from dfm.eval.images import ImageSet, load_fashion_mnist
 from dfm.eval.weights import sha256_file
 from dfm.factory import make_decomposition, make_model, make_objective
 from dfm.generate import data_padding, default_labels, generate, load_run, make_decoder
+from dfm.methods import get_method
 from dfm.outputs import crop_border
-from dfm.sampling import network_evaluations
 from dfm.train import CONFIG_FILE, Dist, Trainer, TrainingError, resume_conflicts
 
 METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
 #: Videos: the image metrics frame by frame, plus temporal consistency (FVD needs I3D weights: see docs).
 VIDEO_METRICS = (*METRICS, "temporal")
 HEADLINE = "fd_efficientnet-lite0"
+#: the method settings that change sampling only: taken from the bench's command, not from a finished run's config
+SAMPLER_KEYS = ("steps", "thresholds", "solver", "time_shift")
 
 
 @dataclass
@@ -118,9 +120,11 @@ ABLATIONS: dict[str, Callable[[], list[Variant]]] = {
                                                        ("on", ["method.precondition=true"], {})]),
     "loss-weighting": lambda: _ablation("loss_weighting", [(w, [f"method.loss_weighting={w}"], {})
                                                            for w in ("velocity", "edm")]),
+    # the paper's sampling study (Euler, 40 steps split three ways, three thresholds), then the presets' Heun 15 + 5
     "sampling": lambda: _ablation("sampling", [
-        (f"{a}+{b}_tau{tau}", [], {"steps": (a, b), "thresholds": (tau,)})
-        for a, b in ((30, 10), (20, 20), (10, 30)) for tau in (0.5, 0.7, 0.9)]),
+        *[(f"{a}+{b}_tau{tau}", [], {"steps": (a, b), "thresholds": (tau,), "solver": "euler"})
+          for a, b in ((30, 10), (20, 20), (10, 30)) for tau in (0.5, 0.7, 0.9)],
+        ("heun15+5_tau0.7", [], {"steps": (15, 5), "thresholds": (0.7,), "solver": "heun"})]),
 }  # fmt: skip
 
 #: Bench presets: ``cpu`` finishes within an hour on 2 cores; ``gpu`` is a larger run for a lent GPU;
@@ -300,6 +304,9 @@ def evaluate_checkpoint(
 
     ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
     model, run_cfg = load_run(run_dir, checkpoint=str(ckpt), device=settings.device)
+    # The sampler asked for now (the run's config.json keeps the one of its last training call), then the variant's.
+    for key in SAMPLER_KEYS:
+        setattr(run_cfg.method, key, getattr(cfg.method, key))
     seeds = list(range(settings.num_samples))
     labels = default_labels(seeds, model.num_classes)
     sample = variant.sample
@@ -317,8 +324,8 @@ def evaluate_checkpoint(
                         weights=weights, download=False, progress=False, swd=SWDConfig(min_resolution=8))  # fmt: skip
     result = evaluate(image_set, refs, config)
     row = {"variant": variant.name, "method": variant.method, "seed": run_cfg.train.seed, "step": step,
-           "guidance": guidance, "nfe": network_evaluations(sample.get("steps") or run_cfg.method.steps,
-                                                       sample.get("solver") or run_cfg.method.solver)
+           "guidance": guidance, "nfe": get_method(run_cfg.method.method).network_evaluations(
+               sample.get("steps") or run_cfg.method.steps, sample.get("solver") or run_cfg.method.solver)
                                    * (1 if guidance == 1 else 2),
            "sample_seconds": sample_seconds, **result["scores"]}  # fmt: skip
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -483,9 +490,11 @@ def run_quality(
                                   "train_flops": training_flops(run_cfg, shape, model.num_classes)}  # fmt: skip
             points = [(s, 1.0) for s in settings.eval_steps] + [(settings.steps, g) for g in settings.guidance]
             # Score files carry a hash of what the score depends on besides the run (sample count, metrics,
-            # references, sampling settings), so a changed setting is scored again instead of read stale.
+            # references, the sampler as used: the variant's settings over the run's), so a changed setting is
+            # scored again instead of read stale.
+            sampler = {k: variant.sample.get(k) or getattr(cfg.method, k) for k in SAMPLER_KEYS}
             protocol = json.dumps([settings.num_samples, list(settings.metrics), [Path(r).name for r in refs],
-                                   variant.sample], sort_keys=True, default=str)  # fmt: skip
+                                   sampler], sort_keys=True, default=str)  # fmt: skip
             tag = hashlib.sha1(protocol.encode()).hexdigest()[:8]
             for step, g in dict.fromkeys(points):
                 name = f"{variant.name}-s{seed}-step{step}-g{g}-{tag}".replace(" ", "_").replace("/", "_")

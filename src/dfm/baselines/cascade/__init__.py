@@ -42,7 +42,7 @@ from dfm.baselines.cascade.sampler import sample_cascade
 from dfm.decomposition import Decomposition, downsample
 from dfm.methods import Method, register_method, stage_factors, two_stage_baseline
 from dfm.models import create_config
-from dfm.sampling import SampleOutput
+from dfm.sampling import SampleOutput, network_evaluations
 
 if TYPE_CHECKING:
     from dfm.config import MethodConfig, RunConfig
@@ -97,6 +97,9 @@ class Cascade(Method):
 
     def from_dfm(self, m: MethodConfig) -> MethodConfig:
         return two_stage_baseline(m, self.name)
+
+    def network_evaluations(self, steps: Sequence[int], solver: str) -> int:
+        return network_evaluations(steps, solver, clean_ends=len(steps))  # each model integrates to t = 1
 
     def objective(self, m: MethodConfig, decomposition: Decomposition, total_steps: int | None = None) -> Any:
         opts = self.options(m)
