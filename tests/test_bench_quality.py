@@ -95,6 +95,17 @@ def test_training_runs_on_the_bench_device(tmp_path: Path, monkeypatch) -> None:
     assert seen == [torch.device("cuda"), torch.device("cpu")]
 
 
+def test_extending_a_bench_keeps_the_checkpoints_of_its_earlier_call(tmp_path: Path) -> None:
+    import dfm.bench.quality as quality
+    from dfm.checkpoint import list_checkpoints
+
+    run = tmp_path / "run"
+    for steps, points in ((4, 4), (8, 2)):  # checkpoints every step, then every 4 steps (keep_last 5, then 3)
+        settings = QualitySettings(**{**BENCH_PRESETS["smoke"], "steps": steps, "eval_points": points})
+        quality.train_run(run_config(settings, comparison_variants()[1], seed=0), run, log=lambda line: None)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == [f"step_{s:08d}" for s in (1, 2, 3, 4, 8)]
+
+
 def test_sampling_ablation_shares_one_training_run() -> None:
     variants = ABLATIONS["sampling"]()
     assert len({v.run_key() for v in variants}) == 1 and len(variants) == 10

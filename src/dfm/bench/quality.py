@@ -17,6 +17,7 @@ continues where it stopped. The report (``report.md``, ``results.json``, plots) 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -32,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dfm.bench.measure import hardware_info, hardware_line
-from dfm.checkpoint import find_latest, load_checkpoint
+from dfm.checkpoint import find_latest, list_checkpoints, load_checkpoint
 from dfm.config import RunConfig, apply_overrides, get_preset, with_method
 from dfm.data import build_dataset, is_latent_dir, read_latent_info
 from dfm.eval import EvalConfig, SWDConfig, build_reference, evaluate, save_reference
@@ -272,6 +273,9 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], device:
     if latest is not None and load_checkpoint(latest)["state"]["step"] >= cfg.train.steps:
         return spent
     log(f"training {run_dir.name} ({cfg.method.method}, seed {cfg.train.seed}, {cfg.train.steps} steps)")
+    # keep_last covers this call's evaluation points; checkpoints of an earlier, shorter call are kept as well
+    cfg = copy.deepcopy(cfg)
+    cfg.train.keep_last += len(list_checkpoints(run_dir / "checkpoints"))
     tic = time.perf_counter()
     # The bench's device, not the Trainer's default (the CPU): --device cuda trains on the GPU, not only scores there.
     Trainer(cfg, run_dir, resume="auto", dist_info=Dist(device=torch.device(device)), progress=False).fit()
