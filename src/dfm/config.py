@@ -498,7 +498,7 @@ def _quickstart() -> RunConfig:
     # weighting (each stage's error in its network's unit-variance target space) beats the plain velocity MSE by
     # 8-9% on both Fréchet distances on held-aside data: the quiet fine level gets its share of the signal.
     # Sampling: Heun's method with 15 + 5 steps (39 network evaluations, as many as 30 + 10 Euler steps less one)
-    # beat Euler 30 + 10 by 3-26% on both Fréchet distances at 32 and 64 px, 1,600 to 12,800 steps, two and three
+    # beat Euler 30 + 10 by 2-40% on both Fréchet distances at 32 and 64 px, 800 to 12,800 steps, two and three
     # stages (chosen on held-aside images, docs/RESULTS.md); the Flow Matching twin gets Heun with 20 steps.
     return RunConfig(
         method=_fmnist_method(),
