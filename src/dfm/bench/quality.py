@@ -291,6 +291,12 @@ def _to_uint8_native(images: torch.Tensor, cfg: RunConfig, run_dir: Path) -> tor
     return crop_border(x, data_padding(cfg, run_dir))
 
 
+def sampler_settings(variant: Variant, cfg: RunConfig) -> dict[str, Any]:
+    """The sampler of a variant's points: its own settings over the bench command's config (not over a finished
+    run's config.json, which keeps the sampler of the run's last training call)."""
+    return {key: variant.sample.get(key) or getattr(cfg.method, key) for key in SAMPLER_KEYS}
+
+
 def evaluate_checkpoint(
     settings: QualitySettings,
     variant: Variant,
@@ -308,17 +314,14 @@ def evaluate_checkpoint(
 
     ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
     model, run_cfg = load_run(run_dir, checkpoint=str(ckpt), device=settings.device)
-    # The sampler asked for now (the run's config.json keeps the one of its last training call), then the variant's.
-    for key in SAMPLER_KEYS:
-        setattr(run_cfg.method, key, getattr(cfg.method, key))
+    m = run_cfg.method
+    for key, value in sampler_settings(variant, cfg).items():
+        setattr(m, key, value)
     seeds = list(range(settings.num_samples))
     labels = default_labels(seeds, model.num_classes)
-    sample = variant.sample
     tic = time.perf_counter()
-    images, _ = generate(model, make_decomposition(run_cfg.method), run_cfg, (model.config.in_channels,
-                         *model.config.input_size), labels, seeds, guidance=guidance, steps=sample.get("steps"),
-                         thresholds=sample.get("thresholds"), solver=sample.get("solver"),
-                         batch_size=settings.sample_batch, device=settings.device,
+    images, _ = generate(model, make_decomposition(m), run_cfg, (model.config.in_channels, *model.config.input_size),
+                         labels, seeds, guidance=guidance, batch_size=settings.sample_batch, device=settings.device,
                          decoder=make_decoder(run_cfg, settings.device))  # fmt: skip
     sample_seconds = time.perf_counter() - tic
     image_set = ImageSet(
@@ -328,9 +331,8 @@ def evaluate_checkpoint(
                         weights=weights, download=False, progress=False, swd=SWDConfig(min_resolution=8))  # fmt: skip
     result = evaluate(image_set, refs, config)
     row = {"variant": variant.name, "method": variant.method, "seed": run_cfg.train.seed, "step": step,
-           "guidance": guidance, "nfe": get_method(run_cfg.method.method).network_evaluations(
-               sample.get("steps") or run_cfg.method.steps, sample.get("solver") or run_cfg.method.solver)
-                                   * (1 if guidance == 1 else 2),
+           "guidance": guidance,
+           "nfe": get_method(m.method).network_evaluations(m.steps, m.solver) * (1 if guidance == 1 else 2),
            "sample_seconds": sample_seconds, **result["scores"]}  # fmt: skip
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp")
@@ -496,9 +498,8 @@ def run_quality(
             # Score files carry a hash of what the score depends on besides the run (sample count, metrics,
             # references, the sampler as used: the variant's settings over the run's), so a changed setting is
             # scored again instead of read stale.
-            sampler = {k: variant.sample.get(k) or getattr(cfg.method, k) for k in SAMPLER_KEYS}
             protocol = json.dumps([settings.num_samples, list(settings.metrics), [Path(r).name for r in refs],
-                                   sampler], sort_keys=True, default=str)  # fmt: skip
+                                   sampler_settings(variant, cfg)], sort_keys=True, default=str)  # fmt: skip
             tag = hashlib.sha1(protocol.encode()).hexdigest()[:8]
             for step, g in dict.fromkeys(points):
                 name = f"{variant.name}-s{seed}-step{step}-g{g}-{tag}".replace(" ", "_").replace("/", "_")
