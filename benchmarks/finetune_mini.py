@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from dfm.factory import make_decomposition
+from dfm.train import Trainer
 
 from dfm.bench.measure import hardware_info, hardware_line
 from dfm.bench.quality import default_cache, ensure_classifier
@@ -30,11 +32,9 @@ from dfm.cli import main as cli
 from dfm.config import RunConfig, apply_overrides
 from dfm.eval import EvalConfig, build_reference, evaluate, save_reference
 from dfm.eval.images import ImageSet, load_fashion_mnist
-from dfm.factory import make_decomposition
 from dfm.finetune import finetune_config
 from dfm.generate import data_padding, generate, load_run
 from dfm.outputs import crop_border
-from dfm.train import Trainer
 
 OLD, NEW = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dfm.cli import main as cli
-from dfm.generate import generate, load_run
+from dfm.generate import Generator
 
 TINY = [
     "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
@@ -40,9 +40,9 @@ CASES: dict[str, list[str]] = {
         "-o",
         "method.stages=3",
         "-o",
-        "method.steps=2,2,2",
+        "sampler.steps=2,2,2",
         "-o",
-        "method.thresholds=0.5,0.8",
+        "sampler.thresholds=0.5,0.8",
         "-o",
         "method.stage_probs=0.4,0.3,0.3",
     ],  # fmt: skip
@@ -62,13 +62,11 @@ def run_case(name: str, extra: list[str], root: Path) -> dict:
     assert cli(["train", "--steps", "4", *common]) == 0
     assert cli(["train", "--steps", "6", "--resume", "auto", *common]) == 0  # a resumed run
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    model, cfg = load_run(run)
-    from dfm.factory import make_decomposition
-
+    gen = Generator.from_run(run)
     seeds = [0, 1, 2]
-    labels = [s % 10 for s in seeds]
-    images, previews = generate(model, make_decomposition(cfg.method), cfg, (1, 32, 32), labels, seeds)
-    weights = torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+    out = gen.generate(seeds, [s % 10 for s in seeds])
+    images, previews = out.images, out.previews
+    weights = torch.cat([p.detach().flatten() for p in gen.network.state_dict().values() if p.is_floating_point()])
     return {
         "losses": losses,
         "ema_weights": _hash(weights),

@@ -18,13 +18,12 @@ from dfm.adapters import (  # noqa: E402
     TextCondition,
     add_lora,
     flux_image_ids,
-    flux_mu,
-    flux_time_shift,
     fsdp_wrap_modules,
     pack,
     unpack,
 )
 from dfm.adapters.common import lift, pool  # noqa: E402
+from dfm.schedule import flux_mu, flux_time_shift  # noqa: E402
 
 B, H, W, L = 2, 8, 12, 5  # batch, fine latent size, text tokens
 
@@ -297,10 +296,10 @@ def test_clear_errors():
 
 # ------------------------------------------------------------------------------------------------ package integration
 def test_objective_and_sampler_run_the_adapter():
+    from dfm.config import SamplerConfig
     from dfm.decomposition import LaplacianPyramid
     from dfm.objective import DFMObjective
-    from dfm.sampling import sample
-    from dfm.schedule import StageSchedule
+    from dfm.sampling import StageSampler
 
     adapter, _ = make("flux")
     _, _, y = inputs()
@@ -310,9 +309,8 @@ def test_objective_and_sampler_run_the_adapter():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     with torch.no_grad():
-        result = sample(adapter, pyramid, StageSchedule((2, 1), (0.7,)), (B, 16, H, W), seeds=[0, 1])  # y=None
-        # text conditioning goes through a closure: sample() checks y as (B,) class labels
-        text = sample(lambda lv, t, _y, q: adapter(lv, t, y, q), pyramid, StageSchedule((2, 1), (0.7,)),
-                      (B, 16, H, W), seeds=[0, 1])  # fmt: skip
+        settings, sampler = SamplerConfig((2, 1), (0.7,)), StageSampler(pyramid)
+        result = sampler.sample(adapter, (B, 16, H, W), settings=settings, seeds=[0, 1])  # y=None: the empty prompt
+        text = sampler.sample(adapter, (B, 16, H, W), y, settings=settings, seeds=[0, 1])
     assert result.images.shape == text.images.shape == (B, 16, H, W)
     assert torch.isfinite(result.images).all() and not torch.equal(result.images, text.images)

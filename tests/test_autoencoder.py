@@ -122,12 +122,19 @@ def test_se_finetuned_autoencoder_works_with_dfm_prepare(tmp_path):
     ds = build_dataset(out, train=False)
     assert len(ds) == 10000 and ds.sample_shape == (4, 8, 8)
     from dfm.data.vae import load_vae
-    from dfm.generate import previews_exact
+    from dfm.generate import Generator
+    from dfm.methods import get_method
+    from dfm.presets import get_preset
+    from dfm.run import DataSpec
 
+    cfg = get_preset("quickstart")
+    cfg.method.precondition, cfg.method.loss_weighting = False, "velocity"
+    network = get_method("dfm").network(cfg, (4, 8, 8), 10)
+    exact = lambda vae: Generator(network, cfg, DataSpec((4, 8, 8), 10), vae).previews_exact  # noqa: E731
     assert load_vae(tmp_path / "ae").scale_equivariant  # trained with the SE term: marked so
-    assert previews_exact(load_vae(tmp_path / "ae").decode_normalized)
+    assert exact(load_vae(tmp_path / "ae")) and exact(None)
     _finetune(tmp_path / "plain", "--steps", "1", "--se-weight", "0")
-    assert not previews_exact(load_vae(tmp_path / "plain").decode_normalized)
+    assert not exact(load_vae(tmp_path / "plain"))
     with pytest.raises(ValueError, match="not both"):
         from dfm.autoencoder import run_finetune
 

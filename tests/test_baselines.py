@@ -11,15 +11,17 @@ import torch
 from dfm.baselines import (
     CascadeModel,
     CascadeObjective,
+    CascadeSampler,
+    CascadeSwitch,
     ConditionedDiT,
     GaussianPyramid,
     PyramidalObjective,
     PyramidalPath,
+    PyramidalSampler,
     block_noise,
     init_stage2_from_stage1,
-    sample_cascade,
-    sample_pyramidal,
 )
+from dfm.config import SamplerConfig
 from dfm.decomposition import LaplacianPyramid
 from dfm.models import DFMDiT, DiTConfig
 from dfm.sampling import initial_noise
@@ -139,8 +141,7 @@ def test_cascade_objective_trains_one_stage_per_phase() -> None:
     x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 0])
     shapes = LaplacianPyramid(2).level_shapes(x.shape)
     for step, stage in ((3, 0), (4, 1)):
-        objective.begin_step(step)
-        draw = objective.draw(shapes, generator=gen(step))
+        draw = objective.draw(shapes, generator=gen(step), step=step)
         assert draw.main_stage.tolist() == [stage] * 6
         assert [tuple(n.shape) for n in draw.noise] == ([(6, 1, 4, 4)] if stage == 0 else [(6, 1, 8, 8), (6, 1, 4, 4)])
         sub = draw[2:5]
@@ -183,28 +184,41 @@ def test_cascade_conditioning_noise_statistics() -> None:
     assert resid.median().item() == pytest.approx(1 - torch.sigmoid(torch.tensor(1.5)).item(), rel=0.2)
 
 
-def test_begin_step_initialises_stage2_once_in_model_and_ema() -> None:
+def test_the_switch_callback_initialises_stage2_once_in_model_and_ema() -> None:
     model = tiny_cascade()
     perturbed(model.stage1, seed=4)
     ema = copy.deepcopy(model)
     perturbed(ema.stage1, seed=5)  # an EMA that differs from the model
-    objective = CascadeObjective(switch_step=10)
+    switch = CascadeSwitch(switch_step=10)
     before = copy.deepcopy(model.stage2.state_dict())
-    objective.begin_step(9, model, ema)
+    switch.on_step_begin(9, model, ema)
     assert not bool(model.stage2_initialised)
     torch.testing.assert_close(model.stage2.state_dict(), before)
-    objective.begin_step(10, model, ema)
+    switch.on_step_begin(10, model, ema)
     assert bool(model.stage2_initialised) and bool(ema.stage2_initialised)
     torch.testing.assert_close(model.stage2.blocks[0].attn.qkv.weight, model.stage1.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(ema.stage2.state_dict(), model.stage2.state_dict())
     with torch.no_grad():
         model.stage2.blocks[0].attn.qkv.weight.add_(1.0)  # fine-tuning moves it; later steps must not reset it
-    objective.begin_step(11, model, ema)
+    switch.on_step_begin(11, model, ema)
     assert not torch.equal(model.stage2.blocks[0].attn.qkv.weight, model.stage1.blocks[0].attn.qkv.weight)
     # The flag travels with the weights (checkpoints, resume).
     fresh = tiny_cascade()
     fresh.load_state_dict(model.state_dict())
     assert bool(fresh.stage2_initialised)
+
+
+def sample_cascade(model, shape, y=None, *, steps, guidance=1.0, solver="euler", cond_noise=0.025, **kwargs):
+    """The cascade's sampler with ``steps`` per stage (factor and filter of ``model``)."""
+    settings = SamplerConfig(steps=tuple(steps), thresholds=(0.5,), solver=solver, guidance=(guidance,))
+    sampler = CascadeSampler(getattr(model, "factor", 2), getattr(model, "mode", "bilinear"), cond_noise)
+    return sampler.sample(model, shape, y, settings=settings, **kwargs)
+
+
+def sample_pyramidal(model, path, shape, y=None, *, steps, guidance=1.0, solver="euler", **kwargs):
+    settings = SamplerConfig(steps=tuple(steps), thresholds=tuple(path.boundaries[1:-1]), solver=solver,
+                             guidance=(guidance,))  # fmt: skip
+    return PyramidalSampler(path).sample(model, shape, y, settings=settings, **kwargs)
 
 
 def test_sample_cascade_shapes_seeds_and_guidance() -> None:
@@ -446,17 +460,3 @@ def test_pyramidal_trains_and_samples_a_dfm_dit() -> None:
     torch.testing.assert_close(alone.images[0], res.images[1], atol=1e-5, rtol=1e-5)
     heun = sample_pyramidal(model, path, (1, 1, 8, 8), y[:1], steps=(2, 1), seeds=[0], solver="heun")
     assert torch.isfinite(heun.images).all()
-    pre = DFMDiT(
-        DiTConfig(
-            **{
-                **TINY,
-                "input_size": (8, 8),
-                "patch_size": 2,
-                "stage_factors": (2, 1),
-                "precondition": True,
-                "data_std": (0.6, 0.2),
-            }
-        )
-    )
-    with pytest.raises(ValueError, match="precondition"):
-        objective.loss(pre, x, y)

@@ -121,7 +121,7 @@ def test_each_method_trains_with_its_loss_unless_one_is_asked_for() -> None:
     asked = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm", "-o", "method.loss_weighting=edm"))
     assert {run_config(asked, v, 0).method.loss_weighting for v in asked.variants} == {"edm"}
     velocity = settings_from_args(_parse("--preset", "smoke", "-o", "method.loss_weighting=velocity"))
-    assert {run_config(velocity, v, 0).method.method for v in velocity.variants} >= {"dfm", "fm"}
+    assert {run_config(velocity, v, 0).method.name for v in velocity.variants} >= {"dfm", "fm"}
     assert run_config(velocity, velocity.variants[0], 0).method.loss_weighting == "velocity"
 
 
@@ -188,7 +188,7 @@ def test_cli_shares_reference_statistics_and_never_reuses_stale_ones(tmp_path: P
     assert not list(cache.glob("fashion_cnn*"))  # the given classifier was used, none was trained
     # Another solver on the same run: no training to redo, but every point is sampled and scored again.
     scored = set((tmp_path / "a" / "scores").glob("*.json"))
-    assert cli([*common, "--out", str(tmp_path / "a"), "-o", "method.solver=euler"]) == 0
+    assert cli([*common, "--out", str(tmp_path / "a"), "-o", "sampler.solver=euler"]) == 0
     assert len(set((tmp_path / "a" / "scores").glob("*.json")) - scored) == len(scored) > 0
     rows = json.loads((tmp_path / "a" / "results.json").read_text())["rows"]
     assert {r["nfe"] for r in rows if r["guidance"] == 1.0} == {4}  # Euler 4, where the preset's Heun 4 makes 7

@@ -16,7 +16,8 @@ import torch
 
 from dfm.bench import measure
 from dfm.bench.cli import add_bench_parser, main
-from dfm.bench.speed import SpeedSettings, build_setups, markdown_report, run_speed
+from dfm.bench.speed import SpeedSettings, build_setups, run_speed
+from dfm.bench.speed_report import markdown_report
 from dfm.models import count_parameters
 
 TINY = ["--model", "DiT-Tiny", "--input", "8x8x1", "--batch", "2", "--steps", "2,1", "--threads", "1"]
@@ -48,7 +49,7 @@ def test_setups_share_backbone_and_tokens_with_equal_nfe() -> None:
     assert fm.config.stage_factors == (1,) and dfm.config.stage_factors == (2, 1)
     assert fm.config.num_tokens == dfm.config.num_tokens == 4
     assert (fm.config.hidden_size, fm.config.depth) == (dfm.config.hidden_size, dfm.config.depth)
-    assert fm.schedule.steps == (5,) and dfm.schedule.steps == (3, 2) and dfm.schedule.thresholds == (0.6,)
+    assert fm.settings.steps == (5,) and dfm.settings.steps == (3, 2) and dfm.settings.thresholds == (0.6,)
     assert fm.decomposition.num_stages == 1 and dfm.decomposition.num_stages == 2
 
 

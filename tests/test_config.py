@@ -1,11 +1,34 @@
-"""Config overrides and validation: every setting is checked, with a message that names it, before any work."""
+"""The run config: plain data at the bottom of the house, every setting checked with a message that names it before
+any work, sampler settings in one place, and config files of the previous format read as they were meant."""
 
 from __future__ import annotations
 
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from dfm.config import RunConfig, apply_overrides, get_preset, validate
-from dfm.factory import make_model
+from dfm.config import RunConfig, SamplerConfig
+from dfm.methods import get_method
+from dfm.presets import get_preset, with_method
+from dfm.resolve import apply_overrides, resolve
+
+SRC = Path(__file__).parent.parent / "src" / "dfm"
+FIXTURES = Path(__file__).parent / "fixtures" / "format1"
+
+
+def test_the_config_is_a_leaf_that_imports_nothing_of_dfm() -> None:
+    tree = ast.parse((SRC / "config.py").read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith("dfm")], imported
+    # and importing it loads no other module of dfm, nor torch (the package's names load on first use)
+    code = "import sys, dfm.config; print(sorted(m for m in sys.modules if m.startswith(('dfm', 'torch'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "['dfm', 'dfm.config']"
 
 
 def test_model_overrides_take_the_type_of_their_ditconfig_field() -> None:
@@ -14,82 +37,86 @@ def test_model_overrides_take_the_type_of_their_ditconfig_field() -> None:
         ["model.overrides.use_stage_embedding=false", "model.overrides.depth=1", "model.overrides.mlp_ratio=2"],
     )
     assert cfg.model.overrides == {"use_stage_embedding": False, "depth": 1, "mlp_ratio": 2.0}
-    cfg = apply_overrides(cfg, ["method.data_std=0.5,0.25"])
-    model = make_model(cfg, (1, 32, 32), 10)
+    model = get_method("dfm").network(cfg, (1, 32, 32), 10)
     assert model.config.use_stage_embedding is False and model.stage_embedder is None and model.config.depth == 1
     on = apply_overrides(get_preset("quickstart"), ["model.overrides.use_stage_embedding=true"])
     assert on.model.overrides["use_stage_embedding"] is True
     # The JSON round trip keeps them equal, so that a resumed run does not see "another config".
     assert RunConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
-    # Preconditioning is a method setting (its std is measured by the trainer), not a model override.
-    with pytest.raises(ValueError, match="use method.precondition"):
-        apply_overrides(get_preset("quickstart"), ["model.overrides.precondition=false"])
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.overrides.precondtion=false", "unknown model setting model.overrides.precondtion"),
-        ("model.overrides.precondition=maybe", "use true or false"),
+        ("model.overrides.precondition=false", "unknown model setting model.overrides.precondition"),
+        ("model.overrides.use_stage_embedding=maybe", "use true or false"),
         ("model.overrides.depth=1.5", "cannot parse model.overrides.depth='1.5' as int"),
+        ("method.steps=15,5", "unknown setting method.steps (it is sampler.steps)"),
+        ("train.solver=heun", "unknown setting train.solver (it is sampler.solver)"),
+        ("method.cond_noise=0.1", "a setting of method cascade: method.options.cond_noise"),
     ],
 )
-def test_bad_model_overrides_are_refused(override: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        apply_overrides(get_preset("quickstart"), [override])
-
-
-def test_a_config_file_with_a_mistyped_model_setting_is_refused() -> None:
-    data = get_preset("quickstart").to_dict()
-    data["model"]["overrides"] = {"use_stage_embedding": "false"}
-    with pytest.raises(ValueError, match="model.overrides.use_stage_embedding='false' must be of type bool"):
-        RunConfig.from_dict(data)
-
-
-def test_config_files_from_before_the_method_setting_keep_their_preconditioning() -> None:
-    data = get_preset("quickstart").to_dict()
-    del data["method"]["precondition"], data["method"]["data_std"]
-    data["model"]["overrides"] = {"precondition": True, "depth": 1}
-    cfg = RunConfig.from_dict(data)  # the model then assumed std 1.0 for every stage
-    assert cfg.method.precondition and cfg.method.data_std == (1.0, 1.0) and cfg.model.overrides == {"depth": 1}
-    data["model"]["overrides"] = {"precondition": True, "data_std": [0.6, 0.2]}
-    assert RunConfig.from_dict(data).method.data_std == (0.6, 0.2)
-    data["model"]["overrides"] = {}
-    assert not RunConfig.from_dict(data).method.precondition
-
-
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("method.thresholds=1.5", "method.thresholds=(1.5,) must lie strictly inside (0, 1)"),
-        ("method.thresholds=0", "strictly inside"),
-        ("method.steps=0,10", "at least 1 sampling step"),
-        ("method.guidance=-1", "method.guidance=-1.0"),
-        ("method.guidance=nan", "method.guidance=nan"),
-        ("method.solver=rk4", "choose euler or heun"),
-        ("train.log_every=0", "train.log_every=0 must be >= 1"),
-        ("train.ckpt_every=-1", "train.ckpt_every and train.sample_every must be >= 0"),
-        ("optim.lr=nan", "lr must be > 0"),
-        ("optim.lr=inf", "lr must be > 0"),
-        ("optim.betas=1.5,0.9", "optim.betas=(1.5, 0.9): give two values in [0, 1)"),
-        ("optim.eps=0", "eps must be > 0 (got 0.0)"),
-        ("optim.weight_decay=-1", "weight_decay >= 0 (got -1.0)"),
-    ],
-)
-def test_sampling_and_logging_settings_are_validated_up_front(override: str, message: str) -> None:
+def test_bad_settings_are_refused_with_where_they_are(override: str, message: str) -> None:
     with pytest.raises(ValueError) as info:
         apply_overrides(get_preset("quickstart"), [override])
     assert message in str(info.value)
 
 
+def test_a_config_file_with_a_mistyped_model_setting_is_refused_when_resolved() -> None:
+    data = get_preset("quickstart").to_dict()
+    data["model"]["overrides"] = {"use_stage_embedding": "false"}
+    with pytest.raises(ValueError, match="model.overrides.use_stage_embedding='false' must be of type bool"):
+        resolve(RunConfig.from_dict(data))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sampler.thresholds=1.5", "sampler.thresholds=1.5 must lie strictly inside (0, 1)"),
+        ("sampler.thresholds=0", "strictly inside"),
+        ("sampler.thresholds=0.5,0.7", "the model has 2 stage(s); give 1 threshold(s)"),
+        ("sampler.steps=0,10", "every stage needs at least 1 step"),
+        ("sampler.steps=30", "the model has 2 stage(s); give one step count per stage"),
+        ("sampler.guidance=-1", "sampler.guidance=-1.0: scales must be finite and >= 0"),
+        ("sampler.guidance=nan", "sampler.guidance=nan"),
+        ("sampler.guidance=1,2,3", "give one scale, or one per stage"),
+        ("sampler.solver=rk4", "choose euler or heun"),
+        ("train.log_every=0", "train.log_every=0 must be >= 1"),
+        ("train.ckpt_every=-1", "train.ckpt_every and train.sample_every must be >= 0"),
+        ("optim.lr=nan", "optim.lr=nan must be a finite number > 0"),
+        ("optim.lr=inf", "optim.lr=inf must be a finite number > 0"),
+        ("optim.lr=1e39", "optim.lr=1e+39 is too large"),
+        ("optim.lr=4e37", "overflows float32"),
+        ("optim.betas=1.5,0.9", "optim.betas=1.5,0.9: give two values in [0, 1)"),
+        ("optim.eps=0", "eps must be > 0 (got 0.0)"),
+        ("optim.weight_decay=-1", "weight_decay >= 0 (got -1.0)"),
+    ],
+)
+def test_settings_are_validated_up_front(override: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        apply_overrides(get_preset("quickstart"), [override])
+    assert message in str(info.value)
+    assert apply_overrides(get_preset("quickstart"), ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
 def test_three_stage_thresholds_must_increase() -> None:
     cfg = get_preset("quickstart")
-    cfg.method.stages, cfg.method.steps, cfg.method.stage_probs = 3, (10, 10, 10), None
-    cfg.method.thresholds = (0.8, 0.5)
+    cfg.method.stages, cfg.method.stage_probs, cfg.method.data_std = 3, None, None
+    cfg.sampler.steps, cfg.sampler.thresholds = (10, 10, 10), (0.8, 0.5)
     with pytest.raises(ValueError, match="increase"):
-        validate(cfg)
-    cfg.method.thresholds = (0.5, 0.8)
-    validate(cfg)
+        resolve(cfg)
+    cfg.sampler.thresholds = (0.5, 0.8)
+    resolve(cfg)
+
+
+def test_the_sampler_settings_check_themselves_and_count_network_evaluations() -> None:
+    heun = SamplerConfig(steps=(15, 5), thresholds=(0.7,), solver="heun")
+    assert heun.validate(2) is heun
+    assert (heun.network_evaluations(), heun.network_evaluations(grids=2)) == (39, 38)
+    assert SamplerConfig(steps=(30, 10)).network_evaluations() == 40
+    assert SamplerConfig(guidance=(1.5,)).stage_guidance(2) == [1.5, 1.5]
+    with pytest.raises(ValueError, match="at least one stage"):
+        SamplerConfig(steps=(), thresholds=()).validate(0)
 
 
 def test_ckpt_every_zero_means_only_at_the_end() -> None:
@@ -97,9 +124,24 @@ def test_ckpt_every_zero_means_only_at_the_end() -> None:
 
 
 def test_presets_train_each_method_with_its_measured_loss() -> None:
-    from dfm.config import get_preset, with_method
-
     assert get_preset("quickstart").method.loss_weighting == "edm"  # DFM: EDM weighting (docs/RESULTS.md)
     assert get_preset("quickstart-fm").method.loss_weighting == "velocity"  # Flow Matching: the velocity MSE
     assert with_method(get_preset("fmnist-dfm"), "fm").method.loss_weighting == "velocity"
     assert get_preset("imagenet512-b").method.loss_weighting == "velocity"  # the paper's presets keep its loss
+    fm = get_preset("quickstart-fm")
+    assert (fm.method.stages, fm.sampler.steps, fm.sampler.thresholds, fm.sampler.solver) == (1, (20,), (), "heun")
+
+
+@pytest.mark.parametrize("name", ["dfm", "fm", "cascade", "pyramidal", "dfm-haar-std-noema"])
+def test_config_files_of_format_1_read_as_they_were_meant(name: str) -> None:
+    """Format 1 (up to 2026-12-05) kept the sampler in the method section, named the method ``method.method`` and
+    FLUX's distilled guidance ``model.guidance``."""
+    data = json.loads((FIXTURES / name / "config.json").read_text())
+    assert "format" not in data and "sampler" not in data
+    cfg = resolve(RunConfig.from_dict(data))
+    old = data["method"]
+    assert cfg.method.name == old["method"] and cfg.method.data_std == tuple(old["data_std"])
+    assert cfg.sampler.steps == tuple(old["steps"]) and cfg.sampler.solver == old["solver"]
+    assert cfg.sampler.guidance == (old["guidance"],) and cfg.model.distilled_guidance == data["model"]["guidance"]
+    again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and cfg.to_dict()["format"] == 2

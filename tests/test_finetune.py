@@ -9,23 +9,24 @@ import torch
 import torch.nn.functional as F
 
 from dfm.cli import main as cli
-from dfm.config import RunConfig, apply_overrides, get_preset, with_method
+from dfm.config import RunConfig
 from dfm.data import build_dataset
 from dfm.data.subset import ClassSubset
-from dfm.finetune import convert_one_stage, finetune_config, lift_patch_embedding, pool_head
-from dfm.generate import load_run
-from dfm.models import DFMDiT, DiTConfig
-from dfm.train import Trainer, TrainingError
+from dfm.finetune import convert_one_stage, finetune_config, lift_patch_embedding, load_source, pool_head
+from dfm.models import DFMDiT, DiTConfig, Preconditioned
+from dfm.presets import get_preset, with_method
+from dfm.resolve import apply_overrides
+from dfm.run import Run
+from dfm.training import Trainer, TrainingError
 from helpers import TINY_RUN, needs_data
 
 TINY = TINY_RUN
 
 
-def _pretrained(precondition: bool, patch: int = 4, size: int = 16) -> DFMDiT:
+def _pretrained(patch: int = 4, size: int = 16) -> DFMDiT:
     torch.manual_seed(0)
-    extra = dict(precondition=True, data_std=(0.6,)) if precondition else {}
     model = DFMDiT(DiTConfig(input_size=(size, size), in_channels=2, patch_size=patch, hidden_size=32, depth=2,
-                             num_heads=2, num_classes=3, stage_factors=(1,), **extra))  # fmt: skip
+                             num_heads=2, num_classes=3, stage_factors=(1,)))  # fmt: skip
     for p in model.parameters():  # a "trained" model: no zero-initialised part left
         p.data.normal_(0, 0.1)
     return model
@@ -49,9 +50,12 @@ def test_lifted_embedding_and_pooled_head_are_nearest_lift_and_average_pool():
 @pytest.mark.parametrize("precondition", [False, True])
 @pytest.mark.parametrize("factors", [(2, 1), (4, 1), (4, 2, 1)])
 def test_converted_model_is_the_pretrained_model_at_init(precondition, factors):
-    source = _pretrained(precondition)
-    std = (0.6, *[0.2] * (len(factors) - 1)) if precondition else None
-    model = convert_one_stage(source, factors, std)
+    """Also preconditioned (the coarse stage keeping the pretrained std): the velocities are the pretrained one's."""
+    source, model = _pretrained(), None
+    model = convert_one_stage(source, factors)
+    std = (0.6, *[0.2] * (len(factors) - 1))
+    if precondition:
+        source, model = Preconditioned(source, std[:1]), Preconditioned(model, std)
     b, f0 = 4, factors[0]
     levels = [torch.randn(b, 2, 16 // f, 16 // f) for f in factors]
     t, y = torch.rand(b, len(factors)), torch.tensor([0, 1, 2, 3])
@@ -61,7 +65,7 @@ def test_converted_model_is_the_pretrained_model_at_init(precondition, factors):
         reference = F.avg_pool2d(source([lifted], t[:, :1], y)[0], f0)
         torch.testing.assert_close(out[0], reference, rtol=1e-5, atol=1e-6)
         for s in range(1, len(factors)):  # new stages: the network adds nothing (preconditioning: the skip term)
-            skip = model.config.precondition
+            skip = precondition
             expected = torch.zeros_like(levels[s]) if not skip or s > main else out[s]
             torch.testing.assert_close(out[s], expected, rtol=0, atol=0)
             if skip and s <= main:
@@ -72,7 +76,7 @@ def test_converted_model_is_the_pretrained_model_at_init(precondition, factors):
 
 
 def test_gradients_reach_the_new_stage():
-    model = convert_one_stage(_pretrained(False), (2, 1))
+    model = convert_one_stage(_pretrained(), (2, 1))
     levels = [torch.randn(4, 2, 8, 8), torch.randn(4, 2, 16, 16)]
     out = model(levels, torch.rand(4, 2), torch.tensor([0, 1, 2, 0]), torch.ones(4, dtype=torch.long))
     (sum(o.square().mean() for o in out) + out[1].sum()).backward()
@@ -82,21 +86,31 @@ def test_gradients_reach_the_new_stage():
 
 
 def test_conversion_refuses_what_it_cannot_make_exact():
-    source = _pretrained(True)
-    with pytest.raises(ValueError, match="coarsest stage's data std 0.5 must be the pretrained model's 0.6"):
-        convert_one_stage(source, (2, 1), (0.5, 0.2))
     with pytest.raises(ValueError, match="not divisible by the resolution factor 8"):
-        convert_one_stage(_pretrained(False), (8, 1))
+        convert_one_stage(_pretrained(), (8, 1))
     with pytest.raises(ValueError, match="starts from one stage"):
-        convert_one_stage(convert_one_stage(_pretrained(False), (2, 1)), (2, 1))
+        convert_one_stage(convert_one_stage(_pretrained(), (2, 1)), (2, 1))
+    fm = with_method(get_preset("quickstart"), "fm")
+    fm.method.data_std = (0.6,)
+    cfg = finetune_config(fm, "dfm")
+    cfg.method.data_std, cfg.train.init_from = (0.5, 0.2), "runs/fm"
+    source = DFMDiT(DiTConfig(input_size=(32, 32), in_channels=1, patch_size=4, hidden_size=32, depth=1, num_heads=2,
+                              num_classes=10, stage_factors=(1,)))  # fmt: skip
+    target = convert_one_stage(source, (2, 1))
+    with pytest.raises(ValueError, match="train.init_from=runs/fm: the coarsest stage's data std 0.5 must be the "
+                       "pretrained model's 0.6"):  # fmt: skip
+        load_source(target, source, fm, cfg)
+    cfg.method.precondition = False
+    with pytest.raises(ValueError, match="set -o method.precondition=true"):
+        load_source(target, source, fm, cfg)
 
 
 def test_finetune_config_and_its_errors():
     fm = with_method(get_preset("quickstart"), "fm")
     cfg = finetune_config(fm, "dfm", steps=400)
-    assert cfg.method.method == "dfm" and cfg.method.stages == 2
-    like = get_preset("quickstart").method
-    assert (cfg.method.steps, cfg.method.solver) == (like.steps, like.solver) == ((15, 5), "heun")
+    assert cfg.method.name == "dfm" and cfg.method.stages == 2
+    like = get_preset("quickstart").sampler
+    assert (cfg.sampler.steps, cfg.sampler.solver) == (like.steps, like.solver) == ((15, 5), "heun")
     assert cfg.optim.lr == pytest.approx(fm.optim.lr / 10) and cfg.optim.warmup_steps == 40
     assert cfg.method.precondition == fm.method.precondition and cfg.method.data_std is None
     assert finetune_config(fm, "fm").method.stages == 1
@@ -125,18 +139,19 @@ def test_dfm_finetune_end_to_end(tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["finetune", "--from", str(fm_run), "--out", str(out), "--steps", "2", "--batch-size", "4",
             "--classes", "5,6,7,8,9", "--no-progress", "-o", "train.threads=1", "-o", "train.num_sample_images=2",
-            "-o", "method.steps=2,2"]  # fmt: skip
+            "-o", "sampler.steps=2,2"]  # fmt: skip
     assert cli(args) == 0
     cfg = RunConfig.load(out / "config.json")
-    source, source_cfg = load_run(fm_run)
+    source_run = Run.open(fm_run)
+    source, source_cfg = source_run.load_network(), source_run.config
     assert cfg.train.init_from == str(fm_run) and cfg.data.classes == (5, 6, 7, 8, 9)
-    assert cfg.method.method == "dfm" and cfg.method.precondition == source_cfg.method.precondition
+    assert cfg.method.name == "dfm" and cfg.method.precondition == source_cfg.method.precondition
     assert cfg.method.data_std[0] == source_cfg.method.data_std[0]
     assert cfg.optim.lr == pytest.approx(source_cfg.optim.lr / 10)
     # At step 0 the trainer's model is the pretrained one, converted: same as converting by hand.
     cfg0 = apply_overrides(cfg, ["train.steps=1"])
     trainer = Trainer(cfg0, tmp_path / "ft0", progress=False)
-    expected = convert_one_stage(source, (2, 1), cfg.method.data_std)
+    expected = convert_one_stage(source, (2, 1))
     for k, v in expected.state_dict().items():  # the new stage's first time layer is random and does not matter
         if not k.startswith("t_embedders.1.mlp.0"):
             torch.testing.assert_close(trainer.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
@@ -160,7 +175,8 @@ def test_plain_finetune_starts_from_the_same_weights_and_refuses_mismatches(tmp_
     fm_run = tmp_path / "fm"
     assert cli(["train", "--method", "fm", "--out", str(fm_run), "--steps", "2", "--batch-size", "4",
                 "--no-progress", *TINY]) == 0  # fmt: skip
-    source, source_cfg = load_run(fm_run)
+    source_run = Run.open(fm_run)
+    source, source_cfg = source_run.load_network(), source_run.config
     cfg = apply_overrides(finetune_config(source_cfg, "fm", steps=1), [f"train.init_from={fm_run}"])
     trainer = Trainer(cfg, tmp_path / "ft", progress=False)
     for k, v in source.state_dict().items():

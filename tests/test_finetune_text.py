@@ -84,7 +84,7 @@ def patched_encoder(monkeypatch):
 
 
 def finetune(setup, out: Path, method: str = "dfm", steps: int = 2, *extra: str) -> int:
-    sampling = ["-o", "method.steps=2,1"] if method == "dfm" else ["-o", "method.steps=3"]
+    sampling = ["-o", "sampler.steps=2,1"] if method == "dfm" else ["-o", "sampler.steps=3"]
     return cli(["finetune", "--from", str(setup["flux"]), "--method", method, "--data", str(setup["latents"]),
                 "--out", str(out), "--steps", str(steps), "--batch-size", "2", "--precision", "fp32", "--no-progress",
                 "-o", "train.log_every=1", "-o", "train.num_sample_images=2", "-o", "train.threads=1",
@@ -143,14 +143,14 @@ def test_finetune_sample_with_prompts_and_reload(setup, tmp_path, method):
     assert finetune(setup, run, method) == 0
     cfg = RunConfig.load(run / "config.json")
     assert cfg.model.backbone == "flux" and cfg.method.stages == (2 if method == "dfm" else 1)
-    assert not cfg.method.precondition and cfg.method.guidance == 3.0 and cfg.optim.lr == 1e-5
+    assert not cfg.method.precondition and cfg.sampler.guidance == (3.0,) and cfg.optim.lr == 1e-5
     assert cfg.optim.betas == (0.9, 0.99) and cfg.method.label_dropout == 0.1 and not cfg.optim.ema
     assert (run / "pretrained" / "dfm_adapter.json").is_file() and list((run / "samples").glob("step_*.png"))
     a = sample_npz(run, tmp_path / "a")
     assert a.shape == (3, 16, 16, 3)  # 16-channel latents decoded by the VAE
     assert len(list((tmp_path / "a" / "images").glob("*.png"))) == 3
     settings = json.loads((tmp_path / "a" / "sampling.json").read_text())
-    assert settings["prompts"] == ["a red square", "a blue circle", "a red square"] and settings["guidance"] == 3.0
+    assert settings["prompts"] == ["a red square", "a blue circle", "a red square"] and settings["guidance"] == [3.0]
     b = sample_npz(run / "pretrained", tmp_path / "b")  # the saved model gives the same images
     assert np.array_equal(a, b)
     if method == "dfm":  # the FLUX time shift changes the grid, hence the images
@@ -228,7 +228,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(setup, tmp_path
 # ------------------------------------------------------------------------------------------------ training details
 def test_caption_dropout_replaces_about_ten_percent_by_the_empty_prompt(setup, tmp_path):
     from dfm.finetune import diffusers_finetune_config
-    from dfm.train import Trainer
+    from dfm.training import Trainer
 
     cfg = diffusers_finetune_config(setup["flux"], "dfm", steps=20, data=str(setup["latents"]))
     cfg.train.batch_size, cfg.train.precision, cfg.train.threads = 8, "fp32", 1
@@ -262,8 +262,8 @@ def test_true_cfg_with_text_equals_the_formula():
     levels = [torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 8, 8, generator=g)]
     t, main = torch.rand(2, 2, generator=g), torch.tensor([1, 1])
     y = fake_encoder(["a cat", "a dog"])
-    scales, use_cfg, null, y = prepare_guidance(adapter, y, 2, [3.0, 2.0], 2)
-    assert use_cfg and torch.equal(null.pooled, fake_encoder([""]).pooled.expand(2, -1))
+    scales, null, y = prepare_guidance(adapter, y, 2, [3.0, 2.0])
+    assert scales == [3.0, 2.0] and torch.equal(null.pooled, fake_encoder([""]).pooled.expand(2, -1))
     with torch.no_grad():
         guided = guided_velocity(lambda a, lab: adapter(a[:-2], a[-2], lab, a[-1]), [*levels, t, main], y, scales, null)
         cond, uncond = adapter(levels, t, y, main), adapter(levels, t, None, main)
@@ -317,7 +317,7 @@ def test_fsdp2_shards_the_flux_blocks_and_matches_one_process(setup, tmp_path):
     assert finetune(setup, one, "dfm", 4) == 0
     args = ["finetune", "--from", str(setup["flux"]), "--data", str(setup["latents"]), "--out", str(two),
             "--batch-size", "2", "--precision", "fp32", "--no-progress", "-o", "train.log_every=1",
-            "-o", "train.num_sample_images=2", "-o", "train.threads=1", "-o", "method.steps=2,1",
+            "-o", "train.num_sample_images=2", "-o", "train.threads=1", "-o", "sampler.steps=2,1",
             "-o", "train.distributed=fsdp", "-o", "train.ckpt_every=2"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for steps, extra in ((2, []), (4, ["--resume", "auto"])):

@@ -7,18 +7,20 @@ import dataclasses
 import pytest
 import torch
 
-from dfm.config import RunConfig, apply_overrides, get_preset, with_method
-from dfm.factory import make_decomposition, make_model, make_objective
-from dfm.generate import generate
+from dfm.config import RunConfig
+from dfm.generate import Generator
 from dfm.methods import DFM, Method, get_method, method_names, register_method
 from dfm.objective import DFMObjective
+from dfm.presets import get_preset, with_method
+from dfm.resolve import apply_overrides, resolve
+from dfm.run import DataSpec
 
 
 def test_builtin_methods_and_unknown_name():
     assert method_names()[:4] == ("dfm", "fm", "cascade", "pyramidal")
     assert get_method("cascade").unused_parameters and not get_method("cascade").supports_fsdp
-    with pytest.raises(ValueError, match=r"method.method='cascad': choose one of \('dfm', 'fm', 'cascade'"):
-        apply_overrides(get_preset("quickstart"), ["method.method=cascad"])
+    with pytest.raises(ValueError, match=r"method.name='cascad': choose one of dfm, fm, cascade, pyramidal"):
+        apply_overrides(get_preset("quickstart"), ["method.name=cascad"])
 
 
 def test_options_are_typed_filled_and_checked():
@@ -27,7 +29,8 @@ def test_options_are_typed_filled_and_checked():
                                   "cond_noise": 0.025}  # fmt: skip
     cfg = apply_overrides(cfg, ["method.options.cond_noise=0.05", "method.options.switch_step=7"])
     assert cfg.method.options["cond_noise"] == 0.05 and cfg.method.options["switch_step"] == 7
-    assert make_objective(cfg.method, make_decomposition(cfg.method), 100).switch_step == 7
+    cascade = get_method("cascade")
+    assert cascade.objective(cfg.method, cascade.decomposition(cfg.method), 100).switch_step == 7
     with pytest.raises(ValueError, match="cannot parse method.options.switch_step='x' as int"):
         apply_overrides(cfg, ["method.options.switch_step=x"])
     with pytest.raises(ValueError, match=r"a setting of method cascade: method.options.cond_noise"):
@@ -40,36 +43,16 @@ def test_options_are_typed_filled_and_checked():
     data = pyr.to_dict()
     data["method"]["options"]["bogus"] = 1
     with pytest.raises(ValueError, match=r"method.options \['bogus'\] are not settings of method pyramidal"):
-        RunConfig.from_dict(data)
+        resolve(RunConfig.from_dict(data))
     data["method"]["options"] = {"windows": "wide"}
     with pytest.raises(ValueError, match="method.options.windows='wide' must be of type"):
-        RunConfig.from_dict(data)
+        resolve(RunConfig.from_dict(data))
 
 
 def test_options_round_trip_through_json(tmp_path):
     cfg = apply_overrides(with_method(get_preset("quickstart"), "pyramidal"), ["method.options.windows=0.3"])
     cfg.save(tmp_path / "config.json")
-    assert RunConfig.load(tmp_path / "config.json") == cfg
-
-
-def _legacy(method: str) -> dict:
-    data = with_method(get_preset("quickstart"), method).to_dict()
-    del data["method"]["options"]
-    data["method"].update(
-        cascade_stage1_fraction=0.7, cascade_switch_step=12, cond_loc=1.5, cond_scale=1.0, cond_noise=0.05,
-        pyramid_windows=[0.5], pyramid_gamma=None, pyramid_time="logit_normal",
-    )  # fmt: skip
-    return data
-
-
-def test_legacy_configs_move_baseline_fields_into_options():
-    cascade = RunConfig.from_dict(_legacy("cascade"))
-    assert cascade.method.options == {"stage1_fraction": 0.7, "switch_step": 12, "cond_loc": 1.5, "cond_scale": 1.0,
-                                      "cond_noise": 0.05}  # fmt: skip
-    pyramidal = RunConfig.from_dict(_legacy("pyramidal"))
-    assert pyramidal.method.options == {"windows": (0.5,), "gamma": None, "time": "logit_normal"}
-    dfm = RunConfig.from_dict(_legacy("dfm"))  # the baselines' fields had no effect on DFM: dropped
-    assert dfm.method.options == {} and dfm.method.method == "dfm"
+    assert resolve(RunConfig.load(tmp_path / "config.json")) == cfg
 
 
 # -- a fifth method, defined in one place (what a user's plug-in module would hold)
@@ -102,20 +85,21 @@ def test_a_new_method_is_one_class(tmp_path):
     register_method(ScaledDFM())
     try:
         cfg = get_preset("quickstart")
-        cfg = apply_overrides(cfg, ["method.method=test-scaled-dfm", "method.options.scale=3.0",
-                                    "method.data_std=0.5,0.2"])  # fmt: skip
+        cfg = apply_overrides(cfg, ["method.name=test-scaled-dfm", "method.options.scale=3.0",
+                                    "method.data_std=0.5,0.2", "sampler.steps=2,2"])  # fmt: skip
         assert "test-scaled-dfm" in method_names() and cfg.method.options == {"scale": 3.0}
-        objective = make_objective(cfg.method, make_decomposition(cfg.method))
+        method = get_method("test-scaled-dfm")
+        decomposition = method.decomposition(cfg.method)
+        objective = method.objective(cfg.method, decomposition)
         assert isinstance(objective, _ScaledObjective) and objective.scale == 3.0
-        model = make_model(cfg, (1, 32, 32), 10)
+        model = method.velocity_model(method.network(cfg, (1, 32, 32), 10), cfg.method)
         x, y = torch.randn(4, 1, 32, 32), torch.arange(4)
         g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-        plain = DFMObjective(make_decomposition(cfg.method), stage_probs=(0.5, 0.5)).loss(model, x, y, generator=g())
+        plain = DFMObjective(decomposition, stage_probs=(0.5, 0.5)).loss(model, x, y, generator=g())
         scaled = objective.loss(model, x, y, generator=g())
         torch.testing.assert_close(scaled.loss, 3.0 * plain.loss)
-        cfg.method.steps = (2, 2)
-        images, previews = generate(model, make_decomposition(cfg.method), cfg, (1, 32, 32), [0, 1], [0, 1])
-        assert images.shape == (2, 1, 32, 32) and len(previews) == 2
+        out = Generator(model.network, cfg, DataSpec((1, 32, 32), 10)).generate([0, 1], [0, 1])
+        assert out.images.shape == (2, 1, 32, 32) and len(out.previews) == 2
     finally:
         from dfm import methods
 
@@ -138,15 +122,12 @@ def test_register_refuses_a_method_without_name_or_dataclass_options():
 
 
 # -- one entry point, no import cycles inside the package
-def test_python_m_dfm_is_the_command_and_dfm_train_points_to_it():
+def test_python_m_dfm_is_the_command():
     import subprocess
     import sys
 
     done = subprocess.run([sys.executable, "-m", "dfm", "presets"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "quickstart" in done.stdout
-    old = subprocess.run([sys.executable, "-m", "dfm.train", "--preset", "quickstart"], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    assert old.returncode == 1 and "python -m dfm train" in old.stderr
 
 
 def test_no_module_level_import_cycles():
@@ -191,7 +172,9 @@ def test_no_module_level_import_cycles():
     done: set[str] = set()
     for name in graph:
         visit(name, [name], done)
-    assert "dfm.train" in graph and "dfm.cli" in graph["dfm.__main__"]
+    assert "dfm.training.trainer" in graph and "dfm.cli" in graph["dfm.__main__"]
+    assert graph["dfm.config"] == set()  # the config is plain data at the bottom: it imports nothing of dfm
+    assert "dfm.resolve" in graph["dfm.presets"] and "dfm.methods" in graph["dfm.resolve"]
 
 
 @pytest.mark.parametrize("method", ["dfm", "fm", "cascade", "pyramidal"])
@@ -199,13 +182,14 @@ def test_no_module_level_import_cycles():
 def test_network_evaluations_count_the_sampler_calls(method, solver):
     """What the bench reports as nfe (and serve's progress bar counts to) is the number of forward calls."""
     cfg = with_method(
-        apply_overrides(get_preset("quickstart"), [f"method.solver={solver}", "method.steps=3,2"]), method
+        apply_overrides(get_preset("quickstart"), [f"sampler.solver={solver}", "sampler.steps=3,2"]), method
     )
     cfg.method.data_std = (0.6,) if method == "fm" else (0.6, 0.2)
-    model = make_model(cfg, (1, 32, 32), 10).eval()
+    model = get_method(method).network(cfg, (1, 32, 32), 10).eval()
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    generate(model, make_decomposition(cfg.method), cfg, (1, 32, 32), [0], [0])
-    expected = get_method(method).network_evaluations(cfg.method.steps, solver)
+    gen = Generator(model, cfg, DataSpec((1, 32, 32), 10))
+    gen.generate([0], [0])
+    expected = gen.network_evaluations()
     assert len(calls) == expected
     assert expected == {"euler": 5, "heun": 8 if method == "cascade" else 9}[solver]  # each cascade model ends clean

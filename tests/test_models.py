@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from dfm.models import MODEL_REGISTRY, DFMDiT, DiTConfig, count_parameters, create_config, create_model
 from dfm.models.layers import LabelEmbedder, StageLinear, patchify, unpatchify
 from dfm.models.positions import apply_rope, rope_tables
-from dfm.models.precondition import flow_preconditioning
+from dfm.models.precondition import Preconditioned, flow_preconditioning
 
 TINY = dict(input_size=(16, 16), in_channels=2, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
 
@@ -97,7 +97,6 @@ def test_create_model_errors_and_overrides() -> None:
         (dict(input_size=(15, 16)), "not divisible by patch_size"),
         (dict(pos="learned"), "pos='learned'"),
         (dict(specialise="ffn"), "specialise='ffn'"),
-        (dict(data_std=(1.0,)), "one positive value per stage"),
         (dict(hidden_size=33), "not divisible by num_heads"),
     ],
 )
@@ -141,13 +140,17 @@ def test_video_shapes_and_3d_positions() -> None:
     [
         dict(),
         dict(pos="sincos", use_stage_embedding=False),
-        dict(stage_factors=(4, 2, 1), patch_size=4, precondition=True, data_std=(0.6, 0.3, 0.2)),
+        dict(stage_factors=(4, 2, 1), patch_size=4, data_std=(0.6, 0.3, 0.2)),
         dict(specialise="all"),
     ],
 )
 def test_inactive_stages_have_no_effect_on_any_output(overrides: dict) -> None:
+    """Also through the preconditioning wrapper (``data_std``): the model contract holds for the velocity model."""
+    std = overrides.pop("data_std", None)
     cfg = tiny_config(**overrides)
     model = perturbed(DFMDiT(cfg))
+    if std is not None:
+        model = Preconditioned(model, std)
     levels, t, y, _ = random_inputs(cfg, 4, seed=1)
     main_stage = torch.tensor([0, 0, 1, cfg.num_stages - 1])
     ref = model(levels, t, y, main_stage)
@@ -176,14 +179,14 @@ def test_fresh_model_outputs_exactly_zero() -> None:
 
 
 def test_fresh_preconditioned_model_outputs_the_skip_term() -> None:
-    cfg = tiny_config(precondition=True, data_std=(0.6, 0.2))
+    cfg, std = tiny_config(), (0.6, 0.2)
     levels, t, y, _ = random_inputs(cfg, 3)
     main_stage = torch.tensor([0, 1, 1])
-    out = DFMDiT(cfg)(levels, t, y, main_stage)
+    out = Preconditioned(DFMDiT(cfg), std)(levels, t, y, main_stage)
     for s in range(2):
         active = (main_stage >= s).float()
         ts = t[:, s] * active
-        c_skip = (ts * cfg.data_std[s] ** 2 - (1 - ts)) / (ts**2 * cfg.data_std[s] ** 2 + (1 - ts) ** 2)
+        c_skip = (ts * std[s] ** 2 - (1 - ts)) / (ts**2 * std[s] ** 2 + (1 - ts) ** 2)
         expected = c_skip.view(-1, 1, 1, 1) * levels[s] * active.view(-1, 1, 1, 1)
         torch.testing.assert_close(out[s], expected, rtol=1e-6, atol=1e-6)
 
@@ -247,10 +250,11 @@ def test_label_embedder_never_drops_labels_itself() -> None:
     torch.testing.assert_close(null, embedder.embedding.weight[10].expand(3, 4), rtol=0, atol=0)
 
 
-def test_configs_saved_with_the_old_class_dropout_field_still_load() -> None:
+def test_a_config_with_the_preconditioning_inside_is_refused_and_names_the_loader() -> None:
     data = tiny_config().to_dict()
-    assert "class_dropout" not in data
-    assert DiTConfig.from_dict({**data, "class_dropout": 0.1}) == tiny_config()
+    assert DiTConfig.from_dict({**data, "precondition": False, "data_std": None}) == tiny_config()
+    with pytest.raises(ValueError, match="load its directory with dfm.Run"):
+        DiTConfig.from_dict({**data, "precondition": True, "data_std": [0.6, 0.2]})
     with pytest.raises(ValueError, match="unknown DiTConfig fields"):
         DiTConfig.from_dict({**data, "dropout_typo": 0.1})
 
@@ -292,14 +296,16 @@ def test_fresh_experts_reproduce_the_shared_model() -> None:
 # ----------------------------------------------------------------------------- gradients, dtypes, compile
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(specialise="all", precondition=True, data_std=(0.6, 0.2))])
+@pytest.mark.parametrize("overrides", [dict(), dict(specialise="all", data_std=(0.6, 0.2))])
 def test_every_parameter_receives_gradient(overrides: dict) -> None:
+    std = overrides.pop("data_std", None)
     model = perturbed(DFMDiT(tiny_config(**overrides))).train()
+    velocity = model if std is None else Preconditioned(model, std)
     levels, t, _, _ = random_inputs(model.config, 4)
     y = torch.arange(4) % (model.num_classes + 1)
     y[0] = model.null_class
     main_stage = torch.tensor([0, 1, 0, 1])
-    loss = sum((o**2).mean() for o in model(levels, t, y, main_stage))
+    loss = sum((o**2).mean() for o in velocity(levels, t, y, main_stage))
     loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or torch.count_nonzero(p.grad) == 0]
     assert dead == []
@@ -330,7 +336,7 @@ def test_torch_compile_matches_eager() -> None:
 
 
 def test_save_load_round_trip(tmp_path) -> None:
-    cfg = tiny_config(data_std=(0.5, 0.25), precondition=True, specialise="mlp", input_size=(2, 8, 8))
+    cfg = tiny_config(specialise="mlp", input_size=(2, 8, 8))
     model = perturbed(DFMDiT(cfg))
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
@@ -342,7 +348,7 @@ def test_save_load_round_trip(tmp_path) -> None:
 
 
 def test_config_json_round_trip() -> None:
-    cfg = create_config("DFM-DiT-Mini", input_size=(4, 32, 32), data_std=(0.6, 0.2))
+    cfg = create_config("DFM-DiT-Mini", input_size=(4, 32, 32), specialise="mlp")
     assert DiTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError, match="unknown DiTConfig fields \\['widht'\\]"):
         DiTConfig.from_dict({**cfg.to_dict(), "widht": 3})

@@ -15,7 +15,7 @@ from dfm.pipeline import DFMPipeline, DFMPipelineOutput  # noqa: E402
 from helpers import TINY_RUN, needs_data  # noqa: E402
 
 pytestmark = needs_data
-TINY = [*TINY_RUN, "-o", "method.steps=2,2"]
+TINY = [*TINY_RUN, "-o", "sampler.steps=2,2"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_pil_output_callback_generator_and_errors(run):
     assert images.shape == (1, 28, 28, 1) and len(previews) == 2  # 4 steps split like the run's (2, 2)
     with pytest.raises(ValueError, match="output_type='jpg'"):
         pipe(seeds=[0], output_type="jpg")
-    with pytest.raises(ValueError, match=r"class_labels \[12\]: this model has classes 0..9"):
+    with pytest.raises(ValueError, match=r"classes \[12\] out of range: this model has classes 0..9"):
         pipe(seeds=[0], class_labels=12)
     with pytest.raises(ValueError, match="one step count per stage"):
         pipe(seeds=[0], num_inference_steps=(2, 2, 2))

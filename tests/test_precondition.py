@@ -10,18 +10,21 @@ import numpy as np
 import pytest
 import torch
 
+from dfm.baselines import CascadePreconditioned
 from dfm.bench.quality import QualitySettings, add_quality_parser, reference_images, run_config, settings_from_args
 from dfm.cli import main as cli
-from dfm.config import RunConfig, apply_overrides, get_preset, with_method
+from dfm.config import RunConfig
 from dfm.decomposition import LaplacianPyramid, downsample, estimate_level_std
-from dfm.factory import make_model
-from dfm.generate import load_run
+from dfm.generate import Generator
+from dfm.methods import get_method
 from dfm.models import DiTConfig
-from dfm.models.precondition import flow_preconditioning
+from dfm.models.precondition import Preconditioned, flow_preconditioning
 from dfm.objective import DFMObjective
+from dfm.presets import get_preset, with_method
+from dfm.resolve import apply_overrides
 from helpers import TINY_RUN, needs_data
 
-TINY = [*TINY_RUN, "-o", "method.steps=2,2"]
+TINY = [*TINY_RUN, "-o", "sampler.steps=2,2"]
 
 
 def _train(run: Path, steps: int, *extra: str) -> None:
@@ -48,26 +51,18 @@ def test_every_preset_and_method_preconditions() -> None:
         apply_overrides(with_method(get_preset("quickstart"), "pyramidal"), ["method.loss_weighting=edm"])
 
 
-def test_config_json_without_the_setting_loads_as_not_preconditioned() -> None:
-    """Runs trained before preconditioning was a setting trained without it: they must load unchanged."""
-    data = get_preset("quickstart").to_dict()
-    del data["method"]["precondition"], data["method"]["data_std"], data["method"]["loss_weighting"]
-    cfg = RunConfig.from_dict(data)
-    assert cfg.method.precondition is False and cfg.method.loss_weighting == "velocity"
-
-
 def test_precondition_needs_a_measured_std() -> None:
-    with pytest.raises(ValueError, match="needs data_std"):
-        DiTConfig(input_size=(8, 8), in_channels=1, patch_size=2, hidden_size=32, depth=1, num_heads=2,
-                  precondition=True)  # fmt: skip
+    cfg = get_preset("quickstart")
     with pytest.raises(ValueError, match="method.data_std is unset"):
-        make_model(get_preset("quickstart"), (1, 32, 32), 10)
-    with pytest.raises(ValueError, match="use method.precondition"):
-        apply_overrides(get_preset("quickstart"), ["model.overrides.precondition=false"])
+        get_method("dfm").velocity_model(lambda *a: a, cfg.method)
+    with pytest.raises(ValueError, match="unknown model setting model.overrides.precondition"):
+        apply_overrides(cfg, ["model.overrides.precondition=false"])
     with pytest.raises(ValueError, match="2 positive values"):
-        apply_overrides(get_preset("quickstart"), ["method.data_std=0.5"])
+        apply_overrides(cfg, ["method.data_std=0.5"])
     with pytest.raises(ValueError, match="loss_weighting"):
-        apply_overrides(get_preset("quickstart"), ["method.loss_weighting=snr"])
+        apply_overrides(cfg, ["method.loss_weighting=snr"])
+    with pytest.raises(ValueError, match="data_std or the path's coefficients"):
+        Preconditioned(lambda *a: a)
 
 
 # -- the trainer measures, saves and reuses the stds ----------------------------------------------------------
@@ -79,10 +74,10 @@ def test_dfm_run_measures_each_levels_std_and_the_model_uses_it(tmp_path: Path) 
     expected = tuple(round(s, 6) for s in estimate_level_std(LaplacianPyramid(2), _std_batch()))
     assert cfg.method.precondition and cfg.method.data_std == expected
     assert 0.1 < expected[1] < 0.5 * expected[0]  # the fine residual is far quieter than the coarse level
-    model, _ = load_run(run)
-    assert model.config.precondition and model.config.data_std == expected
-    pretrained, _ = load_run(run / "pretrained")
-    assert pretrained.config.data_std == expected
+    for source in (run, run / "pretrained"):
+        gen = Generator.from_run(source)
+        assert isinstance(gen.model, Preconditioned) and gen.model.network is gen.network
+        assert gen.config.method.data_std == expected
     # Resuming keeps the run's measured values (a changed std would change the model).
     _train(run, 3, "--resume", "auto")
     assert RunConfig.load(run / "config.json").method.data_std == expected
@@ -91,7 +86,7 @@ def test_dfm_run_measures_each_levels_std_and_the_model_uses_it(tmp_path: Path) 
 @needs_data
 def test_flow_matching_cascade_and_pyramidal_flow_get_their_own_stds(tmp_path: Path) -> None:
     x = _std_batch()
-    _train(tmp_path / "fm", 1, "--method", "fm", "-o", "method.steps=4")
+    _train(tmp_path / "fm", 1, "--method", "fm", "-o", "sampler.steps=4")
     fm = RunConfig.load(tmp_path / "fm" / "config.json").method
     assert fm.data_std == (round(float(x.std()), 6),)
 
@@ -99,22 +94,21 @@ def test_flow_matching_cascade_and_pyramidal_flow_get_their_own_stds(tmp_path: P
     cascade = RunConfig.load(tmp_path / "cascade" / "config.json").method
     low = downsample(x, (16, 16))
     assert cascade.data_std == (round(float(low.std()), 6), round(float(x.std()), 6))
-    model, _ = load_run(tmp_path / "cascade")
-    assert model.stage1.config.data_std == cascade.data_std[:1]
-    assert model.stage2.config.data_std == cascade.data_std[1:]
+    velocity = Generator.from_run(tmp_path / "cascade").model
+    assert isinstance(velocity, CascadePreconditioned) and velocity.data_std == cascade.data_std
 
     _train(tmp_path / "pyramidal", 1, "--method", "pyramidal")
     pyramidal = RunConfig.load(tmp_path / "pyramidal" / "config.json").method
     assert pyramidal.data_std == (round(float(low.std()), 6), round(float(x.std()), 6))  # Gaussian pyramid levels
-    model, _ = load_run(tmp_path / "pyramidal")
-    assert not model.config.precondition  # the path preconditions, not the network
+    gen = Generator.from_run(tmp_path / "pyramidal")  # the network in the preconditioning of its path
+    assert isinstance(gen.model, Preconditioned) and gen.model.network is gen.network
     assert cli(["sample", str(tmp_path / "pyramidal"), "--seeds", "0-1", "--out", str(tmp_path / "ps")]) == 0
 
 
 def test_pyramidal_preconditioning_scales_the_path_of_each_stage() -> None:
     """A fresh DiT outputs F = 0, so the wrapped velocity is (e_k - s_k) c_skip(a) x_τ with a = τ e_k + (1 - τ) s_k;
     the network sees c_in(a) x_τ; training reaches every parameter the unwrapped model trains."""
-    from dfm.baselines.pyramidal import GaussianPyramid, PyramidalObjective, PyramidalPath, PyramidalPreconditioning
+    from dfm.baselines.pyramidal import GaussianPyramid, PyramidalObjective, PyramidalPath, pyramidal_coefficients
     from dfm.models import DFMDiT
 
     path, std = PyramidalPath(GaussianPyramid(2)), (0.6, 0.5)
@@ -122,7 +116,7 @@ def test_pyramidal_preconditioning_scales_the_path_of_each_stage() -> None:
                              num_classes=3, stage_factors=(2, 1)))  # fmt: skip
     seen = []
     hooked = lambda levels, t, y, q: seen.append(levels) or model(levels, t, y, q)  # noqa: E731
-    wrapped = PyramidalPreconditioning(hooked, path, std)
+    wrapped = Preconditioned(hooked, coefficients=pyramidal_coefficients(path, std))
     x = [torch.zeros(3, 1, 4, 4), torch.randn(3, 1, 8, 8)]
     t = torch.tensor([[0.0, 0.6], [0.0, 0.9], [0.0, 0.5]])  # stage 1 (window [0.5, 1]) at τ = 0.2, 0.8, 0
     stage = torch.ones(3, dtype=torch.long)
@@ -133,10 +127,11 @@ def test_pyramidal_preconditioning_scales_the_path_of_each_stage() -> None:
     torch.testing.assert_close(out, ((e - s) * c_skip).view(-1, 1, 1, 1) * x[1])
     torch.testing.assert_close(seen[0][1], c_in.view(-1, 1, 1, 1) * x[1])
 
-    objective = PyramidalObjective(path, data_std=std)
+    objective = PyramidalObjective(path)
     for p in model.parameters():  # leave the zero init so that gradients reach every layer
         p.data.add_(0.01 * torch.randn_like(p))
-    objective.loss(model, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]),
+    velocity = Preconditioned(model, coefficients=pyramidal_coefficients(path, std))
+    objective.loss(velocity, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]),
                    generator=torch.Generator().manual_seed(0)).loss.backward()  # fmt: skip
     assert all(p.grad is not None for n, p in model.named_parameters() if "y_embedder" not in n)
 
@@ -146,8 +141,8 @@ def test_precondition_off_trains_the_plain_network(tmp_path: Path) -> None:
     _train(tmp_path / "off", 1, "-o", "method.precondition=false", "-o", "method.loss_weighting=velocity")
     cfg = RunConfig.load(tmp_path / "off" / "config.json")
     assert not cfg.method.precondition and cfg.method.data_std is None
-    model, _ = load_run(tmp_path / "off")
-    assert not model.config.precondition
+    gen = Generator.from_run(tmp_path / "off")
+    assert gen.model is gen.network
 
 
 # -- the EDM loss weighting -----------------------------------------------------------------------------------
@@ -202,18 +197,9 @@ def test_saved_samples_drop_the_data_sets_padding_recorded_with_the_run(tmp_path
     import json
 
     from dfm.data import build_dataset
-    from dfm.generate import data_padding
 
     pads = {r: build_dataset("fashion-mnist", r).padding for r in (28, 32, 48, 64)}
     assert pads == {28: 0, 32: 2, 48: 3, 64: 4}  # the 32 px image (28 padded by 2) resized: the border scales
-    cfg = apply_overrides(get_preset("quickstart"), ["data.resolution=64"])
-    (tmp_path / "data_spec.json").write_text(json.dumps({"sample_shape": [1, 64, 64], "num_classes": 10,
-                                                         "padding": 4}))  # fmt: skip
-    assert data_padding(cfg, tmp_path) == 4
-    (tmp_path / "data_spec.json").write_text(json.dumps({"sample_shape": [1, 64, 64], "num_classes": 10}))
-    assert data_padding(cfg, tmp_path) == 4  # runs from before the padding was recorded: the Fashion-MNIST rule
-    folder = apply_overrides(get_preset("quickstart"), ["data.dataset=/some/folder", "data.resolution=64"])
-    assert data_padding(folder) == 0
     run = tmp_path / "run"
     _train(run, 1)
     assert json.loads((run / "pretrained" / "data_spec.json").read_text())["padding"] == 2

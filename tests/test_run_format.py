@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dfm.factory import make_decomposition
-from dfm.generate import generate, load_run
+from dfm.generate import Generator
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format1"
 EXPECTED = np.load(FIXTURES / "expected.npz")
@@ -18,10 +17,9 @@ RUNS = ["dfm", "fm", "cascade", "pyramidal", "dfm-haar-std-noema"]
 
 
 def _sample(path: Path, ema: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    model, cfg = load_run(path, ema=ema)
-    seeds = [0, 1, 2]
-    shape = (model.config.in_channels, *model.config.input_size)
-    return generate(model, make_decomposition(cfg.method), cfg, shape, [s % 10 for s in seeds], seeds, guidance=1.5)
+    gen = Generator.from_run(path, ema=ema)
+    out = gen.generate([0, 1, 2], [0, 1, 2], gen.settings(guidance=1.5))
+    return out.images, out.previews
 
 
 @pytest.mark.parametrize("name", RUNS)

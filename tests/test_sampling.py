@@ -15,9 +15,18 @@ import math
 import pytest
 import torch
 
+from dfm.config import SamplerConfig
 from dfm.decomposition import HaarWavelet, Identity, LaplacianPyramid
-from dfm.sampling import initial_noise, sample
+from dfm.sampling import StageSampler, initial_noise
 from dfm.schedule import StageSchedule
+
+
+def sample(model, dec, sched, shape, y=None, *, guidance=1.0, solver="euler", **kwargs):
+    """DFM's sampler over the steps and thresholds of ``sched``."""
+    scales = tuple(guidance) if isinstance(guidance, tuple) else (guidance,)
+    settings = SamplerConfig(steps=sched.steps, thresholds=sched.thresholds, solver=solver, guidance=scales)
+    return StageSampler(dec).sample(model, shape, y, settings=settings, **kwargs)
+
 
 MU = (0.5, -0.3, 0.2)
 SIGMA = (0.6, 0.25, 0.4)
@@ -222,21 +231,15 @@ def test_inactive_stages_are_fed_zeros_and_main_stage_is_the_schedules(solver):
                 assert lv.abs().sum() > 0
 
 
-def test_noise_argument_and_trajectory():
+def test_noise_argument():
     dec = LaplacianPyramid(2)
     sched = StageSchedule((4, 3), (0.7,))
     shape = (2, 1, 8, 8)
     noise = initial_noise(dec.level_shapes(shape), seeds=[1, 2])
-    out = sample(GaussianField(), dec, sched, shape, noise=noise, return_trajectory=True)
-    assert len(out.trajectory) == sched.num_steps + 1
-    assert all(torch.equal(a, b) for a, b in zip(out.trajectory[0], noise))
-    assert all(torch.equal(a, b) for a, b in zip(out.trajectory[-1], out.levels))
-    # stage 2 does not move while stage 1 is generated
-    for step in range(1, 5):
-        assert torch.equal(out.trajectory[step][1], noise[1])
-    assert not torch.equal(out.trajectory[5][1], noise[1])
+    out = sample(GaussianField(), dec, sched, shape, noise=noise)
     assert out.images.shape == shape
-    assert sample(GaussianField(), dec, sched, shape, noise=noise).trajectory is None
+    torch.testing.assert_close(out.images, sample(GaussianField(), dec, sched, shape, seeds=[1, 2]).images)
+    assert not torch.equal(out.images, sample(GaussianField(), dec, sched, shape, seeds=[2, 1]).images)
 
 
 def test_preview_callback():
@@ -308,9 +311,9 @@ def test_sampling_errors():
     sched = StageSchedule((2, 2), (0.5,))
     with pytest.raises(ValueError, match="solver"):
         sample(GaussianField(), dec, sched, shape, solver="rk4")
-    with pytest.raises(ValueError, match="stages"):
+    with pytest.raises(ValueError, match="stage"):
         sample(GaussianField(), dec, StageSchedule.single(4), shape)
-    with pytest.raises(ValueError, match="stages"):
+    with pytest.raises(ValueError, match="stage"):
         sample(GaussianField(), LaplacianPyramid(3), sched, shape)
     with pytest.raises(ValueError, match="seed"):
         sample(GaussianField(), dec, sched, shape, seeds=[1, 2, 3])

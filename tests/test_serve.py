@@ -19,7 +19,7 @@ from helpers import TINY_RUN, needs_data  # noqa: E402
 
 pytestmark = needs_data
 CHROMIUM = os.environ.get("DFM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-TINY = [*TINY_RUN, "-o", "method.steps=3,2"]
+TINY = [*TINY_RUN, "-o", "sampler.steps=3,2"]
 
 
 def _request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
@@ -44,7 +44,8 @@ def test_api_refuses_bad_requests_and_keeps_serving(server):
     assert status == 200 and info["stages"] == 2 and info["classes"][3] == "Dress"
     assert info["solver"] == "heun" and info["solvers"] == ["euler", "heun"]  # the run's own solver is the default
     bad = [
-        (b'{"steps": [0, 2]}', 422, "steps: give 2 step counts"),
+        (b'{"steps": [0, 2]}', 422, "sampler.steps=0,2: every stage needs at least 1 step"),
+        (b'{"steps": [201, 2]}', 422, "steps: at most 200 per stage"),
         (b'{"num_images": 1000}', 422, "num_images"),
         (b'{"class_label": 12}', 422, "class: this model has classes 0..9"),
         (b'{"path": "/etc/passwd"}', 422, "path"),

@@ -291,7 +291,8 @@ def test_prepare_finetune_sample_with_the_real_encoder(pipelines, tmp_path, kind
 
     assert cli(["finetune", "--from", str(model), "--method", "dfm", "--data", str(latents), "--out", str(run),
                 "--steps", "2", "--batch-size", "2", "--precision", "fp32", "--no-progress",
-                "-o", "train.num_sample_images=2", "-o", "train.threads=1", "-o", "method.steps=2,1"]) == 0  # fmt: skip
+                "-o", "train.num_sample_images=2", "-o", "train.threads=1",
+                "-o", "sampler.steps=2,1"]) == 0  # fmt: skip
 
     def sample(out: Path, *prompts: str) -> np.ndarray:
         args = [a for p in prompts for a in ("--prompt", p)]

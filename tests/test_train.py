@@ -25,7 +25,7 @@ from helpers import FMNIST, needs_data
 TINY = [
     "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
     "-o", "train.precision=fp32", "-o", "train.log_every=1", "-o", "train.num_sample_images=4",
-    "-o", "method.steps=2,2", "-o", "optim.warmup_steps=2", "-o", "train.threads=1",
+    "-o", "sampler.steps=2,2", "-o", "optim.warmup_steps=2", "-o", "train.threads=1",
 ]  # fmt: skip
 
 
@@ -89,9 +89,9 @@ def test_train_checkpoint_resume_sample(tmp_path: Path, capsys) -> None:
 @needs_data
 def test_flow_matching_method_uses_one_stage(tmp_path: Path) -> None:
     run = tmp_path / "fm"
-    assert _train(run, 2, "--method", "fm", "-o", "method.steps=4") == 0
+    assert _train(run, 2, "--method", "fm", "-o", "sampler.steps=4") == 0
     cfg = RunConfig.load(run / "config.json")
-    assert cfg.method.method == "fm" and cfg.method.stages == 1
+    assert cfg.method.name == "fm" and cfg.method.stages == 1
     ck = load_checkpoint(find_latest(run / "checkpoints"))
     assert not any("stage_embed" in k for k in ck["model"])  # one stage: no stage-index embedding
 
@@ -156,14 +156,14 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
         (["-o", "train.steps=abc"], "cannot parse train.steps"),
         (["-o", "nope.x=1"], "unknown config section"),
         (["-o", "method.stage_probs=0.5,0.6"], "sum to 1"),
-        (["-o", "method.thresholds=0.9,0.5"], "thresholds"),
+        (["-o", "sampler.thresholds=0.9,0.5"], "thresholds"),
         (["--data", "/nonexistent/folder"], "neither a built-in"),
         (["-o", "train.batch_size=7", "-o", "train.grad_accum=2"], "divisible"),
         # issue 11: sampling settings are checked before the first step, not at the first samples after training
-        (["-o", "method.thresholds=1.5"], "method.thresholds=(1.5,) must lie strictly inside (0, 1)"),
-        (["-o", "method.steps=0,10"], "method.steps=(0, 10): every stage needs at least 1 sampling step"),
+        (["-o", "sampler.thresholds=1.5"], "sampler.thresholds=1.5 must lie strictly inside (0, 1)"),
+        (["-o", "sampler.steps=0,10"], "sampler.steps=0,10: every stage needs at least 1 step"),
         (["-o", "train.log_every=0"], "train.log_every=0 must be >= 1"),
-        (["-o", "model.overrides.precondition=maybe"], "use true or false"),
+        (["-o", "model.overrides.use_stage_embedding=maybe"], "use true or false"),
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path: Path, capsys, args: list[str], message: str) -> None:
@@ -255,7 +255,7 @@ def test_baselines_train_resume_and_sample(tmp_path: Path, method: str) -> None:
     assert _train(run, 3, "--method", method, "-o", "train.ckpt_every=3") == 0
     assert _train(run, 5, "--method", method, "--resume", "auto") == 0
     cfg = RunConfig.load(run / "config.json")
-    assert cfg.method.method == method and cfg.method.steps == (2, 2)
+    assert cfg.method.name == method and cfg.sampler.steps == (2, 2)
     if method == "cascade":
         assert cfg.method.options["switch_step"] == 2  # round(0.8 * 3) of the first run, kept when extended
     out = tmp_path / "s"
@@ -362,9 +362,9 @@ def test_diverging_run_never_checkpoints_non_finite_weights(tmp_path: Path, caps
 def test_weights_are_checked_before_saving_and_sampling(tmp_path: Path, capsys, monkeypatch) -> None:
     from safetensors.torch import load_file, save_file
 
-    import dfm.train
+    import dfm.training.trainer
 
-    real, calls = dfm.train.update_ema, []
+    real, calls = dfm.training.trainer.update_ema, []
 
     def poisoned(ema, model, decay):  # the EMA of step 3 turns NaN while loss and gradients stay finite
         real(ema, model, decay)
@@ -372,7 +372,7 @@ def test_weights_are_checked_before_saving_and_sampling(tmp_path: Path, capsys, 
         if len(calls) >= 3:
             next(ema.parameters()).data.fill_(float("nan"))
 
-    monkeypatch.setattr(dfm.train, "update_ema", poisoned)
+    monkeypatch.setattr(dfm.training.trainer, "update_ema", poisoned)
     run = tmp_path / "run"
     assert _train(run, 5, "-o", "train.ckpt_every=1", "-o", "train.keep_last=1") == 2
     assert "the weights became inf or NaN by step 3" in _one_line(capsys)
@@ -390,11 +390,11 @@ def test_weights_are_checked_before_saving_and_sampling(tmp_path: Path, capsys, 
 def test_resume_may_change_the_sampling_settings(tmp_path: Path, capsys, tiny_run: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    assert _train(run, 3, "--resume", "auto", "-o", "method.steps=3,1", "-o", "method.thresholds=0.8") == 0
+    assert _train(run, 3, "--resume", "auto", "-o", "sampler.steps=3,1", "-o", "sampler.thresholds=0.8") == 0
     err = capsys.readouterr().err
-    assert "sampling settings changed on resume" in err and "method.steps" in err and "method.thresholds" in err
+    assert "sampling settings changed on resume" in err and "sampler.steps" in err and "sampler.thresholds" in err
     cfg = RunConfig.load(run / "config.json")
-    assert cfg.method.steps == (3, 1) and cfg.method.thresholds == (0.8,)
+    assert cfg.sampler.steps == (3, 1) and cfg.sampler.thresholds == (0.8,)
 
 
 @needs_data
@@ -514,7 +514,9 @@ def test_sample_flags_give_messages_that_say_what_to_change(tmp_path: Path, caps
         (["--classes", "abc"], "--classes 'abc': give comma-separated numbers"),
         (["--classes", "12"], "this model has classes 0..9"),
         (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
-        (["--steps", "10"], "--steps 10: this model has 2 stage(s), give one step count per stage"),
+        (["--steps", "10"], "sampler.steps=10: the model has 2 stage(s); give one step count per stage"),
+        (["--steps", "x"], "--steps 'x': give comma-separated numbers"),
+        (["--guidance", "-1"], "sampler.guidance=-1.0: scales must be finite and >= 0"),
         (["--thresholds", "0.5,0.7"], "give 1 threshold(s)"),
         (["--thresholds", "1.5"], "must lie strictly inside (0, 1)"),
     ]:

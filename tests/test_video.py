@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfm import DFMObjective, LaplacianPyramid, StageSchedule, sample
+from dfm import DFMObjective, LaplacianPyramid, SamplerConfig, StageSampler
 from dfm.cli import main as cli
 from dfm.config import RunConfig
 from dfm.models import create_model
@@ -23,7 +23,9 @@ def test_video_shapes_through_model_objective_and_sampler() -> None:
     model = create_model("DFM-DiT-Tiny", input_size=(4, 16, 16), depth=1, hidden_size=32, num_heads=2)
     out = DFMObjective(pyr).loss(model, x, torch.tensor([1, 2]))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    res = sample(model, pyr, StageSchedule((2, 2), (0.7,)), (2, 1, 4, 16, 16), torch.tensor([1, 2]), seeds=[0, 1])
+    res = StageSampler(pyr).sample(
+        model, (2, 1, 4, 16, 16), torch.tensor([1, 2]), settings=SamplerConfig((2, 2), (0.7,)), seeds=[0, 1]
+    )
     assert res.images.shape == (2, 1, 4, 16, 16)
     assert [tuple(p.shape) for p in res.previews] == [(2, 1, 4, 8, 8), (2, 1, 4, 16, 16)]
 
@@ -34,7 +36,7 @@ def test_tiny_video_train_and_sample_writes_gifs(tmp_path: Path) -> None:
     code = cli([
         "train", "--preset", "video-quickstart", "--out", str(run), "--steps", "2", "--batch-size", "4",
         "--no-progress", "-o", "data.num_clips=16", "-o", "data.frames=4", "-o", "model.overrides.depth=1",
-        "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2", "-o", "method.steps=2,2",
+        "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2", "-o", "sampler.steps=2,2",
         "-o", "train.num_sample_images=2",
     ])  # fmt: skip
     assert code == 0
@@ -56,7 +58,7 @@ def test_baselines_train_and_sample_videos(tmp_path: Path, method: str) -> None:
         "train", "--preset", "video-quickstart", "--method", method, "--out", str(run), "--steps", "2",
         "--batch-size", "4", "--no-progress", "-o", "data.num_clips=16", "-o", "data.frames=4",
         "-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "model.overrides.num_heads=2",
-        "-o", "method.steps=2,2", "-o", "train.num_sample_images=2",
+        "-o", "sampler.steps=2,2", "-o", "train.num_sample_images=2",
     ])  # fmt: skip
     assert code == 0
     out = tmp_path / "s"

@@ -6,42 +6,24 @@ Errors a user can cause end the command with one line on stderr and exit status 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import shlex
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from dfm.autoencoder import add_autoencoder_parser
 from dfm.bench.cli import add_bench_parser
-from dfm.checkpoint import describe_os_error, ensure_writable
-from dfm.config import PRESETS, RunConfig, apply_overrides, get_preset, validate_sampling, with_method
+from dfm.checkpoint import describe_os_error
+from dfm.config import RunConfig
 from dfm.data.prepare import add_prepare_parser
 from dfm.eval.cli import add_eval_parser
-from dfm.factory import make_decomposition
 from dfm.finetune import diffusers_finetune_config, finetune_config
-from dfm.generate import (
-    METHOD_FILE,
-    RUN_CONFIG,
-    _data_spec,
-    data_padding,
-    default_labels,
-    generate,
-    load_run,
-    make_decoder,
-    parse_seeds,
-    previews_exact,
-    run_checkpoint,
-    shard,
-)
-from dfm.outputs import save_json, write_outputs
-from dfm.text import TextCondition
-from dfm.train import Trainer, TrainingError, finish_distributed, init_distributed
-from dfm.visual import grid_columns
+from dfm.presets import PRESETS, get_preset, with_method
+from dfm.resolve import apply_overrides
+from dfm.run import Run
+from dfm.sample_command import add_sample_parser
+from dfm.training import Trainer, TrainingError, finish_distributed, init_distributed
 
 __all__ = ["build_parser", "describe_os_error", "main"]
 
@@ -100,7 +82,7 @@ def _flag_overrides(args, **more: str) -> list[str]:
 
 def _train_config(args) -> RunConfig:
     cfg = RunConfig.load(args.config) if args.config else get_preset(args.preset)
-    if args.method == "dfm" and cfg.method.method != "dfm":
+    if args.method == "dfm" and cfg.method.name != "dfm":
         raise ValueError("this preset is not a DFM preset: pick a DFM preset (e.g. quickstart) with --method dfm")
     if args.method:
         cfg = with_method(cfg, args.method)
@@ -180,12 +162,13 @@ def _run_finetune(args) -> int:
         return _run_finetune_diffusers(args, source)
     if args.lora is not None or args.gradient_checkpointing:
         raise ValueError(f"--lora and --gradient-checkpointing apply to diffusers FLUX / SD3 models, not to {source}")
-    file = source / RUN_CONFIG if (source / "checkpoints").is_dir() else source / METHOD_FILE
-    if not file.is_file():
+    try:
+        source_config = Run.open(source).config
+    except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"--from {source}: expected a run directory or its pretrained/ directory ({file} missing)"
-        )
-    cfg = finetune_config(RunConfig.load(file), args.method, args.steps, args.like)
+            f"--from {source}: expected a run directory or its pretrained/ directory ({err})"
+        ) from None
+    cfg = finetune_config(source_config, args.method, args.steps, args.like)
     ov = [f"train.init_from={source}", *_flag_overrides(args, classes="data.classes", precision="train.precision")]
     cfg = apply_overrides(cfg, ov + args.override)
     return _fit(cfg, args.out or f"runs/finetune-{args.method}", args)
@@ -205,201 +188,6 @@ def _run_finetune_diffusers(args, source: Path) -> int:
         ov.append("optim.ema=true")
     cfg = apply_overrides(cfg, ov + args.override)
     return _fit(cfg, args.out or f"runs/finetune-{cfg.model.backbone}-{args.method}", args)
-
-
-def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="generate images from a run or a save_pretrained directory")
-    p.add_argument("run", help="run directory (uses its latest checkpoint) or a save_pretrained directory")
-    p.add_argument("--seeds", help="one image per seed, e.g. 0-49999 or 1,5,9 (default 0-63; with prompts, one "
-                   "seed per prompt: 0-<prompts - 1>)")  # fmt: skip
-    p.add_argument("--classes", help="class per image, cycled: e.g. 3 or 0,1,2 (default: seed %% number of classes)")
-    p.add_argument("--prompt", action="append", default=[], help="text-to-image runs (FLUX / SD3): a prompt, "
-                   "repeatable; prompts are cycled over the seeds")  # fmt: skip
-    p.add_argument("--prompts", help="text-to-image runs: a file with one prompt per line")
-    p.add_argument("--time-shift", action="store_true", help="FLUX's resolution-dependent time shift of the "
-                   "sampling grid (method.time_shift)")  # fmt: skip
-    p.add_argument("--guidance", help="classifier-free guidance: one scale, or one per stage like 1.0,2.0")
-    p.add_argument("--steps", help="sampling steps per stage, e.g. 30,10")
-    p.add_argument("--thresholds", help="stage thresholds, e.g. 0.7")
-    p.add_argument("--solver", choices=["euler", "heun"])
-    p.add_argument("--checkpoint", help="a specific checkpoint directory of the run")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--out", help="output directory (default: <run>/samples/cli)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--png", action="store_true", help="also write one PNG per image")
-    p.add_argument("--npz", action="store_true", help="also write an ADM-style samples.npz (arr_0, labels, seeds)")
-    p.add_argument("--mp4", action="store_true", help="videos: also write video.mp4 (needs dfm[video])")
-    p.add_argument("--no-grid", action="store_true")
-    p.add_argument("--no-progression", action="store_true")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.set_defaults(func=_run_sample)
-
-
-def _numbers(text: str | None, flag: str, kind: type = float, example: str = "0.7") -> list | None:
-    if text is None:
-        return None
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: give comma-separated numbers, e.g. {flag} {example}") from None
-
-
-def _sampling_settings(args, cfg: RunConfig) -> tuple[list[float] | None, list[int] | None, list[float] | None]:
-    """--guidance, --steps and --thresholds, checked against the model's stages before any sampling."""
-    stages = cfg.method.stages
-    guidance = _numbers(args.guidance, "--guidance", example="1.5")
-    steps = _numbers(args.steps, "--steps", int, example="30,10")
-    thresholds = _numbers(args.thresholds, "--thresholds")
-    if steps is not None and len(steps) != stages:
-        raise ValueError(f"--steps {args.steps}: this model has {stages} stage(s), give one step count per stage")
-    if thresholds is not None and len(thresholds) != stages - 1:
-        raise ValueError(
-            f"--thresholds {args.thresholds}: this model has {stages} stage(s), give {stages - 1} threshold(s)"
-        )
-    if guidance is not None and len(guidance) not in (1, stages):
-        raise ValueError(f"--guidance {args.guidance}: give one scale, or one per stage ({stages})")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-    m = cfg.method
-    trial = dataclasses.replace(
-        m, steps=tuple(steps or m.steps), thresholds=tuple(m.thresholds if thresholds is None else thresholds)
-    )
-    for g in guidance or [m.guidance]:
-        validate_sampling(dataclasses.replace(trial, guidance=g))
-    return guidance, steps, thresholds
-
-
-def _sample_labels(classes: str | None, seeds: list[int], num_classes: int) -> list[int] | None:
-    """One label per seed: ``--classes`` cycled over the seeds, else ``seed % num_classes``."""
-    if not classes:
-        return default_labels(seeds, num_classes)
-    if num_classes == 0:
-        raise ValueError("--classes: this model is unconditional (no classes); leave --classes out")
-    chosen = _numbers(classes, "--classes", int, example="0,1,2")
-    bad = [c for c in chosen if not 0 <= c < num_classes]
-    if bad or not chosen:
-        raise ValueError(f"--classes {classes} out of range: this model has classes 0..{num_classes - 1}")
-    return [chosen[i % len(chosen)] for i in range(len(seeds))]
-
-
-def _gather_on_rank0(d, images, previews):
-    """All ranks' samples on rank 0 (object gather works for gloo and nccl); None on the other ranks."""
-    gathered = [None] * d.world if d.main else None
-    dist.gather_object((images, previews), gathered, dst=0)
-    finish_distributed()
-    if not d.main:
-        return None
-    return torch.cat([g[0] for g in gathered]), [torch.cat([g[1][i] for g in gathered]) for i in range(len(previews))]
-
-
-def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompt)
-    if args.prompts:
-        try:
-            prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        except OSError as err:
-            raise ValueError(f"--prompts {args.prompts}: cannot read it ({err.strerror})") from None
-    return prompts
-
-
-def _encode_prompts(cfg: RunConfig, prompts: list[str], seeds: list[int], device) -> TextCondition:
-    """One text condition per seed (prompts cycled), encoded once per prompt with the encoder that prepared the
-    training captions (recorded in the latents' JSON)."""
-    from dfm import text
-    from dfm.data.latents import read_latent_info
-
-    info = read_latent_info(cfg.data.dataset).get("text") or {}
-    encoder = text.load_text_encoder(info["encoder"], int(info["max_length"]), device)
-    encoded = encoder(prompts)
-    return encoded[torch.tensor([i % len(prompts) for i in range(len(seeds))])]
-
-
-def _run_sample(args) -> int:
-    d = init_distributed()
-    prompts = _read_prompts(args)
-    seeds = parse_seeds(args.seeds or (f"0-{len(prompts) - 1}" if prompts else "0-63"))
-    out = Path(args.out or Path(args.run) / "samples" / "cli")
-    model, cfg = load_run(args.run, ema=not args.no_ema, checkpoint=args.checkpoint, device=d.device)
-    if args.time_shift:
-        cfg.method.time_shift = True
-    if d.main:
-        ensure_writable(out)
-    num_classes = model.num_classes
-    text_model = hasattr(model, "null_condition")
-    if prompts and not text_model:
-        raise ValueError("--prompt/--prompts: this run is not text-conditioned (it takes --classes)")
-    if text_model and not prompts:
-        raise ValueError("this run is text-to-image: give --prompt TEXT (repeatable) or --prompts FILE")
-    if text_model and args.classes:
-        raise ValueError("--classes: this run is text-to-image; give --prompt TEXT instead")
-    guidance, steps, thresholds = _sampling_settings(args, cfg)
-    labels = _sample_labels(args.classes, seeds, num_classes)
-    conditions = _encode_prompts(cfg, prompts, seeds, d.device) if text_model else None
-    decomposition = make_decomposition(cfg.method)
-    mine = shard(list(range(len(seeds))), d.rank, d.world)
-    decoder = make_decoder(cfg, d.device)
-    if d.main and not previews_exact(decoder):
-        note = (
-            "note: the stage previews of this latent run are approximate (the partial latent is upsampled, "
-            "then decoded); a scale-equivariant autoencoder (dfm autoencoder finetune) makes them exact"
-        )
-        print(note, file=sys.stderr)
-    if text_model:
-        shape, chosen = _data_spec(cfg, Path(args.run))[0], conditions[torch.tensor(mine, dtype=torch.long)]
-    else:
-        shape = (model.config.in_channels, *model.config.input_size)
-        chosen = None if labels is None else [labels[i] for i in mine]
-    images, previews = generate(
-        model,
-        decomposition,
-        cfg,
-        shape,
-        chosen,
-        [seeds[i] for i in mine],
-        guidance=None if guidance is None else (guidance[0] if len(guidance) == 1 else guidance),
-        steps=steps,
-        thresholds=thresholds,
-        solver=args.solver,
-        batch_size=args.batch_size,
-        device=d.device,
-        precision=args.precision,
-        decoder=decoder,
-        progress=d.main,
-    )
-    if d.world > 1:
-        gathered = _gather_on_rank0(d, images, previews)
-        if gathered is None:
-            return 0
-        images, previews = gathered
-    crop = data_padding(cfg, args.run)
-    written = write_outputs(
-        images, previews, seeds, labels, out, grid=not args.no_grid, pngs=args.png or text_model, npz=args.npz,
-        progression=not args.no_progression, mp4=args.mp4, crop=crop,
-        nrow=grid_columns(min(len(images), 256), num_classes),
-    )  # fmt: skip
-    ckpt = run_checkpoint(args.run, args.checkpoint)
-    settings = {
-        "run": str(args.run),
-        "checkpoint": str(ckpt) if ckpt else None,  # None: a pretrained directory
-        "seeds": args.seeds,
-        "count": len(seeds),
-        "classes": args.classes,
-        "prompts": [prompts[i % len(prompts)] for i in range(len(seeds))] if prompts else None,
-        "time_shift": cfg.method.time_shift,
-        "guidance": guidance or cfg.method.guidance,
-        "steps": steps or list(cfg.method.steps),
-        "thresholds": thresholds if thresholds is not None else list(cfg.method.thresholds),
-        "solver": args.solver or cfg.method.solver,
-        "ema": not args.no_ema,
-        "precision": args.precision,
-        "method": cfg.method.method,
-        "decomposition": repr(decomposition),
-        "cropped_padding": crop,
-    }
-    save_json(out / "sampling.json", settings)
-    for kind, path in written.items():
-        print(f"{kind:16s} {path}")
-    return 0
 
 
 def _add_serve(sub) -> None:
@@ -437,7 +225,7 @@ def _run_presets(args) -> int:
         for name in PRESETS:
             c = get_preset(name)
             print(
-                f"{name:20s} {c.method.method:9s} {c.model.name:14s} data={c.data.dataset} steps={c.train.steps} "
+                f"{name:20s} {c.method.name:9s} {c.model.name:14s} data={c.data.dataset} steps={c.train.steps} "
                 f"batch={c.train.batch_size}"
             )
     return 0
@@ -448,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_finetune(sub)
-    _add_sample(sub)
+    add_sample_parser(sub)
     _add_presets(sub)
     _add_serve(sub)
     add_autoencoder_parser(sub)

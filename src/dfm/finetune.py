@@ -43,9 +43,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dfm.config import DataConfig, MethodConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, get_preset, validate
+from dfm.config import DataConfig, MethodConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, TrainConfig
 from dfm.methods import get_method
 from dfm.models import DFMDiT
+from dfm.presets import get_preset
+from dfm.resolve import resolve
 from dfm.text import diffusers_kind
 
 #: DiTConfig fields a target model must share with its one-stage source (everything but the stages)
@@ -79,13 +81,6 @@ def check_compatible(target: DFMDiT, source: DFMDiT) -> None:
             if getattr(source.config, k) != getattr(target.config, k)]  # fmt: skip
     if diff:
         raise ValueError(f"the pretrained model and the DFM differ in {'; '.join(diff)}: fine-tune the same backbone")
-    if source.config.precondition != target.config.precondition:
-        raise ValueError("the DFM must be preconditioned exactly when the pretrained model is (method.precondition)")
-    if source.config.precondition and source.config.data_std[0] != target.config.data_std[0]:
-        raise ValueError(
-            f"the coarsest stage's data std {target.config.data_std[0]} must be the pretrained model's "
-            f"{source.config.data_std[0]} for an exact conversion"
-        )
 
 
 @torch.no_grad()
@@ -122,20 +117,46 @@ def _zero(layer: nn.Linear) -> None:
     layer.bias.zero_()
 
 
-def convert_one_stage(
-    source: DFMDiT, stage_factors: Sequence[int] = (2, 1), data_std: Sequence[float] | None = None
-) -> DFMDiT:
-    """A new multi-stage DFMDiT with ``stage_factors``, initialised from the one-stage ``source``.
-
-    ``data_std``: with a preconditioned source, the std of every stage; its first entry must be the source's
-    (default: the source's std for the coarsest stage and 1.0 for the others).
-    """
-    cfg = source.config
-    std = None
-    if cfg.precondition:
-        std = tuple(data_std) if data_std is not None else (cfg.data_std[0],) + (1.0,) * (len(stage_factors) - 1)
-    target = DFMDiT(dataclasses.replace(cfg, stage_factors=tuple(stage_factors), data_std=std))
+def convert_one_stage(source: DFMDiT, stage_factors: Sequence[int] = (2, 1)) -> DFMDiT:
+    """A new multi-stage DFMDiT with ``stage_factors``, initialised from the one-stage ``source``. A preconditioned
+    source stays exact when the coarsest stage keeps its data std (:func:`source_data_std`)."""
+    target = DFMDiT(dataclasses.replace(source.config, stage_factors=tuple(stage_factors)))
     return init_from_one_stage(target.to(next(source.parameters()).device), source)
+
+
+def source_data_std(source: RunConfig, m: MethodConfig, measured: tuple[float, ...]) -> tuple[float, ...]:
+    """The data stds of a run that starts from ``source``'s weights: with preconditioning, the pretrained stage(s)
+    keep the source's std (so that their input scaling is the one they were trained with), the new stages get the
+    std ``measured`` on the fine-tuning data."""
+    src = source.method.data_std
+    if not (m.precondition and source.method.precondition and src):
+        return measured
+    return tuple(src) if len(src) == len(measured) else (src[0], *measured[1:])
+
+
+def load_source(target: nn.Module, source_network: nn.Module, source: RunConfig, cfg: RunConfig) -> None:
+    """Fill ``target`` from the pretrained network of ``train.init_from``: copied (same stages) or converted (one
+    stage -> the run's stages); ``ValueError`` naming ``train.init_from`` when that cannot be exact."""
+    where = f"train.init_from={cfg.train.init_from}"
+    if not isinstance(source_network, DFMDiT) or not isinstance(target, DFMDiT):
+        raise ValueError(f"{where}: fine-tuning starts from a DFM-DiT (not {type(source_network).__name__})")
+    if source.method.precondition != cfg.method.precondition:
+        on = str(source.method.precondition).lower()
+        raise ValueError(f"{where} was trained with precondition={on}: set -o method.precondition={on} (dfm finetune "
+                         "does this for you)")  # fmt: skip
+    std, src_std = cfg.method.data_std, source.method.data_std
+    if cfg.method.precondition and std and src_std and std[0] != src_std[0]:
+        raise ValueError(f"{where}: the coarsest stage's data std {std[0]} must be the pretrained model's {src_std[0]} "
+                         "for an exact conversion; leave method.data_std unset")  # fmt: skip
+    try:
+        if source_network.config.num_stages == target.config.num_stages:
+            if source_network.config != target.config:
+                raise ValueError("its config differs from this run's model: fine-tune the same model")
+            target.load_state_dict(source_network.state_dict())
+        else:
+            init_from_one_stage(target, source_network)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def finetune_config(source: RunConfig, method: str = "dfm", steps: int = 800, like: str = "quickstart") -> RunConfig:
@@ -148,18 +169,19 @@ def finetune_config(source: RunConfig, method: str = "dfm", steps: int = 800, li
       at most a tenth of the steps;
     - ``train.init_from`` left for the caller to set (the pretrained directory).
     """
-    if source.method.method not in ("fm", "dfm"):
-        raise ValueError(f"fine-tuning starts from a DFM-DiT run (fm or dfm), not from method {source.method.method}")
+    if source.method.name not in ("fm", "dfm"):
+        raise ValueError(f"fine-tuning starts from a DFM-DiT run (fm or dfm), not from method {source.method.name}")
     cfg = copy.deepcopy(source)
     if method == "dfm":
         if source.method.stages != 1:
             raise ValueError("--method dfm converts a one-stage (Flow Matching) model; this one already has stages")
         template = get_preset(like)
-        if template.method.method != "dfm":
+        if template.method.name != "dfm":
             raise ValueError(f"--like {like}: choose a DFM preset for the method settings (e.g. quickstart)")
         cfg.method = dataclasses.replace(template.method, precondition=source.method.precondition, data_std=None)
+        cfg.sampler = dataclasses.replace(template.sampler)
     elif method == "fm":
-        if source.method.method != "fm":
+        if source.method.name != "fm":
             raise ValueError("--method fm fine-tunes a one-stage (Flow Matching) model as it is; this one is a DFM")
         cfg.method = dataclasses.replace(source.method, data_std=None)
     else:
@@ -168,8 +190,7 @@ def finetune_config(source: RunConfig, method: str = "dfm", steps: int = 800, li
                                     warmup_steps=min(source.optim.warmup_steps, steps // 10))  # fmt: skip
     cfg.train = dataclasses.replace(source.train, steps=steps, init_from=None)
     cfg.preset = f"finetune-{method}"
-    validate(cfg)
-    return cfg
+    return resolve(cfg)
 
 
 def diffusers_finetune_config(
@@ -192,13 +213,10 @@ def diffusers_finetune_config(
     if method not in ("dfm", "fm"):
         raise ValueError(f"--method {method}: choose dfm (convert, then fine-tune as a DFM) or fm (plain fine-tuning)")
     kind = diffusers_kind(pretrained)
-    m = MethodConfig(method="dfm", stages=2, precondition=False, steps=(30, 10), thresholds=(0.7,), guidance=3.0,
-                     label_dropout=0.1)  # fmt: skip
-    if method == "fm":
-        m = get_method("fm").from_dfm(m)
     cfg = RunConfig(
-        method=m,
-        model=ModelConfig(backbone=kind, pretrained=str(Path(pretrained).resolve()), guidance=1.0),
+        method=MethodConfig(name="dfm", stages=2, precondition=False, label_dropout=0.1),
+        sampler=SamplerConfig(steps=(30, 10), thresholds=(0.7,), guidance=(3.0,)),
+        model=ModelConfig(backbone=kind, pretrained=str(Path(pretrained).resolve()), distilled_guidance=1.0),
         data=DataConfig(dataset=data or "", resolution=None),
         optim=OptimConfig(
             lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, warmup_steps=min(1000, steps // 10), ema=False
@@ -206,5 +224,6 @@ def diffusers_finetune_config(
         train=TrainConfig(steps=steps, batch_size=16, precision="bf16", ckpt_every=1000, num_sample_images=8),
         preset=f"finetune-{kind}-{method}",
     )
-    validate(cfg)
-    return cfg
+    if method == "fm":
+        cfg = get_method("fm").from_dfm(cfg)
+    return resolve(cfg)

@@ -1,10 +1,11 @@
 """The methods a run can train and sample with, one registry entry each.
 
 A method says what the rest of the library would otherwise ask with ``if method == ...``: its decomposition, its
-training objective, the network it trains, how it samples, what data std its preconditioning needs, which
-settings it accepts, and its own settings (``method.options``, a dataclass of the method). DFM and plain Flow
-Matching live here; the cascade and Pyramidal Flow register themselves in :mod:`dfm.baselines`. A new method is
-one module with a :class:`Method` subclass passed to :func:`register_method`.
+training objective and the callbacks it needs between steps, its network and how that network is wrapped into a
+velocity model (the preconditioning), its sampler, how it saves and loads its weights, which settings it accepts,
+and its own settings (``method.options``, a dataclass of the method). DFM and plain Flow Matching live here; the
+cascade and Pyramidal Flow register themselves in :mod:`dfm.baselines`. A new method is one module with a
+:class:`Method` subclass passed to :func:`register_method` (docs/architecture.md).
 
 Example:
     >>> from dfm.methods import get_method, method_names
@@ -20,23 +21,28 @@ import dataclasses
 import importlib
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from dfm.decomposition import Decomposition, build_decomposition, estimate_level_std
-from dfm.models import create_model
+from dfm.config import MethodConfig, RunConfig
+from dfm.decomposition import Decomposition, Standardized, build_decomposition, estimate_level_std
+from dfm.models import DFMDiT, create_model
+from dfm.models.precondition import Preconditioned
 from dfm.objective import DFMObjective
-from dfm.sampling import SampleOutput, network_evaluations, sample
-from dfm.schedule import StageSchedule
-
-if TYPE_CHECKING:
-    from dfm.config import MethodConfig, RunConfig
+from dfm.sampling import Sampler, StageSampler
 
 
 @dataclasses.dataclass
 class NoOptions:
     """A method without settings of its own."""
+
+
+class TrainingCallback(Protocol):
+    """What a method may ask the trainer to call before every optimiser step (the cascade's stage switch)."""
+
+    def on_step_begin(self, step: int, model: nn.Module, ema: nn.Module | None) -> None: ...
 
 
 class Method:
@@ -63,17 +69,21 @@ class Method:
         """How many data stds the preconditioning needs (one per network stage)."""
         return m.stages
 
-    def network_evaluations(self, steps: Sequence[int], solver: str) -> int:
-        """Network evaluations of one sample (without guidance's doubled batch) with ``steps`` per stage."""
-        return network_evaluations(steps, solver)
-
-    def from_dfm(self, m: MethodConfig) -> MethodConfig:
-        """This method's twin of a DFM method config (same backbone settings and total sampling steps)."""
+    def from_dfm(self, cfg: RunConfig) -> RunConfig:
+        """This method's twin of a DFM config (same backbone, data, optimiser and total sampling steps); may change
+        ``cfg`` in place."""
         raise NotImplementedError
 
     # -- training
-    def decomposition(self, m: MethodConfig) -> Decomposition:
-        return build_decomposition(m.decomposition, m.stages, m.factors, m.temporal_factors, m.resample)
+    def decomposition(self, m: MethodConfig, standardized: bool = True) -> Decomposition:
+        """The run's decomposition; wrapped in :class:`Standardized` when ``method.standardize`` is on (unless
+        ``standardized`` is False, e.g. to measure the level stds it needs)."""
+        decomposition = build_decomposition(m.decomposition, m.stages, m.factors, m.temporal_factors, m.resample)
+        if standardized and m.standardize:
+            if m.level_std is None:
+                raise ValueError("method.standardize is on but method.level_std is unset: estimate it from data first")
+            decomposition = Standardized(decomposition, m.level_std)
+        return decomposition
 
     def objective(self, m: MethodConfig, decomposition: Decomposition, total_steps: int | None = None) -> Any:
         return DFMObjective(
@@ -91,40 +101,68 @@ class Method:
     def decide_at_start(self, m: MethodConfig, objective: Any) -> None:
         """Write what the run decided at its start (:attr:`decided_at_start`) into ``m.options``."""
 
+    def callbacks(self, m: MethodConfig, objective: Any) -> list[TrainingCallback]:
+        """What the trainer calls before every optimiser step; none for most methods."""
+        return []
+
     def measure_data_std(self, m: MethodConfig, decomposition: Decomposition, x: Tensor) -> tuple[float, ...]:
         """The std of what each stage's network sees (before the floor the trainer applies)."""
         return estimate_level_std(decomposition, x)
 
     # -- the network
-    def network_preconditioned(self, m: MethodConfig) -> bool:
-        """Whether the network itself does the EDM scaling (else the method's path does it)."""
-        return m.precondition
+    def network(self, cfg: RunConfig, sample_shape: Sequence[int], num_classes: int) -> nn.Module:
+        """A fresh network sized for the data: the DFM-DiT named by ``cfg.model``, or for ``model.backbone=flux|sd3``
+        the transformer of the diffusers directory ``model.pretrained`` converted to the method's stages
+        (:func:`dfm.adapters.load_adapter`; one stage for ``fm``: the transformer unchanged)."""
+        mc = cfg.model
+        if mc.backbone != "dit":
+            from dfm.adapters import load_adapter
 
-    def model(self, cfg: RunConfig, settings: dict[str, Any]) -> nn.Module:
-        """The network, from the model registry name in ``cfg.model`` and the resolved DiTConfig ``settings``."""
-        return create_model(cfg.model.name, **settings)
+            return load_adapter(mc.pretrained, stage_factors(cfg.method), mc.distilled_guidance, mc.lora_rank,
+                                mc.lora_alpha, mc.gradient_checkpointing, kind=mc.backbone)  # fmt: skip
+        return create_model(mc.name, **self.network_settings(cfg, sample_shape, num_classes))
+
+    def network_settings(self, cfg: RunConfig, sample_shape: Sequence[int], num_classes: int) -> dict[str, Any]:
+        """The DiTConfig fields of the run's network: ``model.overrides`` and what the data and stages fix."""
+        return {**cfg.model.overrides, "input_size": tuple(sample_shape[1:]), "in_channels": int(sample_shape[0]),
+                "num_classes": num_classes, "stage_factors": stage_factors(cfg.method)}  # fmt: skip
+
+    def velocity_model(self, network: Any, m: MethodConfig) -> Any:
+        """What the objective trains and the sampler integrates: the network, or with ``method.precondition`` the
+        network wrapped in the method's preconditioning (:meth:`preconditioned`)."""
+        if not m.precondition:
+            return network
+        if m.data_std is None:
+            raise ValueError(
+                "method.precondition is on but method.data_std is unset: the trainer measures it from the data "
+                "(or set it, one std per stage, with -o method.data_std=...)"
+            )
+        return self.preconditioned(network, m)
+
+    def preconditioned(self, network: Any, m: MethodConfig) -> Any:
+        """The network in the method's preconditioning wrapper: DFM's, each stage on its own path with its data std
+        (:class:`~dfm.models.precondition.Preconditioned`)."""
+        return Preconditioned(network, m.data_std)
+
+    def load_network(self, path: Path, cfg: RunConfig, format1: bool = False) -> nn.Module:
+        """A network written by the network's ``save_pretrained`` in ``path`` (a run's ``pretrained/``)."""
+        if cfg.model.backbone != "dit":
+            from dfm.adapters import load_saved_adapter
+
+            return load_saved_adapter(path)
+        return DFMDiT.from_pretrained(path, format1=format1)
 
     # -- sampling
-    def sample(
-        self,
-        model: nn.Module,
-        decomposition: Decomposition,
-        m: MethodConfig,
-        schedule: StageSchedule,
-        shape: Sequence[int],
-        labels: Tensor | None,
-        **common: Any,
-    ) -> SampleOutput:
-        """Generate ``shape[0]`` samples; ``common`` holds ``seeds``, ``guidance``, ``solver`` and ``device``."""
-        return sample(model, decomposition, schedule, shape, labels, **common)
+    def sampler(self, m: MethodConfig) -> Sampler:
+        return StageSampler(self.decomposition(m))
 
 
 class DFM(Method):
     name = "dfm"
     description = "Decomposable Flow Matching: flow matching on every level of a multi-scale decomposition"
 
-    def from_dfm(self, m: MethodConfig) -> MethodConfig:
-        return dataclasses.replace(m)
+    def from_dfm(self, cfg: RunConfig) -> RunConfig:
+        return cfg
 
 
 class FlowMatching(Method):
@@ -135,15 +173,16 @@ class FlowMatching(Method):
         if cfg.method.stages != 1:
             raise ValueError("method fm is the one-stage case: set method.stages=1 (or use --method fm)")
 
-    def from_dfm(self, m: MethodConfig) -> MethodConfig:
+    def from_dfm(self, cfg: RunConfig) -> RunConfig:
         # The velocity MSE: measured better for Flow Matching than DFM's EDM weighting (docs/RESULTS.md).
-        return dataclasses.replace(
-            m, method="fm", stages=1, factors=None, stage_probs=None, steps=(sum(m.steps),), thresholds=(),
-            data_std=None, options={}, loss_weighting="velocity",
-        )  # fmt: skip
+        cfg.method = dataclasses.replace(cfg.method, name="fm", stages=1, factors=None, stage_probs=None,
+                                         data_std=None, options={}, loss_weighting="velocity")  # fmt: skip
+        cfg.sampler = dataclasses.replace(cfg.sampler, steps=(sum(cfg.sampler.steps),), thresholds=(),
+                                          guidance=cfg.sampler.guidance[:1])  # fmt: skip
+        return cfg
 
-    def decomposition(self, m: MethodConfig) -> Decomposition:
-        return build_decomposition("identity", m.stages, m.factors, m.temporal_factors, m.resample)
+    def decomposition(self, m: MethodConfig, standardized: bool = True) -> Decomposition:
+        return super().decomposition(dataclasses.replace(m, decomposition="identity"), standardized)
 
 
 def stage_factors(m: MethodConfig) -> tuple[int, ...]:
@@ -156,16 +195,17 @@ def stage_factors(m: MethodConfig) -> tuple[int, ...]:
     return tuple(math.prod(factors[i:]) for i in range(len(factors))) + (1,)
 
 
-def two_stage_baseline(m: MethodConfig, name: str) -> MethodConfig:
+def two_stage_baseline(cfg: RunConfig, name: str) -> RunConfig:
     """A two-stage baseline's twin of a two-stage DFM config: the sampling steps split equally, no
     standardisation, the velocity loss (what the baselines train with), the baseline's default options."""
+    m = cfg.method
     if m.stages != 2:
         raise ValueError(f"method {name} is compared with two-stage DFM configs; this one has {m.stages}")
-    total = sum(m.steps)
-    return dataclasses.replace(
-        m, method=name, steps=(total // 2, total - total // 2), standardize=False, level_std=None, data_std=None,
-        loss_weighting="velocity", options={},
-    )  # fmt: skip
+    total = sum(cfg.sampler.steps)
+    cfg.method = dataclasses.replace(m, name=name, standardize=False, level_std=None, data_std=None,
+                                     loss_weighting="velocity", options={})  # fmt: skip
+    cfg.sampler = dataclasses.replace(cfg.sampler, steps=(total // 2, total - total // 2))
+    return cfg
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -193,7 +233,7 @@ def get_method(name: str) -> Method:
     if name not in _REGISTRY and name in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[name])
     if name not in _REGISTRY:
-        raise ValueError(f"method.method={name!r}: choose one of {method_names()}")
+        raise ValueError(f"method.name={name!r}: choose one of {', '.join(method_names())}")
     return _REGISTRY[name]
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dfm.decomposition import Decomposition
 from dfm.models.precondition import flow_preconditioning
@@ -80,9 +80,6 @@ def logit_normal(
 def active_mask(main_stage: Tensor, num_stages: int) -> Tensor:
     """(B, S) float mask, 1 for stages at or before the main stage (active), 0 after it."""
     return (torch.arange(num_stages, device=main_stage.device)[None, :] <= main_stage[:, None]).float()
-
-
-stage_mask = active_mask  #: former name of :func:`active_mask`
 
 
 @dataclass
@@ -171,10 +168,6 @@ class DFMObjective:
         self.data_std = None if data_std is None else tuple(float(v) for v in data_std)
 
     # -- draws ----------------------------------------------------------------------------------------------
-    def begin_step(self, step: int, model: nn.Module | None = None, ema: nn.Module | None = None) -> None:
-        """Called by the trainer before every optimiser step; DFM trains every stage at every step (the
-        cascade's objective switches models here)."""
-
     def sample_main_stage(
         self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
     ) -> Tensor:
@@ -200,8 +193,10 @@ class DFMObjective:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        step: int = 0,
     ) -> PathDraw:
-        """All the randomness of one training step: main stages, per-stage times and per-stage noise."""
+        """All the randomness of one training step: main stages, per-stage times and per-stage noise (every
+        optimiser ``step`` draws alike)."""
         b = level_shapes[0][0]
         if main_stage is None:
             main_stage = self.sample_main_stage(b, generator)
@@ -239,6 +234,7 @@ class DFMObjective:
         generator: torch.Generator | None = None,
         main_stage: Tensor | None = None,
         draw: PathDraw | None = None,
+        step: int = 0,
     ) -> LossOutput:
         """Decompose ``x``, draw the path (or use ``draw``) and return the masked per-stage flow-matching loss."""
         levels = self.decomposition.decompose(x)

@@ -88,7 +88,7 @@ def write_outputs(
     crop: int = 0,
 ) -> dict[str, str]:
     """Write the requested outputs of ``dfm sample``; returns {kind: path}. PNGs and the npz drop ``crop``
-    pixels on every side (the data set's padding, see :func:`dfm.generate.data_padding`); the grids keep them. For
+    pixels on every side (the data set's padding, :class:`dfm.run.DataSpec`); the grids keep them. For
     videos the npz holds the whole clips (N, T, H, W, C), the grid and the PNGs the middle frame, the GIF/MP4 all
     frames."""
     out.mkdir(parents=True, exist_ok=True)

@@ -5,11 +5,12 @@
     >>> out = pipe(class_labels=[3, 3, 7], seeds=[0, 1, 2], num_inference_steps=(30, 10))  # doctest: +SKIP
     >>> out.images[0].save("bag.png"); len(out.previews)                          # doctest: +SKIP
 
-It loads what ``dfm sample`` loads (a run directory or its ``pretrained/`` directory) and makes the same images:
-for the same seeds, labels and settings the pipeline's images are ``dfm sample``'s, pixel for pixel (a test checks
-it). Images come without the data set's padding (as ``dfm sample`` writes them), quantised to 8 bits like a saved
-image; ``output_type`` is ``"pil"``, ``"np"`` (float in [0, 1], (N, H, W, C)) or ``"pt"`` (float in [0, 1],
-(N, C, H, W)). ``previews`` holds every stage's preview (the coarse image after stage 1, ...), in the same type.
+It loads what ``dfm sample`` loads (a run directory or its ``pretrained/`` directory, :class:`dfm.run.Run`) and
+generates through the same :class:`dfm.generate.Generator`: for the same seeds, labels and settings the pipeline's
+images and previews are ``dfm sample``'s, pixel for pixel (a test checks it). Images come without the data set's
+padding (as ``dfm sample`` writes them), quantised to 8 bits like a saved image; ``output_type`` is ``"pil"``,
+``"np"`` (float in [0, 1], (N, H, W, C)) or ``"pt"`` (float in [0, 1], (N, C, H, W)). ``previews`` holds every
+stage's preview (the coarse image after stage 1, ...), in the same type.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import nn
 
 from dfm.config import RunConfig
-from dfm.data.vae import SE_FILE, load_vae
-from dfm.factory import make_decomposition
-from dfm.generate import METHOD_FILE, data_padding, default_labels, generate, load_run, make_decoder
-from dfm.outputs import crop_border
+from dfm.data.vae import SE_FILE
+from dfm.generate import Generator
+from dfm.run import PIPELINE_INDEX, VAE_DIR, DataSpec, Run
 from dfm.visual import to_uint8
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-VAE_DIR = "vae"
 
 
 @dataclass
@@ -50,59 +49,42 @@ class DFMPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "model"
 
-    def __init__(self, model: nn.Module, run_config: RunConfig, padding: int = 0) -> None:
+    def __init__(self, model: nn.Module, run_config: RunConfig, spec: DataSpec, decoder: Any = None) -> None:
         super().__init__()
         self.register_modules(model=model)
-        self.run_config = run_config
-        self.padding = int(padding)
-        self._decoder: Callable | None = None
-        self._decoder_ready = False
+        self.generator = Generator(model, run_config, spec, decoder)
+
+    @property
+    def run_config(self) -> RunConfig:
+        return self.generator.config
 
     # -- loading and saving our pretrained/ directories
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> DFMPipeline:
         """From a run directory (EMA weights of its latest checkpoint by default), a ``pretrained/`` directory,
         or a directory written by :meth:`save_pretrained` (which holds the VAE of a latent run in ``vae/``)."""
-        model, cfg = load_run(path, ema=ema, device=device)
-        pipe = cls(model.eval(), cfg, data_padding(cfg, path))
-        vae_dir, index = Path(path) / VAE_DIR, Path(path) / "model_index.json"
-        if vae_dir.is_dir() and index.is_file():
-            norm = json.loads(index.read_text()).get("vae_normalisation", {})
-            vae = load_vae(vae_dir, device=device, shift=norm.get("shift"), scale=norm.get("scale"))
-            pipe._decoder, pipe._decoder_ready = vae.decode_normalized, True
-        return pipe
+        run = Run.open(path)
+        return cls(run.load_network(ema=ema, device=device), run.config, run.spec, run.decoder(device))
 
     def save_pretrained(self, directory: str | Path, **_: Any) -> Path:
-        """Write a ``pretrained/``-style directory that :meth:`from_pretrained` and ``dfm sample`` read."""
-        path = Path(directory)
-        self.model.save_pretrained(path)
-        self.run_config.save(path / METHOD_FILE)
-        shape = (self.model.config.in_channels, *self.model.config.input_size)
-        spec = {"sample_shape": list(shape), "num_classes": self.model.num_classes, "padding": self.padding}
-        (path / "data_spec.json").write_text(json.dumps(spec) + "\n")
+        """Write a ``pretrained/``-style directory that :meth:`from_pretrained` and ``dfm sample`` read, with the
+        autoencoder of a latent run in ``vae/``."""
+        gen = self.generator
+        path = Run.save_pretrained(self.model, directory, gen.config, gen.spec)
         index: dict[str, Any] = {"_class_name": type(self).__name__}
-        decoder = self.decoder
-        if decoder is not None:  # a latent run: its VAE travels with the model
-            vae = decoder.__self__
+        vae = gen.decoder
+        if vae is not None:
             vae.model.save_pretrained(path / VAE_DIR)
             if vae.scale_equivariant:
                 (path / VAE_DIR / SE_FILE).write_text(json.dumps({"scale_equivariant": True}) + "\n")
             index["vae_normalisation"] = {"shift": vae.shift, "scale": vae.scale}
-        (path / "model_index.json").write_text(json.dumps(index) + "\n")
+        (path / PIPELINE_INDEX).write_text(json.dumps(index) + "\n")
         return path
 
     @property
     def device(self) -> torch.device:
         """Where the model's weights are (what the images are computed on)."""
-        return next(self.model.parameters()).device
-
-    @property
-    def decoder(self) -> Callable | None:
-        """The VAE decoder of latent runs (loaded on first use), None for pixel runs."""
-        if not self._decoder_ready:
-            self._decoder = make_decoder(self.run_config, self.device)
-            self._decoder_ready = True
-        return self._decoder
+        return self.generator.device
 
     # -- generation
     @torch.no_grad()
@@ -134,33 +116,36 @@ class DFMPipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
-        seeds, labels = self._seeds_and_labels(class_labels, num_images, seeds, generator)
-        steps = self._steps(num_inference_steps)
-        cfg, model = self.run_config, self.model
-        shape = (model.config.in_channels, *model.config.input_size)
-        decomposition = make_decomposition(cfg.method)
-        images, previews = [], []
-        callback = self._stage_callback(callback_on_step_end, steps or cfg.method.steps)
+        gen = self.generator
+        seeds = self._seeds(class_labels, num_images, seeds, generator)
+        classes = [class_labels] if isinstance(class_labels, int) else class_labels
+        labels = gen.labels(seeds, classes)
+        if classes is not None and not isinstance(class_labels, int) and len(classes) != len(seeds):
+            raise ValueError(f"got {len(classes)} class_labels for {len(seeds)} images: give one per image, or one")
+        settings = gen.settings(steps=self._steps(num_inference_steps), thresholds=thresholds,
+                                guidance=guidance_scale, solver=solver)  # fmt: skip
+        callback = None
+        if callback_on_step_end is not None:
+            ends = np.cumsum(settings.steps).tolist()
+            callback = lambda stage, preview: callback_on_step_end(self, int(ends[stage]), int(stage),  # noqa: E731
+                                                                   {"preview": preview})  # fmt: skip
         with self.progress_bar(total=len(seeds)) as bar:
+            parts = []
             for lo in range(0, len(seeds), batch_size):
-                batch_seeds = seeds[lo : lo + batch_size]
-                batch_labels = None if labels is None else labels[lo : lo + batch_size]
-                x, p = generate(model, decomposition, cfg, shape, batch_labels, batch_seeds,
-                                guidance=guidance_scale, steps=steps, thresholds=thresholds, solver=solver,
-                                batch_size=batch_size, device=self.device, decoder=self.decoder,
-                                callback=callback)  # fmt: skip
-                images.append(x)
-                previews.append(p)
-                bar.update(len(batch_seeds))
-        images = torch.cat(images)
-        stage_previews = [torch.cat([p[s] for p in previews]) for s in range(len(previews[0]))]
-        out_images = self._convert(crop_border(images, self.padding), output_type)
+                batch = seeds[lo : lo + batch_size]
+                parts.append(gen.generate(batch, None if labels is None else labels[lo : lo + batch_size], settings,
+                                          batch_size=batch_size, callback=callback))  # fmt: skip
+                bar.update(len(batch))
+        images = torch.cat([p.images for p in parts])
+        stage_previews = [torch.cat([p.previews[s] for p in parts]) for s in range(len(parts[0].previews))]
+        out_images = self._convert(gen.crop(images), output_type)
         out_previews = [self._convert(p, output_type) for p in stage_previews]
         if not return_dict:
             return out_images, out_previews
         return DFMPipelineOutput(images=out_images, previews=out_previews)
 
-    def _seeds_and_labels(self, class_labels, num_images, seeds, generator) -> tuple[list[int], list[int] | None]:
+    @staticmethod
+    def _seeds(class_labels, num_images, seeds, generator) -> list[int]:
         count = num_images
         if seeds is not None:
             seeds = [int(s) for s in seeds]
@@ -172,34 +157,16 @@ class DFMPipeline(DiffusionPipeline):
             raise ValueError(f"num_images={count}: ask for at least one image")
         if seeds is None:
             seeds = torch.randint(0, 2**31 - 1, (count,), generator=generator).tolist()
-        num_classes = self.model.num_classes
-        if class_labels is None:
-            return seeds, default_labels(seeds, num_classes)
-        labels = [int(class_labels)] * count if isinstance(class_labels, int) else [int(c) for c in class_labels]
-        if len(labels) != count:
-            raise ValueError(f"got {len(labels)} class_labels for {count} images: give one per image, or one")
-        if num_classes == 0 or any(not 0 <= c < num_classes for c in labels):
-            raise ValueError(f"class_labels {sorted(set(labels))}: this model has classes 0..{num_classes - 1}")
-        return seeds, labels
+        return seeds
 
-    def _steps(self, num_inference_steps) -> list[int] | None:
-        if num_inference_steps is None:
-            return None
-        run_steps = list(self.run_config.method.steps)
-        if isinstance(num_inference_steps, int):  # split like the run's steps, e.g. 40 -> (30, 10)
-            total = sum(run_steps)
-            split = [max(1, round(num_inference_steps * s / total)) for s in run_steps[:-1]]
-            return [*split, max(1, num_inference_steps - sum(split))]
-        steps = [int(s) for s in num_inference_steps]
-        if len(steps) != len(run_steps):
-            raise ValueError(f"num_inference_steps={tuple(steps)}: give one step count per stage ({len(run_steps)})")
-        return steps
-
-    def _stage_callback(self, callback, steps):
-        if callback is None:
-            return None
-        ends = np.cumsum(steps).tolist()
-        return lambda stage, preview: callback(self, int(ends[stage]), int(stage), {"preview": preview})
+    def _steps(self, num_inference_steps) -> tuple[int, ...] | None:
+        """Steps per stage; an int is split as the run's steps are, e.g. 40 -> (30, 10)."""
+        if num_inference_steps is None or not isinstance(num_inference_steps, int):
+            return num_inference_steps
+        run_steps = self.run_config.sampler.steps
+        total = sum(run_steps)
+        split = [max(1, round(num_inference_steps * s / total)) for s in run_steps[:-1]]
+        return (*split, max(1, num_inference_steps - sum(split)))
 
     @staticmethod
     def _convert(x: torch.Tensor, output_type: str) -> Any:

@@ -1,8 +1,19 @@
-"""Samplers over a :class:`~dfm.schedule.StageSchedule` (method.md section 6).
+"""Samplers: one contract for every method (:class:`Sampler`), and DFM's stage sampler (method.md section 6).
 
-Every stage starts from its own Gaussian noise at t = 0 and is integrated to t = 1 (data) along the schedule's
-grid; no noise is re-injected between stages. At each step the model sees the active stages only (inactive ones
-are zeroed and sit at t = 0) and is told the stage being generated (the schedule's ``main_stage`` at that step).
+A sampler integrates a velocity model from noise (t = 0) to data (t = 1)::
+
+    sampler.sample(model, shape, y, settings=SamplerConfig(...), seeds=...) -> SampleOutput
+
+with the settings of :class:`dfm.config.SamplerConfig` (steps per stage, thresholds, solver, guidance, time
+shift), one seed per sample, and a callback per stage. DFM and Flow Matching use :class:`StageSampler`; the
+cascade and Pyramidal Flow have their own (:mod:`dfm.baselines`), built on the same three pieces below: one
+guided velocity (:func:`guided_velocity`), one ODE step (:func:`ode_step`) and per-sample noise
+(:func:`initial_noise`).
+
+DFM's sampler: every stage starts from its own Gaussian noise at t = 0 and is integrated to t = 1 along the
+schedule's grid (:class:`dfm.schedule.StageSchedule`); no noise is re-injected between stages. At each step the
+model sees the active stages only (inactive ones are zeroed and sit at t = 0) and is told the stage being generated
+(the schedule's ``main_stage`` at that step).
 
 Euler:  x_{n+1} = x_n + Δt_n ⊙ v(x_n, t_n)
 Heun:   x̃ = x_n + Δt_n ⊙ v(x_n, t_n),   x_{n+1} = x_n + Δt_n ⊙ (v(x_n, t_n) + v(x̃, t_{n+1})) / 2
@@ -14,11 +25,11 @@ for text-to-image models (:mod:`dfm.adapters`), a :class:`~dfm.text.TextConditio
 
 Example:
     >>> import torch
+    >>> from dfm.config import SamplerConfig
     >>> from dfm.decomposition import LaplacianPyramid
-    >>> from dfm.schedule import StageSchedule
-    >>> from dfm.sampling import sample
     >>> model = lambda levels, t, y, main_stage: [-lv for lv in levels]  # any velocity field
-    >>> out = sample(model, LaplacianPyramid(2), StageSchedule((6, 2), (0.7,)), (2, 1, 8, 8), seeds=[0, 1])
+    >>> out = StageSampler(LaplacianPyramid(2)).sample(model, (2, 1, 8, 8), settings=SamplerConfig((6, 2), (0.7,)),
+    ...                                                seeds=[0, 1])
     >>> out.images.shape, len(out.previews)
     (torch.Size([2, 1, 8, 8]), 2)
 """
@@ -27,30 +38,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from dfm.config import SamplerConfig
 from dfm.decomposition import Decomposition
 from dfm.objective import VelocityModel
 from dfm.schedule import StageSchedule
 from dfm.text import TextCondition
-
-SOLVERS = ("euler", "heun")
-
-
-def network_evaluations(steps: Sequence[int], solver: str = "euler", clean_ends: int = 1) -> int:
-    """Network evaluations (without guidance's doubled batch) of a grid of ``steps`` per stage: one per Euler step;
-    two per Heun step, except a step that ends on the data (t = 1), an Euler step (see :func:`ode_step`). DFM's
-    stages share one grid, which ends on the data once; ``clean_ends``: how many of the grids end there (the
-    cascade's two stages each integrate to t = 1).
-
-    >>> network_evaluations((30, 10)), network_evaluations((15, 5), "heun"), network_evaluations((10, 10), "heun", 2)
-    (40, 39, 38)
-    """
-    n = sum(int(k) for k in steps)
-    return 2 * n - min(clean_ends, n) if solver == "heun" else n
-
 
 #: ``callback(stage, preview)``: called when ``stage`` (0-based) reaches its threshold, with the partial
 #: reconstruction of the denoised estimate at that stage's resolution.
@@ -62,7 +59,49 @@ class SampleOutput:
     images: Tensor  #: final samples, recomposed at full resolution
     levels: list[Tensor]  #: final per-stage levels
     previews: list[Tensor] = field(default_factory=list)  #: one per stage, at that stage's resolution
-    trajectory: list[list[Tensor]] | None = None  #: levels at every grid row (with ``return_trajectory``)
+
+
+class Sampler:
+    """The contract of every method's sampler: integrate ``model`` from noise (t = 0) to data (t = 1).
+
+    Subclasses implement :meth:`sample`; :meth:`network_evaluations` counts the network calls of one sample.
+    """
+
+    #: how many separate time grids of the sampler end on the data (each costs Heun one evaluation less)
+    grids: int = 1
+
+    def sample(
+        self,
+        model: Any,
+        shape: Sequence[int],
+        y: Tensor | TextCondition | None = None,
+        *,
+        settings: SamplerConfig,
+        seeds: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        noise: Sequence[Tensor] | None = None,
+        null_class: int | TextCondition | None = None,
+        device: torch.device | str | None = None,
+        callback: PreviewCallback | None = None,
+    ) -> SampleOutput:
+        """Generate ``shape[0]`` samples.
+
+        Args:
+            model: the velocity model the method trains (DFM: ``model(levels_t, t, y, main_stage)``).
+            shape: full-resolution output shape (B, C, H, W) or (B, C, T, H, W).
+            y: (B,) class labels, a :class:`~dfm.text.TextCondition` (text models), or None (unconditional).
+            settings: steps per stage, thresholds, solver, guidance, time shift.
+            seeds: one seed per sample (batch-independent noise); otherwise ``generator`` or the global RNG.
+            noise: explicit initial noise (overrides seeds and generator), as :func:`initial_noise` returns it.
+            null_class: label of the unconditional branch; default ``model.null_class`` (text: the condition of
+                the unconditional branch, default ``model.null_condition(B)``).
+            callback: called as ``callback(stage, preview)`` when a stage is done.
+        """
+        raise NotImplementedError
+
+    def network_evaluations(self, settings: SamplerConfig) -> int:
+        """Network evaluations of one sample (without guidance's doubled batch)."""
+        return settings.network_evaluations(self.grids)
 
 
 def initial_noise(
@@ -85,29 +124,20 @@ def initial_noise(
     return [torch.stack([p[s] for p in per_sample]).to(device) for s in range(len(level_shapes))]
 
 
-def _guidance_scales(guidance: float | Sequence[float], num_stages: int) -> list[float]:
-    if isinstance(guidance, (int, float)):
-        return [float(guidance)] * num_stages
-    scales = [float(g) for g in guidance]
-    if len(scales) != num_stages:
-        raise ValueError(f"per-stage guidance needs {num_stages} scales (one per stage), got {len(scales)}")
-    return scales
-
-
 def prepare_guidance(
     model: object,
     y: Tensor | TextCondition | None,
     batch: int,
-    guidance: float | Sequence[float],
-    num_stages: int,
+    scales: Sequence[float],
     null_class: int | TextCondition | None = None,
     device: torch.device | str | None = None,
-) -> tuple[list[float], bool, int | TextCondition | None, Tensor | TextCondition | None]:
-    """Check labels and guidance for a sampler: (per-stage scales, whether CFG is on, null class, labels).
+) -> tuple[list[float], int | TextCondition | None, Tensor | TextCondition | None]:
+    """Check labels and guidance for a sampler: (per-stage scales, all 1 when no guidance is asked, null class,
+    labels on ``device``).
 
     With a :class:`~dfm.text.TextCondition` ``y`` the "null class" returned is the unconditional condition: the
     given ``null_class`` condition, else ``model.null_condition(batch)`` (the empty prompt)."""
-    scales = _guidance_scales(guidance, num_stages)
+    scales = [float(w) for w in scales]
     use_cfg = any(w != 1.0 for w in scales)
     if isinstance(y, TextCondition):
         if y.batch != batch:
@@ -122,7 +152,7 @@ def prepare_guidance(
                     )
                 null_class = hook(batch)
             null_class = null_class.expand(batch).to(device)
-        return scales, use_cfg, null_class, y.to(device)
+        return scales, null_class, y.to(device)
     if use_cfg:
         null_class = null_class if null_class is not None else getattr(model, "null_class", None)
         if y is None or null_class is None:
@@ -131,7 +161,7 @@ def prepare_guidance(
         y = y.to(device)
         if y.shape != (batch,):
             raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
-    return scales, use_cfg, null_class, y
+    return scales, null_class, y
 
 
 def guided_velocity(
@@ -147,7 +177,6 @@ def guided_velocity(
     for both branches. With any scale other than 1 the conditional and unconditional branches run as one doubled
     batch in which only the label differs (``null_class`` for the second half; for a text condition ``y``,
     ``null_class`` is the unconditional condition, e.g. the empty prompt); otherwise the network runs once.
-    All three samplers (DFM, the cascade, Pyramidal Flow) guide through this function.
     """
     if all(w == 1.0 for w in scales):
         return [v.float() for v in forward(inputs, y)]
@@ -177,9 +206,8 @@ def ode_step(
 
     ``ends_clean``: the step ends on the data (t = 1). Heun then takes an Euler step, as EDM's sampler does for
     its last step: its corrector would evaluate the network at t = 1, a time that training never draws
-    (LogitNormal(0, 1) puts about 2e-6 of its mass above 0.99), and a trained DiT's velocity there is far off
-    (Heun with the corrector on the last step scored 83 against Euler's 30 on the ImageNet-feature FD of the
-    32 px study's DFM, docs/RESULTS.md). So a Heun grid of N steps costs 2N - 1 evaluations.
+    (LogitNormal(0, 1) puts about 2e-6 of its mass above 0.99), where a trained network's velocity is far off
+    (docs/RESULTS.md measures what the corrector costs there). So a Heun grid of N steps costs 2N - 1 evaluations.
 
     Returns the new states and the last velocity evaluated (at ``t0`` for Euler, at ``t1`` for Heun), which
     gives the denoised estimate ``x + (1 - t) v`` for previews.
@@ -192,90 +220,71 @@ def ode_step(
     return [xs + dt[s] * (v[s] + v2[s]) / 2 for s, xs in enumerate(x)], v2
 
 
-def sample(
-    model: VelocityModel,
-    decomposition: Decomposition,
-    schedule: StageSchedule,
-    shape: Sequence[int],
-    y: Tensor | TextCondition | None = None,
-    *,
-    seeds: Sequence[int] | None = None,
-    generator: torch.Generator | None = None,
-    noise: Sequence[Tensor] | None = None,
-    guidance: float | Sequence[float] = 1.0,
-    null_class: int | TextCondition | None = None,
-    solver: str = "euler",
-    device: torch.device | str | None = None,
-    callback: PreviewCallback | None = None,
-    return_trajectory: bool = False,
-) -> SampleOutput:
-    """Generate ``shape[0]`` samples coarse to fine.
+class StageSampler(Sampler):
+    """DFM's sampler (and Flow Matching's, the one-stage case): all stages on one grid, coarse to fine.
 
-    Args:
-        model: ``model(levels_t, t, y, main_stage) -> velocities`` (see :mod:`dfm.objective`).
-        decomposition: the decomposition the model was trained with (gives level shapes and recomposition).
-        schedule: per-stage time grid; its number of stages must match the decomposition's.
-        shape: full-resolution output shape (B, C, H, W) or (B, C, T, H, W).
-        y: (B,) class labels, a :class:`~dfm.text.TextCondition` (text models), or None (unconditional / the
-            text model's empty prompt).
-        seeds: one seed per sample (batch-independent noise); otherwise ``generator`` or the global RNG.
-        noise: explicit initial noise per level (overrides seeds/generator).
-        guidance: classifier-free guidance scale, one for all stages or one per stage (1 = no guidance).
-        null_class: label of the unconditional branch; defaults to ``model.null_class`` (text: the condition of
-            the unconditional branch, default ``model.null_condition(B)``).
-        solver: ``"euler"`` or ``"heun"`` (second order; its last step, which ends at t = 1, is an Euler step).
-        callback: called as ``callback(stage, preview)`` when a stage reaches its threshold.
-        return_trajectory: also return the levels at every grid row.
+    ``decomposition`` is the one the model was trained with: it gives the level shapes, the recomposition and the
+    previews (the recomposed denoised estimate when a stage reaches its threshold).
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}: choose one of {SOLVERS}")
-    num_stages = decomposition.num_stages
-    if schedule.num_stages != num_stages:
-        raise ValueError(
-            f"the schedule has {schedule.num_stages} stages but the decomposition has {num_stages}: "
-            f"give one step count per stage"
-        )
-    shapes = decomposition.level_shapes(shape)
-    b = shapes[0][0]
-    scales, use_cfg, null_class, y = prepare_guidance(model, y, b, guidance, num_stages, null_class, device)
 
-    if noise is not None:
-        x = [n.to(device=device, dtype=torch.float32).clone() for n in noise]
-        if [tuple(n.shape) for n in x] != [tuple(s) for s in shapes]:
-            raise ValueError(f"noise shapes {[tuple(n.shape) for n in x]} do not match levels {shapes}")
-    else:
-        x = initial_noise(shapes, seeds, generator, device)
+    def __init__(self, decomposition: Decomposition) -> None:
+        self.decomposition = decomposition
 
-    grid = schedule.grid.to(device=device, dtype=torch.float32)
-    active = schedule.active.to(device)
-    generated = schedule.main_stage.to(device)
+    @torch.no_grad()
+    def sample(
+        self,
+        model: VelocityModel,
+        shape: Sequence[int],
+        y: Tensor | TextCondition | None = None,
+        *,
+        settings: SamplerConfig,
+        seeds: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        noise: Sequence[Tensor] | None = None,
+        null_class: int | TextCondition | None = None,
+        device: torch.device | str | None = None,
+        callback: PreviewCallback | None = None,
+    ) -> SampleOutput:
+        decomposition = self.decomposition
+        num_stages = decomposition.num_stages
+        settings.validate(num_stages)
+        schedule = StageSchedule.from_settings(settings, shape)
+        shapes = decomposition.level_shapes(shape)
+        b = shapes[0][0]
+        scales, null_class, y = prepare_guidance(model, y, b, settings.stage_guidance(num_stages), null_class, device)
 
-    def velocity(levels: list[Tensor], n: int, t_row: Tensor) -> list[Tensor]:
-        mask = active[n]
-        inputs = [lv * mask[s] for s, lv in enumerate(levels)]
-        t = t_row.expand(b, num_stages)
-        main_stage = generated[n].expand(b)
-        forward = lambda a, labels: model(a[:-2], a[-2], labels, a[-1])  # noqa: E731
-        return guided_velocity(forward, [*inputs, t, main_stage], y, scales if use_cfg else [1.0] * num_stages,
-                               null_class)  # fmt: skip
+        if noise is not None:
+            x = [n.to(device=device, dtype=torch.float32).clone() for n in noise]
+            if [tuple(n.shape) for n in x] != [tuple(s) for s in shapes]:
+                raise ValueError(f"noise shapes {[tuple(n.shape) for n in x]} do not match levels {shapes}")
+        else:
+            x = initial_noise(shapes, seeds, generator, device)
 
-    trajectory = [[lv.clone() for lv in x]] if return_trajectory else None
-    previews: list[Tensor] = []
-    stage_ends = set(schedule.stage_ends)
-    for n in range(schedule.num_steps):
-        t0, t1 = grid[n], grid[n + 1]
-        x, v = ode_step(
-            lambda lv, t, n=n: velocity(lv, n, t), x, t0, t1, t1 - t0, solver, ends_clean=n == schedule.num_steps - 1
-        )
-        if return_trajectory:
-            trajectory.append([lv.clone() for lv in x])
-        if n + 1 in stage_ends:
-            stage = int(generated[n])
-            # Denoised estimate x̂ = x + (1 - t) v from the latest velocity: at a threshold τ < 1 the state still
-            # holds (1 - τ) noise, the estimate does not.
-            denoised = [x[s] + (1 - t1[s]) * v[s] for s in range(stage + 1)]
-            preview = decomposition.recompose(denoised)
-            previews.append(preview)
-            if callback is not None:
-                callback(stage, preview)
-    return SampleOutput(decomposition.recompose(x), x, previews, trajectory)
+        grid = schedule.grid.to(device=device, dtype=torch.float32)
+        active = schedule.active.to(device)
+        generated = schedule.main_stage.to(device)
+
+        def velocity(levels: list[Tensor], n: int, t_row: Tensor) -> list[Tensor]:
+            mask = active[n]
+            inputs = [lv * mask[s] for s, lv in enumerate(levels)]
+            t = t_row.expand(b, num_stages)
+            main_stage = generated[n].expand(b)
+            forward = lambda a, labels: model(a[:-2], a[-2], labels, a[-1])  # noqa: E731
+            return guided_velocity(forward, [*inputs, t, main_stage], y, scales, null_class)
+
+        previews: list[Tensor] = []
+        stage_ends = set(schedule.stage_ends)
+        for n in range(schedule.num_steps):
+            t0, t1 = grid[n], grid[n + 1]
+            x, v = ode_step(lambda lv, t, n=n: velocity(lv, n, t), x, t0, t1, t1 - t0, settings.solver,
+                            ends_clean=n == schedule.num_steps - 1)  # fmt: skip
+            if n + 1 in stage_ends:
+                stage = int(generated[n])
+                # Denoised estimate x̂ = x + (1 - t) v from the latest velocity: at a threshold τ < 1 the state still
+                # holds (1 - τ) noise, the estimate does not.
+                denoised = [x[s] + (1 - t1[s]) * v[s] for s in range(stage + 1)]
+                preview = decomposition.recompose(denoised)
+                previews.append(preview)
+                if callback is not None:
+                    callback(stage, preview)
+        return SampleOutput(decomposition.recompose(x), x, previews)

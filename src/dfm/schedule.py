@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from dfm.config import SamplerConfig
 
 
 class StageSchedule:
@@ -42,18 +43,7 @@ class StageSchedule:
     def __init__(self, steps: Sequence[int] = (30, 10), thresholds: Sequence[float] = (0.7,)) -> None:
         steps = tuple(steps)
         thresholds = tuple(float(t) for t in thresholds)
-        if len(steps) == 0:
-            raise ValueError("steps must name at least one stage")
-        if any(not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1 for n in steps):
-            raise ValueError(f"steps must be positive integers (at least one step per stage), got {steps}")
-        if len(thresholds) != len(steps) - 1:
-            raise ValueError(
-                f"{len(steps)} stages need {len(steps) - 1} thresholds (the last stage ends at 1), got {thresholds}"
-            )
-        if any(not (0.0 < t < 1.0) or not math.isfinite(t) for t in thresholds):
-            raise ValueError(f"thresholds must lie strictly inside (0, 1), got {thresholds}")
-        if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
-            raise ValueError(f"thresholds must be strictly increasing, got {thresholds}")
+        SamplerConfig(steps=steps, thresholds=thresholds).validate(len(steps))
         self.steps = tuple(int(n) for n in steps)
         self.thresholds = thresholds
         self.num_stages = len(steps)
@@ -65,19 +55,19 @@ class StageSchedule:
         """One-stage (plain Flow Matching) schedule: a uniform grid from 0 to 1."""
         return cls((steps,), ())
 
+    @classmethod
+    def from_settings(cls, settings: SamplerConfig, size: Sequence[int]) -> StageSchedule:
+        """The grid of a sampler's settings for samples of spatial ``size`` (..., H, W), time-shifted as FLUX does
+        when ``settings.time_shift`` (one token count, the finest latent's (H / 2) * (W / 2), for all stages)."""
+        schedule = cls(settings.steps, settings.thresholds)
+        if settings.time_shift:
+            tokens = (size[-2] // 2) * (size[-1] // 2)
+            schedule = schedule.warped(lambda t: flux_time_shift(t, tokens))
+        return schedule
+
     @property
     def num_steps(self) -> int:
         return sum(self.steps)
-
-    @property
-    def phase(self) -> Tensor:
-        """Former name of :attr:`main_stage`."""
-        return self.main_stage
-
-    @property
-    def phase_ends(self) -> list[int]:
-        """Former name of :attr:`stage_ends`."""
-        return self.stage_ends
 
     @property
     def stage_ends(self) -> list[int]:
@@ -106,7 +96,7 @@ class StageSchedule:
             start = tau
         return torch.stack(rows), torch.tensor(main_stage, dtype=torch.long)
 
-    def warped(self, warp) -> StageSchedule:
+    def warped(self, warp: Callable[[Tensor], Tensor]) -> StageSchedule:
         """A copy whose times are ``warp(t)`` (elementwise on the grid and the thresholds; ``warp`` must be
         increasing with ``warp(0) = 0`` and ``warp(1) = 1``), e.g. FLUX's time shift; steps and stages unchanged."""
         out = copy.copy(self)
@@ -116,3 +106,30 @@ class StageSchedule:
 
     def __repr__(self) -> str:
         return f"StageSchedule(steps={self.steps}, thresholds={self.thresholds})"
+
+
+def flux_mu(
+    image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, base_seq: int = 256, max_seq: int = 4096
+) -> float:
+    """FLUX's resolution-dependent shift ``mu``: linear in the number of image tokens, ``base_shift`` at
+    ``base_seq`` tokens and ``max_shift`` at ``max_seq`` tokens."""
+    slope = (max_shift - base_shift) / (max_seq - base_seq)
+    return base_shift + slope * (image_seq_len - base_seq)
+
+
+def flux_time_shift(
+    t: Tensor | float,
+    image_seq_len: int,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+    base_seq: int = 256,
+    max_seq: int = 4096,
+) -> Tensor | float:
+    """FLUX's sampling time shift in our convention (t = 1 data).
+
+    FLUX shifts ``sigma -> e^mu / (e^mu + 1/sigma - 1)`` (more steps at high noise for more tokens); with
+    ``sigma = 1 - t`` that is ``t -> t / (t + e^mu (1 - t))``, which keeps 0 and 1 fixed and is finite at t = 1.
+    ``image_seq_len``: FLUX tokens of the image, (H/2) * (W/2) for an H x W latent.
+    """
+    scale = math.exp(flux_mu(image_seq_len, base_shift, max_shift, base_seq, max_seq))
+    return t / (t + scale * (1 - t))

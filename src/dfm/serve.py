@@ -38,12 +38,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from torch import nn
 
+from dfm.config import SOLVERS, SamplerConfig
 from dfm.data.fashion_mnist import CLASS_NAMES as FASHION_NAMES
-from dfm.factory import make_decomposition
-from dfm.generate import data_padding, generate, load_run, make_decoder, previews_exact
-from dfm.methods import get_method
-from dfm.outputs import crop_border
-from dfm.sampling import SOLVERS
+from dfm.generate import Generator
+from dfm.run import Run
 from dfm.visual import image_grid, upsample_to
 
 MAX_IMAGES = 16
@@ -60,10 +58,10 @@ class GenerateRequest(BaseModel):
     class_label: int | None = Field(None, ge=0, le=100_000)
     seeds: list[int] | None = Field(None, max_length=MAX_IMAGES)
     num_images: int = Field(4, ge=1, le=MAX_IMAGES)
-    guidance: list[float] = Field(default_factory=lambda: [1.0], min_length=1, max_length=8)
+    guidance: list[float] | None = Field(None, min_length=1, max_length=8)  #: None: the run's own
     steps: list[int] | None = Field(None, min_length=1, max_length=8)
     thresholds: list[float] | None = Field(None, max_length=7)
-    solver: str | None = None  #: None: the run's own (``method.solver``)
+    solver: str | None = None  #: None: the run's own (``sampler.solver``)
 
 
 class Cancelled(Exception):
@@ -74,6 +72,7 @@ class Cancelled(Exception):
 class Job:
     id: str
     request: GenerateRequest
+    settings: SamplerConfig
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -124,78 +123,61 @@ class Server:
     """The loaded model and the job queue behind the app."""
 
     def __init__(self, run: str | Path, device: str = "cpu") -> None:
-        model, cfg = load_run(run, device=device)
-        self.model = _Watched(model.eval().requires_grad_(False))
-        self.cfg = cfg
-        self.device = device
-        self.decomposition = make_decomposition(cfg.method)
-        self.decoder = make_decoder(cfg, device)
-        self.padding = data_padding(cfg, run)
-        self.shape = (model.config.in_channels, *model.config.input_size)
-        self.num_classes = int(model.num_classes)
-        fashion = str(cfg.data.dataset).startswith("fashion-mnist") and self.num_classes == len(FASHION_NAMES)
+        opened = Run.open(run)
+        network = opened.load_network(device=device).requires_grad_(False)
+        self.watched = _Watched(network)
+        self.generator = Generator(self.watched, opened.config, opened.spec, opened.decoder(device))
+        self.cfg = opened.config
+        self.shape = opened.spec.sample_shape
+        self.num_classes = opened.spec.num_classes
+        fashion = str(self.cfg.data.dataset).startswith("fashion-mnist") and self.num_classes == len(FASHION_NAMES)
         self.class_names = list(FASHION_NAMES) if fashion else [str(i) for i in range(self.num_classes)]
         self.jobs: dict[str, Job] = {}
         self.waiting = 0
         self.lock = asyncio.Lock()
 
     def info(self) -> dict:
-        m = self.cfg.method
-        return {"method": m.method, "stages": m.stages, "steps": list(m.steps), "thresholds": list(m.thresholds),
-                "guidance": m.guidance, "solver": m.solver, "solvers": list(SOLVERS), "classes": self.class_names,
+        sampler = self.cfg.sampler
+        return {"method": self.cfg.method.name, "stages": self.cfg.method.stages, "steps": list(sampler.steps),
+                "thresholds": list(sampler.thresholds), "guidance": list(sampler.guidance), "solver": sampler.solver,
+                "solvers": list(SOLVERS), "classes": self.class_names,
                 "limits": {"images": MAX_IMAGES, "steps": MAX_STEPS, "queue": MAX_QUEUE},
-                "video": len(self.shape) == 4, "previews_exact": previews_exact(self.decoder)}  # fmt: skip
+                "video": len(self.shape) == 4, "previews_exact": self.generator.previews_exact}  # fmt: skip
 
-    def check(self, r: GenerateRequest) -> None:
-        """Bounds that depend on the model; a ValueError names the field and what to change."""
-        m = self.cfg.method
+    def check(self, r: GenerateRequest) -> SamplerConfig:
+        """The request's sampler settings (checked where every front end's are, :class:`~dfm.config.SamplerConfig`)
+        and the bounds of this server; a ValueError names the field and what to change."""
         if r.class_label is not None and not 0 <= r.class_label < max(self.num_classes, 1):
             raise ValueError(f"class: this model has classes 0..{self.num_classes - 1}")
-        if r.steps is not None and (len(r.steps) != m.stages or any(not 1 <= s <= MAX_STEPS for s in r.steps)):
-            raise ValueError(f"steps: give {m.stages} step counts between 1 and {MAX_STEPS}, e.g. {list(m.steps)}")
-        if r.thresholds is not None and (
-            len(r.thresholds) != m.stages - 1
-            or any(not 0 < v < 1 for v in r.thresholds)
-            or any(b <= a for a, b in zip(r.thresholds, r.thresholds[1:]))
-        ):
-            raise ValueError(f"thresholds: give {m.stages - 1} increasing values strictly between 0 and 1")
-        if any(not 0 <= g <= 20 for g in r.guidance) or len(r.guidance) not in (1, m.stages):
-            raise ValueError(f"guidance: one scale or one per stage ({m.stages}), each between 0 and 20")
-        if r.solver is not None and r.solver not in SOLVERS:
-            raise ValueError(f"solver: choose one of {', '.join(SOLVERS)}")
         if r.seeds is not None and (not r.seeds or any(not 0 <= s < 2**31 for s in r.seeds)):
             raise ValueError("seeds: give integers between 0 and 2^31 - 1, or leave empty for random ones")
+        settings = self.generator.settings(steps=r.steps, thresholds=r.thresholds, guidance=r.guidance,
+                                           solver=r.solver)  # fmt: skip
+        if max(settings.steps) > MAX_STEPS:
+            raise ValueError(
+                f"steps: at most {MAX_STEPS} per stage on this server, e.g. {list(self.cfg.sampler.steps)}"
+            )
+        return settings
 
     def run(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
         """Generate one job in a worker thread, sending its events to the page."""
-        r = job.request
+        r, settings = job.request, job.settings
         send = lambda kind, data: loop.call_soon_threadsafe(job.events.put_nowait, (kind, data))  # noqa: E731
         seeds = r.seeds or [random.randrange(2**31) for _ in range(r.num_images)]
-        labels = (
-            None
-            if self.num_classes == 0
-            else ([r.class_label] * len(seeds) if r.class_label is not None else [s % self.num_classes for s in seeds])
-        )
-        steps = r.steps or list(self.cfg.method.steps)
-        solver = r.solver or self.cfg.method.solver
-        total = get_method(self.cfg.method.method).network_evaluations(steps, solver)
+        labels = self.generator.labels(seeds, None if r.class_label is None else [r.class_label])
+        total = self.generator.network_evaluations(settings)
         nrow = min(len(seeds), 4)
         tic = time.perf_counter()
-        self.model.job, self.model.calls = job, 0
-        self.model.on_call = lambda n: send("progress", {"call": n, "total": total}) if n % 2 == 0 else None
+        self.watched.job, self.watched.calls = job, 0
+        self.watched.on_call = lambda n: send("progress", {"call": n, "total": total}) if n % 2 == 0 else None
 
         def stage_done(stage: int, preview: torch.Tensor) -> None:
-            image = preview if self.decoder is None else self.decoder(upsample_to(preview, self.shape[-2:]))
             send("stage", {"stage": stage, "seconds": round(time.perf_counter() - tic, 3),
-                           "image": _png(_enlarge(image, self.shape[-2:]), nrow)})  # fmt: skip
+                           "image": _png(_enlarge(preview, self.shape[-2:]), nrow)})  # fmt: skip
 
         try:
-            guidance = r.guidance[0] if len(r.guidance) == 1 else r.guidance
-            images, _ = generate(self.model, self.decomposition, self.cfg, self.shape, labels, seeds,
-                                 guidance=guidance, steps=steps, thresholds=r.thresholds, solver=solver,
-                                 batch_size=MAX_IMAGES, device=self.device, decoder=self.decoder,
-                                 callback=stage_done)  # fmt: skip
-            final = crop_border(images, self.padding)  # videos: clips, shown as animated GIFs
+            out = self.generator.generate(seeds, labels, settings, batch_size=MAX_IMAGES, callback=stage_done)
+            final = self.generator.crop(out.images)  # videos: clips, shown as animated GIFs
             send("done", {"seconds": round(time.perf_counter() - tic, 3), "seeds": seeds, "image": _png(final, nrow),
                           "width": int(final.shape[-1]), "height": int(final.shape[-2])})  # fmt: skip
         except Cancelled:
@@ -203,7 +185,7 @@ class Server:
         except Exception as err:  # noqa: BLE001 - the page gets a message, the server keeps serving
             send("error", {"message": f"{type(err).__name__}: {err}"})
         finally:
-            self.model.job, self.model.on_call = None, None
+            self.watched.job, self.watched.on_call = None, None
 
 
 def _enlarge(x: torch.Tensor, size) -> torch.Tensor:
@@ -239,7 +221,7 @@ def create_app(run: str | Path, device: str = "cpu") -> FastAPI:
         try:
             body = await request.json()
             r = GenerateRequest.model_validate(body)
-            server.check(r)
+            settings = server.check(r)
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ())) or "request"
@@ -248,7 +230,7 @@ def create_app(run: str | Path, device: str = "cpu") -> FastAPI:
             return JSONResponse({"error": str(err) if str(err) else "the request is not valid JSON"}, status_code=422)
         if server.waiting >= MAX_QUEUE:
             return JSONResponse({"error": "too many jobs waiting: try again in a moment"}, status_code=429)
-        job = Job(uuid.uuid4().hex, r)
+        job = Job(uuid.uuid4().hex, r, settings)
         server.jobs[job.id] = job
         server.waiting += 1
         loop = asyncio.get_running_loop()
@@ -376,6 +358,7 @@ async function load() {
   info.classes.forEach((name, i) => $("class_label").add(new Option(`${i}: ${name}`, i)));
   info.solvers.forEach((s) => $("solver").add(new Option(s, s, s === info.solver, s === info.solver)));
   $("steps").value = info.steps.join(","); $("thresholds").value = info.thresholds.join(",");
+  $("guidance").value = info.guidance.join(",");
 }
 function finish() { $("generate").disabled = false; $("cancel").disabled = true; if (source) source.close(); }
 $("generate").onclick = async () => {
@@ -384,7 +367,7 @@ $("generate").onclick = async () => {
   let body;
   try {
     body = { num_images: +$("num_images").value, solver: $("solver").value,
-      guidance: numbers($("guidance").value, Number) || [1.0], steps: numbers($("steps").value, Number),
+      guidance: numbers($("guidance").value, Number), steps: numbers($("steps").value, Number),
       thresholds: numbers($("thresholds").value, Number), seeds: numbers($("seeds").value, Number),
       class_label: $("class_label").value === "" ? null : +$("class_label").value };
     if (Object.values(body).some((v) => Array.isArray(v) && v.some(Number.isNaN)) || Number.isNaN(body.num_images))

@@ -32,7 +32,7 @@ from dfm.adapters.common import (
     pack,
     unpack,
 )
-from dfm.adapters.flux import FluxDFMAdapter, flux_mu, flux_time_shift
+from dfm.adapters.flux import FluxDFMAdapter
 from dfm.adapters.sd3 import SD3DFMAdapter
 
 __all__ = [
@@ -47,8 +47,6 @@ __all__ = [
     "TextCondition",
     "add_lora",
     "flux_image_ids",
-    "flux_mu",
-    "flux_time_shift",
     "fsdp_wrap_modules",
     "lora_target_names",
     "pack",

@@ -357,6 +357,27 @@ class StageAdapter(nn.Module):
     def disable_gradient_checkpointing(self) -> None:
         self.transformer.disable_gradient_checkpointing()
 
+    # -- training checkpoints
+    def trainable_state_dict(self, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """What a training checkpoint holds of the model: the parameters that train (LoRA and the new stage
+        modules; every parameter in a full fine-tune) and the empty prompt. The frozen weights come from the
+        pretrained directory again. ``state``: a full state dict to take them from (FSDP's gathered one)."""
+        state = self.state_dict() if state is None else state
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in keep or k.startswith("empty_")}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load what :meth:`trainable_state_dict` gave; its trainable weights must all be there, and nothing else."""
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        got = set(state) - {"empty_prompt_embeds", "empty_pooled"}
+        if got != expected:
+            raise ValueError(f"it holds other weights than the trainable ones: missing {sorted(expected - got)[:3]}, "
+                             f"unexpected {sorted(got - expected)[:3]}")  # fmt: skip
+        state = dict(state)
+        if "empty_pooled" in state:
+            self.set_empty_prompt(TextCondition(state.pop("empty_prompt_embeds"), state.pop("empty_pooled")))
+        self.load_state_dict(state, strict=False)
+
     # -- save / load
     def stage_state_dict(self) -> dict[str, Tensor]:
         """The new stage modules' weights and the empty prompt, for :data:`STAGE_WEIGHTS`."""

@@ -30,7 +30,6 @@ Matching fine-tuning, the paper's baseline).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -170,30 +169,3 @@ class FluxDFMAdapter(StageAdapter):
         )[0]
         parts = out.split([self.latent_channels * p * p for p in self.patches], dim=-1)
         return [unpack(part, p, lv.shape[-2:]) for part, p, lv in zip(parts, self.patches, levels)]
-
-
-def flux_mu(
-    image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, base_seq: int = 256, max_seq: int = 4096
-) -> float:
-    """FLUX's resolution-dependent shift ``mu``: linear in the number of image tokens, ``base_shift`` at
-    ``base_seq`` tokens and ``max_shift`` at ``max_seq`` tokens."""
-    slope = (max_shift - base_shift) / (max_seq - base_seq)
-    return base_shift + slope * (image_seq_len - base_seq)
-
-
-def flux_time_shift(
-    t: Tensor | float,
-    image_seq_len: int,
-    base_shift: float = 0.5,
-    max_shift: float = 1.15,
-    base_seq: int = 256,
-    max_seq: int = 4096,
-) -> Tensor | float:
-    """FLUX's sampling time shift in our convention (t = 1 data).
-
-    FLUX shifts ``sigma -> e^mu / (e^mu + 1/sigma - 1)`` (more steps at high noise for more tokens); with
-    ``sigma = 1 - t`` that is ``t -> t / (t + e^mu (1 - t))``, which keeps 0 and 1 fixed and is finite at t = 1.
-    ``image_seq_len``: FLUX tokens of the image, (H/2) * (W/2) for an H x W latent.
-    """
-    scale = math.exp(flux_mu(image_seq_len, base_shift, max_shift, base_seq, max_seq))
-    return t / (t + scale * (1 - t))

@@ -2,15 +2,17 @@
 
 - :mod:`dfm.baselines.cascade` (a package: model, objective, sampler): two flow-matching models, low resolution
   then full resolution conditioned on the upsampled first result through concatenated tokens
-  (:class:`CascadeModel`, :class:`CascadeObjective`, :func:`sample_cascade`).
-- :mod:`dfm.baselines.pyramidal`: Pyramidal Flow (Jin et al. 2024), one model over a Gaussian pyramid with
-  per-stage time windows and re-noising at every jump (:class:`PyramidalObjective`, :func:`sample_pyramidal`).
+  (:class:`CascadeModel`, :class:`CascadeObjective`, :class:`CascadeSampler`).
+- :mod:`dfm.baselines.pyramidal` (a package: path, objective, sampler): Pyramidal Flow (Jin et al. 2024), one model
+  over a Gaussian pyramid with per-stage time windows and re-noising at every jump (:class:`PyramidalObjective`,
+  :class:`PyramidalSampler`).
 
 Flow Matching, the third baseline, is the one-stage case of :class:`dfm.DFMObjective` and needs nothing here.
 Each module registers its method (:class:`Cascade`, :class:`Pyramidal`) in :mod:`dfm.methods`, with its own
 settings (:class:`CascadeOptions`, :class:`PyramidalOptions`, given as ``-o method.options.KEY=VALUE``).
-Both objectives have the trainer's interface (``num_stages``, ``draw(level_shapes, generator)``, ``draw[lo:hi]``,
-``loss(model, x, y, draw=...)`` with ``.loss``, ``.stage_losses``, ``.stage_counts``).
+Both objectives have the trainer's interface (``num_stages``, ``draw(level_shapes, generator=..., step=...)``,
+``draw[lo:hi]``, ``loss(model, x, y, draw=...)`` with ``.loss``, ``.stage_losses``, ``.stage_counts``), and both
+samplers the contract of :class:`dfm.sampling.Sampler`.
 """
 
 from dfm.baselines.cascade import (
@@ -19,10 +21,11 @@ from dfm.baselines.cascade import (
     CascadeModel,
     CascadeObjective,
     CascadeOptions,
+    CascadePreconditioned,
+    CascadeSampler,
+    CascadeSwitch,
     init_stage2_from_stage1,
-    sample_cascade,
 )
-from dfm.baselines.common import StageLoss
 from dfm.baselines.conditioned_dit import ConditionedDiT
 from dfm.baselines.pyramidal import (
     GaussianPyramid,
@@ -31,8 +34,9 @@ from dfm.baselines.pyramidal import (
     PyramidalObjective,
     PyramidalOptions,
     PyramidalPath,
+    PyramidalSampler,
     block_noise,
-    sample_pyramidal,
+    pyramidal_coefficients,
 )
 
 __all__ = [
@@ -41,6 +45,9 @@ __all__ = [
     "CascadeModel",
     "CascadeObjective",
     "CascadeOptions",
+    "CascadePreconditioned",
+    "CascadeSampler",
+    "CascadeSwitch",
     "ConditionedDiT",
     "GaussianPyramid",
     "Pyramidal",
@@ -48,9 +55,8 @@ __all__ = [
     "PyramidalObjective",
     "PyramidalOptions",
     "PyramidalPath",
-    "StageLoss",
+    "PyramidalSampler",
     "block_noise",
     "init_stage2_from_stage1",
-    "sample_cascade",
-    "sample_pyramidal",
+    "pyramidal_coefficients",
 ]

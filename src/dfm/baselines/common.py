@@ -7,15 +7,8 @@ so every baseline draw keeps its randomness in those three fields.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import Tensor, nn
-
-from dfm.objective import LossOutput
-
-#: The baselines' losses are :class:`dfm.objective.LossOutput` records (this name is kept for old imports).
-StageLoss = LossOutput
+from torch import Tensor
 
 
 def stage_statistics(per_sample: Tensor, stage: Tensor, num_stages: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -24,13 +17,6 @@ def stage_statistics(per_sample: Tensor, stage: Tensor, num_stages: int) -> tupl
     counts = onehot.sum(0)
     stage_losses = (per_sample.detach()[:, None] * onehot).sum(0) / counts.clamp(min=1)
     return per_sample.mean(), stage_losses, counts
-
-
-def unwrap(model: Any) -> Any:
-    """The module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while isinstance(model, nn.Module) and (hasattr(model, "module") or hasattr(model, "_orig_mod")):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 def mse_per_sample(pred: Tensor, target: Tensor) -> Tensor:

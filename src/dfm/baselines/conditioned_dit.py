@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from dfm.models.config import DiTConfig
 from dfm.models.dit import DFMDiT
 from dfm.models.layers import TimestepEmbedder, patchify, unpatchify
-from dfm.models.precondition import flow_preconditioning
 
 
 class ConditionedDiT(DFMDiT):
@@ -80,13 +79,6 @@ class ConditionedDiT(DFMDiT):
         p = cfg.patch_size
         c = self.y_embedder(y, batch, x.device) + self.t_embedders[0](t) + self.cond_t_embedder(cond_t)  # (B, D)
 
-        per_sample = (-1,) + (1,) * (x.ndim - 1)
-        if cfg.precondition:
-            c_in, c_skip, c_out = (k.view(per_sample) for k in flow_preconditioning(t, cfg.data_std[0]))
-            skip = c_skip * x
-            x = c_in * x
-            # The conditioning image lies on the same path (cond = t_c low + (1 - t_c) ε): same input scaling.
-            cond = flow_preconditioning(cond_t, cfg.data_std[0])[0].view(per_sample) * cond
         tokens = self.x_embedders[0](patchify(x, p))  # (B, N, D)
         cond_tokens = self.cond_embedder(patchify(cond, p))  # (B, N, D)
         n = tokens.shape[1]
@@ -103,7 +95,4 @@ class ConditionedDiT(DFMDiT):
 
         # Only the generated tokens reach the head; the conditioning tokens have done their work in attention.
         out = self.final_layers[0](self.norm_final(seq[:, :n]), c)  # (B, N, p² C)
-        out = unpatchify(out, cfg.input_size, cfg.in_channels, p)
-        if cfg.precondition:
-            out = skip + c_out * out
-        return out
+        return unpatchify(out, cfg.input_size, cfg.in_channels, p)

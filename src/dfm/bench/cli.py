@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from dfm.bench.quality import add_quality_parser
-from dfm.bench.speed import SpeedSettings, markdown_report, run_speed, write_report
+from dfm.bench.speed import SpeedSettings, run_speed
+from dfm.bench.speed_report import markdown_report, write_report
 
 __all__ = ["add_bench_parser", "add_speed_parser", "main", "run_speed_command"]
 

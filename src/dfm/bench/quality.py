@@ -24,7 +24,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,128 +32,35 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dfm.bench.measure import hardware_info, hardware_line
+from dfm.bench.report import headline_metric, markdown, plot, summarize
+from dfm.bench.variants import (
+    ABLATIONS,
+    BENCH_PRESETS,
+    METRICS,
+    SAMPLER_KEYS,
+    VIDEO_METRICS,
+    QualitySettings,
+    Variant,
+    add_quality_arguments,
+    comparison_variants,
+    settings_from_args,
+)
 from dfm.checkpoint import find_latest, list_checkpoints, load_checkpoint
-from dfm.config import RunConfig, apply_overrides, get_preset, with_method
+from dfm.config import RunConfig
 from dfm.data import build_dataset, is_latent_dir, read_latent_info
 from dfm.eval import EvalConfig, SWDConfig, build_reference, evaluate, save_reference
-from dfm.eval.cli import _weights_arg
 from dfm.eval.extractors.classifier import train_fashion_classifier
 from dfm.eval.images import ImageSet, load_fashion_mnist
 from dfm.eval.weights import sha256_file
-from dfm.factory import make_decomposition, make_model, make_objective
-from dfm.generate import data_padding, default_labels, generate, load_run, make_decoder
+from dfm.generate import Generator
 from dfm.methods import get_method
-from dfm.outputs import crop_border
-from dfm.train import CONFIG_FILE, Dist, Trainer, TrainingError, resume_conflicts
+from dfm.presets import get_preset, with_method
+from dfm.resolve import apply_overrides
+from dfm.run import CONFIG_FILE, Run, resume_conflicts
+from dfm.training import Dist, Trainer, TrainingError
 
-METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
-#: Videos: the image metrics frame by frame, plus temporal consistency (FVD needs I3D weights: see docs).
-VIDEO_METRICS = (*METRICS, "temporal")
-HEADLINE = "fd_efficientnet-lite0"
-#: the method settings that change sampling only: taken from the bench's command, not from a finished run's config
-SAMPLER_KEYS = ("steps", "thresholds", "solver", "time_shift")
-
-
-@dataclass
-class Variant:
-    """One line of the comparison: a method plus settings changed for training and/or sampling."""
-
-    name: str
-    method: str = "dfm"
-    train: tuple[str, ...] = ()  #: ``section.key=value`` overrides of the training config
-    sample: dict[str, Any] = field(default_factory=dict)  #: sampling settings: steps, thresholds, solver
-    label: str = ""  #: the ablation value this variant stands for (what ``--only`` selects)
-
-    def run_key(self) -> str:
-        """Variants that train the same thing share one run (sampling-only ablations)."""
-        text = json.dumps([self.method, sorted(self.train)])
-        return f"{self.method}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
-
-@dataclass
-class QualitySettings:
-    preset: str = "quickstart"  #: training preset every variant starts from
-    variants: list[Variant] = field(default_factory=list)
-    methods: tuple[str, ...] = ("dfm", "fm", "cascade", "pyramidal")  #: the comparison's methods
-    seeds: tuple[int, ...] = (0, 1)
-    steps: int = 1200
-    eval_points: int = 3  #: evenly spaced checkpoints evaluated at guidance 1.0 (the last is the final one)
-    num_samples: int = 1000
-    guidance: tuple[float, ...] = (1.0, 1.25, 1.5)
-    sample_batch: int = 250
-    overrides: tuple[str, ...] = ()  #: applied to every variant (e.g. a model size)
-    metrics: tuple[str, ...] = METRICS
-    num_reference: int | None = None  #: test images behind the reference statistics (None = all 10,000)
-    device: str = "cpu"
-    threads: int = 0
-    #: ``test``: score against the test split (the reported numbers); ``val``: train on ``fashion-mnist:fit`` and
-    #: score against the 5,000 held-aside training images, for choosing settings without looking at the test split
-    reference: str = "test"
-
-    @property
-    def eval_steps(self) -> list[int]:
-        n = max(1, self.eval_points)
-        return sorted({max(1, round(self.steps * (i + 1) / n)) for i in range(n)})
-
-
-def comparison_variants() -> list[Variant]:
-    return [Variant("DFM", "dfm"), Variant("Flow Matching", "fm"), Variant("Cascaded", "cascade"),
-            Variant("Pyramidal Flow", "pyramidal")]  # fmt: skip
-
-
-def _ablation(name: str, values: Sequence[tuple[str, Sequence[str], dict]]) -> list[Variant]:
-    return [Variant(f"{name}={label}", "dfm", tuple(train), dict(sample), label) for label, train, sample in values]
-
-
-#: The paper's ablations (Tables 3-6 and the sampling study), each against the preset's DFM.
-ABLATIONS: dict[str, Callable[[], list[Variant]]] = {
-    "stage-probs": lambda: _ablation("p(Q=1)", [
-        (str(p), [f"method.stage_probs={p},{round(1 - p, 4)}"], {}) for p in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)]),
-    "prev-loc": lambda: _ablation("prev_loc", [
-        *[(str(v), [f"method.prev_loc={v}"], {}) for v in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)],
-        ("tied", ["method.tied=true"], {})]),
-    "decomposition": lambda: _ablation("decomposition", [
-        (d, [f"method.decomposition={d}"], {}) for d in ("laplacian", "haar", "dct")]),
-    "standardize": lambda: _ablation("standardize", [("off", ["method.standardize=false"], {}),
-                                                     ("on", ["method.standardize=true"], {})]),
-    "precondition": lambda: _ablation("precondition", [("off", ["method.precondition=false"], {}),
-                                                       ("on", ["method.precondition=true"], {})]),
-    "loss-weighting": lambda: _ablation("loss_weighting", [(w, [f"method.loss_weighting={w}"], {})
-                                                           for w in ("velocity", "edm")]),
-    # the paper's sampling study (Euler, 40 steps split three ways, three thresholds), then the presets' Heun 15 + 5
-    "sampling": lambda: _ablation("sampling", [
-        *[(f"{a}+{b}_tau{tau}", [], {"steps": (a, b), "thresholds": (tau,), "solver": "euler"})
-          for a, b in ((30, 10), (20, 20), (10, 30)) for tau in (0.5, 0.7, 0.9)],
-        ("heun15+5_tau0.7", [], {"steps": (15, 5), "thresholds": (0.7,), "solver": "heun"})]),
-}  # fmt: skip
-
-#: Bench presets: ``cpu`` finishes within an hour on 2 cores; ``gpu`` is a larger run for a lent GPU;
-#: ``smoke`` is the tiny version the tests run.
-BENCH_PRESETS: dict[str, dict[str, Any]] = {
-    # ~57 min on 2 CPU cores, plus ~9.5 min once for the classifier and reference statistics (docs/RESULTS.md).
-    "cpu": dict(preset="quickstart", seeds=(0, 1), steps=800, eval_points=2, num_samples=300, sample_batch=300,
-                num_reference=5000),
-    # The resolution study: the cpu preset at 64x64 (Fashion-MNIST upsampled from the padded 32x32, so the finest
-    # level holds little), patch 8 so that the model still sees 64 tokens and costs the same per step.
-    "cpu64": dict(preset="quickstart", seeds=(0, 1), steps=800, eval_points=2, num_samples=300, sample_batch=300,
-                  num_reference=5000, overrides=("data.resolution=64", "model.overrides.patch_size=8")),
-    "gpu": dict(preset="quickstart", seeds=(0, 1, 2), steps=20000, eval_points=5, num_samples=10000,
-                sample_batch=1000, overrides=("model.name=DFM-DiT-Mini", "optim.lr=5e-4", "train.precision=bf16",
-                                              "train.batch_size=256", "optim.warmup_steps=1000"), device="cuda"),
-    "video-cpu": dict(preset="video-quickstart", methods=("dfm", "fm"), seeds=(0, 1), steps=600, eval_points=3,
-                      num_samples=100, guidance=(1.0, 1.5), sample_batch=100, num_reference=500,
-                      metrics=VIDEO_METRICS),
-    "video-smoke": dict(preset="video-quickstart", methods=("dfm", "fm"), seeds=(0,), steps=2, eval_points=1,
-                        num_samples=4, guidance=(1.0, 1.5), sample_batch=4, num_reference=8, metrics=VIDEO_METRICS,
-                        overrides=("model.overrides.depth=1", "model.overrides.hidden_size=32",
-                                   "model.overrides.num_heads=2", "method.steps=2,2", "train.batch_size=4",
-                                   "data.frames=4", "data.num_clips=16", "train.num_sample_images=2")),
-    "smoke": dict(preset="quickstart", seeds=(0,), steps=2, eval_points=1, num_samples=16, guidance=(1.0, 1.5),
-                  num_reference=64,
-                  sample_batch=16, overrides=("model.overrides.depth=1", "model.overrides.hidden_size=32",
-                                              "model.overrides.num_heads=2", "method.steps=2,2",
-                                              "train.batch_size=8", "train.num_sample_images=4")),
-}  # fmt: skip
+__all__ = ["ABLATIONS", "BENCH_PRESETS", "METRICS", "VIDEO_METRICS", "QualitySettings", "Variant",
+           "add_quality_parser", "comparison_variants", "run_quality", "settings_from_args"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -272,7 +178,7 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], device:
                                 f"bench another --out, or the same settings as that run")  # fmt: skip
     if latest is not None and load_checkpoint(latest)["state"]["step"] >= cfg.train.steps:
         return spent
-    log(f"training {run_dir.name} ({cfg.method.method}, seed {cfg.train.seed}, {cfg.train.steps} steps)")
+    log(f"training {run_dir.name} ({cfg.method.name}, seed {cfg.train.seed}, {cfg.train.steps} steps)")
     # keep_last covers this call's evaluation points; checkpoints of an earlier, shorter call are kept as well
     cfg = copy.deepcopy(cfg)
     cfg.train.keep_last += len(list_checkpoints(run_dir / "checkpoints"))
@@ -284,17 +190,10 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], device:
     return spent
 
 
-def _to_uint8_native(images: torch.Tensor, cfg: RunConfig, run_dir: Path) -> torch.Tensor:
-    """Samples to uint8 NCHW without the data set's padding, to compare with the real images at their size."""
-
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return crop_border(x, data_padding(cfg, run_dir))
-
-
 def sampler_settings(variant: Variant, cfg: RunConfig) -> dict[str, Any]:
     """The sampler of a variant's points: its own settings over the bench command's config (not over a finished
     run's config.json, which keeps the sampler of the run's last training call)."""
-    return {key: variant.sample.get(key) or getattr(cfg.method, key) for key in SAMPLER_KEYS}
+    return {key: variant.sample.get(key) or getattr(cfg.sampler, key) for key in SAMPLER_KEYS}
 
 
 def evaluate_checkpoint(
@@ -313,26 +212,20 @@ def evaluate_checkpoint(
         return json.loads(out_file.read_text())
 
     ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
-    model, run_cfg = load_run(run_dir, checkpoint=str(ckpt), device=settings.device)
-    m = run_cfg.method
-    for key, value in sampler_settings(variant, cfg).items():
-        setattr(m, key, value)
+    gen = Generator.from_run(run_dir, checkpoint=ckpt, device=settings.device)
+    sampler = gen.settings(**sampler_settings(variant, cfg), guidance=guidance)
     seeds = list(range(settings.num_samples))
-    labels = default_labels(seeds, model.num_classes)
+    labels = gen.labels(seeds)
     tic = time.perf_counter()
-    images, _ = generate(model, make_decomposition(m), run_cfg, (model.config.in_channels, *model.config.input_size),
-                         labels, seeds, guidance=guidance, batch_size=settings.sample_batch, device=settings.device,
-                         decoder=make_decoder(run_cfg, settings.device))  # fmt: skip
+    images = gen.generate(seeds, labels, sampler, batch_size=settings.sample_batch).images
     sample_seconds = time.perf_counter() - tic
-    image_set = ImageSet(
-        _to_uint8_native(images, run_cfg, run_dir), torch.tensor(labels), {"kind": "bench", "count": len(seeds)}
-    )
+    native = gen.crop(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    image_set = ImageSet(native, torch.tensor(labels), {"kind": "bench", "count": len(seeds)})
     config = EvalConfig(metrics=settings.metrics, num_reference=settings.num_samples, device=settings.device,
                         weights=weights, download=False, progress=False, swd=SWDConfig(min_resolution=8))  # fmt: skip
     result = evaluate(image_set, refs, config)
-    row = {"variant": variant.name, "method": variant.method, "seed": run_cfg.train.seed, "step": step,
-           "guidance": guidance,
-           "nfe": get_method(m.method).network_evaluations(m.steps, m.solver) * (1 if guidance == 1 else 2),
+    row = {"variant": variant.name, "method": variant.method, "seed": gen.config.train.seed, "step": step,
+           "guidance": guidance, "nfe": gen.network_evaluations(sampler) * (1 if guidance == 1 else 2),
            "sample_seconds": sample_seconds, **result["scores"]}  # fmt: skip
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp")
@@ -344,18 +237,19 @@ def evaluate_checkpoint(
 def training_flops(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int) -> float:
     """3 x forward FLOPs x images seen, counted on the training objective's own forward pass (one sample);
     the cascade's two phases are counted separately and weighted by their share of the steps."""
-    method = dataclasses.replace(cfg.method, level_std=cfg.method.level_std or None)
-    decomposition = make_decomposition(method, standardized=False)
-    model = make_model(cfg, sample_shape, num_classes)
-    objective = make_objective(method, decomposition, cfg.train.steps)
+    method = get_method(cfg.method.name)
+    m = dataclasses.replace(cfg.method, level_std=cfg.method.level_std or None)
+    model = method.network(cfg, sample_shape, num_classes)
+    objective = method.objective(m, method.decomposition(m, standardized=False), cfg.train.steps)
     x, y = torch.zeros(1, *sample_shape), torch.zeros(1, dtype=torch.long)
     switch = getattr(objective, "switch_step", None)
     phases = [0] if switch is None else [0, switch]
     flops = []
     for step in phases:
-        objective.begin_step(step, model)
+        for callback in method.callbacks(m, objective):
+            callback.on_step_begin(step, model, None)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            objective.loss(model, x, y, generator=torch.Generator().manual_seed(0))
+            objective.loss(model, x, y, generator=torch.Generator().manual_seed(0), step=step)
         flops.append(counter.get_total_flops())
     if switch is None:
         forward = flops[0]
@@ -363,95 +257,6 @@ def training_flops(cfg: RunConfig, sample_shape: Sequence[int], num_classes: int
         first = min(switch, cfg.train.steps) / cfg.train.steps
         forward = first * flops[0] + (1 - first) * flops[1]
     return 3.0 * forward * cfg.train.batch_size * cfg.train.steps
-
-
-# ------------------------------------------------------------------------------------------------ report
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
-
-def _fmt(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "-"
-    m, s = _mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
-
-
-def summarize(rows: list[dict], settings: QualitySettings, runs: dict[str, dict]) -> dict[str, Any]:
-    final = settings.steps
-    prefixes = ("fd_", "swd_", "class_accuracy", "temporal_change_gap")
-    metric_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith(prefixes)))
-    table = []
-    for variant in settings.variants:
-        for g in settings.guidance:
-            sel = [r for r in rows if r["variant"] == variant.name and r["step"] == final and r["guidance"] == g]
-            table.append({"variant": variant.name, "guidance": g, "n": len(sel),
-                          **{k: [r[k] for r in sel if k in r] for k in metric_keys}})  # fmt: skip
-    return {"table": table, "metric_keys": metric_keys, "runs": runs}
-
-
-def markdown(summary: dict[str, Any], settings: QualitySettings, command: str, hardware: str) -> str:
-    keys = summary["metric_keys"]
-    lines = [f"Command: `{command}`", f"Hardware: {hardware}", "",
-             f"Training: preset `{settings.preset}` + {_data_overrides(settings) or 'no overrides'}, "
-             f"{settings.steps} optimiser steps per run, seeds {list(settings.seeds)}; "
-             f"{settings.num_samples} samples per evaluation (classes = seed mod 10), reference: "
-             + ("the test split of the preset's data" if settings.reference == "test" else
-                "the 5,000 held-aside training images (fashion-mnist:val), which training left out")
-             + f" ({settings.num_reference or 'all'} images or clips).",
-             "", "| variant | guidance | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]  # fmt: skip
-    for row in summary["table"]:
-        cells = [_fmt(row[k], 3 if k.startswith(("class_accuracy", "temporal")) else 1) for k in keys]
-        lines.append(f"| {row['variant']} | {row['guidance']} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | method | train wall time (s) | training FLOPs |", "|---|---|---|---|"]
-    for name, info in summary["runs"].items():
-        lines.append(f"| {name} | {info['method']} | {info['train_seconds']:.0f} | {info['train_flops']:.3g} |")
-    lines.append("")
-    lines.append("Mean ± sample standard deviation over seeds. Lower is better except class_accuracy.")
-    return "\n".join(lines) + "\n"
-
-
-def headline_metric(rows: list[dict]) -> str:
-    """The first Fréchet distance of the rows (``fd_efficientnet-lite0``, or its per-frame twin for videos)."""
-    keys = [k for k in rows[0] if k.startswith("fd_")] if rows else []
-    return HEADLINE if HEADLINE in keys or not keys else keys[0]
-
-
-def plot(rows: list[dict], settings: QualitySettings, out: Path, metric: str = HEADLINE) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    for kind in ("steps", "guidance"):
-        fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-        for variant in settings.variants:
-            xs, ms, ss = [], [], []
-            points = settings.eval_steps if kind == "steps" else settings.guidance
-            for p in points:
-                sel = [r[metric] for r in rows if r["variant"] == variant.name and metric in r and (
-                    (r["step"] == p and r["guidance"] == 1.0) if kind == "steps"
-                    else (r["step"] == settings.steps and r["guidance"] == p))]  # fmt: skip
-                if sel:
-                    m, s = _mean_std(sel)
-                    xs.append(p)
-                    ms.append(m)
-                    ss.append(s)
-            if xs:
-                ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=variant.name)
-        ax.set_xlabel("training steps" if kind == "steps" else "classifier-free guidance")
-        ax.set_ylabel(metric)
-        ax.set_title("quality vs training steps (guidance 1.0)" if kind == "steps" else "quality vs guidance (final)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"{metric.replace(':', '_')}_vs_{kind}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -490,10 +295,10 @@ def run_quality(
             run_dir = out / "runs" / f"{variant.run_key()}-s{seed}"
             seconds = train_run(cfg, run_dir, log, settings.device)
 
-            model, run_cfg = load_run(run_dir)  # the run's own config holds what it measured (data_std)
-            shape = (model.config.in_channels, *model.config.input_size)
+            run = Run.open(run_dir)  # the run's own config holds what it measured (data_std)
             runs[run_dir.name] = {"method": variant.method, "train_seconds": seconds,
-                                  "train_flops": training_flops(run_cfg, shape, model.num_classes)}  # fmt: skip
+                                  "train_flops": training_flops(run.config, run.spec.sample_shape,
+                                                                run.spec.num_classes)}  # fmt: skip
             points = [(s, 1.0) for s in settings.eval_steps] + [(settings.steps, g) for g in settings.guidance]
             # Score files carry a hash of what the score depends on besides the run (sample count, metrics,
             # references, the sampler as used: the variant's settings over the run's), so a changed setting is
@@ -513,7 +318,7 @@ def run_quality(
                 f"({time.perf_counter() - tic:.0f}s so far)")  # fmt: skip
     summary = summarize(rows, settings, runs)
     hardware = hardware_line(hardware_info(torch.device(settings.device)))
-    report = markdown(summary, settings, command, hardware)
+    report = markdown(summary, settings, command, hardware, _data_overrides(settings))
     (out / "report.md").write_text(report)
     payload = {"settings": _settings_dict(settings), "rows": rows, "summary": summary, "hardware": hardware}
     (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -529,81 +334,8 @@ def _settings_dict(settings: QualitySettings) -> dict[str, Any]:
     return d
 
 
-def settings_from_args(args) -> QualitySettings:
-    base = dict(BENCH_PRESETS[args.preset])
-    variants = ABLATIONS[args.ablation]() if args.ablation else comparison_variants()
-    wanted = list(base.get("methods", QualitySettings.methods))
-    if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",")]
-        unknown = set(wanted) - {"dfm", "fm", "cascade", "pyramidal"}
-        if unknown:
-            raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from dfm, fm, cascade, pyramidal")
-    variants = [v for v in variants if v.method in wanted]
-    if args.only:
-        if not args.ablation:
-            raise ValueError("--only picks values of an ablation: use it with --ablation")
-        labels = [o.strip() for o in args.only.split(",")]
-        known = [v.label for v in variants]
-        unknown = [o for o in labels if o not in known]
-        if unknown:
-            raise ValueError(f"--only: {unknown} not in the {args.ablation} ablation; choose from {', '.join(known)}")
-        variants = [v for v in variants if v.label in labels]
-    if args.ablation and args.methods:  # baselines asked for by name join the ablation as reference lines
-        variants += [v for v in comparison_variants() if v.method != "dfm" and v.method in wanted]
-    base["methods"] = tuple(wanted)
-    for key in ("steps", "eval_points", "num_samples", "sample_batch", "threads"):
-        value = getattr(args, key.replace("-", "_"), None)
-        if value is not None:
-            base[key] = value
-    if args.seeds:
-        base["seeds"] = tuple(int(s) for s in args.seeds.split(","))
-    if args.guidance:
-        base["guidance"] = tuple(float(g) for g in args.guidance.split(","))
-    if args.device:
-        base["device"] = args.device
-    base["overrides"] = tuple(base.get("overrides", ())) + tuple(args.override)
-    base["reference"] = args.reference
-    settings = QualitySettings(variants=variants, **base)
-    if 1.0 not in settings.guidance:
-        raise ValueError("--guidance must include 1.0 (the convergence curve is measured at guidance 1.0)")
-    if settings.steps < 1 or settings.num_samples < 2:
-        raise ValueError("--steps must be >= 1 and --num-samples >= 2")
-    return settings
-
-
 def add_quality_parser(commands) -> None:
-    p = commands.add_parser("quality", help="DFM vs Flow Matching, cascade and Pyramidal Flow at equal compute",
-                            description=__doc__.split("\n\n")[0])  # fmt: skip
-    p.add_argument("--preset", default="cpu", choices=sorted(BENCH_PRESETS), help="bench size (default: cpu)")
-    p.add_argument("--ablation", choices=sorted(ABLATIONS), help="run one of the paper's ablations instead")
-    p.add_argument("--only", help="with --ablation: run only these values, e.g. --only 0.5,0.9 for stage-probs")
-    p.add_argument(
-        "--methods",
-        help="subset of dfm,fm,cascade,pyramidal; with --ablation, e.g. dfm,fm adds Flow Matching as a reference line",
-    )
-    p.add_argument("--seeds", help="training seeds, e.g. 0,1,2")
-    p.add_argument("--steps", type=int, help="optimiser steps per run")
-    p.add_argument("--eval-points", type=int, help="checkpoints evaluated for the convergence curve")
-    p.add_argument("--num-samples", type=int, help="samples per evaluation")
-    p.add_argument("--sample-batch", type=int)
-    p.add_argument("--guidance", help="guidance scales for the final checkpoint, e.g. 1.0,1.25,1.5")
-    p.add_argument("--device")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--reference", choices=["test", "val"], default="test",
-                   help="score against the test split (default), or train without and score against 5,000 "
-                        "held-aside training images (val) to choose settings without the test split")  # fmt: skip
-    p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="training setting applied to every variant (repeatable)")  # fmt: skip
-    p.add_argument("--out", help="output directory (default: runs/bench-quality-<preset>[-<ablation>])")
-    p.add_argument("--weights", type=_weights_arg, action="append", default=[], metavar="NAME=PATH",
-                   help="use this extractor weights file, e.g. fashion-cnn=cnn.safetensors instead of training "
-                        "the domain classifier (repeatable)")  # fmt: skip
-    p.add_argument(
-        "--cache",
-        help="where the domain classifier and reference statistics are kept and shared "
-        "between benches (default: $DFM_CACHE/bench, $DFM_CACHE=~/.cache/dfm)",
-    )
-    p.set_defaults(func=_run_quality_cli)
+    add_quality_arguments(commands).set_defaults(func=_run_quality_cli)
 
 
 def _run_quality_cli(args) -> int:

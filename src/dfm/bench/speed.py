@@ -6,7 +6,7 @@ level is patchified with half the patch size, so both give ``input_size / patch_
 
 * parameters (meta device) and forward FLOPs per sample (flop counter on the meta device);
 * the **full training step**: decompose the batch, draw stages/times/noise, forward, loss, backward, gradient
-  clipping and the AdamW step, as in :meth:`dfm.train.Trainer.train_step` (without data loading and EMA);
+  clipping and the AdamW step, as in :meth:`dfm.training.Trainer.train_step` (without data loading and EMA);
 * sampling at equal NFE: DFM with its stage schedule (paper: 30 + 10 Euler steps, τ = 0.7) against Flow
   Matching with the same total number of Euler steps, same batch;
 * peak memory of a training step and of sampling (see :class:`dfm.bench.measure.PeakMemory`);
@@ -18,7 +18,7 @@ report gives the medians and the median of the per-round ratios.
 Example:
     >>> from dfm.bench.speed import SpeedSettings, build_setups
     >>> setups = build_setups(SpeedSettings(model="DiT-Tiny", input_shape=(16, 16, 1)))
-    >>> [(s.config.stage_factors, s.config.num_tokens, s.schedule.num_steps) for s in setups.values()]
+    >>> [(s.config.stage_factors, s.config.num_tokens, sum(s.settings.steps)) for s in setups.values()]
     [((1,), 16, 40), ((2, 1), 16, 40)]
 """
 
@@ -32,7 +32,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,20 +44,18 @@ from dfm.bench.measure import (
     PeakMemory,
     forward_flops,
     hardware_info,
-    hardware_line,
     mfu,
     paired_ratio,
     peak_tflops_for,
     summarize,
     time_interleaved,
 )
-from dfm.config import MethodConfig, OptimConfig
+from dfm.config import MethodConfig, OptimConfig, SamplerConfig
 from dfm.decomposition import Decomposition
-from dfm.factory import make_decomposition, make_objective, make_schedule, stage_factors
+from dfm.methods import get_method, stage_factors
 from dfm.models import DFMDiT, DiTConfig, count_parameters, create_config
 from dfm.objective import DFMObjective
-from dfm.sampling import sample
-from dfm.schedule import StageSchedule
+from dfm.sampling import StageSampler
 
 METHODS = ("fm", "dfm")
 PRECISIONS = ("fp32", "bf16")
@@ -95,8 +93,8 @@ class SpeedSettings:
     warmup: int = 2  #: un-timed training rounds (sampling uses min(warmup, 1))
     repeats: int = 10  #: timed training rounds
     sample_repeats: int = 3  #: timed sampling rounds
-    steps: tuple[int, ...] = MethodConfig.steps  #: DFM Euler steps per stage; FM gets their sum (equal NFE)
-    thresholds: tuple[float, ...] = MethodConfig.thresholds
+    steps: tuple[int, ...] = SamplerConfig.steps  #: DFM Euler steps per stage; FM gets their sum (equal NFE)
+    thresholds: tuple[float, ...] = SamplerConfig.thresholds
     precision: str = "fp32"  #: fp32 | bf16 (autocast)
     compile: bool = False  #: torch.compile the model (compilation falls in the warm-up rounds)
     device: str | None = None  #: None = cuda if available, else cpu
@@ -130,14 +128,16 @@ class SpeedSettings:
 
 @dataclass
 class MethodSetup:
-    """One side of the comparison: its method settings, model config, decomposition, objective and schedule."""
+    """One side of the comparison: its method and sampler settings, model config, decomposition, objective and
+    sampler."""
 
     key: str
     method: MethodConfig
+    settings: SamplerConfig
     config: DiTConfig
     decomposition: Decomposition
     objective: DFMObjective
-    schedule: StageSchedule
+    sampler: StageSampler
 
     @property
     def label(self) -> str:
@@ -149,20 +149,21 @@ class MethodSetup:
 def build_setups(settings: SpeedSettings) -> dict[str, MethodSetup]:
     """Flow Matching and DFM on the same backbone and token grid, with equal sampling NFE."""
     methods = {
-        "fm": MethodConfig(method="fm", stages=1, steps=(sum(settings.steps),), thresholds=()),
-        "dfm": MethodConfig(method="dfm", stages=len(settings.steps), steps=settings.steps,
-                            thresholds=settings.thresholds),
+        "fm": (MethodConfig(name="fm", stages=1), SamplerConfig(steps=(sum(settings.steps),), thresholds=())),
+        "dfm": (MethodConfig(name="dfm", stages=len(settings.steps)),
+                SamplerConfig(steps=settings.steps, thresholds=settings.thresholds)),
     }  # fmt: skip
     overrides: dict[str, object] = {}
     if settings.input_shape is not None:
         overrides.update(input_size=settings.input_shape[:-1], in_channels=settings.input_shape[-1])
     setups = {}
-    for key, method in methods.items():
+    for key, (method, sampler) in methods.items():
+        sampler.validate(method.stages)
         config = create_config(settings.model, **overrides, stage_factors=stage_factors(method))
-        decomposition = make_decomposition(method, standardized=False)
-        setups[key] = MethodSetup(
-            key, method, config, decomposition, make_objective(method, decomposition), make_schedule(method)
-        )
+        entry = get_method(key)
+        decomposition = entry.decomposition(method, standardized=False)
+        setups[key] = MethodSetup(key, method, sampler, config, decomposition, entry.objective(method, decomposition),
+                                  StageSampler(decomposition))  # fmt: skip
     return setups
 
 
@@ -223,21 +224,13 @@ class MethodRunner:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
 
-    def sample(self, round_index: int, schedule: StageSchedule | None = None) -> Tensor:
-        """Generate one batch with Euler along the method's schedule (or ``schedule``), no guidance."""
+    def sample(self, round_index: int, settings: SamplerConfig | None = None) -> Tensor:
+        """Generate one batch with Euler with the method's sampler settings (or ``settings``), no guidance."""
         self.model.eval()
         gen = torch.Generator().manual_seed(round_index)
         with torch.inference_mode(), self._autocast():
-            out = sample(
-                self.net,
-                self.setup.decomposition,
-                schedule or self.setup.schedule,
-                self.shape,
-                self.y,
-                generator=gen,
-                solver="euler",
-                device=self.device,
-            )
+            out = self.setup.sampler.sample(self.net, self.shape, self.y, settings=settings or self.setup.settings,
+                                            generator=gen, device=self.device)  # fmt: skip
         return out.images
 
 
@@ -254,7 +247,7 @@ def measure_memory(settings: SpeedSettings, key: str, device: torch.device) -> d
     process (:func:`measure_memory_isolated`), where nothing else holds memory.
     """
     setup = build_setups(settings)[key]
-    short = StageSchedule((1,) * setup.schedule.num_stages, setup.schedule.thresholds)
+    short = dataclasses.replace(setup.settings, steps=(1,) * setup.method.stages)
     with PeakMemory(device) as tracker:
         runner = MethodRunner(setup, settings, device)
         runner.sample(0, short)
@@ -341,8 +334,8 @@ def _measure(settings: SpeedSettings, command: str, say: Callable[[str], None]) 
             "stages": setup.config.num_stages,
             "tokens": setup.config.num_tokens,
             "decomposition": repr(setup.decomposition),
-            "schedule": {"steps": list(setup.schedule.steps), "thresholds": list(setup.schedule.thresholds)},
-            "nfe": setup.schedule.num_steps,
+            "schedule": {"steps": list(setup.settings.steps), "thresholds": list(setup.settings.thresholds)},
+            "nfe": setup.settings.network_evaluations(),
             "params": count_parameters(setup.config),
             "forward_flops": flops,
             "forward_gflops": flops / 1e9,
@@ -402,111 +395,3 @@ def _measure(settings: SpeedSettings, command: str, say: Callable[[str], None]) 
         "ratios": ratios,
         "paper_table2": {k: {"dfm": v[0], "fm": v[1], "ratio": v[0] / v[1]} for k, v in PAPER_TABLE2.items()},
     }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _shape_text(config: DiTConfig) -> str:
-    return "x".join(str(v) for v in (*config.input_size, config.in_channels))
-
-
-def _rows(result: dict[str, Any]) -> Iterator[tuple[str, str, str, str, str]]:
-    """(quantity, FM, DFM, DFM / FM, paper) rows of the table."""
-    fm, dfm, r, paper = result["methods"]["fm"], result["methods"]["dfm"], result["ratios"], result["paper_table2"]
-    batch = result["settings"]["batch"]
-
-    def fmt(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
-    def paper_cell(key: str, unit: str = "") -> str:
-        p = paper[key]
-        return f"{p['dfm']:g}{unit} / {p['fm']:g}{unit} = {p['ratio']:.4f}"
-
-    yield ("parameters", f"{fm['params'] / 1e6:.3f}M", f"{dfm['params'] / 1e6:.3f}M", f"{r['params']:.4f}",
-           paper_cell("params_m", "M"))  # fmt: skip
-    yield ("forward GFLOPs / sample (GMACs)", f"{fm['forward_gflops']:.4f} ({fm['forward_gmacs']:.4f})",
-           f"{dfm['forward_gflops']:.4f} ({dfm['forward_gmacs']:.4f})", f"{r['forward_flops']:.5f}",
-           paper_cell("gflops") + " (GMACs)")  # fmt: skip
-    for key, name, unit, scale in (("train_step", "training step", "ms", 1e3), ("sample", "sampling", "s", 1.0)):
-        field = "train_step_s" if key == "train_step" else "sample_s"
-        what = f"{name} (batch {batch}), median {unit} [min-max]"
-        if key == "sample":
-            what = f"sampling {dfm['nfe']} NFE Euler (batch {batch}), median s [min-max]"
-        cells = []
-        for m in (fm, dfm):
-            s = m[field]
-            digits = ".1f" if unit == "ms" else ".3f"
-            cells.append(f"{s['median'] * scale:{digits}} [{s['min'] * scale:{digits}}-{s['max'] * scale:{digits}}]")
-        paper_key = "train_step_ms" if key == "train_step" else "sample_s"
-        yield (what, cells[0], cells[1], f"{r[key + '_median']:.4f}", paper_cell(paper_key, " " + unit))
-        yield (f"{name}, median of per-round ratios", "", "", f"{r[key + '_per_round']:.4f}", "")
-    if result["settings"]["memory"]:
-        for phase in ("train", "sample"):
-            values = [(m["peak_memory_mib"] or {}).get(phase) for m in (fm, dfm)]
-            name = "training step" if phase == "train" else "sampling"
-            yield (f"peak memory, {name} (MiB)", fmt(values[0], ".1f"), fmt(values[1], ".1f"),
-                   fmt(r[f"peak_memory_{phase}"], ".4f"), "")  # fmt: skip
-    if result["device"].startswith("cuda"):
-        for phase in ("train", "sample"):
-            name = "training" if phase == "train" else "sampling"
-            ips = [m[f"{phase}_images_per_s"] for m in (fm, dfm)]
-            yield (f"{name} images/s", f"{ips[0]:.1f}", f"{ips[1]:.1f}", f"{ips[1] / ips[0]:.4f}", "")
-    if result["peak_tflops"] is not None:
-        for phase in ("train", "sample"):
-            name = "training MFU (3 x forward FLOPs)" if phase == "train" else "sampling MFU (NFE x forward FLOPs)"
-            values = [m[f"{phase}_mfu"] for m in (fm, dfm)]
-            yield (f"{name} vs {result['peak_tflops']:g} TFLOPS", f"{100 * values[0]:.2f}%",
-                   f"{100 * values[1]:.2f}%", f"{values[1] / values[0]:.4f}", "")  # fmt: skip
-
-
-def markdown_report(result: dict[str, Any]) -> str:
-    """The report as Markdown: command, hardware, setup, the side-by-side table and how memory was measured."""
-    s = result["settings"]
-    fm, dfm = result["methods"]["fm"], result["methods"]["dfm"]
-    cfg = DiTConfig.from_dict(dfm["model"])
-    hw = result["hardware"]
-    load = ""
-    if hw.get("load_average_1min") is not None and hw.get("load_average_1min_end") is not None:
-        load = f" (1-min load average {hw['load_average_1min']} at the start, {hw['load_average_1min_end']} at the end)"
-    mode = "torch.compile" if s["compile"] else "eager"
-    lines = [
-        f"Command: `{result['command']}`" if result["command"] else "",
-        f"Hardware: {hardware_line(hw)}{load}",
-        f"Date: {result['date']}",
-        "",
-        f"Setup: `{s['model']}` backbone, input {_shape_text(cfg)} -> {dfm['tokens']} tokens for both methods; "
-        f"batch {s['batch']}; {s['precision']}; {mode}; DFM = {dfm['decomposition']}. Training step = decompose + "
-        f"objective draw + forward + loss + backward + grad clip + AdamW, {s['warmup']} warm-up + {s['repeats']} "
-        f"interleaved rounds. Sampling: Euler, DFM steps {tuple(dfm['schedule']['steps'])} with thresholds "
-        f"{tuple(dfm['schedule']['thresholds'])} vs FM {fm['nfe']} steps ({dfm['nfe']} NFE each), "
-        f"{min(s['warmup'], 1)} warm-up + {s['sample_repeats']} interleaved rounds.",
-        "",
-        f"| | {fm['label']} | {dfm['label']} | DFM / FM | paper DFM / FM (XL/2, 512 px, H100) |",
-        "|---|---|---|---|---|",
-        *(f"| {' | '.join(row)} |" for row in _rows(result)),
-        "",
-    ]
-    if result["memory_how"]:
-        lines.append(f"Peak memory: {result['memory_how']}.")
-    if result["peak_tflops"] is not None:
-        lines.append(f"MFU against a dense bf16 peak of {result['peak_tflops']:g} TFLOPS.")
-    lines.append(
-        "Ratios are DFM / FM. The median of per-round ratios pairs the two methods' timings of the same round, "
-        "which cancels most of the load changes of a shared machine; the ratio of medians does not."
-    )
-    if not result["command"]:
-        lines = lines[1:]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(result: dict[str, Any], out: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``speed.json`` and ``speed.md`` into the directory ``out``; return both paths."""
-    directory = Path(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = directory / "speed.json", directory / "speed.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown_report(result))
-    return json_path, md_path

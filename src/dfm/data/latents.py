@@ -284,16 +284,14 @@ class LatentDataset(DFMDataset):
             pooled.append(handle.get_slice("pooled")[i - first : i - first + 1])
         return TextCondition(torch.cat(embeds).float(), torch.cat(pooled).float())
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from model-space latents ``x (B, c, h, w)``, through the recorded VAE.
-
-        The VAE is loaded on first use (needs diffusers) on ``x``'s device and kept.
-        """
+    def autoencoder(self, device: str | torch.device = "cpu") -> Any:
+        """The autoencoder that encoded these latents (a :class:`dfm.data.vae.VAE` with their normalisation), loaded
+        on first use (needs diffusers) and kept, on ``device``."""
         if self._vae is None:
-            self._vae = load_vae(self.vae_path, device=x.device, shift=self.latent_shift, scale=self.latent_scale)
-        elif self._vae.device != x.device:
-            self._vae.model.to(x.device)
-        return self._vae.decode_normalized(x)
+            self._vae = load_vae(self.vae_path, device=device, shift=self.latent_shift, scale=self.latent_scale)
+        elif self._vae.device != torch.device(device):
+            self._vae.model.to(device)
+        return self._vae
 
     def __len__(self) -> int:
         return self.mean.shape[0]

@@ -2,13 +2,14 @@
 
 from dfm.models.config import DiTConfig
 from dfm.models.dit import DFMDiT
-from dfm.models.precondition import flow_preconditioning
+from dfm.models.precondition import Preconditioned, flow_preconditioning
 from dfm.models.registry import MODEL_REGISTRY, count_parameters, create_config, create_model
 
 __all__ = [
     "MODEL_REGISTRY",
     "DFMDiT",
     "DiTConfig",
+    "Preconditioned",
     "count_parameters",
     "create_config",
     "create_model",

@@ -47,11 +47,6 @@ class DiTConfig:
     rope_base: float = 10000.0
     use_stage_embedding: bool = True
     """Add a learned embedding of the main stage to the conditioning vector (only exists when S > 1)."""
-    precondition: bool = False
-    """Per-stage EDM-style input/output scaling, see :mod:`dfm.models.precondition`."""
-    data_std: tuple[float, ...] | None = None
-    """Per-stage data standard deviation used by ``precondition`` (required with it; measure it from the data,
-    e.g. with :func:`dfm.decomposition.estimate_level_std`)."""
     specialise: str = "none"
     """Per-stage expert copies of block weights: "none", "mlp", "attention" or "all"."""
 
@@ -59,8 +54,6 @@ class DiTConfig:
         # JSON gives lists; keep tuples so that configs compare and hash the same after a round trip.
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
         object.__setattr__(self, "stage_factors", tuple(int(v) for v in self.stage_factors))
-        if self.data_std is not None:
-            object.__setattr__(self, "data_std", tuple(float(v) for v in self.data_std))
         self._validate()
 
     def _validate(self) -> None:
@@ -105,15 +98,6 @@ class DiTConfig:
             raise ValueError(f"pos={self.pos!r} is not one of {POSITION_CHOICES}")
         if self.specialise not in SPECIALISE_CHOICES:
             raise ValueError(f"specialise={self.specialise!r} is not one of {SPECIALISE_CHOICES}")
-        if self.precondition and self.data_std is None:
-            raise ValueError(
-                "precondition=True needs data_std, one standard deviation per stage measured from the data "
-                "(dfm.decomposition.estimate_level_std); without it the scaling would silently assume 1.0"
-            )
-        if self.data_std is not None and (len(self.data_std) != self.num_stages or min(self.data_std) <= 0):
-            raise ValueError(
-                f"data_std={self.data_std} must hold one positive value per stage ({self.num_stages} stages)"
-            )
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -151,9 +135,12 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
-        # Models saved before label dropout moved to the trainer (method.label_dropout) carry class_dropout:
-        # the network never used it in our training (it was always 0 there), so it is dropped.
-        data = {k: v for k, v in data.items() if k != "class_dropout"}
+        if data.get("precondition"):  # format 1 kept the preconditioning inside the network
+            raise ValueError(
+                "this model was saved with its preconditioning inside it (dfm before 2026-12-05): "
+                "load its directory with dfm.Run(path), which reads it as a network and its wrapper"
+            )
+        data = {k: v for k, v in data.items() if k not in ("precondition", "data_std")}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -12,6 +12,10 @@ Model contract (time convention of the package: t = 0 noise, t = 1 data)::
     y:          (B,) long class labels, or None for the null class (unconditional branch of guidance)
     main_stage: (B,) long, 0-based; stages s > main_stage are inactive: their inputs and timesteps are
                 replaced by 0 before use, so they have no effect on any output. None = last stage.
+
+The outputs are the network's, F: a run trained with preconditioning (``method.precondition``, on in every preset)
+samples through :class:`dfm.models.precondition.Preconditioned`, which its method adds (``dfm.Run`` and
+``DFMPipeline`` do it for you).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from torch import Tensor, nn
 from dfm.models.config import DiTConfig
 from dfm.models.layers import DiTBlock, FinalLayer, LabelEmbedder, StageLinear, TimestepEmbedder, patchify, unpatchify
 from dfm.models.positions import rope_tables, sincos_embedding
-from dfm.models.precondition import flow_preconditioning
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -96,7 +99,7 @@ class DFMDiT(nn.Module):
         """DiT initialisation: xavier linears, N(0, 0.02) embeddings, adaLN-Zero and zero output heads.
 
         With zero adaLN modulations every block is the identity and the zero heads make a fresh model output
-        exactly 0 (or exactly c_skip * x with preconditioning).
+        exactly 0 (and a preconditioned one exactly c_skip * x).
         """
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -156,14 +159,10 @@ class DFMDiT(nn.Module):
         cond = self.y_embedder(y, batch, device)  # (B, D) adaLN conditioning vector
         if self.stage_embedder is not None:
             cond = cond + self.stage_embedder(main_stage)
-        embeddings, skips = [], []
+        embeddings = []
         for s, level in enumerate(levels):
             per_sample = (-1,) + (1,) * (level.ndim - 1)  # broadcast (B,) over a level
             x = torch.where(active[:, s].view(per_sample), level, 0.0)
-            if cfg.precondition:
-                c_in, c_skip, c_out = (k.view(per_sample) for k in flow_preconditioning(t[:, s], cfg.data_std[s]))
-                skips.append((c_skip * x, c_out))
-                x = c_in * x
             embeddings.append(self.x_embedders[s](patchify(x, cfg.stage_patch_size(s))))  # (B, N, D)
             cond = cond + self.t_embedders[s](t[:, s])
         tokens = sum(embeddings[1:], embeddings[0])  # the stages' token embeddings are summed
@@ -180,11 +179,7 @@ class DFMDiT(nn.Module):
         outputs = []
         for s, head in enumerate(self.final_layers):
             patch = cfg.stage_patch_size(s)
-            out = unpatchify(head(tokens, cond), cfg.stage_input_size(s), cfg.in_channels, patch)
-            if cfg.precondition:
-                skip, c_out = skips[s]
-                out = skip + c_out * out
-            outputs.append(out)
+            outputs.append(unpatchify(head(tokens, cond), cfg.stage_input_size(s), cfg.in_channels, patch))
         return outputs
 
     # ------------------------------------------------------------------ save / load
@@ -202,8 +197,13 @@ class DFMDiT(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> DFMDiT:
-        """Load a model written by :meth:`save_pretrained`; mismatching weights raise a ValueError."""
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu", format1: bool = False
+    ) -> DFMDiT:
+        """Load a model written by :meth:`save_pretrained`; mismatching weights raise a ValueError.
+
+        ``format1``: a directory written before the preconditioning left the network, read as the network alone
+        (:class:`dfm.Run` does this and adds the wrapper its config recorded)."""
         path = Path(directory)
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         for file in (config_file, weights_file):
@@ -213,6 +213,8 @@ class DFMDiT(nn.Module):
         model_type = data.pop("model_type", None)
         if model_type != MODEL_TYPE:
             raise ValueError(f"{config_file} has model_type={model_type!r}, expected {MODEL_TYPE!r}")
+        if format1:
+            data = {k: v for k, v in data.items() if k not in ("precondition", "data_std")}
         model = cls(DiTConfig.from_dict(data))
         state = load_file(weights_file)
         expected = model.state_dict()

@@ -76,7 +76,7 @@ class LabelEmbedder(nn.Module):
     """Class embedding with a null class (index ``num_classes``) for classifier-free guidance.
 
     It never drops labels itself: label dropout for guidance is the training loop's job (``method.label_dropout``
-    in :class:`dfm.train.Trainer`, seeded per step so that a run is reproducible); pass ``y = null_class`` there.
+    in :class:`dfm.training.Trainer`, seeded per step so that a run is reproducible); pass ``y = null_class`` there.
     """
 
     def __init__(self, num_classes: int, hidden_size: int) -> None:

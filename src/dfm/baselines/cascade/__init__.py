@@ -15,15 +15,18 @@ Time convention of the package: t = 0 is pure noise, t = 1 is data.
 - **Training split**: stage 1 trains for the first ``switch_step`` optimiser steps (about 80% of them), then
   stage 2 is initialised from the stage-1 weights (every tensor whose name and shape match; the patch embeddings
   and the head are "lifted" from patch p/f to p, see :func:`init_stage2_from_stage1`) and trains for the rest.
-  Both models live in one :class:`CascadeModel`, so checkpoints, EMA and resume need nothing new; the trainer
-  calls :meth:`CascadeObjective.begin_step` once per step, which does the switch in the model and its EMA.
+  Both models live in one :class:`CascadeModel`, so checkpoints, EMA and resume need nothing new; the method's
+  training callback :class:`CascadeSwitch` does the switch in the model and its EMA.
 - **Sampling**: 20 + 20 Euler steps by default; classifier-free guidance on both stages; the stage-1 result
   (at low resolution) is the preview.
 
 Both stages draw their times from LogitNormal(main_loc, main_scale) = LogitNormal(0, 1), as the Flow Matching
 baseline does.
 
-Modules: :mod:`~dfm.baselines.cascade.model` (the two models, IO and weight surgery),
+Preconditioning: each stage's network on its own path, with the data std of its level
+(:class:`CascadePreconditioned`).
+
+Modules: :mod:`~dfm.baselines.cascade.model` (the two models, IO, weight surgery and preconditioning),
 :mod:`~dfm.baselines.cascade.objective` (training), :mod:`~dfm.baselines.cascade.sampler` (sampling); this
 module holds the method's registry entry (:class:`Cascade`, with its settings :class:`CascadeOptions`).
 """
@@ -32,21 +35,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
-from dfm.baselines.cascade.model import CASCADE_CONFIG, MODEL_TYPE, CascadeModel, init_stage2_from_stage1
-from dfm.baselines.cascade.objective import CascadeDraw, CascadeObjective, CascadePathSample
-from dfm.baselines.cascade.sampler import sample_cascade
+from dfm.baselines.cascade.model import (
+    CASCADE_CONFIG,
+    MODEL_TYPE,
+    CascadeModel,
+    CascadePreconditioned,
+    init_stage2_from_stage1,
+)
+from dfm.baselines.cascade.objective import CascadeDraw, CascadeObjective, CascadePathSample, CascadeSwitch
+from dfm.baselines.cascade.sampler import CascadeSampler
+from dfm.config import MethodConfig, RunConfig
 from dfm.decomposition import Decomposition, downsample
-from dfm.methods import Method, register_method, stage_factors, two_stage_baseline
+from dfm.methods import Method, TrainingCallback, register_method, stage_factors, two_stage_baseline
 from dfm.models import create_config
-from dfm.sampling import SampleOutput, network_evaluations
-
-if TYPE_CHECKING:
-    from dfm.config import MethodConfig, RunConfig
-    from dfm.schedule import StageSchedule
 
 __all__ = [
     "CASCADE_CONFIG",
@@ -57,8 +63,10 @@ __all__ = [
     "CascadeObjective",
     "CascadeOptions",
     "CascadePathSample",
+    "CascadePreconditioned",
+    "CascadeSampler",
+    "CascadeSwitch",
     "init_stage2_from_stage1",
-    "sample_cascade",
 ]
 
 
@@ -95,11 +103,8 @@ class Cascade(Method):
     def num_data_std(self, m: MethodConfig) -> int:
         return 2  # its low-resolution model, then the full one
 
-    def from_dfm(self, m: MethodConfig) -> MethodConfig:
-        return two_stage_baseline(m, self.name)
-
-    def network_evaluations(self, steps: Sequence[int], solver: str) -> int:
-        return network_evaluations(steps, solver, clean_ends=len(steps))  # each model integrates to t = 1
+    def from_dfm(self, cfg: RunConfig) -> RunConfig:
+        return two_stage_baseline(cfg, self.name)
 
     def objective(self, m: MethodConfig, decomposition: Decomposition, total_steps: int | None = None) -> Any:
         opts = self.options(m)
@@ -115,29 +120,28 @@ class Cascade(Method):
     def decide_at_start(self, m: MethodConfig, objective: Any) -> None:
         m.options["switch_step"] = objective.switch_step
 
+    def callbacks(self, m: MethodConfig, objective: Any) -> list[TrainingCallback]:
+        return [CascadeSwitch(objective.switch_step)]
+
     def measure_data_std(self, m: MethodConfig, decomposition: Decomposition, x: Tensor) -> tuple[float, ...]:
         f = stage_factors(m)[0]
         low = downsample(x, (*x.shape[2:-2], x.shape[-2] // f, x.shape[-1] // f), m.resample)
         return float(low.float().std()), float(x.float().std())
 
-    def model(self, cfg: RunConfig, settings: dict[str, Any]) -> nn.Module:
+    def network(self, cfg: RunConfig, sample_shape: Sequence[int], num_classes: int) -> nn.Module:
         # stage 2 is the one-stage model; stage 1 is derived from it
-        std = settings["data_std"]
-        config = create_config(cfg.model.name, **{**settings, "stage_factors": (1,), "data_std": std and std[1:]})
-        return CascadeModel.from_config(config, stage_factors(cfg.method)[0], cfg.method.resample, std and std[0])
+        settings = {**self.network_settings(cfg, sample_shape, num_classes), "stage_factors": (1,)}
+        config = create_config(cfg.model.name, **settings)
+        return CascadeModel.from_config(config, stage_factors(cfg.method)[0], cfg.method.resample)
 
-    def sample(
-        self,
-        model: nn.Module,
-        decomposition: Decomposition,
-        m: MethodConfig,
-        schedule: StageSchedule,
-        shape: Sequence[int],
-        labels: Tensor | None,
-        **common: Any,
-    ) -> SampleOutput:
-        cond_noise = self.options(m).cond_noise
-        return sample_cascade(model, shape, labels, steps=schedule.steps, cond_noise=cond_noise, **common)
+    def preconditioned(self, network: Any, m: MethodConfig) -> Any:
+        return CascadePreconditioned(network, m.data_std)
+
+    def load_network(self, path: Path, cfg: RunConfig, format1: bool = False) -> nn.Module:
+        return CascadeModel.from_pretrained(path, format1=format1)
+
+    def sampler(self, m: MethodConfig) -> CascadeSampler:
+        return CascadeSampler(stage_factors(m)[0], m.resample, self.options(m).cond_noise)
 
 
 register_method(Cascade())

@@ -16,6 +16,7 @@ from dfm.baselines.conditioned_dit import ConditionedDiT
 from dfm.decomposition import _INTERP_MODES
 from dfm.models.config import DiTConfig
 from dfm.models.dit import DFMDiT
+from dfm.models.precondition import flow_preconditioning
 
 CASCADE_CONFIG = "cascade.json"
 MODEL_TYPE = "dfm-cascade"
@@ -58,25 +59,17 @@ class CascadeModel(nn.Module):
         self.register_buffer("stage2_initialised", torch.zeros((), dtype=torch.bool))
 
     @classmethod
-    def from_config(
-        cls, config: DiTConfig, factor: int = 2, mode: str = "bilinear", stage1_std: float | None = None
-    ) -> CascadeModel:
-        """Stage 2 from a one-stage full-resolution ``config``; stage 1 at size / factor with patch / factor.
-
-        With ``config.precondition``, stage 2 uses ``config.data_std`` and stage 1 ``stage1_std`` (the std of the
-        low-resolution images; default: stage 2's).
-        """
+    def from_config(cls, config: DiTConfig, factor: int = 2, mode: str = "bilinear") -> CascadeModel:
+        """Stage 2 from a one-stage full-resolution ``config``; stage 1 at size / factor with patch / factor."""
         if config.num_stages != 1:
-            std = config.data_std and config.data_std[-1:]
-            config = dataclasses.replace(config, stage_factors=(1,), data_std=std)
+            config = dataclasses.replace(config, stage_factors=(1,))
         if config.patch_size % factor or any(s % factor for s in config.input_size[-2:]):
             raise ValueError(
                 f"patch_size={config.patch_size} and input_size={config.input_size} must be divisible by the cascade "
                 f"factor {factor} (stage 1 uses patch {config.patch_size}/{factor} on the {factor}x smaller image)"
             )
         low = (*config.input_size[:-2], *(s // factor for s in config.input_size[-2:]))
-        std1 = config.data_std and ((stage1_std,) if stage1_std is not None else config.data_std)
-        config1 = dataclasses.replace(config, input_size=low, patch_size=config.patch_size // factor, data_std=std1)
+        config1 = dataclasses.replace(config, input_size=low, patch_size=config.patch_size // factor)
         return cls(DFMDiT(config1), ConditionedDiT(config), factor, mode)
 
     # -- the model contract used by the trainer and the samplers ---------------------------------------------
@@ -141,7 +134,10 @@ class CascadeModel(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> CascadeModel:
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu", format1: bool = False
+    ) -> CascadeModel:
+        """Load what :meth:`save_pretrained` wrote (``format1``: as :meth:`DFMDiT.from_pretrained`)."""
         path = Path(directory)
         if not (path / CASCADE_CONFIG).is_file():
             raise FileNotFoundError(
@@ -150,7 +146,8 @@ class CascadeModel(nn.Module):
         meta = json.loads((path / CASCADE_CONFIG).read_text())
         if meta.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{path / CASCADE_CONFIG} has model_type={meta.get('model_type')!r}, not {MODEL_TYPE!r}")
-        stage1, stage2 = DFMDiT.from_pretrained(path / "stage1"), ConditionedDiT.from_pretrained(path / "stage2")
+        stage1 = DFMDiT.from_pretrained(path / "stage1", format1=format1)
+        stage2 = ConditionedDiT.from_pretrained(path / "stage2", format1=format1)
         model = cls(stage1, stage2, meta["factor"], meta.get("mode", "bilinear"))
         model.stage2_initialised.fill_(bool(meta.get("stage2_initialised", True)))
         return model.to(device)
@@ -207,3 +204,33 @@ def init_stage2_from_stage1(stage2: ConditionedDiT, stage1: DFMDiT) -> list[str]
         else:
             untouched.append(key)
     return untouched
+
+
+class CascadePreconditioned:
+    """The cascade's velocity model: each stage's network preconditioned on its own path
+    (:mod:`dfm.models.precondition`), with data std ``data_std[stage]`` (low resolution, then full).
+
+    Stage 2's conditioning image lies on the same path as the low-resolution level (``cond = t_c low + (1 - t_c)
+    ε``), so it gets the input scaling of its level t_c."""
+
+    def __init__(self, network: CascadeModel, data_std: tuple[float, float]) -> None:
+        self.network, self.data_std = network, tuple(float(v) for v in data_std)
+
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        stage: int = 1,
+        cond: Tensor | None = None,
+        cond_t: Tensor | None = None,
+    ) -> Tensor:
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        t = t.reshape(x.shape[0]).float()
+        c_in, c_skip, c_out = (k.view(shape) for k in flow_preconditioning(t, self.data_std[stage]))
+        if cond is not None:
+            cond = flow_preconditioning(cond_t.reshape(x.shape[0]).float(), self.data_std[1])[0].view(shape) * cond
+        return c_skip * x + c_out * self.network(c_in * x, t, y, stage, cond, cond_t)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.__dict__["network"], name)

@@ -37,8 +37,8 @@ class CascadePathSample:
 
 
 class CascadeObjective:
-    """The cascade's training objective with the trainer's interface (``num_stages``, ``draw``, ``loss``), plus
-    ``begin_step(step, model, ema)``, which the trainer calls before ``draw`` at every step.
+    """The cascade's training objective with the trainer's interface (``num_stages``, ``draw``, ``loss``); the
+    step given to ``draw`` says which stage trains. :class:`CascadeSwitch` starts stage 2 from stage 1's weights.
 
     Args:
         switch_step: first optimiser step (0-based) that trains stage 2; ``round(0.8 * total_steps)`` in the paper.
@@ -78,7 +78,6 @@ class CascadeObjective:
         self.main_loc, self.main_scale = float(main_loc), float(main_scale)
         self.cond_loc, self.cond_scale = float(cond_loc), float(cond_scale)
         self.num_stages = 2
-        self.step = 0
 
     @classmethod
     def from_total_steps(cls, total_steps: int, stage1_fraction: float = 0.8, **kwargs: object) -> CascadeObjective:
@@ -90,19 +89,6 @@ class CascadeObjective:
         """0 while stage 1 trains, 1 from ``switch_step`` on."""
         return int(step >= self.switch_step)
 
-    def begin_step(self, step: int, model: nn.Module | None = None, ema: nn.Module | None = None) -> None:
-        """Record the step; at the first stage-2 step, initialise stage 2 from stage 1 in the model and its EMA.
-
-        The EMA's stage 2 starts from the model's freshly initialised stage 2 (as the trainer's EMA starts from
-        the model at step 0). A flag saved with the weights makes this happen once, also across resumes.
-        """
-        self.step = int(step)
-        if self.training_stage(step) == 1 and model is not None and not bool(model.stage2_initialised):
-            model.init_stage2()
-            if ema is not None:
-                ema.stage2.load_state_dict(model.stage2.state_dict())
-                ema.stage2_initialised.fill_(True)
-
     # -- draws -------------------------------------------------------------------------------------------
     def draw(
         self,
@@ -110,9 +96,9 @@ class CascadeObjective:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-        step: int | None = None,
+        step: int = 0,
     ) -> CascadeDraw:
-        """Times and noise of one step, for the stage that ``step`` (default: the last ``begin_step``) trains.
+        """Times and noise of optimiser step ``step`` (0-based), for the stage it trains.
 
         ``level_shapes`` are the (low, full) shapes, e.g. ``LaplacianPyramid(2).level_shapes(x.shape)``.
         """
@@ -121,7 +107,7 @@ class CascadeObjective:
         low, full = (tuple(s) for s in level_shapes)
         if tuple(d * self.factor for d in low[-2:]) != full[-2:]:
             raise ValueError(f"level shapes {low} and {full} are not a factor-{self.factor} pair")
-        stage = self.training_stage(self.step if step is None else step)
+        stage = self.training_stage(step)
         b = full[0]
         t = logit_normal((b,), self.main_loc, self.main_scale, generator)
         if stage == 0:
@@ -165,11 +151,13 @@ class CascadeObjective:
         y: Tensor | None = None,
         generator: torch.Generator | None = None,
         draw: CascadeDraw | None = None,
+        step: int = 0,
     ) -> LossOutput:
-        """Flow-matching loss of the stage this step trains (``model`` is a :class:`CascadeModel`)."""
+        """Flow-matching loss of the stage that ``draw`` (else optimiser step ``step``) trains; ``model`` is the
+        cascade's velocity model (a :class:`CascadeModel`, or it preconditioned)."""
         if draw is None:
             low_shape = (*x.shape[:-2], x.shape[-2] // self.factor, x.shape[-1] // self.factor)
-            draw = self.draw([low_shape, tuple(x.shape)], generator, x.device, x.dtype)
+            draw = self.draw([low_shape, tuple(x.shape)], generator, x.device, x.dtype, step=step)
         path = self.sample_path(x, draw)
         if path.stage == 0:
             pred = model(path.x_t, path.t, y, 0)
@@ -178,3 +166,21 @@ class CascadeObjective:
         per_sample = mse_per_sample(pred, path.target)
         loss, stage_losses, counts = stage_statistics(per_sample, draw.main_stage, self.num_stages)
         return LossOutput(loss, stage_losses, counts, path)
+
+
+class CascadeSwitch:
+    """The trainer's callback that starts stage 2: at the first stage-2 step it initialises stage 2 from stage 1 in
+    the model (:meth:`CascadeModel.init_stage2`), and the EMA's stage 2 from the model's (as the trainer's EMA starts
+    from the model at step 0). A flag saved with the weights makes this happen once, also across resumes."""
+
+    def __init__(self, switch_step: int) -> None:
+        self.switch_step = int(switch_step)
+
+    @torch.no_grad()
+    def on_step_begin(self, step: int, model: nn.Module, ema: nn.Module | None) -> None:
+        if step < self.switch_step or bool(model.stage2_initialised):
+            return
+        model.init_stage2()
+        if ema is not None:
+            ema.stage2.load_state_dict(model.stage2.state_dict())
+            ema.stage2_initialised.fill_(True)

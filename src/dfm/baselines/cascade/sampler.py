@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from dfm.baselines.cascade.model import CascadeModel
+from dfm.config import SamplerConfig
 from dfm.decomposition import _resize
 from dfm.sampling import (
-    SOLVERS,
     PreviewCallback,
     SampleOutput,
+    Sampler,
     guided_velocity,
     initial_noise,
     ode_step,
     prepare_guidance,
 )
+from dfm.text import TextCondition
 
 
 def _integrate(velocity, x: Tensor, steps: int, solver: str) -> Tensor:
@@ -29,67 +31,69 @@ def _integrate(velocity, x: Tensor, steps: int, solver: str) -> Tensor:
     return x
 
 
-@torch.no_grad()
-def sample_cascade(
-    model: CascadeModel,
-    shape: Sequence[int],
-    y: Tensor | None = None,
-    *,
-    steps: Sequence[int] = (20, 20),
-    cond_noise: float = 0.025,
-    mode: str | None = None,
-    seeds: Sequence[int] | None = None,
-    generator: torch.Generator | None = None,
-    guidance: float | Sequence[float] = 1.0,
-    null_class: int | None = None,
-    solver: str = "euler",
-    device: torch.device | str | None = None,
-    callback: PreviewCallback | None = None,
-) -> SampleOutput:
-    """Generate with stage 1 at low resolution, then stage 2 conditioned on ``up(t_c low + (1 - t_c) ε_c)``.
+class CascadeSampler(Sampler):
+    """Stage 1 at low resolution, then stage 2 conditioned on ``up(t_c low + (1 - t_c) ε_c)``.
+
+    Each stage integrates its own uniform grid from 0 to 1 with ``settings.steps[stage]`` steps (paper: 20 + 20);
+    thresholds do not apply. A sample's stage-1, stage-2 and conditioning noise depend on its seed only.
 
     Args:
-        model: a :class:`CascadeModel` (or any callable with its ``forward`` signature and ``factor``).
-        shape: full-resolution output shape (B, C, H, W) or (B, C, T, H, W).
-        steps: (stage-1 steps, stage-2 steps); paper: 20 + 20.
+        factor: resolution factor between the stages (the model's).
+        mode: the filter of ``up`` (the one the model was trained with).
         cond_noise: 1 - t_c of the conditioning image at inference (paper: 0.025).
-        mode: the filter of ``up``; default ``model.mode`` (the one it was trained with).
-        seeds: one seed per sample (its stage-1, stage-2 and conditioning noise depend on it only).
-        guidance: classifier-free guidance scale, one for both stages or one per stage.
-        callback: ``callback(stage, preview)`` after each stage.
 
-    Returns:
-        ``SampleOutput``: images, levels = [stage-1 result, images], previews = [stage-1 result, images].
+    ``model(x, t, y, stage, cond, cond_t)`` is the cascade's velocity model (:class:`~dfm.baselines.CascadeModel`,
+    or it preconditioned). The output's levels and previews are [stage-1 result, images].
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}: choose one of {SOLVERS}")
-    if len(steps) != 2 or any(int(n) < 1 for n in steps):
-        raise ValueError(f"steps={tuple(steps)} needs two positive step counts (stage 1, stage 2)")
-    if not 0.0 <= cond_noise < 1.0:
-        raise ValueError(f"cond_noise={cond_noise} must be in [0, 1)")
-    factor = int(getattr(model, "factor", 2))
-    mode = mode or getattr(model, "mode", "bilinear")
-    shape = tuple(int(s) for s in shape)
-    if shape[-2] % factor or shape[-1] % factor:
-        raise ValueError(f"shape {shape} is not divisible by the cascade factor {factor}")
-    low_shape = (*shape[:-2], shape[-2] // factor, shape[-1] // factor)
-    b = shape[0]
-    scales, use_cfg, null_class, y = prepare_guidance(model, y, b, guidance, 2, null_class, device)
-    eps_low, eps_full, eps_cond = initial_noise([low_shape, shape, low_shape], seeds, generator, device)
 
-    def guided(stage: int, x: Tensor, t: float, cond: Tensor | None = None, cond_t: Tensor | None = None) -> Tensor:
-        # Both branches see the conditioning image; only the label differs.
-        forward = lambda a, labels: [model(a[0], a[1], labels, stage, a[2], a[3])]  # noqa: E731
-        w = [scales[stage] if use_cfg else 1.0]
-        return guided_velocity(forward, [x, torch.full((b,), t, device=x.device), cond, cond_t], y, w, null_class)[0]
+    grids = 2  # each model integrates to t = 1
 
-    low = _integrate(lambda x, t: guided(0, x, t), eps_low.float(), int(steps[0]), solver)
-    if callback is not None:
-        callback(0, low)
-    t_c = 1.0 - cond_noise
-    cond = _resize(t_c * low + (1 - t_c) * eps_cond.float(), tuple(shape[2:]), mode)
-    cond_t = torch.full((b,), t_c, device=low.device)
-    images = _integrate(lambda x, t: guided(1, x, t, cond, cond_t), eps_full.float(), int(steps[1]), solver)
-    if callback is not None:
-        callback(1, images)
-    return SampleOutput(images, [low, images], [low, images])
+    def __init__(self, factor: int = 2, mode: str = "bilinear", cond_noise: float = 0.025) -> None:
+        if not 0.0 <= cond_noise < 1.0:
+            raise ValueError(f"cond_noise={cond_noise} must be in [0, 1)")
+        self.factor, self.mode, self.cond_noise = int(factor), mode, float(cond_noise)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Any,
+        shape: Sequence[int],
+        y: Tensor | TextCondition | None = None,
+        *,
+        settings: SamplerConfig,
+        seeds: Sequence[int] | None = None,
+        generator: torch.Generator | None = None,
+        noise: Sequence[Tensor] | None = None,
+        null_class: int | TextCondition | None = None,
+        device: torch.device | str | None = None,
+        callback: PreviewCallback | None = None,
+    ) -> SampleOutput:
+        settings.validate(2)
+        factor, steps = self.factor, settings.steps
+        shape = tuple(int(s) for s in shape)
+        if shape[-2] % factor or shape[-1] % factor:
+            raise ValueError(f"shape {shape} is not divisible by the cascade factor {factor}")
+        low_shape = (*shape[:-2], shape[-2] // factor, shape[-1] // factor)
+        b = shape[0]
+        scales, null_class, y = prepare_guidance(model, y, b, settings.stage_guidance(2), null_class, device)
+        if noise is None:
+            noise = initial_noise([low_shape, shape, low_shape], seeds, generator, device)
+        eps_low, eps_full, eps_cond = (n.to(device) for n in noise)
+
+        def guided(stage: int, x: Tensor, t: float, cond: Tensor | None = None, cond_t: Tensor | None = None) -> Tensor:
+            # Both branches see the conditioning image; only the label differs.
+            forward = lambda a, labels: [model(a[0], a[1], labels, stage, a[2], a[3])]  # noqa: E731
+            t_batch = torch.full((b,), t, device=x.device)
+            return guided_velocity(forward, [x, t_batch, cond, cond_t], y, [scales[stage]], null_class)[0]
+
+        low = _integrate(lambda x, t: guided(0, x, t), eps_low.float(), int(steps[0]), settings.solver)
+        if callback is not None:
+            callback(0, low)
+        t_c = 1.0 - self.cond_noise
+        cond = _resize(t_c * low + (1 - t_c) * eps_cond.float(), tuple(shape[2:]), self.mode)
+        cond_t = torch.full((b,), t_c, device=low.device)
+        images = _integrate(lambda x, t: guided(1, x, t, cond, cond_t), eps_full.float(), int(steps[1]),
+                            settings.solver)  # fmt: skip
+        if callback is not None:
+            callback(1, images)
+        return SampleOutput(images, [low, images], [low, images])
