@@ -108,6 +108,79 @@ def test_skip_bad_warns_and_drops(tmp_path):
     assert [p.name for p, _ in ds.samples] == ["good.png"]
 
 
+def test_skip_bad_decodes_and_leaves_out_a_truncated_jpeg(tmp_path):
+    # Image.verify() does not decode: a JPEG without its last 50 bytes passed the check, then failed mid-run
+    save_image(tmp_path / "a" / "0.png", 16, 16, seed=0)
+    save_image(tmp_path / "a" / "1.jpg", 20, 24, seed=1)
+    save_image(tmp_path / "b" / "2.jpeg", 24, 20, seed=2)
+    cut = tmp_path / "b" / "cut.jpg"
+    save_image(cut, 32, 32, seed=3)
+    cut.write_bytes(cut.read_bytes()[:-50])
+
+    ds = ImageFolderDataset(tmp_path, resolution=8)
+    assert [p.name for p, _ in ds.samples] == ["0.png", "1.jpg", "2.jpeg", "cut.jpg"]
+    with pytest.raises(ValueError, match=r"cannot read image .*cut\.jpg: image file is truncated.*--skip-bad"):
+        ds.get_batch(torch.arange(4))
+
+    with pytest.warns(UserWarning, match=r"skipped 1 .*b/cut\.jpg \(OSError: image file is truncated"):
+        ds = ImageFolderDataset(tmp_path, resolution=8, skip_bad=True)
+    assert [p.name for p, _ in ds.samples] == ["0.png", "1.jpg", "2.jpeg"]
+    for indices in (torch.arange(3), torch.tensor([2, 0]), torch.tensor([1])):  # every batch loads
+        x, y = ds.get_batch(indices, generator=torch.Generator().manual_seed(0))
+        assert x.shape == (len(indices), 3, 8, 8) and y.tolist() == [[0, 0, 1][i] for i in indices]
+    # the same files give the same items at every start (a resume draws the same batches)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        again = ImageFolderDataset(tmp_path, resolution=8, skip_bad=True)
+    assert again.samples == ds.samples
+    torch.testing.assert_close(again.get_batch(torch.arange(3), augment=False)[0],
+                               ds.get_batch(torch.arange(3), augment=False)[0])  # fmt: skip
+
+
+def save_grey(path: Path, size: int, seed: int = 0, mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.random.default_rng(seed).integers(0, 256, size=(size, size), dtype=np.uint8)
+    Image.fromarray(array).convert(mode).save(path)
+
+
+def test_grey_folder_gives_one_channel(tmp_path):
+    save_grey(tmp_path / "a" / "0.png", 12, seed=0)
+    save_grey(tmp_path / "a" / "1.jpg", 12, seed=1)
+    save_grey(tmp_path / "b" / "2.png", 12, seed=2, mode="LA")  # grey with alpha is grey too
+    for skip_bad in (False, True):
+        ds = build_dataset(tmp_path, resolution=8, train=False, skip_bad=skip_bad)
+        assert ds.channels == 1 and ds.sample_shape == (1, 8, 8) and ds.mode == "L"
+        x, y = ds.get_batch(torch.arange(3))
+        assert x.shape == (3, 1, 8, 8) and y.tolist() == [0, 0, 1]
+    expected = torch.from_numpy(np.asarray(center_crop_adm(Image.open(tmp_path / "a" / "0.png"), 8)).copy())
+    torch.testing.assert_close(ds[0][0][0], expected.float() / 127.5 - 1)
+    # asked for: RGB all the same (the grey repeated on the three channels)
+    rgb = ImageFolderDataset(tmp_path, resolution=8, random_flip=False, mode="RGB")
+    assert rgb.sample_shape == (3, 8, 8)
+    x = rgb[0][0]
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2]) and torch.equal(x[0], ds[0][0][0])
+
+
+def test_mixed_grey_and_colour_folder_is_rgb(tmp_path):
+    save_grey(tmp_path / "0.png", 12)
+    save_image(tmp_path / "1.png", 12, 12, seed=1)
+    save_grey(tmp_path / "2.png", 12, seed=2)
+    ds = ImageFolderDataset(tmp_path, resolution=8, random_flip=False)
+    assert ds.channels == 3 and ds.sample_shape == (3, 8, 8)
+    grey = ds[0][0]
+    assert grey.shape == (3, 8, 8) and torch.equal(grey[0], grey[2])
+    assert ImageFolderDataset(tmp_path, resolution=8, mode="L").sample_shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="mode='CMYK' is not supported"):
+        ImageFolderDataset(tmp_path, resolution=8, mode="CMYK")
+
+
+def test_too_small_error_names_what_the_user_can_pass(tmp_path):
+    save_image(tmp_path / "small.png", 6, 10)
+    with pytest.raises(ValueError, match=r"allow upscaling \(upscale=True\)"):
+        ImageFolderDataset(tmp_path, resolution=8)[0]
+    with pytest.raises(ValueError, match=r"smaller --resolution, remove the image, or allow upscaling with --upscale$"):
+        ImageFolderDataset(tmp_path, resolution=8, upscale_flag="--upscale")[0]
+
+
 def test_mixed_layout_is_an_error(tmp_path):
     save_image(tmp_path / "loose.png", 8, 8)
     save_image(tmp_path / "cls" / "a.png", 8, 8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -176,7 +177,7 @@ def test_prepare_end_to_end(tmp_path, capsys):
     mean, _ = vae.encode(images.get_batch(torch.arange(6), augment=False)[0])
     x, _ = ds.get_batch(torch.arange(6), augment=False)
     torch.testing.assert_close(x, vae.normalize(mean), atol=1e-5, rtol=1e-5)
-    decoded = ds.decode(x[:2])
+    decoded = ds.autoencoder().decode_normalized(x[:2])
     torch.testing.assert_close(decoded, vae.decode(mean[:2]), atol=1e-5, rtol=1e-5)
 
     # a second split goes into the same directory; a different resolution is refused
@@ -193,6 +194,76 @@ def test_prepare_end_to_end(tmp_path, capsys):
     add_prepare_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["prepare", *argv, "--resolution", "16"])
     assert args.batch_size == 32 and args.func.__name__ == "run_prepare"
+
+
+def _image_folder(root, names, size=(20, 24), seed=0):
+    rng = np.random.default_rng(seed)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(root / name)
+    return root
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_prepare_failure_leaves_nothing_behind(tmp_path, capsys):
+    from dfm.data.prepare import main
+
+    vae_dir = tiny_vae_dir(tmp_path)
+    good = _image_folder(tmp_path / "good", ["cat/0.png", "cat/1.png", "dog/2.png"])
+    bad = _image_folder(tmp_path / "bad", ["cat/0.png", "dog/2.png"])
+    (bad / "cat" / "1.png").write_bytes(b"\x89PNG not really")
+
+    def prepare(data, out, *more):
+        args = ["--data", str(data), "--vae", str(vae_dir), "--out", str(out), "--resolution", "16", *more]
+        return main([*args, "--batch-size", "2", "--shard-size", "2"])
+
+    # a new --out (and the folder above it): nothing left after the bad image, not even a hidden partial folder
+    before = sorted(os.listdir(tmp_path))
+    assert prepare(bad, tmp_path / "new" / "latents") == 2
+    err = capsys.readouterr().err
+    assert "cat/1.png" in err and "--skip-bad" in err
+    assert sorted(os.listdir(tmp_path)) == before
+    # an existing --out of someone's files, an empty one: left as they were
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "empty").mkdir()
+    for out in ("mine", "empty"):
+        assert prepare(bad, tmp_path / out) == 2
+    assert _snapshot(tmp_path / "mine") == {"notes.txt": b"keep me"} and not any((tmp_path / "empty").iterdir())
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "mine", "empty"])
+    assert prepare(good, tmp_path / "empty") == 0 and is_latent_dir(tmp_path / "empty")
+
+    # a latent directory: a split that fails changes nothing; a replaced split leaves no stale shard behind
+    latents = tmp_path / "latents"
+    assert prepare(good, latents) == 0
+    assert sorted(os.listdir(latents)) == ["latents.json", "train-00000.safetensors", "train-00001.safetensors"]
+    kept = _snapshot(latents)
+    assert prepare(bad, latents, "--split", "test") == 2
+    assert prepare(bad, latents) == 2  # replacing train with bad images: the old train split stays
+    assert _snapshot(latents) == kept
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "mine", "empty", "latents"])
+    with pytest.warns(UserWarning, match=r"skipped 1 .*cat/1\.png"):
+        assert prepare(bad, latents, "--skip-bad") == 0  # train again, now 2 images: one shard
+    assert sorted(os.listdir(latents)) == ["latents.json", "train-00000.safetensors"]
+    assert len(LatentDataset(latents, sample_posterior=False)) == 2
+
+
+def test_prepare_too_small_images_name_the_upscale_flag(tmp_path, capsys):
+    from dfm.data.prepare import main
+
+    vae_dir = tiny_vae_dir(tmp_path)
+    images = _image_folder(tmp_path / "images", ["a.png", "b.png"], size=(12, 10))
+    argv = ["--data", str(images), "--vae", str(vae_dir), "--out", str(tmp_path / "out"), "--resolution", "16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "a.png is 10x12, smaller than resolution 16" in err
+    assert "--upscale" in err and "--resolution" in err and "upscale=True" not in err
+    assert not (tmp_path / "out").exists()
+    assert main([*argv, "--upscale"]) == 0
+    assert len(LatentDataset(tmp_path / "out")) == 2
 
 
 def test_prepare_fashion_mnist_split_and_grey_to_rgb(tmp_path, monkeypatch):

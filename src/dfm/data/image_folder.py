@@ -5,6 +5,11 @@ most ImageNet diffusion papers use): halve with a box filter while the short sid
 the target (fast and alias-free), resize bicubically so the short side equals the target, then crop
 the centre square.
 
+Channels: a folder whose images are all single-channel (grey: PIL modes ``L``, ``1``, ``LA``, ``I``, ``I;16``,
+``F``) gives 1-channel samples; any colour image in it (RGB, RGBA, palette, CMYK ...) makes every sample RGB,
+grey images then repeated on the three channels. Pass ``mode="RGB"`` or ``mode="L"`` to choose (it also skips
+reading the images' headers at start, which the automatic choice does until it meets a colour image).
+
 Example:
     >>> ds = ImageFolderDataset("data/pets", resolution=64)   # doctest: +SKIP
     >>> x, y = ds[0]; x.shape                                 # doctest: +SKIP
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +30,19 @@ from PIL import Image, UnidentifiedImageError
 
 from dfm.data.base import DFMDataset, to_model_range
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "center_crop_adm", "find_images", "open_image"]
+__all__ = [
+    "GREY_MODES",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "UnreadableImageError",
+    "center_crop_adm",
+    "find_images",
+    "open_image",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+#: PIL modes of single-channel (grey) images, with or without alpha
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
 def is_image(path: Path) -> bool:
@@ -49,14 +66,18 @@ def center_crop_adm(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+class UnreadableImageError(ValueError):
+    """An image file that cannot be opened or decoded (the message names it)."""
+
+
 def open_image(path: Path, mode: str) -> Image.Image:
-    """Open and fully decode ``path`` in PIL ``mode``; a clear ``ValueError`` naming the file if not."""
+    """Open and fully decode ``path`` in PIL ``mode``; an :class:`UnreadableImageError` naming the file if not."""
     try:
         with Image.open(path) as image:
             image.load()
             return image.convert(mode)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: {err}; delete or replace the file") from err
+        raise UnreadableImageError(f"cannot read image {path}: {err}; delete or replace the file") from err
 
 
 class ImageFolderDataset(DFMDataset):
@@ -67,11 +88,16 @@ class ImageFolderDataset(DFMDataset):
             images (every label 0).
         resolution: output height and width.
         random_flip: flip items left-right at random (ADM and DiT train with flips).
-        mode: ``"RGB"`` (3 channels) or ``"L"`` (1 grey channel).
+        mode: ``"RGB"`` (3 channels), ``"L"`` (1 grey channel), or ``None`` (default): ``"L"`` when every image
+            of the folder is single-channel, else ``"RGB"`` (see the module doc).
         upscale: allow images whose short side is below ``resolution`` (they are enlarged
             bicubically); off by default because blown-up images are almost always a data mistake.
-        skip_bad: check every image up front and leave out unreadable or too-small ones with a
-            warning, instead of failing with an error naming the file when it is first read.
+        skip_bad: check every image up front by decoding it (in threads; JPEGs at reduced scale, which still
+            reads all their data), and leave out unreadable or too-small ones with a warning naming them, instead
+            of failing with an error naming the file when it is first read. The items are then fixed for the run,
+            and the same at every start with the same files, so a resume draws the same batches.
+        upscale_flag: how the user allows upscaling, for the too-small error (``"--upscale"`` for ``dfm prepare``);
+            ``None``: the ``upscale=True`` argument.
     """
 
     def __init__(
@@ -79,22 +105,24 @@ class ImageFolderDataset(DFMDataset):
         root: str | os.PathLike,
         resolution: int,
         random_flip: bool = True,
-        mode: str = "RGB",
+        mode: str | None = None,
         upscale: bool = False,
         skip_bad: bool = False,
+        upscale_flag: str | None = None,
     ) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
         if not isinstance(resolution, int) or resolution < 1:
             raise ValueError(f"resolution={resolution!r} must be a positive integer")
-        if mode not in ("RGB", "L"):
-            raise ValueError(f"mode={mode!r} is not supported; use 'RGB' or 'L'")
+        if mode not in (None, "RGB", "L"):
+            raise ValueError(f"mode={mode!r} is not supported; use 'RGB', 'L' or None (from the images)")
         self.root = root
         self.random_flip = random_flip
-        self.mode = mode
         self.upscale = upscale
-        self.sample_shape = (3 if mode == "RGB" else 1, resolution, resolution)
+        self.skip_bad = skip_bad
+        self.upscale_flag = upscale_flag
+        self.sample_shape = (3, resolution, resolution)  # the channels follow the mode, below
 
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         loose = [p for p in root.iterdir() if is_image(p)]
@@ -114,51 +142,92 @@ class ImageFolderDataset(DFMDataset):
         self.num_classes = len(self.class_names)
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {root}")
-        if skip_bad:
-            self._drop_bad()
+        modes = self._drop_bad() if skip_bad else None
+        if mode is None:
+            mode = "L" if all(m in GREY_MODES for m in (modes or self._header_modes())) else "RGB"
+        self.mode = mode
+        self.sample_shape = (3 if mode == "RGB" else 1, resolution, resolution)
+
+    def _header_modes(self) -> Iterable[str]:
+        """The PIL modes of the images, read from their headers only, lazily (the caller stops at a colour one);
+        files that cannot be opened are passed over here (reading them fails with an error naming them)."""
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as image:
+                    mode = image.mode
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+                continue
+            yield mode
 
     def _check_size(self, path: Path, image: Image.Image) -> None:
         if not self.upscale and min(image.size) < self.resolution:
+            if self.upscale_flag:
+                remedy = f"pass a smaller --resolution, remove the image, or allow upscaling with {self.upscale_flag}"
+            else:
+                remedy = "pass a smaller resolution, remove the image, or allow upscaling (upscale=True)"
             raise ValueError(
-                f"image {path} is {image.width}x{image.height}, smaller than resolution {self.resolution}; "
-                "pass a smaller resolution, remove the image, or allow upscaling (upscale=True)"
+                f"image {path} is {image.width}x{image.height}, smaller than resolution {self.resolution}; {remedy}"
             )
 
-    def _drop_bad(self) -> None:
-        good, bad = [], []
-        for path, label in self.samples:
-            try:
-                with Image.open(path) as image:
-                    self._check_size(path, image)
-                    image.verify()
+    def _check(self, path: Path) -> tuple[str | None, str]:
+        """``(mode, "")`` when ``path`` decodes (JPEGs at a reduced scale, which still reads all their data) and is
+        large enough, else ``(None, why not)``."""
+        try:
+            with Image.open(path) as image:
+                if not self.upscale and min(image.size) < self.resolution:
+                    return None, f"{image.width}x{image.height}, smaller than {self.resolution}"
+                mode = image.mode
+                image.draft(mode, (self.resolution, self.resolution))  # JPEG only: decode at 1/2 .. 1/8 scale
+                image.load()  # decodes: a truncated file fails here (Image.verify does not decode)
+                return mode, ""
+        except Exception as err:  # noqa: BLE001 - any failure means "skip this file"
+            return None, f"{err.__class__.__name__}: {err}"
+
+    def _drop_bad(self) -> list[str]:
+        """Decode every image (in threads: decoding releases the GIL) and keep the readable, large enough ones;
+        returns their modes."""
+        workers = min(8, os.cpu_count() or 1, len(self.samples))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(self._check, [path for path, _ in self.samples]))
+        good, bad, modes = [], [], []
+        for (path, label), (mode, why) in zip(self.samples, results):
+            if mode is None:
+                bad.append(f"{path.relative_to(self.root)} ({why})")
+            else:
                 good.append((path, label))
-            except Exception as err:  # noqa: BLE001 - any failure means "skip this file"
-                bad.append(f"{path.name} ({err.__class__.__name__})")
+                modes.append(mode)
         if bad:
             warnings.warn(
-                f"skipped {len(bad)} unreadable or too small image(s) in {self.root}: {', '.join(bad[:5])}"
+                f"skipped {len(bad)} unreadable or too small image(s) in {self.root}: {'; '.join(bad[:5])}"
                 + (" ..." if len(bad) > 5 else ""),
                 stacklevel=3,
             )
         if not good:
             raise ValueError(f"no readable images of at least {self.resolution} pixels in {self.root}")
         self.samples = good
+        return modes
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def _read(self, path: Path) -> torch.Tensor:
+        """The image at ``path``, cropped, as uint8 ``(C, R, R)``; a ``ValueError`` naming the file if it cannot."""
+        image = open_image(path, self.mode)
+        self._check_size(path, image)
+        array = torch.from_numpy(np.asarray(center_crop_adm(image, self.resolution)).copy())
+        return array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
 
     def load(
         self, index: int, augment: bool = True, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.samples[index]
         try:
-            image = open_image(path, self.mode)
-        except ValueError as err:
-            raise ValueError(f"{err} (or train with --skip-bad to leave out unreadable files)") from None
-        self._check_size(path, image)
-        array = np.asarray(center_crop_adm(image, self.resolution))
-        x = to_model_range(torch.from_numpy(array.copy()))
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+            pixels = self._read(path)
+        except UnreadableImageError as err:
+            if self.skip_bad:  # it was readable at the start: changed on disk since
+                raise UnreadableImageError(f"{err} (it changed since the start of the run)") from None
+            raise UnreadableImageError(f"{err} (or run with --skip-bad to leave out unreadable files)") from None
+        x = to_model_range(pixels)
         if augment and self.random_flip and torch.rand((), generator=generator) < 0.5:
             x = x.flip(-1)
         return x.contiguous(), torch.tensor(label, dtype=torch.long)

@@ -10,6 +10,10 @@ Usage::
 
 Run it again with ``--split test --data data/pets-test`` into the same ``--out`` to add a test split.
 
+A run that fails (an unreadable or too small image, an interruption) leaves ``--out`` as it was: the latents are
+written into a hidden folder beside it (``.<name>.partial-*``) and moved into place only when they are complete.
+Images smaller than ``--resolution`` are an error unless ``--upscale``; unreadable ones unless ``--skip-bad``.
+
 Captions (fine-tuning a diffusers FLUX / SD3 model, see :mod:`dfm.adapters`): with ``--text-encoder DIR`` (the
 FLUX or SD3 directory: its pipeline's text encoders are loaded, without transformer and VAE) every image's caption
 is encoded once and stored next to its latent, plus the empty prompt once (see :mod:`dfm.data.latents`). Captions
@@ -25,8 +29,12 @@ from one ``<image stem>.txt`` beside each image (:func:`dfm.text.read_captions`)
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dfm.data import DFMDataset, build_dataset
-from dfm.data.latents import LatentWriter, is_latent_dir, read_latent_info
+from dfm.data.latents import INFO_FILE, LatentWriter, is_latent_dir, read_latent_info
 from dfm.data.vae import VAE, load_vae
 from dfm.text import TextEncoder, read_captions
 
@@ -65,7 +73,7 @@ def prepare_latents(
     """Encode ``data`` (an image folder or ``"fashion-mnist"``) into the latent directory ``out``.
 
     Returns ``out``. Existing splits in ``out`` are kept when they come from the same VAE and
-    resolution; the split being written is replaced.
+    resolution; the split being written is replaced. On an error ``out`` is left as it was (see the module doc).
 
     ``text_encoder``: a diffusers FLUX / SD3 directory, or any ``prompts -> TextCondition`` callable (then
     ``text_encoder_source`` is what is recorded as the encoder, for ``dfm sample --prompt``): the images' captions
@@ -90,25 +98,92 @@ def prepare_latents(
             source = text_encoder_source or getattr(text_encoder, "__name__", "custom")
         text = {"encoder": source, "max_length": int(max_text_length)}
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a directory")
     class_names = [] if text is not None else dataset.class_names
     old_splits = _kept_splits(out, split, latent_shape, vae, resolution, class_names, text)
-    writer = LatentWriter(
-        out,
-        latent_shape=latent_shape,
-        vae=vae.source,
-        shift=vae.shift,
-        scale=vae.scale,
-        class_names=class_names,
-        shard_size=shard_size,
-        dtype=_DTYPES[dtype],
-        extra={"image_resolution": resolution, "source_data": str(data), "padding": int(dataset.padding)},
-        text=text,
-    )
-    writer.info["splits"].update(old_splits)
-    if text_encoder is not None:
-        writer.set_empty_prompt(text_encoder([""]))
-    _encode(dataset, vae, writer, split, batch_size, num_workers, progress, captions, text_encoder)
+    with _staged(out) as stage:
+        writer = LatentWriter(
+            stage,
+            latent_shape=latent_shape,
+            vae=vae.source,
+            shift=vae.shift,
+            scale=vae.scale,
+            class_names=class_names,
+            shard_size=shard_size,
+            dtype=_DTYPES[dtype],
+            extra={"image_resolution": resolution, "source_data": str(data), "padding": int(dataset.padding)},
+            text=text,
+        )
+        writer.info["splits"].update(old_splits)
+        if text_encoder is not None:
+            writer.set_empty_prompt(text_encoder([""]))
+        _encode(dataset, vae, writer, split, batch_size, num_workers, progress, captions, text_encoder)
     return out
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new hidden folder beside ``out`` to write into, moved into ``out`` when the block ends without an error;
+    on an error it is removed, with the folders above ``out`` that this made, so that ``out`` is left as it was."""
+    made = []  # the missing folders above out, outermost first
+    for folder in reversed(out.absolute().parents):
+        if not folder.exists():
+            folder.mkdir(exist_ok=True)
+            made.append(folder)
+    stage = None
+    try:
+        try:
+            stage = _new_folder(out.parent, f".{out.name}.partial-")
+        except PermissionError:  # a folder we may not write to around an existing out of ours: stage inside it
+            if not out.is_dir():
+                raise
+            stage = _new_folder(out, ".partial-")
+        yield stage
+        _move_into_place(stage, out)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder ``parent/<prefix><random>``, made by mkdir (so with the usual permissions, unlike mkdtemp)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def _move_into_place(stage: Path, out: Path) -> None:
+    """``stage`` becomes ``out``: renamed when ``out`` is missing or empty, else its files are moved in (the JSON
+    last), and then the shards of the replaced split that the new JSON no longer lists are removed."""
+    if stage.parent != out and not out.is_symlink() and (not out.exists() or not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()
+        stage.rename(out)
+        return
+    old_files = _listed_files(out) if is_latent_dir(out) else set()
+    for path in sorted(stage.iterdir()):
+        if path.name != INFO_FILE:
+            os.replace(path, out / path.name)
+    os.replace(stage / INFO_FILE, out / INFO_FILE)
+    for name in old_files - _listed_files(out):
+        (out / name).unlink(missing_ok=True)
+    stage.rmdir()
+
+
+def _listed_files(directory: Path) -> set[str]:
+    """The shard files that ``latents.json`` of ``directory`` lists."""
+    return {name for split in read_latent_info(directory)["splits"].values() for name in split["files"]}
 
 
 def _captions(data: str, dataset: DFMDataset) -> list[str]:
@@ -132,8 +207,8 @@ def _image_dataset(data: str, vae: VAE, resolution: int, split: str, upscale: bo
     dataset_kwargs: dict[str, Any] = {}
     if is_latent_dir(Path(data)):
         raise ValueError(f"--data {data} is not an image dataset; pass a folder of images or 'fashion-mnist'")
-    if Path(data).is_dir():
-        dataset_kwargs = {"upscale": upscale, "skip_bad": skip_bad}
+    if Path(data).is_dir():  # errors about too small images name the flag of `dfm prepare`
+        dataset_kwargs = {"upscale": upscale, "skip_bad": skip_bad, "upscale_flag": "--upscale"}
     # No flips: stored latents are of the images as they are. The split picks Fashion-MNIST's files.
     dataset = build_dataset(data, resolution=resolution, train=split != "test", random_flip=False, **dataset_kwargs)
     if dataset.needs_vae or dataset.is_video:
