@@ -12,8 +12,9 @@ from dfm.cli import main as cli
 from dfm.config import RunConfig
 from dfm.data import build_dataset
 from dfm.data.subset import ClassSubset
-from dfm.finetune import convert_one_stage, finetune_config, lift_patch_embedding, load_source, pool_head
+from dfm.finetune import convert_one_stage, finetune_config, load_source
 from dfm.models import DFMDiT, DiTConfig, Preconditioned
+from dfm.models.surgery import lift_patch_embedding, pool_head
 from dfm.presets import get_preset, with_method
 from dfm.resolve import apply_overrides
 from dfm.run import Run

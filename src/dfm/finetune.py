@@ -41,11 +41,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dfm.config import DataConfig, MethodConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, TrainConfig
 from dfm.methods import get_method
 from dfm.models import DFMDiT
+from dfm.models.surgery import lift_patch_embedding, pool_head
 from dfm.presets import get_preset
 from dfm.resolve import resolve
 from dfm.text import diffusers_kind
@@ -53,22 +54,6 @@ from dfm.text import diffusers_kind
 #: DiTConfig fields a target model must share with its one-stage source (everything but the stages)
 SHARED_FIELDS = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio",
                  "num_classes", "pos", "rope_base")  # fmt: skip
-
-
-def lift_patch_embedding(weight: Tensor, channels: int, patch: int, factor: int) -> Tensor:
-    """(D, C p p) weights of a ``p``-patch embedding -> (D, C q q), ``q = p / factor``, that embed a level ``factor``x
-    coarser exactly as the ``p``-patch embeds its nearest-neighbour lift: each ``factor x factor`` block summed."""
-    q = patch // factor
-    w = weight.reshape(weight.shape[0], channels, q, factor, q, factor)
-    return w.sum(dim=(3, 5)).reshape(weight.shape[0], channels * q * q)
-
-
-def pool_head(weight: Tensor, channels: int, patch: int, factor: int) -> Tensor:
-    """(C p p, ...) output rows of a ``p``-patch head -> (C q q, ...), the average over each ``factor x factor``
-    block (average pooling of the head's output, which undoes a nearest lift exactly)."""
-    q = patch // factor
-    w = weight.reshape(channels, q, factor, q, factor, *weight.shape[1:])
-    return w.mean(dim=(2, 4)).reshape(channels * q * q, *weight.shape[1:])
 
 
 def check_compatible(target: DFMDiT, source: DFMDiT) -> None:

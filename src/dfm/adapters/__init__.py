@@ -21,18 +21,16 @@ for LoRA) are optional dependencies (``pip install dfm[finetune]``); they are im
 
 from dfm.adapters.build import ADAPTER_CLASSES, load_adapter, load_saved_adapter
 from dfm.adapters.common import (
-    DEFAULT_LORA_TARGETS,
     AdapterConfig,
     StageAdapter,
     TextCondition,
-    add_lora,
     flux_image_ids,
     fsdp_wrap_modules,
-    lora_target_names,
     pack,
     unpack,
 )
 from dfm.adapters.flux import FluxDFMAdapter
+from dfm.adapters.lora import DEFAULT_LORA_TARGETS, add_lora, lora_target_names
 from dfm.adapters.sd3 import SD3DFMAdapter
 
 __all__ = [

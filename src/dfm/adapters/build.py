@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from dfm.adapters.common import ADAPTER_CONFIG, StageAdapter, add_lora
+from dfm.adapters.common import ADAPTER_CONFIG, StageAdapter
 from dfm.adapters.flux import FluxDFMAdapter
+from dfm.adapters.lora import add_lora
 from dfm.adapters.sd3 import SD3DFMAdapter
 from dfm.text import diffusers_kind
 

@@ -47,7 +47,7 @@ from dfm.adapters.common import (
     unpack,
     zero_,
 )
-from dfm.finetune import lift_patch_embedding, pool_head
+from dfm.models.surgery import lift_patch_embedding, pool_head
 
 PACK = 2  #: FLUX's 2x2 latent packing, the pretrained patch size
 

@@ -7,7 +7,6 @@ written, so ``latest`` always names weights that resume and sample.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfm.checkpoint import atomic_write_text, find_latest, save_checkpoint
+from dfm.checkpoint import find_latest, save_checkpoint
 from dfm.config import RunConfig, config_diff
 from dfm.run import CHECKPOINTS, CONFIG_FILE, adopt_measurements, resume_conflicts
 from dfm.training.distributed import Dist, full_state_dict, load_optimizer_state_dict, optimizer_state_dict
 from dfm.training.ema import TrainableEMA
-from dfm.visual import read_metrics
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingError(RuntimeError):
@@ -102,11 +98,3 @@ def load_training_state(checkpoint: dict, model: nn.Module, optimizer: torch.opt
     scheduler.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["rng_cpu"])
     return int(st["step"])
-
-
-def truncate_log(run_dir: Path, step: int) -> None:
-    """Drop log lines written after ``step`` (a resumed run writes them again), and a last line torn by a crash."""
-    f = run_dir / METRICS_FILE
-    if f.is_file():
-        keep = [row for row in read_metrics(f) if row.get("step", 0) <= step]
-        atomic_write_text(f, "".join(json.dumps(row) + "\n" for row in keep))

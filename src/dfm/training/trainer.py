@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from dfm.checkpoint import atomic_write_text, clean_leftovers, ensure_writable, find_latest, load_checkpoint
 from dfm.config import RunConfig
@@ -40,8 +39,8 @@ from dfm.text import TextCondition
 from dfm.training.data import EpochIndexer, measure_stds, open_dataset, step_seed
 from dfm.training.distributed import Dist, all_finite, wrap
 from dfm.training.ema import TrainableEMA, create_ema, ema_decay_at, update_ema
+from dfm.training.log import METRICS_FILE, TrainingLog, truncate_log
 from dfm.training.state import (
-    METRICS_FILE,
     TrainingError,
     ema_state,
     load_training_state,
@@ -49,7 +48,6 @@ from dfm.training.state import (
     model_state,
     resume_checkpoint,
     save,
-    truncate_log,
 )
 from dfm.visual import plot_losses
 
@@ -263,53 +261,32 @@ class Trainer:
     # -- loop ------------------------------------------------------------------------------------------------
     def fit(self) -> Path:
         tc = self.cfg.train
-        bar = writer = metrics = None
-        if self.d.main and self.progress:
-            bar = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0)
-        if self.d.main and tc.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise TrainingError("train.tensorboard needs tensorboard: pip install 'dfm[tensorboard]'") from err
-            writer = SummaryWriter(str(self.run_dir / "tb"))
+        log = None
         if self.d.main:
-            metrics = open(self.run_dir / METRICS_FILE, "a")
+            log = TrainingLog(self.run_dir, tc.steps, self.step, self.progress, tc.tensorboard)
         tic, imgs = time.perf_counter(), 0
         try:
             while self.step < tc.steps:
                 row = self.train_step()
                 imgs += tc.batch_size
-                if bar is not None:
-                    bar.update(1)
+                if log is not None:
+                    log.step()
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     now = time.perf_counter()
                     row["images_per_s"] = imgs / max(now - tic, 1e-9)
                     tic, imgs = now, 0
-                    self._log(row, metrics, bar, writer)
+                    if log is not None:
+                        log.write(row)
                 if (tc.ckpt_every and self.step % tc.ckpt_every == 0) or self.step == tc.steps:
                     self.save()
                 if tc.sample_every and self.step % tc.sample_every == 0 and self.step != tc.steps:
                     self.write_samples()
         finally:
-            for handle in (bar, metrics, writer):
-                if handle is not None:
-                    handle.close()
+            if log is not None:
+                log.close()
         self.write_samples()
         ema = self.ema_model()
         if ema is not None:
             plot_losses(self.run_dir / METRICS_FILE, self.run_dir / "loss.png")
             Run.save_pretrained(ema, self.run_dir / PRETRAINED, self.cfg, self.spec)
         return self.run_dir
-
-    def _log(self, row: dict, metrics, bar, writer) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-        if bar is not None:
-            stages = " ".join(f"{v:.3f}" for v in row["stage_loss"])
-            bar.set_postfix_str(f"loss {row['loss']:.4f} [{stages}] {row['images_per_s']:.0f} img/s")
-        if writer is not None:
-            writer.add_scalar("loss", row["loss"], self.step)
-            for s, v in enumerate(row["stage_loss"]):
-                writer.add_scalar(f"stage_loss/{s + 1}", v, self.step)
-            writer.add_scalar("lr", row["lr"], self.step)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 
@@ -13,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from dfm.baselines.conditioned_dit import ConditionedDiT
-from dfm.decomposition import _INTERP_MODES
+from dfm.decomposition.base import _INTERP_MODES
 from dfm.models.config import DiTConfig
 from dfm.models.dit import DFMDiT
 from dfm.models.precondition import flow_preconditioning
+from dfm.models.surgery import repeat_head, spread_patch_embedding
 
 CASCADE_CONFIG = "cascade.json"
 MODEL_TYPE = "dfm-cascade"
@@ -153,22 +153,6 @@ class CascadeModel(nn.Module):
         return model.to(device)
 
 
-def _lift_patch_weight(w: Tensor, channels: int, factor: int) -> Tensor:
-    """Patch embedding (D, C q q) for patch q -> (D, C p p) for p = f q that embeds a nearest-upsampled image
-    exactly like the original embeds the small one: each weight is spread over its f x f sub-block, / f²."""
-    d, q = w.shape[0], math.isqrt(w.shape[1] // channels)
-    w = w.reshape(d, channels, q, q).repeat_interleave(factor, 2).repeat_interleave(factor, 3)
-    return w.reshape(d, -1) / factor**2
-
-
-def _lift_head(w: Tensor, channels: int, factor: int) -> Tensor:
-    """Head rows (C q q, ...) -> (C p p, ...): every fine pixel of a block predicts what its coarse pixel did."""
-    rest = w.shape[1:]
-    q = math.isqrt(w.shape[0] // channels)
-    w = w.reshape(channels, q, q, *rest).repeat_interleave(factor, 1).repeat_interleave(factor, 2)
-    return w.reshape(-1, *rest)
-
-
 @torch.no_grad()
 def init_stage2_from_stage1(stage2: ConditionedDiT, stage1: DFMDiT) -> list[str]:
     """Copy the stage-1 weights into stage 2 where shapes allow; returns the names left at their initialisation.
@@ -186,12 +170,12 @@ def init_stage2_from_stage1(stage2: ConditionedDiT, stage1: DFMDiT) -> list[str]
     src = stage1.state_dict()
     c = c2.in_channels
     lifted = {
-        "x_embedders.0.weight": _lift_patch_weight(src["x_embedders.0.weight"], c, factor),
+        "x_embedders.0.weight": spread_patch_embedding(src["x_embedders.0.weight"], c, factor),
         "x_embedders.0.bias": src["x_embedders.0.bias"],
-        "cond_embedder.weight": _lift_patch_weight(src["x_embedders.0.weight"], c, factor),
+        "cond_embedder.weight": spread_patch_embedding(src["x_embedders.0.weight"], c, factor),
         "cond_embedder.bias": src["x_embedders.0.bias"],
-        "final_layers.0.linear.weight": _lift_head(src["final_layers.0.linear.weight"], c, factor),
-        "final_layers.0.linear.bias": _lift_head(src["final_layers.0.linear.bias"], c, factor),
+        "final_layers.0.linear.weight": repeat_head(src["final_layers.0.linear.weight"], c, factor),
+        "final_layers.0.linear.bias": repeat_head(src["final_layers.0.linear.bias"], c, factor),
     }
     for key, value in src.items():
         if key.startswith("t_embedders.0."):

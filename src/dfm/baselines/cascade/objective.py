@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dfm.baselines.common import mse_per_sample, stage_statistics
-from dfm.decomposition import _INTERP_MODES, _resize, downsample
+from dfm.decomposition.base import _INTERP_MODES, _resize, downsample
 from dfm.objective import LossOutput, logit_normal, randn
 
 

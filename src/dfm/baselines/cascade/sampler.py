@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from dfm.config import SamplerConfig
-from dfm.decomposition import _resize
+from dfm.decomposition.base import _resize
 from dfm.sampling import (
     PreviewCallback,
     SampleOutput,

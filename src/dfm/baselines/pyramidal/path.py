@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dfm.decomposition import Decomposition, _block_mean, _block_repeat, _normalise_factors
+from dfm.decomposition.base import Decomposition, _block_mean, _block_repeat, _normalise_factors
 from dfm.models.precondition import Coefficients, flow_preconditioning
 
 
