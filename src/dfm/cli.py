@@ -16,6 +16,7 @@ from dfm.autoencoder import add_autoencoder_parser
 from dfm.bench.cli import add_bench_parser
 from dfm.checkpoint import describe_os_error
 from dfm.config import RunConfig
+from dfm.data.photos import add_data_parser
 from dfm.data.prepare import add_prepare_parser
 from dfm.eval.cli import add_eval_parser
 from dfm.finetune import diffusers_finetune_config, finetune_config
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_eval_parser(sub)
     add_prepare_parser(sub)
+    add_data_parser(sub)
     return parser
 
 
