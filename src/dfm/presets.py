@@ -59,18 +59,10 @@ def _quickstart() -> RunConfig:
 
 def _fashion_mnist() -> RunConfig:
     # The method.md section 9 setting (1.3M DiT, 64 tokens, 3,000 steps of batch 64) with the Fashion-MNIST method.
-    method, sampler = _fmnist()
-    return RunConfig(
-        method=method,
-        sampler=sampler,
-        model=ModelConfig("DFM-DiT-Tiny"),
-        data=DataConfig("fashion-mnist", resolution=32),
-        optim=OptimConfig(lr=1e-3, warmup_steps=200, ema_decay=0.999),
-        train=TrainConfig(
-            steps=3000, batch_size=64, precision="fp32", log_every=50, sample_every=1000, ckpt_every=1000
-        ),
-        preset="fmnist-dfm",
-    )
+    cfg = _quickstart()
+    cfg.train = TrainConfig(steps=3000, batch_size=64, precision="fp32", log_every=50, sample_every=1000,
+                            ckpt_every=1000)  # fmt: skip
+    return cfg
 
 
 def _imagenet512(model: str, steps: int) -> RunConfig:

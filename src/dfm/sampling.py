@@ -64,12 +64,16 @@ class SampleOutput:
 class Sampler:
     """The contract of every method's sampler: integrate ``model`` from noise (t = 0) to data (t = 1).
 
-    Subclasses implement :meth:`sample`; :meth:`network_evaluations` counts the network calls of one sample.
+    :meth:`sample` checks the settings, prepares guidance and draws the noise, the same for every sampler; a
+    subclass says what noise it needs (:meth:`noise_shapes`) and integrates it (:meth:`integrate`).
+    :meth:`network_evaluations` counts the network calls of one sample.
     """
 
+    num_stages: int = 1
     #: how many separate time grids of the sampler end on the data (each costs Heun one evaluation less)
     grids: int = 1
 
+    @torch.no_grad()
     def sample(
         self,
         model: Any,
@@ -92,16 +96,50 @@ class Sampler:
             y: (B,) class labels, a :class:`~dfm.text.TextCondition` (text models), or None (unconditional).
             settings: steps per stage, thresholds, solver, guidance, time shift.
             seeds: one seed per sample (batch-independent noise); otherwise ``generator`` or the global RNG.
-            noise: explicit initial noise (overrides seeds and generator), as :func:`initial_noise` returns it.
+            noise: explicit initial noise (overrides seeds and generator), of :meth:`noise_shapes`.
             null_class: label of the unconditional branch; default ``model.null_class`` (text: the condition of
                 the unconditional branch, default ``model.null_condition(B)``).
             callback: called as ``callback(stage, preview)`` when a stage is done.
         """
+        settings.validate(self.num_stages)
+        shapes = [tuple(int(d) for d in s) for s in self.noise_shapes(shape)]
+        guidance = Guidance(*prepare_guidance(model, y, shapes[0][0], settings.stage_guidance(self.num_stages),
+                                              null_class, device))  # fmt: skip
+        if noise is not None:
+            x = [n.to(device=device, dtype=torch.float32).clone() for n in noise]
+            if [tuple(n.shape) for n in x] != shapes:
+                raise ValueError(f"noise shapes {[tuple(n.shape) for n in x]} do not match {shapes}")
+        else:
+            x = initial_noise(shapes, seeds, generator, device)
+        return self.integrate(model, x, shape, guidance, settings, callback)
+
+    def noise_shapes(self, shape: Sequence[int]) -> list[Sequence[int]]:
+        """The shapes of the Gaussian noise :meth:`integrate` starts from (and, e.g., re-noises with)."""
+        raise NotImplementedError
+
+    def integrate(self, model: Any, noise: list[Tensor], shape: Sequence[int], guidance: Guidance,
+                  settings: SamplerConfig, callback: PreviewCallback | None) -> SampleOutput:  # fmt: skip
+        """From the noise of :meth:`noise_shapes` to samples of ``shape``."""
         raise NotImplementedError
 
     def network_evaluations(self, settings: SamplerConfig) -> int:
         """Network evaluations of one sample (without guidance's doubled batch)."""
         return settings.network_evaluations(self.grids)
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance of a batch, as :func:`prepare_guidance` checked it: one scale per stage (all 1
+    when there is none), the unconditional label or condition, and the labels."""
+
+    scales: list[float]
+    null_class: int | TextCondition | None
+    y: Tensor | TextCondition | None
+
+    def velocity(self, forward: Callable[[list, Any], Sequence[Tensor]], inputs: list,
+                 scales: Sequence[float] | None = None) -> list[Tensor]:  # fmt: skip
+        """:func:`guided_velocity` with these labels (``scales``: of the outputs, default every stage's)."""
+        return guided_velocity(forward, inputs, self.y, self.scales if scales is None else scales, self.null_class)
 
 
 def initial_noise(
@@ -229,40 +267,19 @@ class StageSampler(Sampler):
 
     def __init__(self, decomposition: Decomposition) -> None:
         self.decomposition = decomposition
+        self.num_stages = decomposition.num_stages
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: VelocityModel,
-        shape: Sequence[int],
-        y: Tensor | TextCondition | None = None,
-        *,
-        settings: SamplerConfig,
-        seeds: Sequence[int] | None = None,
-        generator: torch.Generator | None = None,
-        noise: Sequence[Tensor] | None = None,
-        null_class: int | TextCondition | None = None,
-        device: torch.device | str | None = None,
-        callback: PreviewCallback | None = None,
-    ) -> SampleOutput:
-        decomposition = self.decomposition
-        num_stages = decomposition.num_stages
-        settings.validate(num_stages)
+    def noise_shapes(self, shape: Sequence[int]) -> list[Sequence[int]]:
+        return self.decomposition.level_shapes(shape)
+
+    def integrate(self, model: VelocityModel, noise: list[Tensor], shape: Sequence[int], guidance: Guidance,
+                  settings: SamplerConfig, callback: PreviewCallback | None) -> SampleOutput:  # fmt: skip
+        decomposition, num_stages = self.decomposition, self.num_stages
         schedule = StageSchedule.from_settings(settings, shape)
-        shapes = decomposition.level_shapes(shape)
-        b = shapes[0][0]
-        scales, null_class, y = prepare_guidance(model, y, b, settings.stage_guidance(num_stages), null_class, device)
-
-        if noise is not None:
-            x = [n.to(device=device, dtype=torch.float32).clone() for n in noise]
-            if [tuple(n.shape) for n in x] != [tuple(s) for s in shapes]:
-                raise ValueError(f"noise shapes {[tuple(n.shape) for n in x]} do not match levels {shapes}")
-        else:
-            x = initial_noise(shapes, seeds, generator, device)
-
-        grid = schedule.grid.to(device=device, dtype=torch.float32)
-        active = schedule.active.to(device)
-        generated = schedule.main_stage.to(device)
+        x, b = noise, noise[0].shape[0]
+        grid = schedule.grid.to(device=x[0].device, dtype=torch.float32)
+        active = schedule.active.to(x[0].device)
+        generated = schedule.main_stage.to(x[0].device)
 
         def velocity(levels: list[Tensor], n: int, t_row: Tensor) -> list[Tensor]:
             mask = active[n]
@@ -270,7 +287,7 @@ class StageSampler(Sampler):
             t = t_row.expand(b, num_stages)
             main_stage = generated[n].expand(b)
             forward = lambda a, labels: model(a[:-2], a[-2], labels, a[-1])  # noqa: E731
-            return guided_velocity(forward, [*inputs, t, main_stage], y, scales, null_class)
+            return guidance.velocity(forward, [*inputs, t, main_stage])
 
         previews: list[Tensor] = []
         stage_ends = set(schedule.stage_ends)

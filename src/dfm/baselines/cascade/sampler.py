@@ -11,15 +11,12 @@ from torch import Tensor
 from dfm.config import SamplerConfig
 from dfm.decomposition.base import _resize
 from dfm.sampling import (
+    Guidance,
     PreviewCallback,
     SampleOutput,
     Sampler,
-    guided_velocity,
-    initial_noise,
     ode_step,
-    prepare_guidance,
 )
-from dfm.text import TextCondition
 
 
 def _integrate(velocity, x: Tensor, steps: int, solver: str) -> Tensor:
@@ -47,53 +44,39 @@ class CascadeSampler(Sampler):
     """
 
     grids = 2  # each model integrates to t = 1
+    num_stages = 2
 
     def __init__(self, factor: int = 2, mode: str = "bilinear", cond_noise: float = 0.025) -> None:
         if not 0.0 <= cond_noise < 1.0:
             raise ValueError(f"cond_noise={cond_noise} must be in [0, 1)")
         self.factor, self.mode, self.cond_noise = int(factor), mode, float(cond_noise)
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: Any,
-        shape: Sequence[int],
-        y: Tensor | TextCondition | None = None,
-        *,
-        settings: SamplerConfig,
-        seeds: Sequence[int] | None = None,
-        generator: torch.Generator | None = None,
-        noise: Sequence[Tensor] | None = None,
-        null_class: int | TextCondition | None = None,
-        device: torch.device | str | None = None,
-        callback: PreviewCallback | None = None,
-    ) -> SampleOutput:
-        settings.validate(2)
-        factor, steps = self.factor, settings.steps
-        shape = tuple(int(s) for s in shape)
+    def noise_shapes(self, shape: Sequence[int]) -> list[Sequence[int]]:
+        """Stage 1's noise at low resolution, stage 2's at full resolution, the conditioning noise at low."""
+        shape, factor = tuple(int(s) for s in shape), self.factor
         if shape[-2] % factor or shape[-1] % factor:
             raise ValueError(f"shape {shape} is not divisible by the cascade factor {factor}")
-        low_shape = (*shape[:-2], shape[-2] // factor, shape[-1] // factor)
-        b = shape[0]
-        scales, null_class, y = prepare_guidance(model, y, b, settings.stage_guidance(2), null_class, device)
-        if noise is None:
-            noise = initial_noise([low_shape, shape, low_shape], seeds, generator, device)
-        eps_low, eps_full, eps_cond = (n.to(device) for n in noise)
+        low = (*shape[:-2], shape[-2] // factor, shape[-1] // factor)
+        return [low, shape, low]
+
+    def integrate(self, model: Any, noise: list[Tensor], shape: Sequence[int], guidance: Guidance,
+                  settings: SamplerConfig, callback: PreviewCallback | None) -> SampleOutput:  # fmt: skip
+        eps_low, eps_full, eps_cond = noise
+        b, steps = eps_full.shape[0], settings.steps
 
         def guided(stage: int, x: Tensor, t: float, cond: Tensor | None = None, cond_t: Tensor | None = None) -> Tensor:
             # Both branches see the conditioning image; only the label differs.
             forward = lambda a, labels: [model(a[0], a[1], labels, stage, a[2], a[3])]  # noqa: E731
             t_batch = torch.full((b,), t, device=x.device)
-            return guided_velocity(forward, [x, t_batch, cond, cond_t], y, [scales[stage]], null_class)[0]
+            return guidance.velocity(forward, [x, t_batch, cond, cond_t], [guidance.scales[stage]])[0]
 
-        low = _integrate(lambda x, t: guided(0, x, t), eps_low.float(), int(steps[0]), settings.solver)
+        low = _integrate(lambda x, t: guided(0, x, t), eps_low, int(steps[0]), settings.solver)
         if callback is not None:
             callback(0, low)
         t_c = 1.0 - self.cond_noise
-        cond = _resize(t_c * low + (1 - t_c) * eps_cond.float(), tuple(shape[2:]), self.mode)
+        cond = _resize(t_c * low + (1 - t_c) * eps_cond, tuple(eps_full.shape[2:]), self.mode)
         cond_t = torch.full((b,), t_c, device=low.device)
-        images = _integrate(lambda x, t: guided(1, x, t, cond, cond_t), eps_full.float(), int(steps[1]),
-                            settings.solver)  # fmt: skip
+        images = _integrate(lambda x, t: guided(1, x, t, cond, cond_t), eps_full, int(steps[1]), settings.solver)
         if callback is not None:
             callback(1, images)
         return SampleOutput(images, [low, images], [low, images])

@@ -11,15 +11,12 @@ from dfm.baselines.pyramidal.path import PyramidalPath
 from dfm.config import SamplerConfig
 from dfm.objective import VelocityModel
 from dfm.sampling import (
+    Guidance,
     PreviewCallback,
     SampleOutput,
     Sampler,
-    guided_velocity,
-    initial_noise,
     ode_step,
-    prepare_guidance,
 )
-from dfm.text import TextCondition
 
 
 @torch.no_grad()
@@ -49,31 +46,17 @@ class PyramidalSampler(Sampler):
 
     def __init__(self, path: PyramidalPath) -> None:
         self.path = path
+        self.num_stages = path.num_stages
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: VelocityModel,
-        shape: Sequence[int],
-        y: Tensor | TextCondition | None = None,
-        *,
-        settings: SamplerConfig,
-        seeds: Sequence[int] | None = None,
-        generator: torch.Generator | None = None,
-        noise: Sequence[Tensor] | None = None,
-        null_class: int | TextCondition | None = None,
-        device: torch.device | str | None = None,
-        callback: PreviewCallback | None = None,
-    ) -> SampleOutput:
-        path = self.path
-        k_count = path.num_stages
-        settings.validate(k_count)
-        steps = settings.steps
-        shapes = path.decomposition.level_shapes(shape)
+    def noise_shapes(self, shape: Sequence[int]) -> list[Sequence[int]]:
+        """Stage 0's start noise, then the i.i.d. normals of every jump at its stage's resolution."""
+        return self.path.decomposition.level_shapes(shape)
+
+    def integrate(self, model: VelocityModel, noise: list[Tensor], shape: Sequence[int], guidance: Guidance,
+                  settings: SamplerConfig, callback: PreviewCallback | None) -> SampleOutput:  # fmt: skip
+        path, k_count = self.path, self.num_stages
+        shapes = [tuple(n.shape) for n in noise]
         b = shapes[0][0]
-        scales, null_class, y = prepare_guidance(model, y, b, settings.stage_guidance(k_count), null_class, device)
-        # Start noise of stage 0 first, then the i.i.d. normals of every jump, all drawn from each sample's seed.
-        draws = [n.to(device) for n in noise] if noise is not None else initial_noise(shapes, seeds, generator, device)
 
         def velocity(x: Tensor, stage: int, t: float) -> Tensor:
             # Only the current stage's input is non-zero; its time slot holds the global time.
@@ -82,14 +65,14 @@ class PyramidalSampler(Sampler):
             times[:, stage] = t
             stage_t = torch.full((b,), stage, dtype=torch.long, device=x.device)
             forward = lambda a, labels: [model(a[:-2], a[-2], labels, a[-1])[stage]]  # noqa: E731
-            return guided_velocity(forward, [*levels, times, stage_t], y, [scales[stage]], null_class)[0]
+            return guidance.velocity(forward, [*levels, times, stage_t], [guidance.scales[stage]])[0]
 
-        x = draws[0].float()
+        x = noise[0]
         ends, previews = [], []
         for k in range(k_count):
             if k > 0:
-                x = path.renoise(x, k, draws[k].float())
-            x, v = _integrate_window(lambda xk, t, k=k: velocity(xk, k, t), x, path.window(k), int(steps[k]),
+                x = path.renoise(x, k, noise[k])
+            x, v = _integrate_window(lambda xk, t, k=k: velocity(xk, k, t), x, path.window(k), int(settings.steps[k]),
                                      settings.solver)  # fmt: skip
             ends.append(x)
             e, s = path.end_coef(k), path.start_coef(k)
