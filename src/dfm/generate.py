@@ -43,6 +43,7 @@ from dfm.config import RunConfig, SamplerConfig
 from dfm.methods import get_method
 from dfm.outputs import crop_border
 from dfm.run import DataSpec, Run
+from dfm.sampling import SampleOutput, SamplingState, StageSampler
 from dfm.text import TextCondition
 from dfm.visual import grid_columns, image_grid, progression_grid, save_gif, save_png
 
@@ -55,8 +56,9 @@ class Generation:
     """What :meth:`Generator.generate` returns, on the CPU, decoded to pixels in [-1, 1] (with the data set's
     padding: :meth:`Generator.crop` drops it)."""
 
-    images: Tensor  #: (N, C, H, W), or (N, C, T, H, W) clips
+    images: Tensor  #: (N, C, H, W), or (N, C, T, H, W) clips (stopped with ``until_stage``: that stage's previews)
     previews: list[Tensor]  #: one per stage, coarse to fine (exact previews at the stage's resolution)
+    state: SamplingState | None = None  #: where a sampling stopped with ``until_stage`` stands (model space)
 
 
 class Generator:
@@ -159,36 +161,178 @@ class Generator:
         precision: str = "fp32",
         progress: bool = False,
         callback: StageCallback | None = None,
+        until_stage: int | None = None,
     ) -> Generation:
         """One image per seed (class ``labels[i]``, or text condition row i), with ``settings`` (default: the
-        run's sampler); ``callback(stage, preview)`` receives each batch's decoded previews as they are ready."""
+        run's sampler); ``callback(stage, preview)`` receives each batch's decoded previews as they are ready.
+
+        ``until_stage=k`` stops when stage k (0-based) reaches its threshold: the images are that stage's
+        previews, and ``state`` is where the sampling stands, for :meth:`refine`."""
+        settings = (settings or self.config.sampler).validate(self.stages)
+        options = {} if until_stage is None else {"until_stage": self._stage(until_stage, "stop after")}
+        shape = self.spec.sample_shape
+
+        def run(lo: int, hi: int, y: Any, on_stage: Any) -> SampleOutput:
+            return self.sampler.sample(self.model, (hi - lo, *shape), y, settings=settings,
+                                       seeds=[int(s) for s in seeds[lo:hi]], device=self.device, callback=on_stage,
+                                       **options)  # fmt: skip
+
+        return self._batches(len(seeds), labels, batch_size, precision, progress, callback, run)
+
+    @torch.no_grad()
+    def refine(
+        self,
+        state: SamplingState,
+        labels: Sequence[int] | TextCondition | None = None,
+        settings: SamplerConfig | None = None,
+        *,
+        batch_size: int = 64,
+        precision: str = "fp32",
+        progress: bool = False,
+        callback: StageCallback | None = None,
+    ) -> Generation:
+        """Finish samplings stopped by ``generate(..., until_stage=k)`` (``state``, or ``state.select(...)`` of the
+        ones worth finishing), with the settings they started with: each image is the one an uninterrupted
+        ``generate`` gives for its seed, bit for bit when the images are finished in the same batches."""
+        sampler = self._dfm_sampler("refine")
+        settings = (settings or self.config.sampler).validate(self.stages)
+
+        def run(lo: int, hi: int, y: Any, on_stage: Any) -> SampleOutput:
+            part = state.select(range(lo, hi))
+            return sampler.resume(self.model, part, y, settings=settings, device=self.device, callback=on_stage)
+
+        return self._batches(state.levels[0].shape[0], labels, batch_size, precision, progress, callback, run)
+
+    @torch.no_grad()
+    def upscale(
+        self,
+        images: Tensor,
+        seeds: Sequence[int],
+        labels: Sequence[int] | None = None,
+        settings: SamplerConfig | None = None,
+        *,
+        batch_size: int = 64,
+        precision: str = "fp32",
+        progress: bool = False,
+        callback: StageCallback | None = None,
+    ) -> Generation:
+        """Images of the model's resolution from low-resolution ``images`` (N, C, h, w) in [-1, 1], pixels at the
+        resolution of a coarse stage: they become the coarse levels, clean and held fixed, and the model generates
+        only the finer levels (seed i for image i). A super-resolution from a model trained for generation."""
+        sampler = self._dfm_sampler("upscale")
+        if self.decoder is not None:
+            raise ValueError("upscale works on pixel-space runs: a latent run's coarse level is a latent, not an image")
+        shapes = sampler.decomposition.level_shapes((images.shape[0], *self.spec.sample_shape))
+        stage = next((k for k, s in enumerate(shapes[:-1]) if tuple(images.shape) == s), None)
+        if stage is None:
+            sizes = " or ".join("x".join(map(str, s[2:])) for s in shapes[:-1])
+            raise ValueError(f"images of {tuple(images.shape[1:])}: this model upscales {shapes[0][1]}-channel "
+                             f"images of {sizes} (the resolution of a coarse stage)")  # fmt: skip
+        given = sampler.decomposition.coarse_levels(images.float(), stage)
+        return self._given(given, seeds, labels, settings, batch_size, precision, progress, callback)
+
+    @torch.no_grad()
+    def vary(
+        self,
+        seed: int,
+        seeds: Sequence[int],
+        label: int | None = None,
+        settings: SamplerConfig | None = None,
+        *,
+        keep: int = 1,
+        batch_size: int = 64,
+        precision: str = "fp32",
+        progress: bool = False,
+        callback: StageCallback | None = None,
+    ) -> Generation:
+        """Variations of the image of ``seed`` (class ``label``): its first ``keep`` levels, as generated, are kept
+        clean and held, and the finer levels are generated again from each of ``seeds``: same composition, new
+        detail. Returns the variations (the image of ``seed`` itself is ``generate([seed], [label])``)."""
+        sampler = self._dfm_sampler("vary the detail")
+        if not 1 <= keep < self.stages:
+            raise ValueError(
+                f"keep={keep}: keep 1 to {self.stages - 1} coarse levels of this {self.stages}-stage model"
+            )
+        settings = (settings or self.config.sampler).validate(self.stages)
+        y = None if label is None else torch.tensor([int(label)], device=self.device)
+        with self._autocast(precision):
+            base = sampler.sample(self.model, (1, *self.spec.sample_shape), y, settings=settings, seeds=[int(seed)],
+                                  device=self.device)  # fmt: skip
+        labels = None if label is None else [int(label)] * len(seeds)
+        given = [lv.expand(len(seeds), *lv.shape[1:]) for lv in base.levels[:keep]]
+        return self._given(given, seeds, labels, settings, batch_size, precision, progress, callback)
+
+    def _given(self, given: list[Tensor], seeds: Sequence[int], labels: Sequence[int] | None,
+               settings: SamplerConfig | None, batch_size: int, precision: str, progress: bool,
+               callback: StageCallback | None) -> Generation:  # fmt: skip
+        """Sampling with the first levels given (clean, held): :meth:`upscale` and :meth:`vary`."""
+        if len(seeds) != given[0].shape[0]:
+            raise ValueError(f"give one seed per image: {len(seeds)} seeds for {given[0].shape[0]} images")
+        settings = (settings or self.config.sampler).validate(self.stages)
+        shape = self.spec.sample_shape
+
+        def run(lo: int, hi: int, y: Any, on_stage: Any) -> SampleOutput:
+            part = [lv[lo:hi].to(self.device) for lv in given]
+            return self.sampler.sample(self.model, (hi - lo, *shape), y, settings=settings,
+                                       seeds=[int(s) for s in seeds[lo:hi]], device=self.device, callback=on_stage,
+                                       given=part)  # fmt: skip
+
+        return self._batches(len(seeds), labels, batch_size, precision, progress, callback, run)
+
+    def _batches(self, count: int, labels: Sequence[int] | TextCondition | None, batch_size: int, precision: str,
+                 progress: bool, callback: StageCallback | None,
+                 run: Callable[[int, int, Any, Any], SampleOutput]) -> Generation:  # fmt: skip
+        """``run(lo, hi, labels, on_stage)`` for every batch, its outputs decoded and gathered on the CPU."""
         if batch_size < 1:
             raise ValueError(f"batch size {batch_size} must be >= 1")
-        settings = (settings or self.config.sampler).validate(self.stages)
         device = self.device
         images: list[Tensor] = []
         previews: list[list[Tensor]] = []
-        batches = range(0, len(seeds), batch_size)
+        states: list[SamplingState] = []
+        batches = range(0, count, batch_size)
         if progress:
             batches = tqdm(batches, desc="sample", unit="batch", dynamic_ncols=True)
         for lo in batches:
-            sd = [int(s) for s in seeds[lo : lo + batch_size]]
+            hi = min(lo + batch_size, count)
             if isinstance(labels, TextCondition):
-                y = labels[lo : lo + batch_size].to(device)
+                y = labels[lo:hi].to(device)
             else:
-                y = None if labels is None else torch.as_tensor(list(labels[lo : lo + batch_size]), device=device)
+                y = None if labels is None else torch.as_tensor(list(labels[lo:hi]), device=device)
             on_stage = None
             if callback is not None:
                 on_stage = lambda stage, preview: callback(stage, self._decode_preview(preview))  # noqa: E731
             with self._autocast(precision):
-                out = self.sampler.sample(self.model, (len(sd), *self.spec.sample_shape), y, settings=settings,
-                                          seeds=sd, device=device, callback=on_stage)  # fmt: skip
-            images.append(self._decode(out.images.float()).cpu())
+                out = run(lo, hi, y, on_stage)
+            stopped = out.state is not None
+            decode = self._decode_preview if stopped else self._decode
+            images.append(decode(out.images.float()).cpu())
             batch_previews = [self._decode_preview(p.float()).cpu() for p in out.previews]
             previews = previews or [[] for _ in batch_previews]
             for stage, p in enumerate(batch_previews):
                 previews[stage].append(p)
-        return Generation(torch.cat(images), [torch.cat(p) for p in previews])
+            if stopped:
+                st = out.state
+                states.append(SamplingState([lv.cpu() for lv in st.levels], st.step, st.stage,
+                                            [p.cpu() for p in st.previews]))  # fmt: skip
+        state = SamplingState.cat(states) if states else None
+        return Generation(torch.cat(images), [torch.cat(p) for p in previews], state)
+
+    def _stage(self, stage: int, what: str) -> int:
+        self._dfm_sampler(what)
+        if not 0 <= stage < self.stages - 1:
+            raise ValueError(f"{what} stage {stage + 1}: this model has {self.stages} stages; choose 1 to "
+                             f"{self.stages - 1} (the last stage ends the sampling)")  # fmt: skip
+        return stage
+
+    def _dfm_sampler(self, what: str) -> StageSampler:
+        """DFM's sampler, for what only a model whose stages have their own noise and time can do."""
+        if not isinstance(self.sampler, StageSampler) or self.stages < 2:
+            kinds = {"fm": "one-stage Flow Matching", "cascade": "a two-model cascade",
+                     "pyramidal": "Pyramidal Flow (one noise re-noised across stages)"}  # fmt: skip
+            kind = kinds.get(self.config.method.name, self.config.method.name)
+            raise ValueError(f"{what}: this run is {kind}; it needs a DFM model, whose stages each have their own "
+                             "noise and time")  # fmt: skip
+        return self.sampler
 
     def _autocast(self, precision: str) -> contextlib.AbstractContextManager[Any]:
         if precision not in ("fp32", "bf16"):

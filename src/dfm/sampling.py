@@ -59,6 +59,40 @@ class SampleOutput:
     images: Tensor  #: final samples, recomposed at full resolution
     levels: list[Tensor]  #: final per-stage levels
     previews: list[Tensor] = field(default_factory=list)  #: one per stage, at that stage's resolution
+    #: a sampling stopped after a stage (``until_stage``): where it stands, to continue with ``StageSampler.resume``
+    state: SamplingState | None = None
+
+
+@dataclass
+class SamplingState:
+    """A DFM sampling stopped at the end of stage ``stage``, after ``step`` steps of its grid.
+
+    ``levels`` hold every stage's state there (later stages still their starting noise), ``previews`` the previews
+    of stages 0..``stage``. The rest of the sampling depends on nothing else, so :meth:`StageSampler.resume` with
+    the same settings continues it exactly: for the same samples in the same batch, bit for bit.
+    """
+
+    levels: list[Tensor]
+    step: int
+    stage: int
+    previews: list[Tensor]
+
+    def select(self, index: Tensor | Sequence[int]) -> SamplingState:
+        """The state of some of the samples (``index`` into the batch)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return SamplingState(
+            [lv[index] for lv in self.levels], self.step, self.stage, [p[index] for p in self.previews]
+        )
+
+    @staticmethod
+    def cat(states: Sequence[SamplingState]) -> SamplingState:
+        """The states of several batches as one (they must have stopped at the same stage)."""
+        if len({(s.step, s.stage) for s in states}) != 1:
+            raise ValueError("these sampling states stopped at different stages")
+        first = states[0]
+        levels = [torch.cat([s.levels[i] for s in states]) for i in range(len(first.levels))]
+        previews = [torch.cat([s.previews[i] for s in states]) for i in range(len(first.previews))]
+        return SamplingState(levels, first.step, first.stage, previews)
 
 
 class Sampler:
@@ -72,6 +106,8 @@ class Sampler:
     num_stages: int = 1
     #: how many separate time grids of the sampler end on the data (each costs Heun one evaluation less)
     grids: int = 1
+    #: the options beyond the contract that :meth:`sample` passes on to :meth:`integrate`
+    options: tuple[str, ...] = ()
 
     @torch.no_grad()
     def sample(
@@ -87,6 +123,7 @@ class Sampler:
         null_class: int | TextCondition | None = None,
         device: torch.device | str | None = None,
         callback: PreviewCallback | None = None,
+        **options: Any,
     ) -> SampleOutput:
         """Generate ``shape[0]`` samples.
 
@@ -100,8 +137,14 @@ class Sampler:
             null_class: label of the unconditional branch; default ``model.null_class`` (text: the condition of
                 the unconditional branch, default ``model.null_condition(B)``).
             callback: called as ``callback(stage, preview)`` when a stage is done.
+            options: what a sampler offers beyond the contract (:class:`StageSampler`: ``until_stage``, ``given``).
         """
         settings.validate(self.num_stages)
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: {type(self).__name__} cannot do that; stopping after a stage "
+                             "and giving coarse levels need DFM's sampler (stages with their own noise and "
+                             "time)")  # fmt: skip
         shapes = [tuple(int(d) for d in s) for s in self.noise_shapes(shape)]
         guidance = Guidance(*prepare_guidance(model, y, shapes[0][0], settings.stage_guidance(self.num_stages),
                                               null_class, device))  # fmt: skip
@@ -111,14 +154,15 @@ class Sampler:
                 raise ValueError(f"noise shapes {[tuple(n.shape) for n in x]} do not match {shapes}")
         else:
             x = initial_noise(shapes, seeds, generator, device)
-        return self.integrate(model, x, shape, guidance, settings, callback)
+        return self.integrate(model, x, shape, guidance, settings, callback, **options)
 
     def noise_shapes(self, shape: Sequence[int]) -> list[Sequence[int]]:
         """The shapes of the Gaussian noise :meth:`integrate` starts from (and, e.g., re-noises with)."""
         raise NotImplementedError
 
     def integrate(self, model: Any, noise: list[Tensor], shape: Sequence[int], guidance: Guidance,
-                  settings: SamplerConfig, callback: PreviewCallback | None) -> SampleOutput:  # fmt: skip
+                  settings: SamplerConfig, callback: PreviewCallback | None,
+                  **options: Any) -> SampleOutput:  # fmt: skip
         """From the noise of :meth:`noise_shapes` to samples of ``shape``."""
         raise NotImplementedError
 
@@ -263,7 +307,17 @@ class StageSampler(Sampler):
 
     ``decomposition`` is the one the model was trained with: it gives the level shapes, the recomposition and the
     previews (the recomposed denoised estimate when a stage reaches its threshold).
+
+    Beyond the contract, because every stage has its own noise and time:
+
+    - ``sample(..., until_stage=k)`` stops when stage k reaches its threshold and returns the state
+      (:class:`SamplingState`); :meth:`resume` continues it exactly (pick the candidates worth finishing);
+    - ``sample(..., given=levels)`` takes the first ``len(levels)`` levels as given and clean: they sit at t = 1,
+      are held fixed, and only the finer stages are generated (upscale a low-resolution image, or keep the
+      coarse level of an image and vary its detail).
     """
+
+    options = ("until_stage", "given")
 
     def __init__(self, decomposition: Decomposition) -> None:
         self.decomposition = decomposition
@@ -273,13 +327,66 @@ class StageSampler(Sampler):
         return self.decomposition.level_shapes(shape)
 
     def integrate(self, model: VelocityModel, noise: list[Tensor], shape: Sequence[int], guidance: Guidance,
-                  settings: SamplerConfig, callback: PreviewCallback | None) -> SampleOutput:  # fmt: skip
+                  settings: SamplerConfig, callback: PreviewCallback | None, until_stage: int | None = None,
+                  given: Sequence[Tensor] | None = None) -> SampleOutput:  # fmt: skip
+        x, first, previews = noise, 0, []
+        if given:
+            if not 0 < len(given) < self.num_stages:
+                raise ValueError(f"given levels: give 1 to {self.num_stages - 1} coarse levels, got {len(given)}")
+            for s, level in enumerate(given):
+                if tuple(level.shape) != tuple(x[s].shape):
+                    raise ValueError(f"given level {s} has shape {tuple(level.shape)}, expected {tuple(x[s].shape)}")
+            x = [level.to(x[0]).clone() for level in given] + x[len(given) :]
+            first = sum(settings.steps[: len(given)])
+            for s in range(len(given)):
+                previews.append(self.decomposition.recompose(x[: s + 1]))
+                if callback is not None:
+                    callback(s, previews[-1])
+        return self._run(model, x, shape, guidance, settings, callback, first, previews, len(given or ()), until_stage)
+
+    @torch.no_grad()
+    def resume(
+        self,
+        model: VelocityModel,
+        state: SamplingState,
+        y: Tensor | TextCondition | None = None,
+        *,
+        settings: SamplerConfig,
+        null_class: int | TextCondition | None = None,
+        device: torch.device | str | None = None,
+        callback: PreviewCallback | None = None,
+        until_stage: int | None = None,
+    ) -> SampleOutput:
+        """Continue a sampling stopped with ``until_stage`` (with the settings it was started with)."""
+        settings.validate(self.num_stages)
+        ends = StageSchedule(settings.steps, settings.thresholds).stage_ends
+        if state.stage >= self.num_stages - 1 or ends[state.stage] != state.step:
+            raise ValueError(f"this state stopped after {state.step} steps, which is not the end of stage "
+                             f"{state.stage + 1} of these settings ({settings.steps}): resume with its "
+                             "settings")  # fmt: skip
+        x = [lv.to(device=device, dtype=torch.float32).clone() for lv in state.levels]
+        scales = settings.stage_guidance(self.num_stages)
+        guidance = Guidance(*prepare_guidance(model, y, x[0].shape[0], scales, null_class, device))
+        shape = (*x[-1].shape[:2], *x[-1].shape[2:])
+        previews = [p.to(device) for p in state.previews]
+        return self._run(model, x, shape, guidance, settings, callback, state.step, previews, 0, until_stage)
+
+    def _run(self, model: VelocityModel, x: list[Tensor], shape: Sequence[int], guidance: Guidance,
+             settings: SamplerConfig, callback: PreviewCallback | None, first: int, previews: list[Tensor],
+             fixed: int, until_stage: int | None) -> SampleOutput:  # fmt: skip
+        """Steps ``first`` onward of the grid; the first ``fixed`` levels are clean and held; stop at the end of
+        stage ``until_stage`` (None: at the end)."""
         decomposition, num_stages = self.decomposition, self.num_stages
+        if until_stage is not None and not 0 <= until_stage < num_stages - 1:
+            raise ValueError(f"until_stage={until_stage}: stop after one of the stages 0..{num_stages - 2} "
+                             "(0-based; the last stage ends the sampling)")  # fmt: skip
         schedule = StageSchedule.from_settings(settings, shape)
-        x, b = noise, noise[0].shape[0]
+        b = x[0].shape[0]
         grid = schedule.grid.to(device=x[0].device, dtype=torch.float32)
+        grid[:, :fixed] = 1.0  # given levels are clean
         active = schedule.active.to(x[0].device)
         generated = schedule.main_stage.to(x[0].device)
+        held = x[:fixed]
 
         def velocity(levels: list[Tensor], n: int, t_row: Tensor) -> list[Tensor]:
             mask = active[n]
@@ -289,12 +396,12 @@ class StageSampler(Sampler):
             forward = lambda a, labels: model(a[:-2], a[-2], labels, a[-1])  # noqa: E731
             return guidance.velocity(forward, [*inputs, t, main_stage])
 
-        previews: list[Tensor] = []
         stage_ends = set(schedule.stage_ends)
-        for n in range(schedule.num_steps):
+        for n in range(first, schedule.num_steps):
             t0, t1 = grid[n], grid[n + 1]
             x, v = ode_step(lambda lv, t, n=n: velocity(lv, n, t), x, t0, t1, t1 - t0, settings.solver,
                             ends_clean=n == schedule.num_steps - 1)  # fmt: skip
+            x[:fixed] = held
             if n + 1 in stage_ends:
                 stage = int(generated[n])
                 # Denoised estimate x̂ = x + (1 - t) v from the latest velocity: at a threshold τ < 1 the state still
@@ -304,4 +411,7 @@ class StageSampler(Sampler):
                 previews.append(preview)
                 if callback is not None:
                     callback(stage, preview)
+                if stage == until_stage:
+                    state = SamplingState([lv.clone() for lv in x], n + 1, stage, list(previews))
+                    return SampleOutput(preview, x, previews, state)
         return SampleOutput(decomposition.recompose(x), x, previews)

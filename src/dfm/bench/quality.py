@@ -94,23 +94,37 @@ def ensure_classifier(cache: Path, log: Callable[[str], None]) -> Path:
     return path
 
 
+def split_folder(dataset: str) -> Path | None:
+    """The folder of a data set built with splits (``dfm data``: ``<R>/fit`` beside ``<R>/val`` and ``<R>/test``)
+    when ``dataset`` is its ``fit`` split, else None."""
+    path = Path(dataset).expanduser()
+    if path.name == "fit" and all((path.parent / s).is_dir() for s in ("val", "test")):
+        return path.parent
+    return None
+
+
 def _data_overrides(settings: QualitySettings) -> list[str]:
     """The bench's overrides; with ``reference="val"`` training also leaves the held-aside images out."""
     overrides = list(settings.overrides)
+    dataset = apply_overrides(get_preset(settings.preset), overrides).data.dataset
+    missing = settings.data_hint and not Path(dataset).expanduser().exists()
+    if missing:
+        raise ValueError(f"{dataset} does not exist: {settings.data_hint}")
     if settings.reference == "val":
-        if is_latent_dir(Path(apply_overrides(get_preset(settings.preset), overrides).data.dataset)):
-            raise ValueError(
-                "--reference val needs pixel Fashion-MNIST; latents (dfm prepare) are scored on --reference test"
-            )
-        if get_preset(settings.preset).data.dataset != "fashion-mnist":
-            raise ValueError("--reference val needs a Fashion-MNIST preset (its training split has a held-aside part)")
+        if is_latent_dir(Path(dataset)):
+            raise ValueError("--reference val needs pixel images; latents (dfm prepare) are scored on --reference test")
+        if split_folder(dataset) is not None:  # trains on fit already; val and test are held aside
+            return overrides
+        if dataset != "fashion-mnist":
+            raise ValueError("--reference val needs Fashion-MNIST or a data set built with splits (dfm data): "
+                             "its training images have a held-aside part")  # fmt: skip
         overrides.append("data.dataset=fashion-mnist:fit")
     return overrides
 
 
 def reference_images(cache: Path, settings: QualitySettings) -> str:
-    """The real images the samples are compared with: the test split of the preset's data set (or, with
-    ``reference="val"``, the 5,000 held-aside Fashion-MNIST training images)."""
+    """The real images the samples are compared with: the test split of the preset's data set (with
+    ``reference="val"``, its held-aside images: Fashion-MNIST's 5,000, or the ``val`` split of a ``dfm data`` set)."""
     cfg = apply_overrides(get_preset(settings.preset), _data_overrides(settings))
     d = cfg.data
     if is_latent_dir(Path(d.dataset)):  # latents: samples are decoded, so compare with the images they encode
@@ -120,6 +134,9 @@ def reference_images(cache: Path, settings: QualitySettings) -> str:
         d = dataclasses.replace(d, dataset=str(info["source_data"]), resolution=int(info["image_resolution"]))
     if d.dataset.startswith("fashion-mnist"):
         return f"fashion-mnist:{settings.reference}"
+    splits = split_folder(d.dataset)
+    if splits is not None:
+        d = dataclasses.replace(d, dataset=str(splits / settings.reference))
     count = settings.num_reference or 1000
     name = d.dataset
     if "/" in name:  # a folder: its name and a hash of its path

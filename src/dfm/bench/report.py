@@ -43,9 +43,10 @@ def markdown(
     lines = [f"Command: `{command}`", f"Hardware: {hardware}", "",
              f"Training: preset `{settings.preset}` + {overrides or 'no overrides'}, "
              f"{settings.steps} optimiser steps per run, seeds {list(settings.seeds)}; "
-             f"{settings.num_samples} samples per evaluation (classes = seed mod 10), reference: "
+             f"{settings.num_samples} samples per evaluation (classes = seed mod the class count), reference: "
              + ("the test split of the preset's data" if settings.reference == "test" else
-                "the 5,000 held-aside training images (fashion-mnist:val), which training left out")
+                "the held-aside images (Fashion-MNIST: 5,000 of its training images; a dfm data set: its val "
+                "split), which training left out")
              + f" ({settings.num_reference or 'all'} images or clips).",
              "", "| variant | guidance | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]  # fmt: skip
     for row in summary["table"]:

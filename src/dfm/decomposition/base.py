@@ -116,6 +116,19 @@ class Decomposition(ABC):
         filled = list(levels[: stage + 1]) + [torch.zeros_like(lv) for lv in levels[stage + 1 :]]
         return self.recompose(filled)
 
+    def first(self, stages: int) -> Decomposition:
+        """The decomposition of the first ``stages`` stages alone (the same filters and factors), what the preview
+        after stage ``stages - 1`` decomposes with."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its first stages")
+
+    def coarse_levels(self, preview: Tensor, stage: int) -> list[Tensor]:
+        """The first ``stage + 1`` levels that recompose to ``preview``, an image at the resolution of stage
+        ``stage``: ``recompose(coarse_levels(p, k)) == p``, and for ``p = recompose(decompose(x)[: k + 1])`` they
+        are the first k + 1 levels of x (what a model can start from to generate the finer ones: ``dfm upscale``)."""
+        if not 0 <= stage < self.num_stages:
+            raise ValueError(f"stage must be in [0, {self.num_stages - 1}], got {stage}")
+        return self.first(stage + 1).decompose(preview)
+
     def _check_input(self, x: Tensor) -> None:
         if x.dim() not in (4, 5):
             raise ValueError(f"expected a tensor (B, C, H, W) or (B, C, T, H, W), got shape {tuple(x.shape)}")
@@ -138,6 +151,9 @@ class Identity(Decomposition):
 
     def _spatial_factors(self) -> tuple[int, ...]:
         return ()
+
+    def first(self, stages: int) -> Decomposition:
+        return self
 
     def decompose(self, x: Tensor) -> list[Tensor]:
         self._check_input(x)
@@ -239,6 +255,9 @@ class Standardized(Decomposition):
 
     def _spatial_factors(self) -> tuple[int, ...]:
         return self.base._spatial_factors()
+
+    def first(self, stages: int) -> Decomposition:
+        return Standardized(self.base.first(stages), self.stds[:stages])
 
     def decompose(self, x: Tensor) -> list[Tensor]:
         return [lv / s for lv, s in zip(self.base.decompose(x), self.stds)]

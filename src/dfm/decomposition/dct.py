@@ -53,6 +53,9 @@ class DCTBands(Decomposition):
     def _spatial_factors(self) -> tuple[int, ...]:
         return self.factors
 
+    def first(self, stages: int) -> DCTBands:
+        return DCTBands(stages, self.factors[: stages - 1], self.temporal_factors[: stages - 1])
+
     @staticmethod
     def _dims(x: Tensor) -> tuple[int, ...]:
         return tuple(range(2, x.dim()))

@@ -30,6 +30,9 @@ class HaarWavelet(Decomposition):
     def _spatial_factors(self) -> tuple[int, ...]:
         return (2,) * (self.num_stages - 1)
 
+    def first(self, stages: int) -> HaarWavelet:
+        return HaarWavelet(stages, temporal=self.temporal_factors[:1] == (2,))
+
     def decompose(self, x: Tensor) -> list[Tensor]:
         self._check_input(x)
         sizes = self.stage_sizes(tuple(x.shape[2:]))

@@ -51,6 +51,9 @@ class LaplacianPyramid(Decomposition):
     def _spatial_factors(self) -> tuple[int, ...]:
         return self.factors
 
+    def first(self, stages: int) -> LaplacianPyramid:
+        return LaplacianPyramid(stages, self.factors[: stages - 1], self.mode, self.temporal_factors[: stages - 1])
+
     def _sizes(self, x: Tensor) -> list[Size]:
         return self.stage_sizes(tuple(x.shape[2:]))
 
