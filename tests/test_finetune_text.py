@@ -150,7 +150,7 @@ def test_finetune_sample_with_prompts_and_reload(setup, tmp_path, method):
     assert a.shape == (3, 16, 16, 3)  # 16-channel latents decoded by the VAE
     assert len(list((tmp_path / "a" / "images").glob("*.png"))) == 3
     settings = json.loads((tmp_path / "a" / "sampling.json").read_text())
-    assert settings["prompts"] == ["a red square", "a blue circle", "a red square"] and settings["guidance"] == [3.0]
+    assert settings["prompts"] == ["a red square", "a blue circle"] and settings["guidance"] == [3.0]  # cycled
     b = sample_npz(run / "pretrained", tmp_path / "b")  # the saved model gives the same images
     assert np.array_equal(a, b)
     if method == "dfm":  # the FLUX time shift changes the grid, hence the images

@@ -21,6 +21,7 @@ from dfm.data.prepare import add_prepare_parser
 from dfm.eval.cli import add_eval_parser
 from dfm.finetune import diffusers_finetune_config, finetune_config
 from dfm.presets import PRESETS, get_preset, with_method
+from dfm.refine_command import add_refine_parser, add_upscale_parser
 from dfm.resolve import apply_overrides
 from dfm.run import Run
 from dfm.sample_command import add_sample_parser
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_finetune(sub)
     add_sample_parser(sub)
+    add_refine_parser(sub)
+    add_upscale_parser(sub)
     _add_presets(sub)
     _add_serve(sub)
     add_autoencoder_parser(sub)

@@ -26,8 +26,10 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -169,7 +171,7 @@ class Generator:
         ``until_stage=k`` stops when stage k (0-based) reaches its threshold: the images are that stage's
         previews, and ``state`` is where the sampling stands, for :meth:`refine`."""
         settings = (settings or self.config.sampler).validate(self.stages)
-        options = {} if until_stage is None else {"until_stage": self._stage(until_stage, "stop after")}
+        options = {} if until_stage is None else {"until_stage": self.check_stage(until_stage, "stop after")}
         shape = self.spec.sample_shape
 
         def run(lo: int, hi: int, y: Any, on_stage: Any) -> SampleOutput:
@@ -245,7 +247,7 @@ class Generator:
         progress: bool = False,
         callback: StageCallback | None = None,
     ) -> Generation:
-        """Variations of the image of ``seed`` (class ``label``): its first ``keep`` levels, as generated, are kept
+        """Variations of the image of ``seed`` (class ``label``): the first ``keep`` levels of that image are kept
         clean and held, and the finer levels are generated again from each of ``seeds``: same composition, new
         detail. Returns the variations (the image of ``seed`` itself is ``generate([seed], [label])``)."""
         sampler = self._dfm_sampler("vary the detail")
@@ -259,7 +261,10 @@ class Generator:
             base = sampler.sample(self.model, (1, *self.spec.sample_shape), y, settings=settings, seeds=[int(seed)],
                                   device=self.device)  # fmt: skip
         labels = None if label is None else [int(label)] * len(seeds)
-        given = [lv.expand(len(seeds), *lv.shape[1:]) for lv in base.levels[:keep]]
+        # the coarse levels of the image (what the image is made of, which for overlapping Laplacian levels also
+        # holds the finer levels' low frequencies), not the sampler's own
+        levels = sampler.decomposition.decompose(base.images)
+        given = [lv.expand(len(seeds), *lv.shape[1:]) for lv in levels[:keep]]
         return self._given(given, seeds, labels, settings, batch_size, precision, progress, callback)
 
     def _given(self, given: list[Tensor], seeds: Sequence[int], labels: Sequence[int] | None,
@@ -317,12 +322,22 @@ class Generator:
         state = SamplingState.cat(states) if states else None
         return Generation(torch.cat(images), [torch.cat(p) for p in previews], state)
 
-    def _stage(self, stage: int, what: str) -> int:
+    def check_stage(self, stage: int, what: str) -> int:
+        """``stage`` (0-based) if a sampling of this model can stop after it (a DFM model, not its last stage)."""
         self._dfm_sampler(what)
         if not 0 <= stage < self.stages - 1:
-            raise ValueError(f"{what} stage {stage + 1}: this model has {self.stages} stages; choose 1 to "
-                             f"{self.stages - 1} (the last stage ends the sampling)")  # fmt: skip
+            choices = "1" if self.stages == 2 else f"1 to {self.stages - 1}"
+            raise ValueError(f"{what} {stage + 1}: this model has {self.stages} stages; choose {choices} (the last "
+                             "stage ends the sampling)")  # fmt: skip
         return stage
+
+    def check_keep(self, keep: int) -> int:
+        """``keep`` if :meth:`vary` can keep that many coarse levels of this model."""
+        self._dfm_sampler("vary the detail")
+        if not 1 <= keep < self.stages:
+            raise ValueError(f"keep {keep} levels: keep 1 to {self.stages - 1} coarse levels of this "
+                             f"{self.stages}-stage model")  # fmt: skip
+        return keep
 
     def _dfm_sampler(self, what: str) -> StageSampler:
         """DFM's sampler, for what only a model whose stages have their own noise and time can do."""
@@ -366,21 +381,60 @@ def encode_prompts(run: Run, prompts: Sequence[str], count: int, device: str | t
     return encoded[torch.tensor([i % len(prompts) for i in range(count)])]
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0-49999"``, ``"1,5,9"`` or ``"0-9,100"`` -> list of seeds."""
-    seeds: list[int] = []
+class Seeds(Sequence[int]):
+    """Seeds given as ranges (``"0-49999"``, ``"1,5,9"``, ``"0-9,100"``), never expanded into one list: any number
+    of them costs a few bytes until they are taken in slices."""
+
+    MAX = 2**63 - 1
+
+    def __init__(self, ranges: Sequence[tuple[int, int]]) -> None:
+        self.ranges = [(int(a), int(b)) for a, b in ranges]  # inclusive
+        self._starts = list(itertools.accumulate((b - a + 1 for a, b in self.ranges), initial=0))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            out: list[int] = []
+            k = bisect.bisect_right(self._starts, start) - 1
+            while start < stop and k < len(self.ranges):
+                first, last = self.ranges[k]
+                lo = first + start - self._starts[k]
+                take = min(stop - start, last - lo + 1)
+                out.extend(range(lo, lo + take))
+                start += take
+                k += 1
+            return out
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("seed index out of range")
+        k = bisect.bisect_right(self._starts, index) - 1
+        return self.ranges[k][0] + index - self._starts[k]
+
+    def __repr__(self) -> str:
+        return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in self.ranges)
+
+
+def parse_seeds(text: str) -> Seeds:
+    """``"0-49999"``, ``"1,5,9"`` or ``"0-9,100"`` -> the seeds, as ranges (:class:`Seeds`)."""
+    ranges: list[tuple[int, int]] = []
     try:
         for part in filter(None, (p.strip() for p in text.split(","))):
             lo, _, hi = part.partition("-")
             first, last = int(lo), int(hi) if hi else int(lo)
-            if first < 0 or last < first:
+            if first < 0 or last < first or last > Seeds.MAX:
                 raise ValueError
-            seeds.extend(range(first, last + 1))
+            ranges.append((first, last))
     except ValueError:
         raise ValueError(f"cannot parse seeds {text!r}: use a range like 0-49999 or a list like 1,5,9") from None
-    if not seeds:
+    if not ranges:
         raise ValueError("no seeds given")
-    return seeds
+    return Seeds(ranges)
 
 
 def shard(seq: Sequence[int], rank: int, world: int) -> list[int]:

@@ -28,20 +28,34 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import nn
 
-from dfm.config import RunConfig
+from dfm.config import RunConfig, SamplerConfig
 from dfm.data.vae import SE_FILE
 from dfm.generate import Generator
+from dfm.outputs import crop_border
 from dfm.run import PIPELINE_INDEX, VAE_DIR, DataSpec, Run
+from dfm.sampling import SamplingState
 from dfm.visual import to_uint8
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 @dataclass
+class PipelineState:
+    """Samplings stopped with ``until_stage``: where they stand, for which seeds and labels, with which settings."""
+
+    sampling: SamplingState
+    seeds: list[int]
+    labels: list[int] | None
+    settings: SamplerConfig
+
+
+@dataclass
 class DFMPipelineOutput(ImagePipelineOutput):
-    """``images`` as diffusers' image pipelines return them, plus one preview set per stage."""
+    """``images`` as diffusers' image pipelines return them, plus one preview set per stage, and with
+    ``until_stage`` the state to finish them from."""
 
     previews: list[Any] | None = None
+    state: PipelineState | None = None
 
 
 class DFMPipeline(DiffusionPipeline):
@@ -102,8 +116,23 @@ class DFMPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[DFMPipeline, int, int, dict], Any] | None = None,
         return_dict: bool = True,
         batch_size: int = 64,
+        until_stage: int | None = None,
+        state: PipelineState | None = None,
+        image: torch.Tensor | Sequence[PIL.Image.Image] | None = None,
+        vary: int | None = None,
+        keep: int = 1,
     ) -> DFMPipelineOutput | tuple:
         """Generate one image per seed.
+
+        What only a decomposed model can do (stage numbers as the paper's: 1 is the coarsest):
+
+        - ``until_stage=K``: stop when stage K reaches its threshold; the images are that stage's previews and
+          ``output.state`` is where every sampling stands. ``pipe(state=output.state, seeds=[3, 17])`` then
+          finishes the chosen seeds, as an uninterrupted call would have made them.
+        - ``image=``: low-resolution images (a tensor (N, C, h, w) in [-1, 1], or PIL images) at the resolution of
+          a coarse stage become the coarse levels, held fixed; the finer levels are generated (upscaling), seed i
+          for image i.
+        - ``vary=SEED``: the image of SEED keeps its first ``keep`` levels and gets new detail from each seed.
 
         Args:
             class_labels: one label per image, or one for all; None = ``seed % num_classes`` (as ``dfm sample``).
@@ -116,7 +145,14 @@ class DFMPipeline(DiffusionPipeline):
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
+        if sum(x is not None for x in (until_stage, state, image, vary)) > 1:
+            raise ValueError("until_stage, state, image and vary: give one of them")
         gen = self.generator
+        if state is not None:
+            return self._finish(state, seeds, output_type, return_dict, batch_size)
+        if image is not None:
+            image = self._images(image)
+            num_images = len(image) if seeds is None else num_images
         seeds = self._seeds(class_labels, num_images, seeds, generator)
         classes = [class_labels] if isinstance(class_labels, int) else class_labels
         labels = gen.labels(seeds, classes)
@@ -129,20 +165,63 @@ class DFMPipeline(DiffusionPipeline):
             ends = np.cumsum(settings.steps).tolist()
             callback = lambda stage, preview: callback_on_step_end(self, int(ends[stage]), int(stage),  # noqa: E731
                                                                    {"preview": preview})  # fmt: skip
+        stop = None if until_stage is None else gen.check_stage(until_stage - 1, "until_stage")
+        if vary is not None:
+            gen.check_keep(keep)
         with self.progress_bar(total=len(seeds)) as bar:
             parts = []
             for lo in range(0, len(seeds), batch_size):
-                batch = seeds[lo : lo + batch_size]
-                parts.append(gen.generate(batch, None if labels is None else labels[lo : lo + batch_size], settings,
-                                          batch_size=batch_size, callback=callback))  # fmt: skip
+                batch, batch_labels = (
+                    seeds[lo : lo + batch_size],
+                    None if labels is None else labels[lo : lo + batch_size],
+                )
+                common = dict(batch_size=batch_size, callback=callback)
+                if image is not None:
+                    part = gen.upscale(image[lo : lo + batch_size], batch, batch_labels, settings, **common)
+                elif vary is not None:
+                    part = gen.vary(vary, batch, None if labels is None else labels[0], settings, keep=keep, **common)
+                else:
+                    part = gen.generate(batch, batch_labels, settings, until_stage=stop, **common)
+                parts.append(part)
                 bar.update(len(batch))
         images = torch.cat([p.images for p in parts])
         stage_previews = [torch.cat([p.previews[s] for p in parts]) for s in range(len(parts[0].previews))]
-        out_images = self._convert(gen.crop(images), output_type)
+        crop = gen.spec.padding * images.shape[-1] // gen.spec.sample_shape[-1]
+        out_images = self._convert(crop_border(images, crop), output_type)
         out_previews = [self._convert(p, output_type) for p in stage_previews]
+        pipe_state = None
+        if stop is not None:
+            pipe_state = PipelineState(SamplingState.cat([p.state for p in parts]), seeds, labels, settings)
         if not return_dict:
             return out_images, out_previews
-        return DFMPipelineOutput(images=out_images, previews=out_previews)
+        return DFMPipelineOutput(images=out_images, previews=out_previews, state=pipe_state)
+
+    def _finish(self, state: PipelineState, seeds: Sequence[int] | None, output_type: str, return_dict: bool,
+                batch_size: int) -> DFMPipelineOutput | tuple:  # fmt: skip
+        """The samplings of ``state`` for ``seeds`` (default: all of them), finished."""
+        seeds = list(state.seeds) if seeds is None else [int(s) for s in seeds]
+        rows = {s: i for i, s in enumerate(state.seeds)}
+        missing = [s for s in seeds if s not in rows]
+        if missing:
+            raise ValueError(f"seeds {missing[:8]} are not in this state (it holds {len(state.seeds)} seeds)")
+        index = [rows[s] for s in seeds]
+        labels = None if state.labels is None else [state.labels[i] for i in index]
+        gen = self.generator
+        out = gen.refine(state.sampling.select(index), labels, state.settings, batch_size=batch_size)
+        images = self._convert(gen.crop(out.images), output_type)
+        previews = [self._convert(p, output_type) for p in out.previews]
+        if not return_dict:
+            return images, previews
+        return DFMPipelineOutput(images=images, previews=previews)
+
+    def _images(self, image: torch.Tensor | Sequence[PIL.Image.Image]) -> torch.Tensor:
+        """Low-resolution images as a batch in [-1, 1] with the model's channels."""
+        if isinstance(image, torch.Tensor):
+            return image.float()
+        channels = self.generator.spec.sample_shape[0]
+        arrays = [np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) for im in image]
+        x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
+        return x[:, None] if channels == 1 else x.permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
     def _seeds(class_labels, num_images, seeds, generator) -> list[int]:

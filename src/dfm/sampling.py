@@ -314,7 +314,9 @@ class StageSampler(Sampler):
       (:class:`SamplingState`); :meth:`resume` continues it exactly (pick the candidates worth finishing);
     - ``sample(..., given=levels)`` takes the first ``len(levels)`` levels as given and clean: they sit at t = 1,
       are held fixed, and only the finer stages are generated (upscale a low-resolution image, or keep the
-      coarse level of an image and vary its detail).
+      coarse level of an image and vary its detail). With a decomposition of independent levels (Haar, DCT) the
+      finer levels are projected onto their own subspaces at the end, so that the image decomposes back to the
+      given levels exactly; a Laplacian pyramid's overlap (the finer levels' own low frequencies) stays.
     """
 
     options = ("until_stage", "given")
@@ -414,4 +416,7 @@ class StageSampler(Sampler):
                 if stage == until_stage:
                     state = SamplingState([lv.clone() for lv in x], n + 1, stage, list(previews))
                     return SampleOutput(preview, x, previews, state)
+        if fixed and decomposition.independent_levels:  # what the finer levels hold of the given ones' subspaces
+            x = held + decomposition.decompose(decomposition.recompose(x))[fixed:]
+            previews[-1] = decomposition.recompose(x)
         return SampleOutput(decomposition.recompose(x), x, previews)

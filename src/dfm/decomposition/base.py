@@ -41,6 +41,11 @@ class Decomposition(ABC):
     *preview* ``X̄_k`` of the paper.
     """
 
+    #: whether the levels are independent parts of the input (Haar, DCT: each level's own subspace), so that
+    #: ``decompose(recompose(levels))`` projects any levels onto what the decomposition can hold; a Laplacian
+    #: pyramid's levels overlap (its coarse level is also in the finer ones' span)
+    independent_levels: bool = False
+
     #: number of stages S
     num_stages: int
     #: per-jump temporal factors (all 1 when videos are decomposed frame by frame)
@@ -258,6 +263,10 @@ class Standardized(Decomposition):
 
     def first(self, stages: int) -> Decomposition:
         return Standardized(self.base.first(stages), self.stds[:stages])
+
+    @property
+    def independent_levels(self) -> bool:  # type: ignore[override]
+        return self.base.independent_levels
 
     def decompose(self, x: Tensor) -> list[Tensor]:
         return [lv / s for lv, s in zip(self.base.decompose(x), self.stds)]

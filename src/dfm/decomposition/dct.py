@@ -40,6 +40,8 @@ class DCTBands(Decomposition):
     Exact: recompose zero-pads the accumulated coefficients stage by stage.
     """
 
+    independent_levels = True
+
     def __init__(
         self,
         stages: int = 2,

@@ -22,6 +22,8 @@ class HaarWavelet(Decomposition):
     Haar transform).
     """
 
+    independent_levels = True
+
     def __init__(self, stages: int = 2, temporal: bool = False) -> None:
         _normalise_factors(stages, None)
         self.num_stages = stages
