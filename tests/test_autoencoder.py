@@ -139,3 +139,71 @@ def test_se_finetuned_autoencoder_works_with_dfm_prepare(tmp_path):
         from dfm.autoencoder import run_finetune
 
         run_finetune(type("A", (), {"vae": "x", "init": "scratch"})())
+
+
+# ---------------------------------------------------------------------------------------------- issue 24
+def _finetune_error(out, capsys, *extra) -> str:
+    from dfm.cli import main as cli
+
+    args = ["autoencoder", "finetune", "--init", "scratch", "--out", str(out), "--resolution", "16",
+            "--num-images", "32", "--batch-size", "4", "--no-progress", *extra]  # fmt: skip
+    capsys.readouterr()
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_se_finetune_checkpoints_and_logs_as_the_trainer_does(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    import argparse
+    import shutil
+
+    from dfm.checkpoint import find_latest, list_checkpoints, load_checkpoint
+
+    run = tmp_path / "ae"
+    _finetune(run, "--steps", "3", "--num-images", "32", "--ckpt-every", "1")
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002", "step_00000003"]
+    assert not (run / "checkpoint.pt").exists()  # no pickle of its own: safetensors weights, like the trainer's
+    assert load_checkpoint(find_latest(run / "checkpoints"))["state"]["step"] == 3
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "factor": 2, "rec')  # a crash or a full disk in the middle of a line
+    with pytest.warns(UserWarning, match="torn last line"):
+        _finetune(run, "--steps", "4", "--num-images", "32")
+    rows = [json.loads(r) for r in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+    state = find_latest(run / "checkpoints") / "state.pt"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / state.relative_to(run)).write_bytes(state.read_bytes()[:100])  # a truncated file
+    err = _finetune_error(damaged, capsys, "--steps", "5")
+    assert f"cannot read checkpoint file {damaged / state.relative_to(run)}" in err and "damaged" in err
+    torch.save(argparse.Namespace(step=4), damaged / state.relative_to(run))  # a planted pickle
+    err = _finetune_error(damaged, capsys, "--steps", "5")
+    assert "not a checkpoint file written by dfm" in err and "weights_only" not in err
+    err = _finetune_error(run, capsys, "--steps", "5", "--freeze-encoder")  # other settings: another optimizer
+    assert f"checkpoint file {state} holds the optimizer state of another training" in err
+
+    # a run of an older version (one checkpoint.pt) resumes, exactly as from the new checkpoints
+    legacy = tmp_path / "legacy"
+    shutil.copytree(run, legacy)
+    shutil.rmtree(legacy / "checkpoints")
+    loaded = load_checkpoint(find_latest(run / "checkpoints"))
+    torch.save({"model": loaded["model"], "optimizer": loaded["state"]["optimizer"], "step": 4},
+               legacy / "checkpoint.pt")  # fmt: skip
+    for out in (run, legacy):
+        _finetune(out, "--steps", "5", "--num-images", "32")
+    from dfm.data.vae import load_vae
+
+    a, b = (load_vae(d).model.state_dict() for d in (run, legacy))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+    for flags, message in [
+        (["--lr", "inf"], "--lr=inf must be a finite number > 0"),
+        (["--lr", "1e38"], "overflows float32"),
+        (["--ckpt-every", "-1"], "--ckpt-every -1 must be >= 0"),
+        (["--factors", "2,x"], "--factors '2,x': give comma-separated downsampling factors"),
+    ]:
+        assert message in _finetune_error(tmp_path / "new", capsys, "--steps", "2", *flags), flags

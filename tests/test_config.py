@@ -90,6 +90,8 @@ def test_a_config_file_with_a_mistyped_model_setting_is_refused_when_resolved() 
         ("optim.betas=1.5,0.9", "optim.betas=1.5,0.9: give two values in [0, 1)"),
         ("optim.eps=0", "eps must be > 0 (got 0.0)"),
         ("optim.weight_decay=-1", "weight_decay >= 0 (got -1.0)"),
+        ("data.pad=-2", "data.pad=-2 must be a whole number of pixels >= 0"),  # issue 24
+        ("data.classes=,", "data.classes is empty: give the classes to train on"),
     ],
 )
 def test_settings_are_validated_up_front(override: str, message: str) -> None:
@@ -145,3 +147,12 @@ def test_config_files_of_format_1_read_as_they_were_meant(name: str) -> None:
     assert cfg.sampler.guidance == (old["guidance"],) and cfg.model.distilled_guidance == data["model"]["guidance"]
     again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and cfg.to_dict()["format"] == 2
+
+
+def test_image_folder_settings_are_plain_data_that_round_trip() -> None:
+    cfg = apply_overrides(get_preset("quickstart"), ["data.pad=2", "data.upscale=true"])
+    assert (cfg.data.pad, cfg.data.upscale) == (2, True)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    older = get_preset("quickstart").to_dict()  # a config.json written before these settings: their defaults
+    del older["data"]["pad"], older["data"]["upscale"]
+    assert (RunConfig.from_dict(older).data.pad, RunConfig.from_dict(older).data.upscale) == (0, False)

@@ -181,6 +181,31 @@ def test_too_small_error_names_what_the_user_can_pass(tmp_path):
         ImageFolderDataset(tmp_path, resolution=8, upscale_flag="--upscale")[0]
 
 
+def test_pad_adds_a_recorded_border_before_resizing(tmp_path):
+    save_image(tmp_path / "a.png", 28, 28)
+    padded = ImageFolderDataset(tmp_path, resolution=32, pad=2, random_flip=False)
+    assert padded.padding == 2 and padded.sample_shape == (3, 32, 32)
+    x, _ = padded[0]
+    assert torch.equal(x[:, 2:-2, 2:-2], ImageFolderDataset(tmp_path, 28, random_flip=False)[0][0])  # unscaled
+    border = torch.ones(3, 32, 32, dtype=torch.bool)
+    border[:, 2:-2, 2:-2] = False
+    assert bool((x[border] == -1).all())  # black, as Fashion-MNIST's background
+    assert ImageFolderDataset(tmp_path, resolution=64, pad=2, upscale=True).padding == 4  # scaled with the image
+    assert ImageFolderDataset(tmp_path, resolution=16, pad=2).padding == 1
+    assert ImageFolderDataset(tmp_path, resolution=20, pad=2).padding == 0  # 1.25 pixels: not a whole border
+    assert ImageFolderDataset(tmp_path, resolution=32).padding == 0
+    with pytest.raises(ValueError, match=r"is 28x28 with a border of 1, smaller than resolution 32; .* pad=2$"):
+        ImageFolderDataset(tmp_path, resolution=32, pad=1)[0]
+    with pytest.raises(ValueError, match="-o data.pad=-1 must be a whole number"):
+        ImageFolderDataset(tmp_path, resolution=32, pad=-1, pad_flag="-o data.pad")
+    flags = {"upscale_flag": "-o data.upscale=true", "pad_flag": "-o data.pad"}
+    with pytest.raises(ValueError, match=r"upscaling with -o data.upscale=true, or add a border with -o data.pad=2$"):
+        ImageFolderDataset(tmp_path, resolution=32, **flags)[0]
+    with pytest.warns(UserWarning, match="skipped 1"):  # skip_bad counts the border in
+        save_image(tmp_path / "b.png", 20, 20)
+        assert [p.name for p, _ in ImageFolderDataset(tmp_path, 32, pad=2, skip_bad=True).samples] == ["a.png"]
+
+
 def test_mixed_layout_is_an_error(tmp_path):
     save_image(tmp_path / "loose.png", 8, 8)
     save_image(tmp_path / "cls" / "a.png", 8, 8)

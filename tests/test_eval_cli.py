@@ -239,3 +239,56 @@ def test_score_checks_the_output_folder_before_computing(data, tmp_path, capsys,
     blocker.write_text("")
     argv = ["score", str(data["samples"]), "--ref", str(data["folder"]), "--metrics", "swd"]
     assert f"cannot write to {blocker}" in _score_error([*argv, "--out", str(blocker / "scores.json")], capsys)
+
+
+# ---------------------------------------------------------------------------------------------- issue 24
+class _NotI3D(torch.nn.Module):
+    """Takes I3D's arguments but gives 3 numbers per clip, not 400 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False):
+        return x.mean(dim=(2, 3, 4)) * self.scale
+
+
+def test_files_that_are_not_what_they_claim_give_one_line_without_unsafe_advice(data, tmp_path, capsys) -> None:
+    import pickle
+    import warnings
+
+    clips = tmp_path / "clips.npz"
+    np.savez(clips, arr_0=np.zeros((2, 4, 16, 16, 3), np.uint8))
+    fvd = ["score", str(clips), "--ref", str(clips), "--metrics", "fvd", "--out", str(tmp_path / "s.json")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, and still FVD's format
+        linear, wrong = tmp_path / "linear.pt", tmp_path / "wrong.pt"
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(linear))
+        torch.jit.script(_NotI3D()).save(str(wrong))
+    err = _score_error([*fvd, "--weights", f"i3d={linear}"], capsys)
+    assert f"i3d: {linear} is a TorchScript network, but not I3D" in err and "--weights i3d=PATH" in err
+    err = _score_error([*fvd, "--weights", f"i3d={wrong}"], capsys)
+    assert f"i3d: {wrong} gave (2, 3) for 2 clip(s), not 400 features each" in err
+
+    junk, planted, objects = tmp_path / "junk.npz", tmp_path / "planted.npz", tmp_path / "objects.npz"
+    junk.write_bytes(b"these are not the samples you are looking for" * 4)
+    planted.write_bytes(pickle.dumps({"arr_0": [1, 2, 3]}))
+    np.savez(objects, arr_0=np.array([{"a": 1}], dtype=object))
+    for bad in (junk, planted, objects):
+        as_samples, as_reference = [str(bad), "--ref", str(data["folder"])], [str(data["samples"]), "--ref", str(bad)]
+        for argv in (["score", *as_samples], ["score", *as_reference]):
+            err = _score_error([*argv, "--metrics", "swd", "--out", str(tmp_path / "s.json")], capsys)
+            assert f"cannot read {bad}: it is not an .npz file of plain arrays" in err, err
+            assert "allow_pickle" not in err and "unsafely" not in err and "pickle.load" not in err
+
+    import argparse
+
+    pickled, other = tmp_path / "pickled.pth", tmp_path / "other.pth"
+    torch.save(argparse.Namespace(weights=1), pickled)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), other)
+    accuracy = ["score", str(data["samples"]), "--metrics", "accuracy", "--out", str(tmp_path / "s.json")]
+    err = _score_error([*accuracy, "--weights", f"fashion-cnn={pickled}"], capsys)
+    assert f"cannot read weights file {pickled}" in err and "argparse.Namespace" in err
+    assert "weights_only" not in err and "can still be loaded" not in err
+    err = _score_error([*accuracy, "--weights", f"fashion-cnn={other}"], capsys)
+    assert f"fashion-cnn: weights file {other} does not fit the fashion-cnn network" in err

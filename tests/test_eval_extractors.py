@@ -213,8 +213,14 @@ def test_fashion_cnn_shapes() -> None:
 def test_fashion_cnn_without_weights_says_to_train_it(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("DFM_FASHION_CNN_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="dfm eval train-classifier"):
+    with pytest.raises(FileNotFoundError, match="dfm eval train-classifier") as info:
         build_extractor("fashion-cnn")
+    # issue 24: where it was looked for and how to make it, not "download None on a machine with internet"
+    cached = tmp_path / "checkpoints" / "dfm_fashion_cnn.safetensors"
+    message = str(info.value)
+    assert "None" not in message and "download" not in message
+    assert f"none at {cached}" in message and f"dfm eval train-classifier --out {cached}" in message
+    assert "$DFM_FASHION_CNN_WEIGHTS" in message and "--weights fashion-cnn=PATH" in message
 
 
 def test_classifier_training_is_deterministic(tmp_path) -> None:

@@ -193,3 +193,56 @@ def test_plain_finetune_starts_from_the_same_weights_and_refuses_mismatches(tmp_
                   str(tmp_path / "ft4"), "--batch-size", "4", "--no-progress", "-o", "train.threads=1"]  # fmt: skip
     assert cli(pretrained) == 0
     assert RunConfig.load(tmp_path / "ft4" / "config.json").train.init_from == str(fm_run / "pretrained")
+
+
+# ---------------------------------------------------------------------------------------------- issue 24
+def test_like_preset_must_be_for_the_source_kind_of_data():
+    image_fm, video_fm = (with_method(get_preset(name), "fm") for name in ("quickstart", "video-quickstart"))
+    with pytest.raises(ValueError, match="--like video-quickstart: a preset for videos, but the pretrained model is "
+                       "an image model; choose a DFM preset for images: quickstart"):  # fmt: skip
+        finetune_config(image_fm, "dfm", like="video-quickstart")
+    with pytest.raises(ValueError, match="--like quickstart: a preset for images, .* video model"):
+        finetune_config(video_fm, "dfm", like="quickstart")
+    assert finetune_config(video_fm, "dfm", like="video-quickstart").method.standardize
+    with pytest.raises(ValueError, match="a preset for images"):  # what the source generates decides, if known
+        finetune_config(image_fm, "dfm", like="quickstart", source_video=True)
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@needs_data
+def test_finetune_refuses_what_it_cannot_do_and_resumes_without_its_source(tmp_path, capsys):
+    import shutil
+
+    fm_run = tmp_path / "fm"
+    assert cli(["train", "--method", "fm", "--out", str(fm_run), "--steps", "2", "--batch-size", "4",
+                "--no-progress", *TINY]) == 0  # fmt: skip
+    out = tmp_path / "ft"
+    args = ["finetune", "--from", str(fm_run), "--out", str(out), "--batch-size", "4", "--no-progress",
+            "-o", "train.threads=1", "-o", "train.num_sample_images=2", "-o", "sampler.steps=2,2"]  # fmt: skip
+    capsys.readouterr()
+    for flags, message in [
+        (["--classes", ""], "--classes '': give the classes to train on"),
+        (["--classes", ","], "--classes ',': give the classes to train on"),
+        (["-o", "data.classes=,"], "data.classes is empty"),
+        (["--like", "video-quickstart"], "--like video-quickstart: a preset for videos"),
+    ]:
+        assert cli([*args, "--steps", "1", *flags]) == 2, flags
+        assert message in _one_line(capsys)
+        assert not out.exists()  # refused before anything was written
+    assert cli([*args, "--steps", "1", "--classes", "5,6"]) == 0
+    shutil.rmtree(fm_run)  # the source is gone: the run's own config.json and checkpoint hold all it needs
+    capsys.readouterr()
+    assert cli([*args, "--steps", "2", "--classes", "5,6", "--resume", "auto"]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    cfg = RunConfig.load(out / "config.json")
+    assert cfg.train.steps == 2 and cfg.data.classes == (5, 6) and cfg.train.init_from == str(fm_run)
+    capsys.readouterr()
+    assert cli([*args, "--steps", "3", "--classes", "5,6,7", "--resume", "auto"]) == 2  # still checked against it
+    assert "another config" in _one_line(capsys)
+    assert cli([*args, "--steps", "3"]) == 2  # not resuming: the source is needed, and named
+    assert f"--from {fm_run}" in _one_line(capsys)

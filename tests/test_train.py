@@ -434,7 +434,148 @@ def test_damaged_checkpoint_files_give_one_line_errors(tmp_path: Path, capsys, t
     state_file = find_latest(broken_state / "checkpoints") / "state.pt"
     torch.save(argparse.Namespace(step=2), state_file)  # UnpicklingError under weights_only=True
     assert _train(broken_state, 3, "--resume", "auto") == 2
-    assert f"cannot read checkpoint file {state_file}" in _one_line(capsys)
+    err = _one_line(capsys)
+    assert f"cannot read checkpoint file {state_file}" in err
+    # issue 24: a planted pickle is not a dfm checkpoint; never repeat torch's advice to load it unsafely
+    assert "not a checkpoint file written by dfm" in err and "argparse.Namespace" in err
+    assert "weights_only" not in err and "can still be loaded" not in err
+
+
+# ---------------------------------------------------------------------------------------------- issue 24
+def _resume_error(tmp_path: Path, capsys, tiny_run: Path, change, *extra: str) -> tuple[str, Path]:
+    """Resume a copy of the tiny run after ``change(checkpoint directory)``; the one-line error and the checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ckpt = find_latest(run / "checkpoints")
+    change(ckpt)
+    capsys.readouterr()
+    assert _train(run, 3, "--resume", "auto", *extra) == 2
+    return _one_line(capsys), ckpt
+
+
+def _edit_state(edit):
+    def change(ckpt: Path) -> None:
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        torch.save(edit(state), ckpt / "state.pt")
+
+    return change
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda st: {k: v for k, v in st.items() if k != "optimizer"}, "has no 'optimizer' entry"),
+        (lambda st: [st["step"], st["optimizer"]], "holds a list instead of a dict"),
+        (lambda st: {**st, "rng_cpu": st["rng_cpu"].float()}, "'rng_cpu' entry that is not a CPU RNG state"),
+        (lambda st: {**st, "step": "2"}, "'step' entry that is not a step number"),
+        (lambda st: {**st, "optimizer": {"state": {}}}, "'optimizer' entry that is not an optimizer state"),
+    ],
+)
+def test_a_state_file_of_the_wrong_structure_is_refused_naming_it(tmp_path, capsys, tiny_run, edit, message) -> None:
+    err, ckpt = _resume_error(tmp_path, capsys, tiny_run, _edit_state(edit))
+    assert f"checkpoint file {ckpt / 'state.pt'}" in err and message in err, err
+    assert "not a checkpoint written by" in err
+
+
+@needs_data
+def test_resuming_onto_another_runs_checkpoint_files_names_them(tmp_path: Path, capsys, tiny_run: Path) -> None:
+    other = tmp_path / "wide"  # the same run with a wider model: its files do not fit
+    assert _train(other, 1, "-o", "model.overrides.hidden_size=64") == 0
+    theirs = find_latest(other / "checkpoints")
+
+    def take(name: str):
+        return lambda ckpt: shutil.copy(theirs / name, ckpt / name)
+
+    err, ckpt = _resume_error(tmp_path / "a", capsys, tiny_run, take("state.pt"))
+    assert f"checkpoint file {ckpt / 'state.pt'} holds the training state of another model" in err
+    assert "(64, 4)" in err and "(32, 4)" in err
+    err, ckpt = _resume_error(tmp_path / "b", capsys, tiny_run, take("model.safetensors"))
+    assert f"checkpoint file {ckpt / 'model.safetensors'} does not fit this model: weight " in err
+    assert "has shape (" in err and "in this model" in err and "Error(s) in loading" not in err
+
+
+@needs_data
+def test_resume_refuses_a_checkpoint_with_nan_weights_at_load(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    assert _train(run, 2, "-o", "train.ckpt_every=1") == 0
+    last = find_latest(run / "checkpoints")
+    weights = load_file(last / "model.safetensors")
+    name = next(iter(weights))
+    weights[name][...] = float("nan")
+    save_file(weights, last / "model.safetensors")
+    assert _train(run, 3, "--resume", "auto") == 2
+    err = _one_line(capsys)
+    assert f"checkpoint {last} holds inf or NaN weights" in err and name in err
+    earlier = run / "checkpoints" / "step_00000001"
+    assert f"--resume {earlier}" in err and "the last checkpoint is intact" not in err
+    assert not (run / "metrics.jsonl").read_text().count('"step": 3')  # refused before any step
+    # what the message says to do works: a checkpoint directory given to --resume
+    assert _train(run, 3, "--resume", str(earlier)) == 0
+    assert load_checkpoint(find_latest(run / "checkpoints"))["state"]["step"] == 3
+
+
+def _small_images(folder: Path, count: int = 4, size: int = 28) -> Path:
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(count // 2):
+            Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+    return folder
+
+
+def test_an_image_folder_of_28px_images_trains_at_32px_with_pad_or_upscale(tmp_path: Path, capsys) -> None:
+    folder = _small_images(tmp_path / "imgs")
+    small = ["--data", str(folder), "--batch-size", "4", "-o", "model.overrides.patch_size=2"]
+    assert _train(tmp_path / "no", 1, *small) == 2
+    err = _one_line(capsys)
+    assert "is 28x28, smaller than resolution 32" in err
+    assert "-o data.upscale=true" in err and "-o data.pad=2" in err and "upscale=True" not in err
+    for setting, padding in (("data.pad=2", 2), ("data.upscale=true", 0)):
+        run = tmp_path / setting
+        assert _train(run, 1, *small, "-o", setting) == 0
+        spec = json.loads((run / "data_spec.json").read_text())
+        assert spec == {"sample_shape": [1, 32, 32], "num_classes": 2, "padding": padding}
+    # the border is recorded, so saved samples crop it: 28x28 again
+    assert cli(["sample", str(tmp_path / "data.pad=2"), "--seeds", "0-1", "--out", str(tmp_path / "s"), "--npz"]) == 0
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape == (2, 28, 28, 1)
+    capsys.readouterr()
+    assert _train(tmp_path / "neg", 1, *small, "-o", "data.pad=-1") == 2
+    assert "data.pad=-1 must be a whole number of pixels >= 0" in _one_line(capsys)
+    assert _train(tmp_path / "fm", 1, "-o", "data.pad=2") == 2  # Fashion-MNIST pads itself
+    assert "data.pad applies to image folders; 'fashion-mnist' is not one" in _one_line(capsys)
+
+
+def test_a_run_stopped_by_a_bad_image_continues_with_skip_bad(tmp_path: Path, capsys) -> None:
+    folder = _small_images(tmp_path / "imgs", count=6, size=32)
+    run = tmp_path / "run"
+    data = ["--data", str(folder), "--batch-size", "6", "-o", "model.overrides.patch_size=2"]  # every image, every step
+    assert _train(run, 2, *data) == 0
+    broken = folder / "b" / "1.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n torn")  # damaged after the run started
+    capsys.readouterr()
+    assert _train(run, 4, *data, "--resume", "auto") == 2
+    note, err = capsys.readouterr().err.strip().splitlines()  # "resumed from ...", then the error
+    assert note.startswith("resumed from") and str(broken) in err and "--skip-bad" in err
+    with pytest.warns(UserWarning, match="1.png"):
+        assert _train(run, 4, *data, "--resume", "auto", "--skip-bad") == 0
+    assert RunConfig.load(run / "config.json").data.skip_bad
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@needs_data
+def test_sampling_json_says_no_ema_for_a_run_trained_without_one(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert _train(run, 1, "-o", "optim.ema=false") == 0
+    for flags in ([], ["--no-ema"]):
+        out = tmp_path / f"s{len(flags)}"
+        assert cli(["sample", str(run), "--seeds", "0-1", "--out", str(out), *flags]) == 0
+        assert json.loads((out / "sampling.json").read_text())["ema"] is False
+    pretrained = tmp_path / "p"
+    assert cli(["sample", str(run / "pretrained"), "--seeds", "0", "--out", str(pretrained)]) == 0
+    assert json.loads((pretrained / "sampling.json").read_text())["ema"] is False
 
 
 def test_unwritable_output_is_found_before_training(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,39 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dfm.checkpoint import ensure_writable
+from dfm.checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    check_state,
+    clean_leftovers,
+    ensure_writable,
+    find_latest,
+    first_mismatch,
+    is_optimizer_state,
+    is_step,
+    load_checkpoint,
+    load_state_file,
+    non_finite,
+    optimizer_mismatch,
+    save_checkpoint,
+    state_dict_error,
+)
+from dfm.config import check_lr
 from dfm.data import build_dataset
 from dfm.data.vae import SE_FILE, load_vae, require_diffusers
 from dfm.decomposition import LaplacianPyramid
+from dfm.training.log import truncate_log
 
 FACTORS = (2, 4)
+CHECKPOINTS = "checkpoints"  #: OUT/checkpoints/step_*/ (dfm.checkpoint: atomic, safetensors weights)
+LOG_FILE = "log.jsonl"
+LEGACY_CHECKPOINT = "checkpoint.pt"  #: the single checkpoint file of runs written before OUT/checkpoints/
+ADAM_BETAS = (0.9, 0.99)  #: AdamW's betas of the fine-tuning
+#: what the state.pt of an autoencoder checkpoint holds
+SE_STATE = {"optimizer": (is_optimizer_state, "an optimizer state (a dict of state and param_groups)"),
+            "step": (is_step, "a step number")}  # fmt: skip
 
 
 def psnr(a: Tensor, b: Tensor, peak: float = 2.0) -> float:
@@ -138,7 +164,26 @@ class SEConfig:
     precision: str = "fp32"  #: fp32 | bf16 (autocast)
     ema_decay: float = 0.0  #: 0 = no EMA; else the saved model is the EMA
     seed: int = 0
-    ckpt_every: int = 200
+    ckpt_every: int = 200  #: a checkpoint every this many steps (0 = only at the end; the last step is always saved)
+    keep_last: int = 2  #: checkpoints kept in OUT/checkpoints
+
+    def validate(self) -> SEConfig:
+        """Check the settings; a ``ValueError`` names the flag and what to give. Returns self."""
+        if self.recon not in ("l1", "l2") or self.precision not in ("fp32", "bf16"):
+            raise ValueError("--recon must be l1 or l2, --precision fp32 or bf16")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"--steps {self.steps} and --batch-size {self.batch_size} must be >= 1")
+        check_lr(self.lr, ADAM_BETAS[0], "--lr")
+        for flag, value in (("--se-weight", self.se_weight), ("--kl-weight", self.kl_weight)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{flag} {value} must be a finite number >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema {self.ema_decay} must be in [0, 1) (0: no EMA)")
+        if self.ckpt_every < 0 or self.keep_last < 1:
+            raise ValueError(f"--ckpt-every {self.ckpt_every} must be >= 0 (0: only at the end)")
+        if not self.factors or any(f < 2 for f in self.factors):
+            raise ValueError(f"--factors {','.join(map(str, self.factors))}: downsampling factors >= 2, e.g. 2,4")
+        return self
 
 
 def se_losses(model: Any, x: Tensor, factor: int, recon: str = "l1") -> dict[str, Tensor]:
@@ -165,11 +210,12 @@ def scratch_autoencoder(channels: int = 1, latent_channels: int = 4) -> Any:
 
 
 def finetune_se(model: Any, images: Tensor, out: str | Path, cfg: SEConfig, progress: bool = True) -> Path:
-    """Train ``model`` (a diffusers ``AutoencoderKL``) on ``images`` with reconstruction + SE + KL; resumes from
-    ``out/checkpoint.pt``; writes the (EMA) model with ``save_pretrained`` into ``out`` and ``log.jsonl``."""
+    """Train ``model`` (a diffusers ``AutoencoderKL``) on ``images`` with reconstruction + SE + KL; resumes from the
+    latest checkpoint in ``out/checkpoints`` (written as the trainer's: atomically, weights in safetensors, no
+    pickled code), exactly as if it had never stopped; writes the (EMA) model with ``save_pretrained`` into ``out``
+    and one row per step into ``out/log.jsonl``."""
     out = ensure_writable(out)
-    if cfg.recon not in ("l1", "l2") or cfg.precision not in ("fp32", "bf16") or cfg.steps < 1:
-        raise ValueError("recon must be l1 or l2, precision fp32 or bf16, steps >= 1")
+    cfg.validate()
     if any(images.shape[-1] % (f * 2 ** (len(model.config.block_out_channels) - 1)) for f in cfg.factors):
         raise ValueError(f"image size {images.shape[-1]} must be divisible by every SE factor times the VAE's factor")
     model.train().requires_grad_(True)
@@ -177,20 +223,13 @@ def finetune_se(model: Any, images: Tensor, out: str | Path, cfg: SEConfig, prog
         for part in (model.encoder, model.quant_conv):
             part.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=ADAM_BETAS, weight_decay=0.0)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    step, ckpt = 0, out / "checkpoint.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step = int(state["step"])
-    log = out / "log.jsonl"
-    if log.is_file():  # lines past the checkpoint are written again
-        rows = [line for line in log.read_text().splitlines() if line.strip()]
-        log.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+    root = out / CHECKPOINTS
+    clean_leftovers(root)
+    step = _resume(out, model, ema, opt)
+    truncate_log(out, step, LOG_FILE)  # rows past the checkpoint are written again; a torn last row goes
+    log = out / LOG_FILE
     bar = tqdm(total=cfg.steps, initial=step, desc="autoencoder", disable=not progress, dynamic_ncols=True)
     while step < cfg.steps:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -202,7 +241,8 @@ def finetune_se(model: Any, images: Tensor, out: str | Path, cfg: SEConfig, prog
             terms = se_losses(model, images[idx].float(), factor, cfg.recon)
         loss = terms["recon"] + cfg.se_weight * terms["se"] + cfg.kl_weight * terms["kl"]
         if not torch.isfinite(loss):
-            raise ValueError(f"the loss became {float(loss)} at step {step}: lower --lr")
+            raise ValueError(f"the loss became {float(loss)} at step {step + 1}: lower --lr; the last checkpoint in "
+                             f"{root} is intact")  # fmt: skip
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -216,13 +256,8 @@ def finetune_se(model: Any, images: Tensor, out: str | Path, cfg: SEConfig, prog
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         bar.update(1)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, ckpt)
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+            _save(root, step, model, ema, opt, cfg.keep_last)
     bar.close()
     final = (ema if ema is not None else model).eval()
     final.save_pretrained(out)
@@ -230,6 +265,67 @@ def finetune_se(model: Any, images: Tensor, out: str | Path, cfg: SEConfig, prog
               "steps": cfg.steps}  # fmt: skip
     (out / SE_FILE).write_text(json.dumps(record) + "\n")
     return out
+
+
+def _save(root: Path, step: int, model: Any, ema: Any, opt: torch.optim.Optimizer, keep_last: int) -> Path:
+    """Checkpoint ``step``; weights that hold inf or NaN are refused, so the latest checkpoint always resumes."""
+    weights, averaged = model.state_dict(), ema.state_dict() if ema is not None else {}
+    bad = non_finite(weights) + non_finite(averaged)
+    if bad:
+        last = find_latest(root)
+        kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
+        raise ValueError(f"the weights became inf or NaN by step {step} (e.g. {bad[0]}): lower --lr; not saving them: "
+                         f"{kept}")  # fmt: skip
+    return save_checkpoint(root, step, weights, averaged, {"optimizer": opt.state_dict(), "step": step}, keep_last)
+
+
+def _resume(out: Path, model: Any, ema: Any, opt: torch.optim.Optimizer) -> int:
+    """Load the latest checkpoint of ``out`` (or the single ``checkpoint.pt`` of older versions) into the model, its
+    EMA and the optimizer; its step (0 without one). Whatever does not fit is an error naming the file."""
+    ckpt = find_latest(out / CHECKPOINTS)
+    if ckpt is not None:
+        loaded = load_checkpoint(ckpt)
+        state = check_state(loaded["state"], ckpt / STATE_FILE, SE_STATE)
+        parts = [(model, loaded["model"], ckpt / MODEL_FILE)]
+        parts += [(ema, loaded["ema"], ckpt / EMA_FILE)] if ema is not None else []
+        where = ckpt / STATE_FILE
+    elif (out / LEGACY_CHECKPOINT).is_file():
+        where = out / LEGACY_CHECKPOINT
+        fields = {"model": (lambda v: isinstance(v, dict), "the model's weights (a dict)"), **SE_STATE}
+        if ema is not None:
+            fields["ema"] = (lambda v: isinstance(v, dict), "the EMA's weights (a dict)")
+        state = check_state(load_state_file(where), where, fields)
+        parts = [(model, state["model"], where)] + ([(ema, state["ema"], where)] if ema is not None else [])
+    else:
+        return 0
+    settings = "resume with the same --ema and --freeze-encoder, or use another --out"
+    for module, weights, file in parts:
+        if not all(torch.is_tensor(v) for v in weights.values()):
+            raise CheckpointError(f"checkpoint file {file} holds something else than weights: delete it, or use "
+                                  "another --out")  # fmt: skip
+        bad = non_finite(weights)
+        if bad:
+            raise CheckpointError(f"checkpoint file {file} holds inf or NaN weights (e.g. {bad[0]}): the run had "
+                                  "diverged; delete it to fall back to an earlier checkpoint, or start again in "
+                                  "another --out with a lower --lr")  # fmt: skip
+        try:
+            reason = first_mismatch(module.state_dict(), weights)
+            if reason is None:
+                module.load_state_dict(weights)
+        except (RuntimeError, ValueError, KeyError) as err:
+            reason = state_dict_error(err)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint file {file} does not fit this autoencoder: {reason}; {settings}")
+    why = optimizer_mismatch(opt, state["optimizer"])
+    if why is None:
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            why = state_dict_error(err)
+    if why is not None:
+        raise CheckpointError(f"checkpoint file {where} holds the optimizer state of another training ({why}); "
+                              f"{settings}")  # fmt: skip
+    return int(state["step"])
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -252,7 +348,7 @@ def add_autoencoder_parser(sub) -> None:
         "finetune",
         help="make an AutoencoderKL scale-equivariant (or train a small one from scratch with --init scratch)",
         description="Reconstruction + scale equivariance (decode(down(z)) against down(x), the factor drawn per step) "
-        "+ KL. Resumes from OUT/checkpoint.pt; writes the model with save_pretrained into OUT.",
+        "+ KL. Resumes from the latest checkpoint in OUT/checkpoints; writes the model with save_pretrained into OUT.",
     )
     t.add_argument("--vae", help="the AutoencoderKL to fine-tune (a save_pretrained directory or hub id)")
     t.add_argument("--init", choices=["scratch"], help="scratch: a small new AutoencoderKL instead of --vae")
@@ -272,6 +368,12 @@ def add_autoencoder_parser(sub) -> None:
     t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     t.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (default 0: none)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=200,
+        help="a checkpoint every N steps (default 200; 0: only at the end; the last step is always saved)",
+    )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=run_autoencoder)
 
@@ -290,14 +392,19 @@ def _images(data: str, resolution: int, count: int, channels: int, train: bool =
 def run_finetune(args) -> int:
     if (args.vae is None) == (args.init != "scratch"):
         raise ValueError("give --vae PATH (fine-tune an AutoencoderKL) or --init scratch (a small new one), not both")
-    factors = tuple(int(f) for f in args.factors.split(","))
-    if not factors or any(f < 2 for f in factors):
-        raise ValueError(f"--factors {args.factors}: downsampling factors >= 2, e.g. 2,4")
+    try:
+        factors = tuple(int(f) for f in args.factors.split(",") if f.strip())
+    except ValueError:
+        raise ValueError(
+            f"--factors {args.factors!r}: give comma-separated downsampling factors >= 2, e.g. 2,4"
+        ) from None
     cfg = SEConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, se_weight=args.se_weight,
                    factors=factors, recon=args.recon, kl_weight=args.kl_weight, freeze_encoder=args.freeze_encoder,
-                   precision=args.precision, ema_decay=args.ema, seed=args.seed)  # fmt: skip
+                   precision=args.precision, ema_decay=args.ema, seed=args.seed,
+                   ckpt_every=args.ckpt_every).validate()  # fmt: skip
     out = Path(args.out)
-    if (out / "checkpoint.pt").is_file() and (out / "config.json").is_file():
+    resuming = find_latest(out / CHECKPOINTS) is not None or (out / LEGACY_CHECKPOINT).is_file()
+    if resuming and (out / "config.json").is_file():
         diffusers = require_diffusers()  # resume: the architecture saved with the run, weights from the checkpoint
         model = diffusers.AutoencoderKL.from_config(diffusers.AutoencoderKL.load_config(out))
     else:

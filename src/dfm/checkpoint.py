@@ -12,14 +12,20 @@ A checkpoint is first written to a temporary directory and renamed into place wi
 ``latest`` is rewritten through a temporary file; a kill at any point leaves the previous checkpoint intact.
 What a killed save leaves behind is tidied by :func:`clean_leftovers` at the next save or start: half-written
 directories are deleted, and a checkpoint moved aside for a re-save of its step is put back if its
-replacement never arrived. A file that cannot be written or read raises :class:`CheckpointError` naming it.
+replacement never arrived. A file that cannot be written or read raises :class:`CheckpointError` naming it, and
+so does a ``state.pt`` that loads but is not a training state (:func:`check_state`). No message ever repeats a
+library's advice to load a file unsafely (``weights_only=False``, ``allow_pickle``): :func:`load_error_reason`
+says what is wrong with the file instead.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import pickle
+import re
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,15 +140,118 @@ def ensure_writable(directory: str | Path) -> Path:
     return directory
 
 
+def load_error_reason(err: BaseException) -> str:
+    """Why a file did not load, in a few words, without the loader's advice (torch's ``weights_only=False``,
+    numpy's ``allow_pickle``: loading an untrusted file that way runs any code it holds)."""
+    text = str(err)
+    if "contains pickled (object) data" in text:  # numpy: neither an .npz nor an .npy, so a pickle at best
+        return "it is not a numpy archive: reading it would mean unpickling it, which runs any code it holds"
+    if "Object arrays cannot be loaded" in text:
+        return "it holds arrays of Python objects, which only unpickling would read"
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+        return f"it holds {what}, not only tensors and numbers"
+    if "allow_pickle" in text or "weights_only" in text:  # any other advice of that kind: not repeated
+        return f"it cannot be read safely ({type(err).__name__})"
+    first = _first_line(err)
+    return re.split(r"(?<=[a-z\]])\. ", first, maxsplit=1)[0].rstrip(".")[:200]  # the first sentence
+
+
 def _read(file: Path, load):
     """``load(file)``, with any failure to parse it reported as a damaged checkpoint file."""
     try:
         return load(file)
     except Exception as err:  # UnpicklingError, SafetensorError, truncated zip...: the file is damaged
         raise CheckpointError(
-            f"cannot read checkpoint file {file}: {_first_line(err)}; the file is damaged: delete {file.parent} "
-            "to fall back to the previous checkpoint, or pick another one"
+            f"cannot read checkpoint file {file}: it is not a checkpoint file written by dfm, or it is damaged "
+            f"({load_error_reason(err)}); delete {file.parent} to fall back to the previous checkpoint, or pick "
+            "another one"
         ) from None
+
+
+def bad_state(file: Path, what: str) -> CheckpointError:
+    """The error for a ``state.pt`` that loads but does not hold what dfm writes (``what``: what is wrong)."""
+    return CheckpointError(
+        f"checkpoint file {file} {what}: it is not a checkpoint written by dfm, or it is damaged; delete "
+        f"{file.parent} to fall back to the previous checkpoint, or pick another one"
+    )
+
+
+def check_state(state: Any, file: Path, fields: Mapping[str, tuple[Callable[[Any], bool], str]]) -> dict[str, Any]:
+    """``state`` if it is a dict whose every entry of ``fields`` (name -> (test, what it must be)) passes its test;
+    else :func:`bad_state` naming ``file``, the first entry that does not, and what it must be."""
+    if not isinstance(state, dict):
+        raise bad_state(file, f"holds a {type(state).__name__} instead of a dict of training state")
+    for name, (test, must) in fields.items():
+        if name not in state:
+            raise bad_state(file, f"has no {name!r} entry")
+        try:
+            ok = bool(test(state[name]))
+        except Exception:  # noqa: BLE001 - a test that cannot even run on the value: it is not what it must be
+            ok = False
+        if not ok:
+            raise bad_state(file, f"holds a {name!r} entry that is not {must}")
+    return state
+
+
+def is_step(value: Any) -> bool:
+    """Whether ``value`` is a step number (an int >= 0, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def first_mismatch(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor]) -> str | None:
+    """The first weight of ``loaded`` whose shape differs from ``expected``'s, both shapes in words (None: all
+    shared weights have the same shape)."""
+    for name, value in loaded.items():
+        want = expected.get(name)
+        if want is not None and torch.is_tensor(value) and tuple(value.shape) != tuple(want.shape):
+            return f"weight {name} has shape {tuple(value.shape)} there but {tuple(want.shape)} in this model"
+    return None
+
+
+def optimizer_mismatch(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> str | None:
+    """How a saved optimizer state (``optimizer.state_dict()`` of a checkpoint) does not fit ``optimizer``, in words
+    (None: it fits): another number of parameters, or a moment whose shape is not its parameter's (torch's
+    ``load_state_dict`` checks neither shape, and the first step then fails)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group.get("params", [])]
+    if len(ids) != len(params):
+        return f"it holds the state of {len(ids)} parameters, this model has {len(params)}"
+    for i, (key, param) in enumerate(zip(ids, params)):
+        entries = saved["state"].get(key, {})
+        for name, value in entries.items() if isinstance(entries, dict) else ():
+            if torch.is_tensor(value) and value.ndim > 0 and tuple(value.shape) != tuple(param.shape):
+                return f"{name} of parameter {i} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}"
+    return None
+
+
+def is_optimizer_state(value: Any) -> bool:
+    """Whether ``value`` looks like ``optimizer.state_dict()``: a dict of ``state`` (a dict) and ``param_groups``."""
+    return (
+        isinstance(value, dict) and isinstance(value.get("state"), dict) and isinstance(value.get("param_groups"), list)
+    )
+
+
+def state_dict_error(err: BaseException) -> str:
+    """The useful part of a ``load_state_dict`` error (its first line naming weights; torch puts them after a
+    heading line), with torch's ``torch.Size([...])`` written as plain shapes."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line]
+    line = (named or lines or [type(err).__name__])[0]
+    size = re.match(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                    r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)", line)  # fmt: skip
+    if size:
+        name, there, here = size.groups()
+        return f"weight {name} has shape ({there}) there but ({here}) in this model"
+    keys = re.match(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)", line)
+    if keys:
+        names = re.findall(r'"([^"]+)"', keys.group(2)) or [keys.group(2)]
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        if keys.group(1) == "Missing":
+            return f"it lacks weight {names[0]}{more}"
+        return f"it holds weight {names[0]}{more} that this model does not have"
+    return line[:300]
 
 
 def _complete(path: Path) -> bool:
@@ -169,15 +278,25 @@ def find_latest(ckpt_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_state_file(file: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """A file written with ``torch.save``, loaded without running pickled code (``weights_only=True``); a
+    :class:`CheckpointError` naming it when it cannot be read."""
+    file = Path(file)
+    return _read(file, lambda f: torch.load(f, map_location=map_location, weights_only=True))
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint directory: ``{"model": ..., "ema": ..., "state": ...}`` (no pickled code is run)."""
+    """Load a checkpoint directory: ``{"model": ..., "ema": ..., "state": ...}`` (no pickled code is run). The
+    state must be a dict with its ``step``; what else it must hold is its writer's to check (:func:`check_state`)."""
     path = Path(path)
     if not _complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs {MODEL_FILE}, {EMA_FILE}, {STATE_FILE})")
+    state = load_state_file(path / STATE_FILE, map_location)
+    check_state(state, path / STATE_FILE, {"step": (is_step, "a step number")})
     return {
         "model": _read(path / MODEL_FILE, lambda f: load_file(f, device=str(map_location))),
         "ema": _read(path / EMA_FILE, lambda f: load_file(f, device=str(map_location))),
-        "state": _read(path / STATE_FILE, lambda f: torch.load(f, map_location=map_location, weights_only=True)),
+        "state": state,
     }
 
 

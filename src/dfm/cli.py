@@ -23,7 +23,7 @@ from dfm.finetune import diffusers_finetune_config, finetune_config
 from dfm.presets import PRESETS, get_preset, with_method
 from dfm.refine_command import add_refine_parser, add_upscale_parser
 from dfm.resolve import apply_overrides
-from dfm.run import Run
+from dfm.run import CONFIG_FILE, Run
 from dfm.sample_command import add_sample_parser
 from dfm.training import Trainer, TrainingError, finish_distributed, init_distributed
 
@@ -164,16 +164,26 @@ def _run_finetune(args) -> int:
         return _run_finetune_diffusers(args, source)
     if args.lora is not None or args.gradient_checkpointing:
         raise ValueError(f"--lora and --gradient-checkpointing apply to diffusers FLUX / SD3 models, not to {source}")
+    if args.classes is not None and not args.classes.strip(" ,"):
+        raise ValueError(f"--classes {args.classes!r}: give the classes to train on, e.g. 5,6,7,8,9 (leave --classes "
+                         "out to train on every class)")  # fmt: skip
+    out = args.out or f"runs/finetune-{args.method}"
+    ov = _flag_overrides(args, classes="data.classes", precision="train.precision")
+    saved = Path(out) / CONFIG_FILE
+    if args.resume not in (None, "", "none") and not source.exists() and saved.is_file():
+        # The run's own config.json holds everything it needs, and its checkpoints the weights: no source to read.
+        cfg = apply_overrides(RunConfig.load(saved), [f"train.steps={args.steps}", *ov, *args.override])
+        return _fit(cfg, out, args)
     try:
-        source_config = Run.open(source).config
+        source_run = Run.open(source)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"--from {source}: expected a run directory or its pretrained/ directory ({err})"
         ) from None
-    cfg = finetune_config(source_config, args.method, args.steps, args.like)
-    ov = [f"train.init_from={source}", *_flag_overrides(args, classes="data.classes", precision="train.precision")]
-    cfg = apply_overrides(cfg, ov + args.override)
-    return _fit(cfg, args.out or f"runs/finetune-{args.method}", args)
+    cfg = finetune_config(source_run.config, args.method, args.steps, args.like,
+                          source_video=len(source_run.spec.sample_shape) == 4)  # fmt: skip
+    cfg = apply_overrides(cfg, [f"train.init_from={source}", *ov, *args.override])
+    return _fit(cfg, out, args)
 
 
 def _run_finetune_diffusers(args, source: Path) -> int:

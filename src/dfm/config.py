@@ -154,6 +154,11 @@ class DataConfig:
     num_clips: int | None = None  #: generated video sets: number of clips (None = the dataset's default)
     skip_bad: bool = False  #: image folders: leave out files that cannot be decoded (with a warning)
     classes: tuple[int, ...] | None = None  #: train on these classes only (labels keep their values); None = all
+    #: image folders: enlarge images smaller than ``resolution`` (bicubic) instead of refusing them
+    upscale: bool = False
+    #: image folders: pixels of background added on every side of each image before resizing, as the built-in
+    #: Fashion-MNIST pads 28 to 32 (``pad=2``); recorded in data_spec.json so that saved samples crop it again
+    pad: int = 0
 
 
 @dataclass
@@ -285,6 +290,12 @@ class RunConfig:
             raise ValueError(f"optim.ema_decay={o.ema_decay} must be in [0, 1)")
         if not (math.isfinite(o.eps) and o.eps > 0) or not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
             raise ValueError(f"optim: eps must be > 0 (got {o.eps}) and weight_decay >= 0 (got {o.weight_decay})")
+        d = self.data
+        if isinstance(d.pad, bool) or not isinstance(d.pad, int) or d.pad < 0:
+            raise ValueError(f"data.pad={d.pad!r} must be a whole number of pixels >= 0 (0 = no border)")
+        if d.classes is not None and len(d.classes) == 0:
+            raise ValueError("data.classes is empty: give the classes to train on, e.g. 5,6,7, or leave it unset "
+                             "for every class")  # fmt: skip
         if self.model.backbone not in BACKBONES:
             raise ValueError(f"model.backbone={self.model.backbone!r}: choose one of {', '.join(BACKBONES)}")
         if self.model.lora_rank < 0:

@@ -47,7 +47,7 @@ from dfm.config import DataConfig, MethodConfig, ModelConfig, OptimConfig, RunCo
 from dfm.methods import get_method
 from dfm.models import DFMDiT
 from dfm.models.surgery import lift_patch_embedding, pool_head
-from dfm.presets import get_preset
+from dfm.presets import PRESETS, get_preset
 from dfm.resolve import resolve
 from dfm.text import diffusers_kind
 
@@ -144,11 +144,19 @@ def load_source(target: nn.Module, source_network: nn.Module, source: RunConfig,
         raise ValueError(f"{where}: {err}") from None
 
 
-def finetune_config(source: RunConfig, method: str = "dfm", steps: int = 800, like: str = "quickstart") -> RunConfig:
+def is_video(data: DataConfig) -> bool:
+    """Whether ``data`` names clips (frames per clip set, or the built-in moving Fashion-MNIST), not images."""
+    return data.frames is not None or data.dataset.lower().replace("_", "-").startswith("moving-fashion")
+
+
+def finetune_config(source: RunConfig, method: str = "dfm", steps: int = 800, like: str = "quickstart",
+                    source_video: bool | None = None) -> RunConfig:  # fmt: skip
     """The run config of ``dfm finetune``: the pretrained run's model, data, optimiser and training settings, with
 
     - the method: ``dfm`` takes the method settings of the DFM preset ``like`` (stages, p(Q), sampling steps), with
-      as many stages as that preset; ``fm`` keeps the source's one-stage method (plain fine-tuning, the baseline);
+      as many stages as that preset, which must be made for the source's kind of data (images or videos;
+      ``source_video``: whether the source generates videos, default: read from its data settings); ``fm`` keeps
+      the source's one-stage method (plain fine-tuning, the baseline);
     - preconditioning as the pretrained model had it (an exact conversion needs the same input scaling);
     - the learning rate a tenth of the source's (the paper: 1e-4 pretraining, 1e-5 fine-tuning) and a warm-up of
       at most a tenth of the steps;
@@ -163,6 +171,14 @@ def finetune_config(source: RunConfig, method: str = "dfm", steps: int = 800, li
         template = get_preset(like)
         if template.method.name != "dfm":
             raise ValueError(f"--like {like}: choose a DFM preset for the method settings (e.g. quickstart)")
+        video = is_video(source.data) if source_video is None else source_video
+        if is_video(template.data) != video:
+            kind = "video" if video else "image"
+            fits = [name for name in PRESETS if get_preset(name).method.name == "dfm"
+                    and is_video(get_preset(name).data) == video]  # fmt: skip
+            raise ValueError(f"--like {like}: a preset for {'images' if video else 'videos'}, but the pretrained "
+                             f"model is a{'' if video else 'n'} {kind} model; choose a DFM preset for "
+                             f"{kind}s: {', '.join(fits)}")  # fmt: skip
         cfg.method = dataclasses.replace(template.method, precondition=source.method.precondition, data_std=None)
         cfg.sampler = dataclasses.replace(template.sampler)
     elif method == "fm":

@@ -33,7 +33,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfm.checkpoint import EMA_FILE, MODEL_FILE, atomic_write_text, find_latest, load_weights, non_finite
+from dfm.checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
+    atomic_write_text,
+    find_latest,
+    first_mismatch,
+    load_weights,
+    non_finite,
+    state_dict_error,
+)
 from dfm.config import RESUMABLE, RunConfig, config_diff
 from dfm.methods import Method, get_method
 from dfm.models.config import DiTConfig
@@ -167,11 +176,15 @@ class Run:
         else:
             state, load = load_weights(ckpt, ema=use_ema), network.load_state_dict
         try:
-            load(state)
+            reason = first_mismatch(network.state_dict(), state)
+            if reason is None:
+                load(state)
         except (RuntimeError, ValueError) as err:
+            reason = state_dict_error(err)
+        if reason is not None:
             raise ValueError(
-                f"{ckpt} does not fit the run config {self.path / CONFIG_FILE}: {_reason(err)}; it belongs to "
-                "another run, or the config was edited"
+                f"{ckpt} does not fit the run config {self.path / CONFIG_FILE}: {reason}; it belongs to another run, "
+                "or the config was edited"
             ) from None
         return _require_finite(network, ckpt / (EMA_FILE if use_ema else MODEL_FILE)).to(device).eval()
 
@@ -220,13 +233,6 @@ def _read_config(file: Path) -> tuple[RunConfig, int]:
     except (ValueError, AttributeError):
         fmt = 2  # RunConfig.load says what is wrong with it
     return resolve(RunConfig.load(file)), fmt
-
-
-def _reason(err: Exception) -> str:
-    """The useful part of a load_state_dict error: its first line that names weights."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    named = [line for line in lines if "size mismatch" in line or "Missing key" in line or "Unexpected key" in line]
-    return (named or lines or [type(err).__name__])[0][:300]
 
 
 def _require_finite(network: nn.Module, source: Path) -> nn.Module:

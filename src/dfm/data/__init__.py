@@ -34,6 +34,7 @@ __all__ = [
     "MovingFashionMNIST",
     "VideoFolderDataset",
     "build_dataset",
+    "is_image_folder",
     "load_fashion_mnist",
     "random_hflip",
 ]
@@ -106,6 +107,16 @@ def build_dataset(
     if is_latent_dir(path):
         return _latent_dataset(path, resolution, split, train, random_flip, **kwargs)
     return _folder_dataset(path, resolution, frames, train, random_flip, **kwargs)
+
+
+def is_image_folder(name_or_path: str | os.PathLike, frames: int | None = None) -> bool:
+    """Whether :func:`build_dataset` reads ``name_or_path`` (with ``frames``) as a folder of images (so that it takes
+    :class:`ImageFolderDataset`'s settings: ``upscale``, ``pad``, ``skip_bad``)."""
+    key, _ = _parse_name(str(name_or_path), True)
+    if key in ("fashion-mnist", "fashionmnist", "moving-fashion-mnist", "moving-fashionmnist") or frames is not None:
+        return False
+    path = Path(name_or_path).expanduser()
+    return path.is_dir() and not is_latent_dir(path)
 
 
 # The helpers' own parameters are positional-only, so that any name in ``kwargs`` reaches the dataset class.

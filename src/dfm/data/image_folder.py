@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dfm.data.base import DFMDataset, to_model_range
 
@@ -98,6 +98,12 @@ class ImageFolderDataset(DFMDataset):
             and the same at every start with the same files, so a resume draws the same batches.
         upscale_flag: how the user allows upscaling, for the too-small error (``"--upscale"`` for ``dfm prepare``);
             ``None``: the ``upscale=True`` argument.
+        pad: pixels of background (black) added on every side of each image before it is resized and cropped, as
+            the built-in Fashion-MNIST pads its 28x28 images to 32x32 (``pad=2``). The border in model pixels is
+            :attr:`padding` (read from the first image: exact for folders of square images of one size), which
+            saved samples crop again.
+        pad_flag: how the user sets ``pad``, for the too-small error (``"-o data.pad"`` for ``dfm train``); ``None``:
+            the ``pad`` argument.
     """
 
     def __init__(
@@ -109,6 +115,8 @@ class ImageFolderDataset(DFMDataset):
         upscale: bool = False,
         skip_bad: bool = False,
         upscale_flag: str | None = None,
+        pad: int = 0,
+        pad_flag: str | None = None,
     ) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
@@ -117,11 +125,15 @@ class ImageFolderDataset(DFMDataset):
             raise ValueError(f"resolution={resolution!r} must be a positive integer")
         if mode not in (None, "RGB", "L"):
             raise ValueError(f"mode={mode!r} is not supported; use 'RGB', 'L' or None (from the images)")
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"{pad_flag or 'pad'}={pad!r} must be a whole number of pixels >= 0")
         self.root = root
         self.random_flip = random_flip
         self.upscale = upscale
         self.skip_bad = skip_bad
         self.upscale_flag = upscale_flag
+        self.pad = pad
+        self.pad_flag = pad_flag
         self.sample_shape = (3, resolution, resolution)  # the channels follow the mode, below
 
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -147,6 +159,22 @@ class ImageFolderDataset(DFMDataset):
             mode = "L" if all(m in GREY_MODES for m in (modes or self._header_modes())) else "RGB"
         self.mode = mode
         self.sample_shape = (3 if mode == "RGB" else 1, resolution, resolution)
+        self.padding = self._model_padding() if pad else 0
+
+    def _model_padding(self) -> int:
+        """The border ``pad`` becomes in model pixels, for the first image that opens: ``pad`` scaled from the padded
+        image's short side to the resolution, when that is a whole number (else 0, as Fashion-MNIST at sizes that
+        do not scale its 2-pixel border to whole pixels)."""
+        for path, _ in self.samples:
+            try:
+                with Image.open(path) as image:
+                    padded = min(image.size) + 2 * self.pad
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+                continue
+            if padded < self.resolution and not self.upscale:
+                return 0  # too small: reading it says so
+            return self.pad * self.resolution // padded if (self.pad * self.resolution) % padded == 0 else 0
+        return 0
 
     def _header_modes(self) -> Iterable[str]:
         """The PIL modes of the images, read from their headers only, lazily (the caller stops at a colour one);
@@ -159,22 +187,28 @@ class ImageFolderDataset(DFMDataset):
                 continue
             yield mode
 
+    def _too_small(self, width: int, height: int) -> bool:
+        return not self.upscale and min(width, height) + 2 * self.pad < self.resolution
+
     def _check_size(self, path: Path, image: Image.Image) -> None:
-        if not self.upscale and min(image.size) < self.resolution:
-            if self.upscale_flag:
+        if self._too_small(image.width, image.height):
+            need = -(-(self.resolution - min(image.size)) // 2)  # the border that brings it to the resolution
+            if self.pad_flag:
+                remedy = (f"pass a smaller resolution, remove the image, allow upscaling with {self.upscale_flag}, or "
+                          f"add a border with {self.pad_flag}={need}")  # fmt: skip
+            elif self.upscale_flag:
                 remedy = f"pass a smaller --resolution, remove the image, or allow upscaling with {self.upscale_flag}"
             else:
-                remedy = "pass a smaller resolution, remove the image, or allow upscaling (upscale=True)"
-            raise ValueError(
-                f"image {path} is {image.width}x{image.height}, smaller than resolution {self.resolution}; {remedy}"
-            )
+                remedy = f"pass a smaller resolution, remove the image, allow upscaling (upscale=True), or pad={need}"
+            size = f"{image.width}x{image.height}" + (f" with a border of {self.pad}" if self.pad else "")
+            raise ValueError(f"image {path} is {size}, smaller than resolution {self.resolution}; {remedy}")
 
     def _check(self, path: Path) -> tuple[str | None, str]:
         """``(mode, "")`` when ``path`` decodes (JPEGs at a reduced scale, which still reads all their data) and is
         large enough, else ``(None, why not)``."""
         try:
             with Image.open(path) as image:
-                if not self.upscale and min(image.size) < self.resolution:
+                if self._too_small(image.width, image.height):
                     return None, f"{image.width}x{image.height}, smaller than {self.resolution}"
                 mode = image.mode
                 image.draft(mode, (self.resolution, self.resolution))  # JPEG only: decode at 1/2 .. 1/8 scale
@@ -214,6 +248,8 @@ class ImageFolderDataset(DFMDataset):
         """The image at ``path``, cropped, as uint8 ``(C, R, R)``; a ``ValueError`` naming the file if it cannot."""
         image = open_image(path, self.mode)
         self._check_size(path, image)
+        if self.pad:
+            image = ImageOps.expand(image, border=self.pad, fill=0)  # black, as Fashion-MNIST's background
         array = torch.from_numpy(np.asarray(center_crop_adm(image, self.resolution)).copy())
         return array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
 

@@ -26,7 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .weights import WeightsNotFoundError, sha256_file
+from dfm.checkpoint import state_dict_error
+
+from .weights import WeightsNotFoundError, load_state_dict, sha256_file
 
 __all__ = ["CLIP", "BPETokenizer", "load_clip", "clip_score"]
 
@@ -276,8 +278,13 @@ def load_clip(weights: str | Path | None = None, vocab: str | Path | None = None
             warnings.simplefilter("ignore", DeprecationWarning)
             state = torch.jit.load(str(weights), map_location="cpu").state_dict()
     except RuntimeError:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    model = CLIP.from_state_dict(state).eval().requires_grad_(False)
+        state = load_state_dict(weights)
+    try:
+        model = CLIP.from_state_dict(state).eval().requires_grad_(False)
+    except (KeyError, RuntimeError, ValueError, AttributeError, IndexError, TypeError) as error:
+        reason = f"no weight {error}" if isinstance(error, KeyError) else state_dict_error(error)
+        raise ValueError(f"CLIP weights {weights} are not an OpenAI CLIP checkpoint ({reason}); pass one such as "
+                         f"ViT-L-14.pt with --weights clip=PATH or ${CLIP_WEIGHTS_ENV}") from None  # fmt: skip
     protocol = {
         "name": "clip",
         "weights": str(weights),

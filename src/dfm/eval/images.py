@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dfm.checkpoint import load_error_reason
 from dfm.data.fashion_mnist import load_fashion_mnist as _load_fashion_mnist
 
 __all__ = ["ImageSet", "load_images", "load_fashion_mnist", "read_sampling_settings"]
@@ -88,13 +89,31 @@ def _load_folder(path: Path) -> ImageSet:
     )
 
 
+def read_npz(path: str | Path, expected: str = "an .npz of arrays (numpy.savez)") -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file ``path``, read without unpickling anything (``allow_pickle=False``); a
+    ``ValueError`` naming the file and what was ``expected`` when it is not such a file or is damaged."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array (an .npy file), not named arrays")
+        with data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # pickled data, object arrays, not a zip, a truncated member...: not what we read
+        raise ValueError(
+            f"cannot read {path}: it is not an .npz file of plain arrays, or it is damaged "
+            f"({load_error_reason(err)}); pass {expected}"
+        ) from None
+
+
 def _load_npz(path: Path) -> ImageSet:
-    with np.load(path) as data:
-        if "arr_0" not in data:
-            raise ValueError(f"{path} has no 'arr_0' key (keys: {sorted(data.keys())}); expected ADM-style samples")
-        images = _to_nchw(data["arr_0"], str(path))
-        labels = torch.from_numpy(data["labels"].astype(np.int64).reshape(-1)) if "labels" in data else None
-        prompts = [str(p) for p in data["prompts"]] if "prompts" in data else None
+    data = read_npz(path, "images as an .npz with key arr_0 (uint8 NHWC), e.g. written by dfm sample --npz")
+    if "arr_0" not in data:
+        raise ValueError(f"{path} has no 'arr_0' key (keys: {sorted(data.keys())}); expected ADM-style samples")
+    images = _to_nchw(data["arr_0"], str(path))
+    labels = torch.from_numpy(data["labels"].astype(np.int64).reshape(-1)) if "labels" in data else None
+    prompts = [str(p) for p in data["prompts"]] if "prompts" in data else None
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{path} holds {len(images)} images but {len(labels)} labels: give one label per image")
     return ImageSet(images, labels, {"kind": "npz", "path": str(path), "count": len(images)}, prompts)

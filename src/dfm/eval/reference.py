@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .frechet import FeatureStats
+from .images import read_npz
 
 __all__ = ["ReferenceStats", "save_reference", "load_reference", "is_reference_file"]
 
@@ -56,24 +57,36 @@ def save_reference(path: str | Path, reference: ReferenceStats) -> Path:
 
 
 def is_reference_file(path: str | Path) -> bool:
+    """Whether ``path`` is an ``.npz`` of reference statistics (``mu`` and ``sigma``); a file that numpy cannot read
+    safely is not (reading it as images then says what is wrong with it)."""
     path = Path(path)
     if path.suffix != ".npz" or not path.is_file():
         return False
-    with np.load(path) as data:
-        return "mu" in data and "sigma" in data
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            return False
+        with data:
+            return "mu" in data.files and "sigma" in data.files
+    except Exception:  # noqa: BLE001 - not a readable npz: not a statistics file
+        return False
 
 
 def load_reference(path: str | Path) -> ReferenceStats:
     """Read a file written by `save_reference` (an ADM reference batch with mu/sigma also loads)."""
-    with np.load(path) as data:
-        missing = {"mu", "sigma"} - set(data.keys())
-        if missing:
-            raise ValueError(f"{path} is not a reference-statistics file (missing {sorted(missing)})")
+    data = read_npz(path, "reference statistics written by `dfm eval ref`")
+    missing = {"mu", "sigma"} - set(data.keys())
+    if missing:
+        raise ValueError(f"{path} is not a reference-statistics file (missing {sorted(missing)})")
+    try:
         mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
         count = int(data["count"]) if "count" in data else 0
         extractor = str(data["extractor"]) if "extractor" in data else "inception-v3"
         protocol = json.loads(str(data["protocol"])) if "protocol" in data else {}
-        features = data["features"] if "features" in data else None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a reference-statistics file of `dfm eval ref` ({err}); build it again "
+                         "with dfm eval ref") from None  # fmt: skip
+    features = data["features"] if "features" in data else None
     # An unknown count (ADM files) is only used for merging, never for the distance itself.
     m2 = sigma * max(count - 1, 1)
     return ReferenceStats(extractor, FeatureStats(len(mu), max(count, 2), mu, m2), protocol, features)

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-__all__ = ["WeightsSpec", "WeightsNotFoundError", "resolve_weights", "sha256_file", "load_state_dict"]
+from dfm.checkpoint import first_mismatch, load_error_reason, state_dict_error
+
+__all__ = ["WeightsSpec", "WeightsNotFoundError", "resolve_weights", "sha256_file", "load_state_dict", "load_into"]
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -23,6 +26,8 @@ class WeightsSpec:
     filename: str
     url: str | None
     env_var: str
+    #: how to make the file when it cannot be downloaded (``url`` None), e.g. a dfm command
+    make: str | None = None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -46,11 +51,17 @@ def resolve_weights(name: str, spec: WeightsSpec, path: str | Path | None = None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
     if cached.is_file():
         return cached
+    if spec.url is None:  # nothing to download: say where it was looked for and how to make it
+        make = f"make it with `{spec.make.format(path=cached)}`" if spec.make else "make it"
+        raise WeightsNotFoundError(
+            f"{name}: no weights file: none given with --weights {name}=PATH or ${spec.env_var}, and none at "
+            f"{cached}; {make}, or pass one with --weights {name}=PATH or export {spec.env_var}=PATH"
+        )
     how = (
         f"download {spec.url} on a machine with internet and pass it with --weights {name}=PATH "
         f"or export {spec.env_var}=PATH"
     )
-    if spec.url is None or not download:
+    if not download:
         raise WeightsNotFoundError(f"{name}: no weights file found; {how}")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -71,9 +82,29 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError, SafetensorError, a truncated zip...: not a weights file
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"cannot read weights file {path}: {first}; pass the right file with --weights") from None
+        raise ValueError(
+            f"cannot read weights file {path}: it is not a file of network weights, or it is damaged "
+            f"({load_error_reason(error)}); pass the right file with --weights"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"weights file {path} holds no state dict (a dict of tensors); pass the right file with "
+                         "--weights")  # fmt: skip
     return obj
+
+
+def load_into(module: nn.Module, path: str | Path, name: str) -> None:
+    """The weights file ``path`` into ``module`` (all of its weights, and only those); a ``ValueError`` naming the
+    file and the first weight that does not fit if it belongs to another network."""
+    state = load_state_dict(path)
+    try:
+        reason = first_mismatch(module.state_dict(), state)
+        if reason is None:
+            module.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as error:
+        reason = state_dict_error(error)
+    if reason is not None:
+        raise ValueError(f"{name}: weights file {path} does not fit the {name} network ({reason}); pass its own "
+                         f"weights with --weights {name}=PATH")  # fmt: skip

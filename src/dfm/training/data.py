@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from dfm.config import DataConfig, MethodConfig
-from dfm.data import build_dataset
+from dfm.data import build_dataset, is_image_folder
 from dfm.data.subset import ClassSubset
 from dfm.decomposition import estimate_level_std
 from dfm.methods import Method
@@ -56,17 +56,25 @@ class EpochIndexer:
         return torch.cat(out)
 
 
+#: the settings of ``data`` that only image folders take
+FOLDER_SETTINGS = ("skip_bad", "upscale", "pad")
+
+
 def open_dataset(data: DataConfig) -> Any:
     """The training set of ``data``; augmentation draws from a generator seeded per step, so resumes are exact."""
-    extra = {"skip_bad": True} if data.skip_bad else {}
-    try:
-        dataset = build_dataset(data.dataset, data.resolution, train=True, data_dir=data.data_dir,
-                                random_flip=data.random_flip, frames=data.frames, num_clips=data.num_clips,
-                                **extra)  # fmt: skip
-    except TypeError:
-        if not extra:
-            raise
-        raise ValueError(f"data.skip_bad applies to image folders; {data.dataset!r} is not one") from None
+    extra: dict[str, Any] = {}
+    if is_image_folder(data.dataset, data.frames):  # its errors name the settings that fix them
+        extra = {"skip_bad": data.skip_bad, "upscale": data.upscale, "pad": data.pad,
+                 "upscale_flag": "-o data.upscale=true", "pad_flag": "-o data.pad"}  # fmt: skip
+    else:
+        given = [f"data.{key}" for key in FOLDER_SETTINGS if getattr(data, key)]
+        if given:
+            many = len(given) > 1
+            raise ValueError(f"{' and '.join(given)} appl{'y' if many else 'ies'} to image folders; {data.dataset!r} "
+                             f"is not one: leave {'them' if many else 'it'} out")  # fmt: skip
+    dataset = build_dataset(data.dataset, data.resolution, train=True, data_dir=data.data_dir,
+                            random_flip=data.random_flip, frames=data.frames, num_clips=data.num_clips,
+                            **extra)  # fmt: skip
     if data.classes is not None:
         dataset = ClassSubset(dataset, data.classes)
     if len(dataset) == 0:

@@ -111,7 +111,7 @@ class Trainer:
         )
         self.step = 0
         if checkpoint is not None:
-            self.step = load_training_state(checkpoint, self.model, self.optimizer, self.scheduler, self._fsdp)
+            self.step = load_training_state(checkpoint, self.model, self.optimizer, self.scheduler, self._fsdp, ckpt)
             if self.d.main:
                 print(f"resumed from {ckpt} at step {self.step}", file=sys.stderr)
         self.indexer = EpochIndexer(len(self.dataset), tc.batch_size, tc.seed)

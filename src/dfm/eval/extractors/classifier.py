@@ -18,12 +18,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..weights import WeightsSpec, load_state_dict, resolve_weights, sha256_file
+from ..weights import WeightsSpec, load_into, resolve_weights, sha256_file
 from .base import FeatureExtractor, FeatureOutput, Preprocessing, register_extractor
 
 __all__ = ["FashionCNN", "train_fashion_classifier", "FASHION_CNN_WEIGHTS"]
 
-FASHION_CNN_WEIGHTS = WeightsSpec(filename="dfm_fashion_cnn.safetensors", url=None, env_var="DFM_FASHION_CNN_WEIGHTS")
+FASHION_CNN_WEIGHTS = WeightsSpec(
+    filename="dfm_fashion_cnn.safetensors",
+    url=None,
+    env_var="DFM_FASHION_CNN_WEIGHTS",
+    make="dfm eval train-classifier --out {path}",
+)
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 
@@ -61,12 +66,9 @@ class FashionCNN(FeatureExtractor):
     "fashion-cnn", "Fashion-MNIST domain CNN (train with `dfm eval train-classifier`)", FASHION_CNN_WEIGHTS.env_var
 )
 def build_fashion_cnn(weights: str | Path | None = None, download: bool = True) -> FashionCNN:
-    try:
-        path = resolve_weights("fashion-cnn", FASHION_CNN_WEIGHTS, weights, download=False)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error}. Train it first: dfm eval train-classifier --out PATH") from None
+    path = resolve_weights("fashion-cnn", FASHION_CNN_WEIGHTS, weights, download=False)
     model = FashionCNN()
-    model.load_state_dict(load_state_dict(path), strict=True)
+    load_into(model, path, "fashion-cnn")
     model.weights_path, model.weights_sha256 = str(path), sha256_file(path)
     return model
 

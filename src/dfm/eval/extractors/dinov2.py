@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..weights import WeightsSpec, load_state_dict, resolve_weights, sha256_file
+from ..weights import WeightsSpec, load_into, resolve_weights, sha256_file
 from .base import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, FeatureOutput, Preprocessing, register_extractor
 
 __all__ = ["DinoV2", "DINOV2_WEIGHTS"]
@@ -141,6 +141,6 @@ class DinoV2(FeatureExtractor):
 def build_dinov2_vitl14(weights: str | Path | None = None, download: bool = True) -> DinoV2:
     path = resolve_weights("dinov2-vitl14", DINOV2_WEIGHTS, weights, download)
     model = DinoV2()
-    model.load_state_dict(load_state_dict(path), strict=True)
+    load_into(model, path, "dinov2-vitl14")
     model.weights_path, model.weights_sha256 = str(path), sha256_file(path)
     return model

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..weights import load_state_dict, sha256_file
+from ..weights import load_into, sha256_file
 from .base import FeatureExtractor, FeatureOutput, Preprocessing, register_extractor
 
 __all__ = ["EfficientNetLite0"]
@@ -59,6 +59,6 @@ def build_efficientnet_lite0(weights: str | Path | None = None, download: bool =
     if not path.is_file():
         raise FileNotFoundError(f"efficientnet-lite0: weights file {path} does not exist")
     model = EfficientNetLite0()
-    model.net.load_state_dict(load_state_dict(path), strict=True)
+    load_into(model.net, path, "efficientnet-lite0")
     model.weights_path, model.weights_sha256 = str(path), sha256_file(path)
     return model

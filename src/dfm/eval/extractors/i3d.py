@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from dfm.checkpoint import load_error_reason
+
 from ..weights import WeightsSpec, resolve_weights, sha256_file
 from .base import FeatureExtractor, FeatureOutput, Preprocessing, register_extractor
 
@@ -47,11 +49,44 @@ class I3D(FeatureExtractor):
         if videos.ndim != 5:
             raise ValueError(f"i3d takes videos of shape (N, C, T, H, W), got {tuple(videos.shape)}")
         n, c, t, h, w = videos.shape
-        device = next(self.detector.parameters()).device
+        device = next((p.device for p in self.detector.parameters()), torch.device("cpu"))
         frames = videos.to(device).permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
         x = self.preprocessing(frames).reshape(n, t, 3, 224, 224).permute(0, 2, 1, 3, 4)  # (N, 3, T, 224, 224)
-        features = self.detector(x, rescale=False, resize=False, return_features=True)
+        where = getattr(self, "weights_path", "the detector")
+        try:
+            features = self.detector(x, rescale=False, resize=False, return_features=True)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"i3d: {where} failed on a clip ({_first_line(error)}); it is not the I3D network: "
+                f"pass the TorchScript I3D ({I3D_WEIGHTS.filename}) with --weights i3d=PATH"
+            ) from None
+        if not torch.is_tensor(features) or features.numel() != n * self.feature_dim:
+            shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+            raise ValueError(f"i3d: {where} gave {shape} for {n} clip(s), not {self.feature_dim} features each; pass "
+                             f"the TorchScript I3D ({I3D_WEIGHTS.filename}) with --weights i3d=PATH")  # fmt: skip
         return FeatureOutput(features.reshape(n, -1).float())
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+#: the arguments the FVD network's forward takes (StyleGAN-V's call)
+I3D_ARGUMENTS = ("rescale", "resize", "return_features")
+
+
+def _check_detector(detector: nn.Module, path: Path) -> None:
+    """Refuse a TorchScript file whose forward does not take I3D's arguments (another network)."""
+    schema = getattr(getattr(detector, "forward", None), "schema", None)
+    if schema is None:
+        return  # nothing to check against: the first clip tells
+    names = [a.name for a in schema.arguments][1:]  # after self
+    if not all(a in names for a in I3D_ARGUMENTS):
+        raise ValueError(
+            f"i3d: {path} is a TorchScript network, but not I3D (its forward takes {', '.join(names) or 'nothing'}, "
+            f"not {', '.join(I3D_ARGUMENTS)}); pass the TorchScript I3D ({I3D_WEIGHTS.filename}) with "
+            "--weights i3d=PATH"
+        )
 
 
 @register_extractor("i3d", "I3D Kinetics-400 TorchScript (FVD)", I3D_WEIGHTS.env_var)
@@ -63,11 +98,11 @@ def build_i3d(weights: str | Path | None = None, download: bool = True) -> I3D:
         try:
             detector = torch.jit.load(str(path), map_location="cpu")
         except (RuntimeError, ValueError) as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ValueError(
-                f"i3d: {path} is not a TorchScript file ({first}); pass the TorchScript I3D "
+                f"i3d: {path} is not a TorchScript file ({load_error_reason(error)}); pass the TorchScript I3D "
                 f"({I3D_WEIGHTS.filename}) with --weights i3d=PATH"
             ) from None
+        _check_detector(detector, path)
         model = I3D(detector)
     model.weights_path, model.weights_sha256 = str(path), sha256_file(path)
     return model

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..weights import WeightsSpec, load_state_dict, resolve_weights, sha256_file
+from ..weights import WeightsSpec, load_into, resolve_weights, sha256_file
 from .base import FeatureExtractor, FeatureOutput, Preprocessing, register_extractor
 
 __all__ = ["InceptionV3", "INCEPTION_WEIGHTS"]
@@ -185,6 +185,6 @@ class InceptionV3(FeatureExtractor):
 def build_inception_v3(weights: str | Path | None = None, download: bool = True) -> InceptionV3:
     path = resolve_weights("inception-v3", INCEPTION_WEIGHTS, weights, download)
     model = InceptionV3()
-    model.load_state_dict(load_state_dict(path), strict=True)
+    load_into(model, path, "inception-v3")
     model.weights_path, model.weights_sha256 = str(path), sha256_file(path)
     return model
