@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -23,7 +30,8 @@ TINY = [*TINY_RUN, "-o", "sampler.steps=3,2"]
 
 
 def _request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers=headers or {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"} if headers is None else headers
+    req = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as res:
             return res.status, json.loads(res.read())
@@ -31,12 +39,53 @@ def _request(url: str, body: bytes | None = None, headers: dict | None = None) -
         return err.code, json.loads(err.read() or b"{}")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def run(tmp_path_factory):
     run = tmp_path_factory.mktemp("serve") / "run"
     assert cli(["train", "--out", str(run), "--steps", "3", "--batch-size", "4", "--no-progress", *TINY]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(run):
     with running_server(run, threads=1) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def live(run):
+    """The app under uvicorn in a thread of this process, so that a test sees its jobs (``Server.jobs``); jobs whose
+    event stream is not opened are dropped after 1 s here (30 s by default)."""
+    import uvicorn
+
+    from dfm.serve import create_app
+
+    port = _free_port()
+    app = create_app(run, host="127.0.0.1", port=port)
+    state = app.state.server
+    state.open_timeout = state.keep_finished = 1.0
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    assert _wait(lambda: uv.started, 60)
+    yield f"http://127.0.0.1:{port}", state
+    uv.should_exit = True
+    thread.join(30)
 
 
 def test_api_refuses_bad_requests_and_keeps_serving(server):
@@ -115,7 +164,7 @@ def test_video_runs_stream_clips(tmp_path):
 
     from dfm.serve import create_app
 
-    with TestClient(create_app(run)) as client:
+    with TestClient(create_app(run), base_url="http://127.0.0.1:7860") as client:  # the app's default address
         job = client.post("/api/generate", json={"num_images": 2, "seeds": [0, 1]}).json()["job"]
         events = client.get(f"/api/jobs/{job}/events").text
     payloads = {kind: json.loads(data) for kind, data in
@@ -125,3 +174,216 @@ def test_video_runs_stream_clips(tmp_path):
     assert payloads["event: done"]["image"].startswith("data:image/gif;base64,")
     assert payloads["event: progress"]["total"] == 5  # the video preset samples with Euler, 3 + 2 steps here
     assert payloads["event: stage"]["image"].startswith("data:image/gif;base64,")
+
+
+# -- issue 24: the security review of `dfm serve`
+
+
+def test_other_web_pages_cannot_use_the_server(server):
+    """A cross-site "simple" POST (text/plain, no preflight), another page's Origin, another Host (DNS rebinding)."""
+    port = urllib.parse.urlsplit(server).port
+    job = json.dumps({"num_images": 1, "steps": [3, 2]}).encode()
+    status, reply = _request(f"{server}/api/generate", job, {"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in reply["error"], (status, reply)
+    assert _request(f"{server}/api/generate", job, {})[0] == 415  # urllib's default, a form
+    evil = {"Content-Type": "application/json", "Origin": "http://evil.example"}
+    status, reply = _request(f"{server}/api/generate", job, evil)
+    assert status == 403 and "Origin" in reply["error"], (status, reply)
+    assert _request(f"{server}/api/jobs/nope/cancel", b"", evil)[0] == 403
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1:1", ""):
+        status, reply = _request(f"{server}/api/info", None, {"Host": host})
+        assert status == 403 and "Host" in reply["error"], (host, status, reply)
+        assert _request(server, None, {"Host": host})[0] == 403  # the page too
+    ours = {"Content-Type": "application/json; charset=utf-8", "Origin": server, "Host": f"localhost:{port}"}
+    status, reply = _request(f"{server}/api/generate", b'{"steps": [0, 2]}', ours)  # past the guard, to the checks
+    assert status == 422 and "sampler.steps=0,2" in reply["error"], (status, reply)
+    assert _request(f"{server}/api/info")[0] == 200
+
+
+def _connect(url: str) -> socket.socket:
+    parts = urllib.parse.urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=30)
+
+
+def _status(sock: socket.socket) -> tuple[int, bytes]:
+    """The status and the whole reply, read until the server closes the connection."""
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+    return int(reply.split(b" ", 2)[1]), reply
+
+
+def test_body_limit_counts_the_bytes_of_a_chunked_body(server):
+    host = urllib.parse.urlsplit(server).netloc.encode()
+    head = (b"POST /api/generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" % host)  # fmt: skip
+    chunk = b"%x\r\n%s\r\n" % (4096, b" " * 4096)
+    # 20 KB, then nothing more (the body never ends): the server answers as soon as it has passed 16 KB
+    with _connect(server) as sock:
+        sock.sendall(head + chunk * 5)
+        status, reply = _status(sock)
+        assert status == 413 and b"request too large" in reply, reply
+    # 200 MB offered: the server stops the connection long before
+    big, sent = b"%x\r\n%s\r\n" % (2**20, b" " * 2**20), 0
+    with _connect(server) as sock:
+        sock.sendall(head)
+        try:
+            while sent < 200 * 2**20:
+                sock.sendall(big)
+                sent += 2**20
+                if select.select([sock], [], [], 0)[0]:  # the answer came
+                    break
+        except OSError:  # the server closed the connection: the rest of the body was never read
+            pass
+    assert sent < 32 * 2**20, f"{sent / 2**20:.0f} MB of the body were read"
+    assert _request(f"{server}/api/info")[0] == 200
+
+
+def test_deeply_nested_body_is_refused_with_a_message(server):
+    for body in (b"[" * 10_000, b'{"seeds": ' + b"[" * 5_000 + b"0" + b"]" * 5_000 + b"}", b"{" * 9 + b"}" * 9):
+        status, reply = _request(f"{server}/api/generate", body)
+        assert status == 422 and "nested too deeply" in reply["error"], (body[:20], status, reply)
+    status, reply = _request(f"{server}/api/generate", b'{"seeds": [["[[[[[[[[[[[[[["]]}')  # brackets in a string
+    assert status == 422 and "seeds.0" in reply["error"], reply
+    assert _request(f"{server}/api/info")[0] == 200
+
+
+def _open_stream(url: str, job: str) -> socket.socket:
+    """The job's event stream on a plain socket, read until its first progress event (the job runs)."""
+    sock = _connect(url)
+    sock.sendall(f"GET /api/jobs/{job}/events HTTP/1.1\r\nHost: {urllib.parse.urlsplit(url).netloc}\r\n\r\n".encode())
+    seen = b""
+    while b"event: progress" not in seen:
+        chunk = sock.recv(65536)
+        assert chunk, seen
+        seen += chunk
+    assert seen.startswith(b"HTTP/1.1 200"), seen
+    return sock
+
+
+def _ended_cancelled(job) -> bool:
+    """Whether the last event the job sent (to nobody now) says it was cancelled, rather than done."""
+    return _wait(lambda: [kind for kind, _ in list(job.events._queue)][-1:] == ["cancelled"], 5)
+
+
+def test_closing_the_event_stream_cancels_the_job(live):
+    url, state = live
+    status, reply = _request(f"{url}/api/generate", json.dumps({"num_images": 16, "steps": [200, 200]}).encode())
+    assert status == 200
+    job = state.jobs[reply["job"]]
+    _open_stream(url, job.id).close()  # the page closed or reloaded
+    assert _wait(lambda: job.cancel.is_set() and not state.jobs.copy(), 5), state.jobs
+    assert _wait(lambda: state.watched.job is None, 5)  # the worker let go of it
+    assert _ended_cancelled(job)  # stopped, not run to its end
+    # the queue is free: the next job runs at once
+    status, reply = _request(f"{url}/api/generate", json.dumps({"num_images": 1, "steps": [3, 2]}).encode())
+    tic = time.monotonic()
+    with urllib.request.urlopen(f"{url}/api/jobs/{reply['job']}/events", timeout=30) as stream:
+        assert b"event: done" in stream.read()
+    assert time.monotonic() - tic < 5
+    assert _wait(lambda: not state.jobs.copy(), 2)  # read to its end: dropped with its images
+
+
+def test_one_page_reads_a_job(live):
+    url, state = live
+    status, reply = _request(f"{url}/api/generate", json.dumps({"num_images": 16, "steps": [200, 200]}).encode())
+    with _open_stream(url, reply["job"]):
+        status, answer = _request(f"{url}/api/jobs/{reply['job']}/events")
+        assert status == 409 and "already being read" in answer["error"]
+    assert _wait(lambda: not state.jobs.copy(), 5)
+
+
+def test_a_job_whose_stream_is_never_opened_is_dropped(live):
+    url, state = live  # open_timeout 1 s here
+    started = []
+    for body in ({"num_images": 16, "steps": [200, 200]}, {"num_images": 1, "steps": [3, 2]}):
+        status, reply = _request(f"{url}/api/generate", json.dumps(body).encode())
+        assert status == 200
+        started.append(state.jobs[reply["job"]])
+    assert _wait(lambda: not state.jobs.copy(), 10), state.jobs
+    assert all(job.cancel.is_set() for job in started)
+    assert _wait(lambda: state.watched.job is None, 5)
+    assert _request(f"{url}/api/jobs/{started[1].id}/events")[0] == 404  # its events and images are gone
+
+
+def test_beyond_the_loopback_the_server_needs_a_flag_and_a_token(run):
+    port = _free_port()
+    refused = subprocess.run([sys.executable, "-m", "dfm", "serve", str(run), "--host", "0.0.0.0", "--port",
+                              str(port)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "--allow-remote" in refused.stderr, refused
+    proc = subprocess.Popen([sys.executable, "-m", "dfm", "serve", str(run), "--host", "0.0.0.0", "--allow-remote",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        printed = [w for w in line.split() if w.startswith(f"http://127.0.0.1:{port}/?token=")]
+        assert printed, line
+        token = urllib.parse.parse_qs(urllib.parse.urlsplit(printed[0]).query)["token"][0]
+        url = f"http://127.0.0.1:{port}"
+        assert _wait(lambda: _answers(url, token), 60)
+        status, reply = _request(f"{url}/api/info")
+        assert status == 403 and "token" in reply["error"], (status, reply)
+        assert _request(f"{url}/api/info", None, {"X-DFM-Token": token + "x"})[0] == 403
+        assert _request(f"{url}/api/info", None, {"X-DFM-Token": token, "Host": f"evil.example:{port}"})[0] == 403
+        status, reply = _request(f"{url}/api/generate", b'{"steps": [0, 2]}',
+                                 {"Content-Type": "application/json", "X-DFM-Token": token})  # fmt: skip
+        assert status == 422 and "steps" in reply["error"]
+        # a browser: the printed URL sets a cookie, which the page's requests then carry
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        with browser.open(printed[0], timeout=30) as res:
+            assert res.status == 200 and res.url == f"{url}/" and b"dfm serve" in res.read()
+        with browser.open(f"{url}/api/info", timeout=30) as res:
+            assert json.loads(res.read())["stages"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _answers(url: str, token: str) -> bool:
+    try:
+        return _request(f"{url}/api/info", None, {"X-DFM-Token": token})[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser (apt-get install chromium, or set DFM_CHROMIUM)")
+def test_page_checks_seeds_and_its_job_ends_with_the_page(live):
+    url, state = live
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("document.querySelectorAll('#class_label option').length === 11")
+        refused = [("1,,2", "empty entry"), ("1,2,", "empty entry"), ("0-2147483647", "at most 16 images"),
+                   ("2147483648", "from 0 to 2147483647"), ("3-1", "goes down"), ("1.5", "1.5"), ("-1", "-1"),
+                   ("0-15,16", "at most 16 images")]  # fmt: skip
+        for text, message in refused:
+            page.fill("#seeds", text)
+            tic = time.monotonic()
+            page.click("#generate")
+            page.wait_for_function(f"document.querySelector('#error').textContent.includes({json.dumps(message)})",
+                                   timeout=3000)  # fmt: skip
+            assert time.monotonic() - tic < 3 and page.is_enabled("#generate") and not state.jobs.copy(), text
+        assert page.evaluate("parseSeeds(' 0-3, 7 ', 16)") == [0, 1, 2, 3, 7]  # the page's parser, as a unit
+        assert page.evaluate("parseSeeds('', 16)") is None  # random seeds
+        page.fill("#steps", "3,,2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#error').textContent.includes('steps: an empty entry')")
+        # Cancel: the caption says so
+        page.fill("#seeds", "0-15")
+        page.fill("#steps", "200,200")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#timeline').textContent.includes('network evaluations')")
+        page.click("#cancel")
+        page.wait_for_function("document.querySelector('#final_caption').textContent.startsWith('cancelled')")
+        assert page.is_enabled("#generate")
+        assert _wait(lambda: not state.jobs.copy(), 5)
+        # reloading the page in the middle of a job cancels it on the server
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#timeline').textContent.includes('network evaluations')")
+        (job,) = state.jobs.copy().values()
+        page.reload()
+        assert _wait(lambda: job.cancel.is_set() and not state.jobs.copy(), 5), state.jobs
+        assert _wait(lambda: state.watched.job is None, 5) and _ended_cancelled(job)
+        browser.close()

@@ -207,7 +207,10 @@ def _add_serve(sub) -> None:
                        description="A local web page with the model's controls; each stage's preview appears as "
                        "soon as the stage reaches its threshold. Needs `pip install 'dfm[serve]'`.")  # fmt: skip
     p.add_argument("run", help="a run directory or its pretrained/ directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "another address needs --allow-remote)")  # fmt: skip
+    p.add_argument("--allow-remote", action="store_true", help="allow a --host beyond the loopback (e.g. 0.0.0.0): "
+                   "every request then needs the token printed in the URL at start")  # fmt: skip
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=_run_serve)
@@ -220,7 +223,7 @@ def _run_serve(args) -> int:
         raise ImportError(f"dfm serve needs fastapi and uvicorn: pip install 'dfm[serve]' ({err})") from None
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: choose a port between 1 and 65535")
-    serve(args.run, args.host, args.port, args.device)
+    serve(args.run, args.host, args.port, args.device, allow_remote=args.allow_remote)
     return 0
 
 
