@@ -387,3 +387,104 @@ def test_page_checks_seeds_and_its_job_ends_with_the_page(live):
         assert _wait(lambda: job.cancel.is_set() and not state.jobs.copy(), 5), state.jobs
         assert _wait(lambda: state.watched.job is None, 5) and _ended_cancelled(job)
         browser.close()
+
+
+# -- issue 26: stop at a stage, finish the picked ones, vary the detail
+
+
+def _events(client, job: str) -> dict:
+    """The payload of each kind of event of a job (the last one of each kind)."""
+    text = client.get(f"/api/jobs/{job}/events").text
+    return {block.split("\n")[0][7:]: json.loads(block.split("\ndata: ", 1)[1]) for block in text.strip().split("\n\n")}
+
+
+def _pixels(data_url: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))).astype(int)
+
+
+def test_api_stops_at_a_stage_refines_the_picked_and_varies_the_detail():
+    from fastapi.testclient import TestClient
+
+    from dfm.serve import create_app
+
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "format1")
+    with TestClient(create_app(os.path.join(fixtures, "dfm")), base_url="http://127.0.0.1:7860") as client:
+        assert client.get("/api/info").json()["decomposed"] is True
+        job = client.post("/api/generate", json={"seeds": [0, 1, 2], "until_stage": 1}).json()["job"]
+        stopped = _events(client, job)["done"]
+        assert stopped["stopped"] == 1 and stopped["job"] == job and len(stopped["tiles"]) == 3
+        job = client.post("/api/refine", json={"job": job, "seeds": [2, 0]}).json()["job"]
+        events = _events(client, job)
+        finished = events["done"]
+        assert finished["seeds"] == [2, 0] and finished["stopped"] is None and len(finished["tiles"]) == 2
+        assert events["stage"]["stage"] == 1  # only the stage left was sampled
+        watched = client.app.state.server.watched
+        assert events["progress"]["total"] == watched.calls == 9  # the fixture's Heun 15,5 steps: 2 * 5 - 1
+        alone = _events(client, client.post("/api/generate", json={"seeds": [2, 0]}).json()["job"])["done"]
+        for a, b in zip(finished["tiles"], alone["tiles"], strict=True):  # what an uninterrupted sampling gives
+            assert abs(_pixels(a) - _pixels(b)).max() <= 1
+        # variations: same coarse level as seed 2's image, new detail
+        job = client.post("/api/vary", json={"seed": 2, "num_images": 3}).json()["job"]
+        varied = _events(client, job)["done"]
+        assert len(varied["tiles"]) == 3 and varied["labels"] == [alone["labels"][0]] * 3
+        tiles = [_pixels(t).astype(float) for t in varied["tiles"]]
+        assert max(abs(a - b).mean() for a in tiles for b in tiles) > 1  # the detail differs
+        bad = [
+            ("/api/refine", {"job": "nope", "seeds": [0]}, "no stopped samplings of that job"),
+            ("/api/refine", {"job": stopped["job"], "seeds": [7]}, "[7] were not in that job"),
+            ("/api/refine", {"job": stopped["job"], "seeds": []}, "seeds"),
+            ("/api/generate", {"until_stage": 2}, "this model has 2 stages; choose 1"),
+            ("/api/vary", {"seed": 0, "keep": 2}, "keep 1 to 1 coarse levels"),
+            ("/api/vary", {"seed": -1}, "seed"),
+        ]
+        for url, body, message in bad:
+            reply = client.post(url, json=body)
+            assert reply.status_code == 422 and message in reply.json()["error"], (url, body, reply.json())
+    with TestClient(create_app(os.path.join(fixtures, "fm")), base_url="http://127.0.0.1:7860") as client:
+        assert client.get("/api/info").json()["decomposed"] is False
+        for url, body in (("/api/generate", {"until_stage": 1}), ("/api/vary", {"seed": 0})):
+            reply = client.post(url, json=body)
+            assert reply.status_code == 422 and "one-stage Flow Matching" in reply.json()["error"], reply.json()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser (apt-get install chromium, or set DFM_CHROMIUM)")
+def test_page_finishes_the_clicked_tiles_and_varies_one(server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(server)
+        page.wait_for_function("document.querySelectorAll('#until_stage option').length === 2")
+        page.fill("#seeds", "4-7")
+        page.select_option("#until_stage", "1")
+        page.click("#generate")
+        page.wait_for_selector("#refine", timeout=120_000)
+        assert page.eval_on_selector_all("#tiles figure", "els => els.map(e => +e.dataset.seed)") == [4, 5, 6, 7]
+        assert page.is_disabled("#refine") and "stopped after stage 1 of 2" in page.text_content("#final_caption")
+        page.click("#tiles figure[data-seed='5'] img")
+        page.click("#tiles figure[data-seed='7'] img")
+        page.click("#tiles figure[data-seed='5'] img")  # a second click lets it go
+        page.click("#tiles figure[data-seed='6'] img")
+        assert page.text_content("#refine") == "Finish selected (2)"
+        page.click("#refine")
+        page.wait_for_selector("#final[data-final='1']", timeout=120_000)
+        assert page.eval_on_selector_all("img.preview", "els => els.map(e => +e.dataset.stage)") == [1]
+        assert page.eval_on_selector_all("#tiles figure", "els => els.map(e => +e.dataset.seed)") == [6, 7]
+        assert "2 image(s) of 28x28, seeds 6, 7" in page.text_content("#final_caption")
+        page.fill("#num_images", "3")
+        page.click("#tiles figure[data-seed='7'] button.vary")
+        page.wait_for_selector("#final[data-final='1']", timeout=120_000)
+        assert page.eval_on_selector_all("#tiles img", "els => els.filter(e => e.naturalWidth > 0).length") == 3
+        assert "3 image(s) of 28x28" in page.text_content("#final_caption")
+        assert "variations" not in page.text_content("#error") and page.text_content("#error") == ""
+        page.click("#tiles figure:first-child button.vary")  # varying a variation: seed 7's coarse level again
+        page.wait_for_selector("#final[data-final='1']", timeout=120_000)
+        assert page.eval_on_selector_all("#tiles figure", "els => els.length") == 3
+        browser.close()
+    assert _request(f"{server}/api/info")[0] == 200
