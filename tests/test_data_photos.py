@@ -267,3 +267,24 @@ def test_command_line(photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFix
     args = parser.parse_args([*argv[:7], "16,x", *argv[8:]])
     with pytest.raises(ValueError, match="comma-separated"):
         args.func(args)
+
+
+def test_bench_reference_draws_from_every_photograph_of_the_split(photo_dir: Path, tmp_path: Path) -> None:
+    """Crops are listed photograph by photograph; the bench's reference is a fixed random draw, not the first few."""
+    from dfm.bench.quality import QualitySettings, reference_images
+
+    info = P.build_photo_dataset([photo_dir], tmp_path / "out", **{**SMALL, "val_fraction": 0.34})
+    val = Path(info["folders"]["16"]["val"])
+    files = sorted(val.glob("*.png"))
+    sources = {f.name.rsplit("_", 1)[0] for f in files}
+    assert len(sources) >= 2 and len(files) == 4 * len(sources)
+    fit = info["folders"]["16"]["fit"]
+    settings = QualitySettings(
+        reference="val", num_reference=4, overrides=(f"data.dataset={fit}", "data.resolution=16")
+    )
+    ref = np.load(reference_images(tmp_path / "cache", settings))["arr_0"]
+    crops = {f: np.asarray(Image.open(f).convert("RGB")) for f in files}
+    drawn = [next(f for f, c in crops.items() if np.array_equal(c, r)) for r in ref]
+    assert len(set(drawn)) == 4 and len({f.name.rsplit("_", 1)[0] for f in drawn}) >= 2
+    again = np.load(reference_images(tmp_path / "cache2", settings))["arr_0"]
+    assert np.array_equal(ref, again)  # the same draw every time

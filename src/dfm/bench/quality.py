@@ -141,11 +141,17 @@ def reference_images(cache: Path, settings: QualitySettings) -> str:
     name = d.dataset
     if "/" in name:  # a folder: its name and a hash of its path
         name = f"{Path(name).name}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    path = cache / f"ref_data_{name}_{d.resolution}px_{d.frames}f_n{count}.npz"
+    # A split of a `dfm data` set lists its crops photograph by photograph: the reference is a fixed random draw of
+    # them ("mixed"), so that its first N images (the SWD's reference) come from every source, not the first few.
+    mixed = "_mixed" if splits is not None else ""
+    path = cache / f"ref_data_{name}_{d.resolution}px_{d.frames}f_n{count}{mixed}.npz"
     if not path.is_file():  # e.g. moving Fashion-MNIST: write the test clips once, as uint8 (N, T, H, W, C)
         ds = build_dataset(d.dataset, d.resolution, train=False, data_dir=d.data_dir, frames=d.frames,
                            num_clips=count)  # fmt: skip
-        x, y = ds.get_batch(torch.arange(min(count, len(ds))), augment=False)
+        order = torch.arange(len(ds))
+        if mixed:
+            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+        x, y = ds.get_batch(order[:count], augment=False)
         arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         arr = arr.movedim(1, -1).numpy()  # channels last
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,12 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
                                  "model.overrides.patch_size=8", "data.random_flip=true"),
                       data_hint="build it with `dfm data photos --source debian-photos --crops-per-photo 256 --out "
                                 "data/photos`, or give -o data.dataset=<out>/64/fit"),
+    # A third kind of data: glyphs of the installed fonts (dfm data glyphs), 36 classes, thin strokes and sharp edges.
+    "cpu-glyph": dict(preset="quickstart", methods=("dfm", "fm"), seeds=(0, 1), steps=1600, eval_points=2,
+                      num_samples=1000, guidance=(1.0,), sample_batch=250, num_reference=None,
+                      metrics=("fd:efficientnet-lite0", "swd"), overrides=("data.dataset=data/glyphs/32/fit",),
+                      data_hint="build it with `dfm data glyphs --out data/glyphs`, or give "
+                                "-o data.dataset=<out>/32/fit"),
     "gpu": dict(preset="quickstart", seeds=(0, 1, 2), steps=20000, eval_points=5, num_samples=10000,
                 sample_batch=1000, overrides=("model.name=DFM-DiT-Mini", "optim.lr=5e-4", "train.precision=bf16",
                                               "train.batch_size=256", "optim.warmup_steps=1000"), device="cuda"),
