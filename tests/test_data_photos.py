@@ -7,6 +7,7 @@ are Pillow's built-in ones (its FreeType default font at a size, its bitmap font
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -288,3 +289,9 @@ def test_bench_reference_draws_from_every_photograph_of_the_split(photo_dir: Pat
     assert len(set(drawn)) == 4 and len({f.name.rsplit("_", 1)[0] for f in drawn}) >= 2
     again = np.load(reference_images(tmp_path / "cache2", settings))["arr_0"]
     assert np.array_equal(ref, again)  # the same draw every time
+    train = dataclasses.replace(settings, reference="fit")
+    fit_crops = [np.asarray(Image.open(f).convert("RGB")) for f in sorted(Path(fit).glob("*.png"))]
+    ref = np.load(reference_images(tmp_path / "cache", train))["arr_0"]
+    assert len(ref) == 4 and all(any(np.array_equal(c, r) for c in fit_crops) for r in ref)
+    with pytest.raises(ValueError, match="--reference fit needs a data set built with splits"):
+        reference_images(tmp_path / "cache", QualitySettings(reference="fit"))  # Fashion-MNIST

@@ -119,12 +119,17 @@ def _data_overrides(settings: QualitySettings) -> list[str]:
             raise ValueError("--reference val needs Fashion-MNIST or a data set built with splits (dfm data): "
                              "its training images have a held-aside part")  # fmt: skip
         overrides.append("data.dataset=fashion-mnist:fit")
+    if settings.reference == "fit" and split_folder(dataset) is None:
+        raise ValueError("--reference fit needs a data set built with splits (dfm data), trained on its fit split; "
+                         "for Fashion-MNIST score against --reference val or test")  # fmt: skip
     return overrides
 
 
 def reference_images(cache: Path, settings: QualitySettings) -> str:
     """The real images the samples are compared with: the test split of the preset's data set (with
-    ``reference="val"``, its held-aside images: Fashion-MNIST's 5,000, or the ``val`` split of a ``dfm data`` set)."""
+    ``reference="val"``, its held-aside images: Fashion-MNIST's 5,000, or the ``val`` split of a ``dfm data`` set;
+    with ``reference="fit"``, a draw of the training split of a ``dfm data`` set, the convention of FID on
+    unconditional benchmarks, for sets whose held-out splits hold too few sources to stand for the distribution)."""
     cfg = apply_overrides(get_preset(settings.preset), _data_overrides(settings))
     d = cfg.data
     if is_latent_dir(Path(d.dataset)):  # latents: samples are decoded, so compare with the images they encode
@@ -364,7 +369,7 @@ def add_quality_parser(commands) -> None:
 def _run_quality_cli(args) -> int:
     settings = settings_from_args(args)
     out = args.out or (f"runs/bench-quality-{args.preset}{'-' + args.ablation if args.ablation else ''}"
-                       f"{'-val' if args.reference == 'val' else ''}")  # fmt: skip
+                       f"{'' if args.reference == 'test' else '-' + args.reference}")  # fmt: skip
     command = getattr(args, "command_line", None) or "dfm bench quality"
     result = run_quality(settings, out, command=command, cache=args.cache, weights=dict(args.weights))
     print(result["report"])

@@ -44,9 +44,10 @@ def markdown(
              f"Training: preset `{settings.preset}` + {overrides or 'no overrides'}, "
              f"{settings.steps} optimiser steps per run, seeds {list(settings.seeds)}; "
              f"{settings.num_samples} samples per evaluation (classes = seed mod the class count), reference: "
-             + ("the test split of the preset's data" if settings.reference == "test" else
-                "the held-aside images (Fashion-MNIST: 5,000 of its training images; a dfm data set: its val "
-                "split), which training left out")
+             + {"test": "the test split of the preset's data",
+                "val": "the held-aside images (Fashion-MNIST: 5,000 of its training images; a dfm data set: its val "
+                       "split), which training left out",
+                "fit": "a fixed random draw of the training split (the dfm data set's fit crops)"}[settings.reference]
              + f" ({settings.num_reference or 'all'} images or clips).",
              "", "| variant | guidance | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]  # fmt: skip
     for row in summary["table"]:

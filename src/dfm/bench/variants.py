@@ -53,7 +53,8 @@ class QualitySettings:
     threads: int = 0
     #: ``test``: score against the test split (the reported numbers); ``val``: train on ``fashion-mnist:fit`` and
     #: score against the 5,000 held-aside training images (a ``dfm data`` set: against its ``val`` split), for
-    #: choosing settings without looking at the test split
+    #: choosing settings without looking at the test split; ``fit``: a fixed draw of a ``dfm data`` set's training
+    #: crops (for sets with too few source photographs in their held-out splits)
     reference: str = "test"
     data_hint: str = ""  #: what to run when the preset's data is missing
 
@@ -198,9 +199,10 @@ def add_quality_arguments(commands):
     p.add_argument("--guidance", help="guidance scales for the final checkpoint, e.g. 1.0,1.25,1.5")
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
-    p.add_argument("--reference", choices=["test", "val"], default="test",
+    p.add_argument("--reference", choices=["test", "val", "fit"], default="test",
                    help="score against the test split (default), or train without and score against 5,000 "
-                        "held-aside training images (val) to choose settings without the test split")  # fmt: skip
+                        "held-aside training images (val) to choose settings without the test split; fit: a draw "
+                        "of the training split of a dfm data set (see docs/RESULTS.md on the photographs)")  # fmt: skip
     p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="training setting applied to every variant (repeatable)")  # fmt: skip
     p.add_argument("--out", help="output directory (default: runs/bench-quality-<preset>[-<ablation>])")
