@@ -1,12 +1,13 @@
 """What the bench's numbers mean on a `dfm data` set: its metrics on real images, clean and damaged.
 
-    python benchmarks/metric_calibration.py --preset cpu-photo --num 1000 --out runs/calibration
+    python benchmarks/metric_calibration.py --preset cpu-photo --reference fit --num 1000 --out runs/calibration
 
-Scores, against the same reference the bench uses (``--reference val``: the held-aside split, a fixed random draw of
-its crops), sets of real images with the same count as the bench's samples: the test split as it is (the floor a
-perfect model reaches with this many images from photographs it never saw), the training split, and the test split
-with added Gaussian pixel noise, blurred, and downsampled then upsampled (detail removed). Prints a table, writes
-``calibration.json``, ``calibration.md`` and ``calibration.png`` (one example image per row) under ``--out``.
+Scores real images against the reference the bench uses (``--reference``, a fixed random draw of that split's
+crops), as many as the bench's samples. ``--reference fit`` (a draw of the training crops): other crops of the
+training photographs (the floor a model reaches that draws from the training distribution), the same with added
+Gaussian pixel noise, blurred, and downsampled then upsampled (detail removed), and the held-out splits (photographs
+never seen). ``--reference val``: the test split as it is and damaged, and training crops. Prints a table, writes
+``calibration.json``, ``calibration.md`` and ``calibration.png`` (four images per row) under ``--out``.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dfm.bench.quality import ensure_references, reference_images
+from dfm.bench.quality import draw_order, ensure_references, split_folder
 from dfm.bench.variants import BENCH_PRESETS, QualitySettings
+from dfm.data import build_dataset
 from dfm.eval import EvalConfig, SWDConfig, evaluate
 from dfm.eval.images import ImageSet
+from dfm.presets import get_preset
+from dfm.resolve import apply_overrides
 from dfm.visual import image_grid
 
 
@@ -46,31 +49,26 @@ def _down_up(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)
 
 
-def conditions(test: torch.Tensor, fit: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Name -> uint8 (N, C, H, W) images: the test crops as they are and damaged, and the training crops."""
-    x = test.float()
+def conditions(base: torch.Tensor, name: str, others: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name -> uint8 (N, C, H, W) images: ``base`` as it is and damaged, then ``others`` as they are."""
+    x = base.float()
     rng = torch.Generator().manual_seed(0)
-    out = {"test (clean)": test, "fit (training crops)": fit}
+    out = {name: base}
     for sigma in (4, 8, 16, 32):  # intensity levels out of 255
         out[f"noise σ={sigma}/255"] = x + sigma * torch.randn(x.shape, generator=rng)
     for sigma in (0.5, 1.0, 2.0):
         out[f"blur σ={sigma} px"] = _blur(x, sigma)
     for factor in (2, 4):
         out[f"down-up {factor}x (bicubic)"] = _down_up(x, factor)
-    return {k: v.round().clamp(0, 255).to(torch.uint8) for k, v in out.items()}
-
-
-def _load(npz: str, count: int) -> torch.Tensor:
-    arr = np.load(npz)["arr_0"][:count]  # (N, H, W, C) uint8
-    if len(arr) < count:
-        raise ValueError(f"{npz} holds {len(arr)} images, fewer than --num {count}")
-    return torch.from_numpy(arr).movedim(-1, 1).contiguous()
+    out = {k: v.round().clamp(0, 255).to(torch.uint8) for k, v in out.items()}
+    return {**out, **others}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu-photo", help="a bench preset whose data set is a `dfm data` set")
     p.add_argument("--num", type=int, default=1000, help="images per set (the bench's --num-samples)")
+    p.add_argument("--reference", choices=["fit", "val"], default="fit", help="the bench's --reference")
     p.add_argument("-o", "--override", action="append", default=[], help="data override, e.g. data.dataset=...")
     p.add_argument("--out", default="runs/calibration")
     p.add_argument("--cache", default=str(Path("~/.cache/dfm/bench").expanduser()))
@@ -83,17 +81,34 @@ def main() -> int:
                 overrides=(*preset.get("overrides", ()), *args.override))  # fmt: skip
     cache, out = Path(args.cache), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    val = QualitySettings(**base, reference="val")
-    refs = ensure_references(cache, val, {})
-    # the test and training crops, drawn as the bench draws its reference (a fixed random draw per split)
-    test = _load(reference_images(cache, QualitySettings(**{**base, "num_reference": args.num}, reference="test")),
-                 args.num)  # fmt: skip
-    fit_settings = QualitySettings(**{**base, "num_reference": args.num}, reference="fit")
-    fit = _load(reference_images(cache, fit_settings), args.num)
-    config = EvalConfig(metrics=val.metrics, num_reference=args.num, download=False, progress=False,
+    settings = QualitySettings(**base, reference=args.reference)
+    refs = ensure_references(cache, settings, {})
+
+    data = apply_overrides(get_preset(settings.preset), list(settings.overrides)).data
+    folder = split_folder(data.dataset)
+    if folder is None:
+        raise ValueError("calibration needs a data set built with splits (dfm data): give -o data.dataset=.../fit")
+
+    def split(name: str, offset: int = 0) -> torch.Tensor:  # a draw of a split, as the bench draws its reference
+        ds = build_dataset(str(folder / name), resolution=data.resolution, train=False)
+        order = draw_order(len(ds))[offset : offset + args.num]
+        if len(order) < args.num:
+            raise ValueError(f"the {name} split holds {len(ds)} images: too few for --num {args.num} (offset {offset})")
+        x, _ = ds.get_batch(order, augment=False)
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    if args.reference == "fit":  # other crops of the training photographs: after the reference's in the same draw
+        sets = conditions(
+            split("fit", offset=args.num),
+            "fit, other crops (clean)",
+            {"val (unseen photographs)": split("val"), "test (unseen photographs)": split("test")},
+        )
+    else:
+        sets = conditions(split("test"), "test (clean)", {"fit (training crops)": split("fit")})
+    config = EvalConfig(metrics=settings.metrics, num_reference=args.num, download=False, progress=False,
                         swd=SWDConfig(min_resolution=8))  # fmt: skip
     rows, examples = [], []
-    for name, images in conditions(test, fit).items():
+    for name, images in sets.items():
         tic = time.perf_counter()
         scores = evaluate(ImageSet(images, None, {"kind": "calibration", "count": len(images)}), refs, config)["scores"]
         rows.append({"condition": name, **scores})
@@ -101,7 +116,8 @@ def main() -> int:
         swd = "  ".join(f"{k[4:]}:{v:6.1f}" for k, v in scores.items() if k.startswith("swd_") and k != "swd_mean")
         print(f"{name:24s} FD {scores['fd_efficientnet-lite0']:7.1f}  SWD mean {scores['swd_mean']:6.1f}  ({swd})"
               f"  [{time.perf_counter() - tic:.0f}s]", flush=True)  # fmt: skip
-    (out / "calibration.json").write_text(json.dumps({"preset": args.preset, "num": args.num, "rows": rows},
+    (out / "calibration.json").write_text(json.dumps({"preset": args.preset, "num": args.num,
+                                                      "reference": args.reference, "rows": rows},
                                                      indent=1) + "\n")  # fmt: skip
     levels = [k for k in rows[0] if k.startswith("swd_") and k != "swd_mean"]
     lines = ["| images scored | FD (EfficientNet-Lite0) | SWD mean | " + " | ".join(f"SWD {k[4:]} px" for k in levels)

@@ -125,6 +125,11 @@ def _data_overrides(settings: QualitySettings) -> list[str]:
     return overrides
 
 
+def draw_order(count: int) -> torch.Tensor:
+    """The fixed order in which the bench draws the images of a ``dfm data`` split (its first N: the reference)."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(0))
+
+
 def reference_images(cache: Path, settings: QualitySettings) -> str:
     """The real images the samples are compared with: the test split of the preset's data set (with
     ``reference="val"``, its held-aside images: Fashion-MNIST's 5,000, or the ``val`` split of a ``dfm data`` set;
@@ -153,9 +158,7 @@ def reference_images(cache: Path, settings: QualitySettings) -> str:
     if not path.is_file():  # e.g. moving Fashion-MNIST: write the test clips once, as uint8 (N, T, H, W, C)
         ds = build_dataset(d.dataset, d.resolution, train=False, data_dir=d.data_dir, frames=d.frames,
                            num_clips=count)  # fmt: skip
-        order = torch.arange(len(ds))
-        if mixed:
-            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+        order = draw_order(len(ds)) if mixed else torch.arange(len(ds))
         x, y = ds.get_batch(order[:count], augment=False)
         arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         arr = arr.movedim(1, -1).numpy()  # channels last

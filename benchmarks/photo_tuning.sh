@@ -1,0 +1,33 @@
+#!/bin/bash
+# Tuning on the photographs (issue 25): every method at its best before the comparison. Two lanes of one thread each
+# (never two 2-thread jobs on 2 cores). Each line is one `dfm bench quality` run: 1,600 steps, 500 samples, scored
+# against a draw of the training crops (--reference fit; see docs/RESULTS.md for why not the 4-photograph splits).
+#   bash benchmarks/photo_tuning.sh A   # lane A (Flow Matching)     bash benchmarks/photo_tuning.sh B   # lane B (DFM)
+# Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
+set -e
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+DFM=${DFM:-dfm}
+bench() {  # name methods overrides...
+  local name=$1 methods=$2; shift 2
+  local args=()
+  for o in "$@"; do args+=(-o "$o"); done
+  $DFM bench quality --preset cpu-photo --reference fit --methods "$methods" --seeds 0 --steps ${STEPS:-1600} \
+    --eval-points 1 --num-samples 500 --threads 1 "${args[@]}" --out "runs/photo-tune/$name" \
+    > "runs/photo-tune/$name.log" 2>&1
+}
+mkdir -p runs/photo-tune
+case "$1" in
+  A)
+    bench fm-h192 fm model.overrides.hidden_size=192
+    bench fm-h192-edm fm model.overrides.hidden_size=192 method.loss_weighting=edm
+    bench fm-h192-noprecond fm model.overrides.hidden_size=192 method.precondition=false
+    bench fm-h192-lr5e-4 fm model.overrides.hidden_size=192 optim.lr=5e-4
+    ;;
+  B)
+    bench dfm-h192 dfm model.overrides.hidden_size=192
+    bench fm-h128 fm
+    bench dfm-h128 dfm
+    bench fm-h192-lr2e-3 fm model.overrides.hidden_size=192 optim.lr=2e-3
+    ;;
+esac
