@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 LOSS_WEIGHTINGS = ("velocity", "edm")
+PREDICTIONS = ("velocity", "data")
 SOLVERS = ("euler", "heun")
 BACKBONES = ("dit", "flux", "sd3")
 #: the config.json layout this version writes; :func:`_from_format1` reads the one before it
@@ -61,6 +62,12 @@ class MethodConfig:
     #: ``velocity``: Σ_s MSE of the velocity (the paper's loss); ``edm``: each stage's error in the network's own
     #: unit-variance target space, i.e. the velocity MSE divided by c_out(t_s)² (weights low-std levels up)
     loss_weighting: str = "velocity"
+    #: what the network inside the preconditioning predicts: ``velocity`` (EDM-style skip and scaling of the
+    #: velocity, dfm.models.precondition) or ``data``: the clean level, turned into a velocity as (x̂ - x_t) / (1 - t)
+    #: (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"), which keeps a network whose tokens
+    #: are wider than its hidden size (e.g. 8x8 RGB patches, 192 values, in a 128-wide DiT) from leaving the noise
+    #: it cannot represent in the samples. Needs ``precondition``.
+    prediction: str = "velocity"
     #: the method's own settings (``-o method.options.KEY=VALUE``), typed by its registry entry's ``Options``
     #: (dfm.methods): e.g. the cascade's ``cond_noise``, Pyramidal Flow's ``windows``; filled with the defaults
     options: dict[str, Any] = field(default_factory=dict)
@@ -263,6 +270,10 @@ class RunConfig:
             raise ValueError(f"method.stage_probs={_text(m.stage_probs)} needs one probability per stage ({m.stages})")
         if m.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"method.loss_weighting={m.loss_weighting!r}: choose one of {', '.join(LOSS_WEIGHTINGS)}")
+        if m.prediction not in PREDICTIONS:
+            raise ValueError(f"method.prediction={m.prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+        if m.prediction == "data" and not m.precondition:
+            raise ValueError("method.prediction=data is part of the preconditioning: set method.precondition=true")
         if not 0 <= m.label_dropout < 1:
             raise ValueError(f"method.label_dropout={m.label_dropout} must be in [0, 1)")
         if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1:

@@ -56,6 +56,8 @@ class Method:
     #: DDP must look for parameters without gradient (a model that trains one part per step)
     unused_parameters: bool = False
     supports_fsdp: bool = True
+    #: the ``method.prediction`` values its preconditioning implements
+    predictions: tuple[str, ...] = ("velocity", "data")
 
     # -- settings
     def validate(self, cfg: RunConfig) -> None:
@@ -96,6 +98,7 @@ class Method:
             prev_loc=m.prev_loc,
             prev_scale=m.prev_scale,
             tied=m.tied,
+            prediction=m.prediction,
         )
 
     def decide_at_start(self, m: MethodConfig, objective: Any) -> None:
@@ -142,7 +145,7 @@ class Method:
     def preconditioned(self, network: Any, m: MethodConfig) -> Any:
         """The network in the method's preconditioning wrapper: DFM's, each stage on its own path with its data std
         (:class:`~dfm.models.precondition.Preconditioned`)."""
-        return Preconditioned(network, m.data_std)
+        return Preconditioned(network, m.data_std, prediction=m.prediction)
 
     def load_network(self, path: Path, cfg: RunConfig, format1: bool = False) -> nn.Module:
         """A network written by the network's ``save_pretrained`` in ``path`` (a run's ``pretrained/``)."""
@@ -197,13 +200,14 @@ def stage_factors(m: MethodConfig) -> tuple[int, ...]:
 
 def two_stage_baseline(cfg: RunConfig, name: str) -> RunConfig:
     """A two-stage baseline's twin of a two-stage DFM config: the sampling steps split equally, no
-    standardisation, the velocity loss (what the baselines train with), the baseline's default options."""
+    standardisation, the velocity loss and prediction (what the baselines train with), the baseline's default
+    options."""
     m = cfg.method
     if m.stages != 2:
         raise ValueError(f"method {name} is compared with two-stage DFM configs; this one has {m.stages}")
     total = sum(cfg.sampler.steps)
     cfg.method = dataclasses.replace(m, name=name, standardize=False, level_std=None, data_std=None,
-                                     loss_weighting="velocity", options={})  # fmt: skip
+                                     loss_weighting="velocity", prediction="velocity", options={})  # fmt: skip
     cfg.sampler = dataclasses.replace(cfg.sampler, steps=(total // 2, total - total // 2))
     return cfg
 

@@ -10,7 +10,9 @@ stages ``t_s ~ LogitNormal(prev_loc, prev_scale)`` (mostly clean), later stages 
 zeroed and their loss masked. The loss is ``mean_batch Σ_s mask_s · MSE_s`` with MSE_s the mean over the stage's
 elements: no extra weights (the paper's loss). ``loss_weighting="edm"`` divides MSE_s by ``c_out(t_s)²`` of
 :mod:`dfm.models.precondition`, i.e. measures each stage's error in its network's unit-variance target space
-(an ablation: it weights a low-std level such as the fine Laplacian residual up, most at small t).
+(an ablation: it weights a low-std level such as the fine Laplacian residual up, most at small t). With
+``prediction="data"`` (the network predicts the clean level), the velocity MSE is the error of that prediction
+divided by (1 - t_s)², with 1 - t_s clamped at 0.05 (Li & He 2025), and ``"edm"`` makes it the error over σ_s².
 
 Example:
     >>> import torch
@@ -34,7 +36,7 @@ import torch
 from torch import Tensor
 
 from dfm.decomposition import Decomposition
-from dfm.models.precondition import flow_preconditioning
+from dfm.models.precondition import GAP_FLOOR, MIN_GAP, flow_preconditioning
 
 #: ``model(levels_t, t, y, main_stage) -> velocities``: levels and velocities are lists coarse to fine,
 #: ``t`` is (B, S) and ``main_stage`` (B,) holds 0-based stage indices.
@@ -131,6 +133,8 @@ class DFMObjective:
         loss_weighting: ``"velocity"`` (the paper's plain sum of per-stage MSEs) or ``"edm"`` (each MSE divided by
             ``c_out(t_s)² = σ_s² / (t_s² σ_s² + (1 - t_s)²)``); ``"edm"`` needs ``data_std``.
         data_std: per-stage data std σ_s of the levels (what the preconditioned model uses).
+        prediction: what the preconditioned network predicts (``velocity`` or ``data``), whose c_out the ``"edm"``
+            weighting divides by (for ``data``: ``σ_s / (1 - t_s)``, so that the loss is the error of x̂ / σ_s).
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class DFMObjective:
         tied: bool = False,
         loss_weighting: str = "velocity",
         data_std: Sequence[float] | None = None,
+        prediction: str = "velocity",
     ) -> None:
         s = decomposition.num_stages
         if loss_weighting not in ("velocity", "edm"):
@@ -166,6 +171,7 @@ class DFMObjective:
         self.tied = bool(tied)
         self.loss_weighting = loss_weighting
         self.data_std = None if data_std is None else tuple(float(v) for v in data_std)
+        self.prediction = prediction
 
     # -- draws ----------------------------------------------------------------------------------------------
     def sample_main_stage(
@@ -245,10 +251,14 @@ class DFMObjective:
         per_stage = torch.stack(
             [(p.float() - tgt.float()).pow(2).flatten(1).mean(1) for p, tgt in zip(preds, path.targets)], dim=1
         )  # (B, S)
+        t = path.t.float()
         if self.loss_weighting == "edm":
-            t = path.t.float()
-            c_out = torch.stack([flow_preconditioning(t[:, s], sd)[2] for s, sd in enumerate(self.data_std)], 1)
+            c_out = torch.stack([flow_preconditioning(t[:, s], sd, self.prediction)[2]
+                                 for s, sd in enumerate(self.data_std)], 1)  # fmt: skip
             per_stage = per_stage / c_out.pow(2)  # the error of F, the network inside the preconditioning
+        elif self.prediction == "data":  # the velocity error ||x̂ - x||² / (1 - t)², with 1 - t at least MIN_GAP
+            gap = (1 - t).clamp(min=GAP_FLOOR)
+            per_stage = per_stage * (gap / gap.clamp(min=MIN_GAP)).pow(2)
         masked = per_stage * path.mask
         loss = masked.sum(1).mean()
         counts = path.mask.sum(0)

@@ -43,25 +43,45 @@ from torch import Tensor
 Coefficients = Callable[[Tensor, "Tensor | None"], list[tuple[Tensor, Tensor, Tensor]]]
 
 
-def flow_preconditioning(t: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+#: ``prediction="data"``: the velocity (x̂ - x_t) / (1 - t) divides by 1 - t at least this (a numerical floor only:
+#: the sampler never evaluates a stage at t = 1 that it moves, so that a last Euler step lands on x̂ exactly)
+GAP_FLOOR = 1e-4
+#: ``prediction="data"`` with the velocity loss: the error of x̂ is divided by (1 - t)² at most 1 / MIN_GAP²
+#: (the clamp of Li & He 2025), so that the few draws of t near 1 do not dominate the loss
+MIN_GAP = 0.05
+
+
+def flow_preconditioning(t: Tensor, sigma: float, prediction: str = "velocity") -> tuple[Tensor, Tensor, Tensor]:
     """Return (c_in, c_skip, c_out) for time(s) ``t`` and data standard deviation ``sigma``.
+
+    ``prediction="data"``: F predicts the clean data divided by sigma (unit variance), and the velocity is
+    ``(sigma F - x_t) / (1 - t)``, i.e. ``c_skip = -1 / (1 - t)`` and ``c_out = sigma / (1 - t)`` (1 - t at least
+    :data:`GAP_FLOOR`); c_in as for the velocity.
 
     Example:
         >>> import torch
         >>> c_in, c_skip, c_out = flow_preconditioning(torch.tensor([0.0, 1.0]), 0.5)
         >>> c_in.tolist(), c_skip.tolist(), c_out.tolist()
         ([1.0, 2.0], [-1.0, 1.0], [0.5, 1.0])
+        >>> [round(c, 4) for c in flow_preconditioning(torch.tensor([0.0, 0.5]), 0.5, "data")[2].tolist()]
+        [0.5, 1.0]
     """
     var = (t * sigma) ** 2 + (1 - t) ** 2
     c_in = var.rsqrt()
+    if prediction == "data":
+        gap = (1 - t).clamp(min=GAP_FLOOR)
+        return c_in, -1 / gap, sigma / gap
+    if prediction != "velocity":
+        raise ValueError(f"prediction={prediction!r}: choose velocity or data")
     c_skip = (t * sigma**2 - (1 - t)) / var
     c_out = sigma * c_in
     return c_in, c_skip, c_out
 
 
-def stage_coefficients(data_std: Sequence[float]) -> Coefficients:
+def stage_coefficients(data_std: Sequence[float], prediction: str = "velocity") -> Coefficients:
     """DFM's coefficients: stage s on its own path at its own time t_s, with data std ``data_std[s]``. Stages after
-    the main stage are inactive (the network ignores them) and get those of t = 0."""
+    the main stage are inactive (the network ignores them) and get those of t = 0. ``prediction``: what F predicts
+    (:func:`flow_preconditioning`)."""
     stds = tuple(float(v) for v in data_std)
 
     def coefficients(t: Tensor, main_stage: Tensor | None) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -69,7 +89,7 @@ def stage_coefficients(data_std: Sequence[float]) -> Coefficients:
         if main_stage is not None:
             active = torch.arange(t.shape[1], device=t.device)[None, :] <= main_stage[:, None]
             t = torch.where(active, t, 0.0)
-        return [flow_preconditioning(t[:, s], std) for s, std in enumerate(stds)]
+        return [flow_preconditioning(t[:, s], std, prediction) for s, std in enumerate(stds)]
 
     return coefficients
 
@@ -81,17 +101,22 @@ class Preconditioned:
         network: ``network(levels, t, y, main_stage) -> outputs`` (lists coarse to fine, :mod:`dfm.models.dit`).
         data_std: the std of every stage's level, for DFM's path (:func:`stage_coefficients`).
         coefficients: another path's coefficients instead (Pyramidal Flow's, :mod:`dfm.baselines.pyramidal`).
+        prediction: with ``data_std``, what F predicts: ``velocity`` or ``data`` (:func:`flow_preconditioning`).
 
     Attributes the samplers read (``null_class``, ``num_classes``, ``config``...) are the network's.
     """
 
     def __init__(
-        self, network: Any, data_std: Sequence[float] | None = None, coefficients: Coefficients | None = None
+        self,
+        network: Any,
+        data_std: Sequence[float] | None = None,
+        coefficients: Coefficients | None = None,
+        prediction: str = "velocity",
     ) -> None:
         if (data_std is None) == (coefficients is None):
             raise ValueError("give the stages' data_std or the path's coefficients, one of the two")
         self.network = network
-        self.coefficients = coefficients or stage_coefficients(data_std)
+        self.coefficients = coefficients or stage_coefficients(data_std, prediction)
 
     def __call__(
         self, levels: Sequence[Tensor], t: Tensor, y: Any = None, main_stage: Tensor | None = None

@@ -90,6 +90,7 @@ class Cascade(Method):
     decided_at_start = ("switch_step",)
     unused_parameters = True  # it trains one of its two models at a time
     supports_fsdp = False  # it copies weights between its models at the switch
+    predictions = ("velocity",)  # its own preconditioning (CascadePreconditioned)
 
     def validate(self, cfg: RunConfig) -> None:
         m = cfg.method

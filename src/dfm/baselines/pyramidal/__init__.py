@@ -125,6 +125,7 @@ class Pyramidal(Method):
 
     name = "pyramidal"
     description = "Pyramidal Flow: one model, per-stage time windows over a Gaussian pyramid"
+    predictions = ("velocity",)  # its windowed path's own coefficients (pyramidal_coefficients)
     Options = PyramidalOptions
 
     def validate(self, cfg: RunConfig) -> None:
