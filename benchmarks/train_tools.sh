@@ -1,7 +1,7 @@
 #!/bin/bash
 # Models for benchmarks/decomposed_tools.py: the quick start (Laplacian, two stages), the same with Haar, and three stages.
 set -e
-cd /work/main
+cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 dfm train --preset quickstart --out runs/tools/lap2 --resume auto --no-progress -o train.threads=1 -o data.dataset=fashion-mnist:fit > runs/tools/lap2.log 2>&1
 dfm train --preset quickstart --out runs/tools/haar2 --resume auto --no-progress -o train.threads=1 -o data.dataset=fashion-mnist:fit -o method.decomposition=haar > runs/tools/haar2.log 2>&1
