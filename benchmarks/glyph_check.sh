@@ -1,0 +1,24 @@
+#!/bin/bash
+# Do the presets travel? (issue 25.5) DFM and Flow Matching on glyphs (dfm data glyphs: thin strokes, sharp edges,
+# 36 classes, 32 px), at the preset's settings and predicting the data. One lane of one thread per call:
+#   bash benchmarks/glyph_check.sh A     bash benchmarks/glyph_check.sh B
+# Scores against a draw of the training glyphs (--reference fit: the held-out splits hold 6 fonts each, so that a
+# distance to them measures which fonts as much as how good; docs/RESULTS.md); REFERENCE=val scores against the
+# held-aside fonts. Results under runs/glyph-check.
+set -e
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+bench() {  # name methods overrides...
+  local name=$1 methods=$2; shift 2
+  local args=()
+  for o in "$@"; do args+=(-o "$o"); done
+  dfm bench quality --preset cpu-glyph --reference ${REFERENCE:-fit} --methods "$methods" --seeds 0 \
+    --steps ${STEPS:-1600} --eval-points 1 --num-samples 1000 --threads 1 "${args[@]}" --out "runs/glyph-check/$name" \
+    > "runs/glyph-check/$name.log" 2>&1
+}
+mkdir -p runs/glyph-check
+case "$1" in
+  A) bench dfm dfm; bench dfm-xpred dfm method.prediction=data ;;
+  B) bench fm fm; bench fm-xpred fm method.prediction=data ;;
+  *) echo "usage: bash benchmarks/glyph_check.sh A|B" >&2; exit 2 ;;
+esac
