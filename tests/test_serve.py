@@ -88,6 +88,18 @@ def live(run):
     thread.join(30)
 
 
+@pytest.fixture
+def page():
+    """A page of Debian's chromium, driven by playwright (no browser download)."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium browser (apt-get install chromium, or set DFM_CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield browser.new_page()
+        browser.close()
+
+
 def test_api_refuses_bad_requests_and_keeps_serving(server):
     status, info = _request(f"{server}/api/info")
     assert status == 200 and info["stages"] == 2 and info["classes"][3] == "Dress"
@@ -130,29 +142,23 @@ def test_cancel_stops_the_job_on_the_server(server):
     assert _request(f"{server}/api/info")[0] == 200
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser (apt-get install chromium, or set DFM_CHROMIUM)")
-def test_page_shows_the_stage_preview_before_the_final_image(server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page()
-        page.goto(server)
-        page.wait_for_function("document.querySelectorAll('#class_label option').length === 11")
-        assert page.input_value("#steps") == "3,2" and page.input_value("#solver") == "heun"
-        page.fill("#seeds", "0-3")
-        page.click("#generate")
-        page.wait_for_selector("#final[data-final='1']", timeout=120_000)
-        previews = page.eval_on_selector_all("img.preview", "els => els.map(e => [+e.dataset.stage, +e.dataset.at])")
-        final_at = float(page.get_attribute("#final", "data-at"))
-        assert [s for s, _ in previews] == [0, 1]
-        assert previews[0][1] <= final_at  # the coarse preview reached the page before the final images
-        assert page.evaluate("document.querySelector('#final').naturalWidth") > 0  # the PNG decodes
-        assert "4 image(s) of 28x28, seeds 0, 1, 2, 3" in page.text_content("#final_caption")
-        page.fill("#steps", "0,2")
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#error').textContent.includes('steps')")
-        assert page.is_enabled("#generate")
-        browser.close()
+def test_page_shows_the_stage_preview_before_the_final_image(server, page):
+    page.goto(server)
+    page.wait_for_function("document.querySelectorAll('#class_label option').length === 11")
+    assert page.input_value("#steps") == "3,2" and page.input_value("#solver") == "heun"
+    page.fill("#seeds", "0-3")
+    page.click("#generate")
+    page.wait_for_selector("#final[data-final='1']", timeout=120_000)
+    previews = page.eval_on_selector_all("img.preview", "els => els.map(e => [+e.dataset.stage, +e.dataset.at])")
+    final_at = float(page.get_attribute("#final", "data-at"))
+    assert [s for s, _ in previews] == [0, 1]
+    assert previews[0][1] <= final_at  # the coarse preview reached the page before the final images
+    assert page.evaluate("document.querySelector('#final').naturalWidth") > 0  # the PNG decodes
+    assert "4 image(s) of 28x28, seeds 0, 1, 2, 3" in page.text_content("#final_caption")
+    page.fill("#steps", "0,2")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#error').textContent.includes('steps')")
+    assert page.is_enabled("#generate")
     assert _request(f"{server}/api/info")[0] == 200
 
 
@@ -346,47 +352,41 @@ def _answers(url: str, token: str) -> bool:
         return False
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser (apt-get install chromium, or set DFM_CHROMIUM)")
-def test_page_checks_seeds_and_its_job_ends_with_the_page(live):
+def test_page_checks_seeds_and_its_job_ends_with_the_page(live, page):
     url, state = live
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page()
-        page.goto(url)
-        page.wait_for_function("document.querySelectorAll('#class_label option').length === 11")
-        refused = [("1,,2", "empty entry"), ("1,2,", "empty entry"), ("0-2147483647", "at most 16 images"),
-                   ("2147483648", "from 0 to 2147483647"), ("3-1", "goes down"), ("1.5", "1.5"), ("-1", "-1"),
-                   ("0-15,16", "at most 16 images")]  # fmt: skip
-        for text, message in refused:
-            page.fill("#seeds", text)
-            tic = time.monotonic()
-            page.click("#generate")
-            page.wait_for_function(f"document.querySelector('#error').textContent.includes({json.dumps(message)})",
-                                   timeout=3000)  # fmt: skip
-            assert time.monotonic() - tic < 3 and page.is_enabled("#generate") and not state.jobs.copy(), text
-        assert page.evaluate("parseSeeds(' 0-3, 7 ', 16)") == [0, 1, 2, 3, 7]  # the page's parser, as a unit
-        assert page.evaluate("parseSeeds('', 16)") is None  # random seeds
-        page.fill("#steps", "3,,2")
+    page.goto(url)
+    page.wait_for_function("document.querySelectorAll('#class_label option').length === 11")
+    refused = [("1,,2", "empty entry"), ("1,2,", "empty entry"), ("0-2147483647", "at most 16 images"),
+               ("2147483648", "from 0 to 2147483647"), ("3-1", "goes down"), ("1.5", "1.5"), ("-1", "-1"),
+               ("0-15,16", "at most 16 images")]  # fmt: skip
+    for text, message in refused:
+        page.fill("#seeds", text)
+        tic = time.monotonic()
         page.click("#generate")
-        page.wait_for_function("document.querySelector('#error').textContent.includes('steps: an empty entry')")
-        # Cancel: the caption says so
-        page.fill("#seeds", "0-15")
-        page.fill("#steps", "200,200")
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#timeline').textContent.includes('network evaluations')")
-        page.click("#cancel")
-        page.wait_for_function("document.querySelector('#final_caption').textContent.startsWith('cancelled')")
-        assert page.is_enabled("#generate")
-        assert _wait(lambda: not state.jobs.copy(), 5)
-        # reloading the page in the middle of a job cancels it on the server
-        page.click("#generate")
-        page.wait_for_function("document.querySelector('#timeline').textContent.includes('network evaluations')")
-        (job,) = state.jobs.copy().values()
-        page.reload()
-        assert _wait(lambda: job.cancel.is_set() and not state.jobs.copy(), 5), state.jobs
-        assert _wait(lambda: state.watched.job is None, 5) and _ended_cancelled(job)
-        browser.close()
+        page.wait_for_function(f"document.querySelector('#error').textContent.includes({json.dumps(message)})",
+                               timeout=3000)  # fmt: skip
+        assert time.monotonic() - tic < 3 and page.is_enabled("#generate") and not state.jobs.copy(), text
+    assert page.evaluate("parseSeeds(' 0-3, 7 ', 16)") == [0, 1, 2, 3, 7]  # the page's parser, as a unit
+    assert page.evaluate("parseSeeds('', 16)") is None  # random seeds
+    page.fill("#steps", "3,,2")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#error').textContent.includes('steps: an empty entry')")
+    # Cancel: the caption says so
+    page.fill("#seeds", "0-15")
+    page.fill("#steps", "200,200")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#timeline').textContent.includes('network evaluations')")
+    page.click("#cancel")
+    page.wait_for_function("document.querySelector('#final_caption').textContent.startsWith('cancelled')")
+    assert page.is_enabled("#generate")
+    assert _wait(lambda: not state.jobs.copy(), 5)
+    # reloading the page in the middle of a job cancels it on the server
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#timeline').textContent.includes('network evaluations')")
+    (job,) = state.jobs.copy().values()
+    page.reload()
+    assert _wait(lambda: job.cancel.is_set() and not state.jobs.copy(), 5), state.jobs
+    assert _wait(lambda: state.watched.job is None, 5) and _ended_cancelled(job)
 
 
 # -- issue 26: stop at a stage, finish the picked ones, vary the detail
@@ -453,38 +453,32 @@ def test_api_stops_at_a_stage_refines_the_picked_and_varies_the_detail():
             assert reply.status_code == 422 and "one-stage Flow Matching" in reply.json()["error"], reply.json()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser (apt-get install chromium, or set DFM_CHROMIUM)")
-def test_page_finishes_the_clicked_tiles_and_varies_one(server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page()
-        page.goto(server)
-        page.wait_for_function("document.querySelectorAll('#until_stage option').length === 2")
-        page.fill("#seeds", "4-7")
-        page.select_option("#until_stage", "1")
-        page.click("#generate")
-        page.wait_for_selector("#refine", timeout=120_000)
-        assert page.eval_on_selector_all("#tiles figure", "els => els.map(e => +e.dataset.seed)") == [4, 5, 6, 7]
-        assert page.is_disabled("#refine") and "stopped after stage 1 of 2" in page.text_content("#final_caption")
-        page.click("#tiles figure[data-seed='5'] img")
-        page.click("#tiles figure[data-seed='7'] img")
-        page.click("#tiles figure[data-seed='5'] img")  # a second click lets it go
-        page.click("#tiles figure[data-seed='6'] img")
-        assert page.text_content("#refine") == "Finish selected (2)"
-        page.click("#refine")
-        page.wait_for_selector("#final[data-final='1']", timeout=120_000)
-        assert page.eval_on_selector_all("img.preview", "els => els.map(e => +e.dataset.stage)") == [1]
-        assert page.eval_on_selector_all("#tiles figure", "els => els.map(e => +e.dataset.seed)") == [6, 7]
-        assert "2 image(s) of 28x28, seeds 6, 7" in page.text_content("#final_caption")
-        page.fill("#num_images", "3")
-        page.click("#tiles figure[data-seed='7'] button.vary")
-        page.wait_for_selector("#final[data-final='1']", timeout=120_000)
-        assert page.eval_on_selector_all("#tiles img", "els => els.filter(e => e.naturalWidth > 0).length") == 3
-        assert "3 image(s) of 28x28" in page.text_content("#final_caption")
-        assert "variations" not in page.text_content("#error") and page.text_content("#error") == ""
-        page.click("#tiles figure:first-child button.vary")  # varying a variation: seed 7's coarse level again
-        page.wait_for_selector("#final[data-final='1']", timeout=120_000)
-        assert page.eval_on_selector_all("#tiles figure", "els => els.length") == 3
-        browser.close()
+def test_page_finishes_the_clicked_tiles_and_varies_one(server, page):
+    page.goto(server)
+    page.wait_for_function("document.querySelectorAll('#until_stage option').length === 2")
+    page.fill("#seeds", "4-7")
+    page.select_option("#until_stage", "1")
+    page.click("#generate")
+    page.wait_for_selector("#refine", timeout=120_000)
+    assert page.eval_on_selector_all("#tiles figure", "els => els.map(e => +e.dataset.seed)") == [4, 5, 6, 7]
+    assert page.is_disabled("#refine") and "stopped after stage 1 of 2" in page.text_content("#final_caption")
+    page.click("#tiles figure[data-seed='5'] img")
+    page.click("#tiles figure[data-seed='7'] img")
+    page.click("#tiles figure[data-seed='5'] img")  # a second click lets it go
+    page.click("#tiles figure[data-seed='6'] img")
+    assert page.text_content("#refine") == "Finish selected (2)"
+    page.click("#refine")
+    page.wait_for_selector("#final[data-final='1']", timeout=120_000)
+    assert page.eval_on_selector_all("img.preview", "els => els.map(e => +e.dataset.stage)") == [1]
+    assert page.eval_on_selector_all("#tiles figure", "els => els.map(e => +e.dataset.seed)") == [6, 7]
+    assert "2 image(s) of 28x28, seeds 6, 7" in page.text_content("#final_caption")
+    page.fill("#num_images", "3")
+    page.click("#tiles figure[data-seed='7'] button.vary")
+    page.wait_for_selector("#final[data-final='1']", timeout=120_000)
+    assert page.eval_on_selector_all("#tiles img", "els => els.filter(e => e.naturalWidth > 0).length") == 3
+    assert "3 image(s) of 28x28" in page.text_content("#final_caption")
+    assert "variations" not in page.text_content("#error") and page.text_content("#error") == ""
+    page.click("#tiles figure:first-child button.vary")  # varying a variation: seed 7's coarse level again
+    page.wait_for_selector("#final[data-final='1']", timeout=120_000)
+    assert page.eval_on_selector_all("#tiles figure", "els => els.length") == 3
     assert _request(f"{server}/api/info")[0] == 200
