@@ -18,16 +18,17 @@ bench() {  # name methods overrides...
 }
 mkdir -p runs/photo-tune
 case "$1" in
-  A)
+  A)  # Flow Matching: a wider model (hidden >= the 192 values of an 8x8 RGB patch), its loss, predicting the data
     bench fm-h192 fm model.overrides.hidden_size=192
     bench fm-h192-edm fm model.overrides.hidden_size=192 method.loss_weighting=edm
-    bench fm-h192-noprecond fm model.overrides.hidden_size=192 method.precondition=false
-    bench fm-h192-lr5e-4 fm model.overrides.hidden_size=192 optim.lr=5e-4
+    bench fm-h128-xpred fm method.prediction=data
+    bench fm-h192-xpred fm model.overrides.hidden_size=192 method.prediction=data
     ;;
-  B)
+  B)  # DFM at the same settings, and both at the preset's (hidden 128, velocity prediction)
     bench dfm-h192 dfm model.overrides.hidden_size=192
+    bench dfm-h128-xpred dfm method.prediction=data
     bench fm-h128 fm
     bench dfm-h128 dfm
-    bench fm-h192-lr2e-3 fm model.overrides.hidden_size=192 optim.lr=2e-3
     ;;
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B" >&2; exit 2 ;;
 esac
