@@ -19,7 +19,7 @@ def rows(root: Path) -> list[dict]:
     for path in sorted(root.glob("*/scores/*.json")):
         row = json.loads(path.read_text())
         out.append({"run": path.parent.parent.name, **row})
-    return sorted(out, key=lambda r: (r["method"], r["step"], r.get("fd_efficientnet-lite0", 0.0)))
+    return sorted(out, key=lambda r: (r["method"], r["step"], r["seed"], r.get("fd_efficientnet-lite0", 0.0)))
 
 
 def main() -> int:
@@ -34,10 +34,10 @@ def main() -> int:
     levels = sorted(
         {k for r in table for k in r if k.startswith("swd_") and k[4:].isdigit()}, key=lambda k: -int(k[4:])
     )
-    head = ["run", "method", "step", "NFE", "FD", "SWD mean", *[f"SWD {k[4:]}" for k in levels]]
+    head = ["run", "method", "seed", "step", "NFE", "FD", "SWD mean", *[f"SWD {k[4:]}" for k in levels]]
     lines = []
     for r in table:
-        cells = [r["run"], r["method"], str(r["step"]), str(r["nfe"]), f"{r['fd_efficientnet-lite0']:.1f}",
+        cells = [r["run"], r["method"], str(r["seed"]), str(r["step"]), str(r["nfe"]), f"{r['fd_efficientnet-lite0']:.1f}",
                  f"{r['swd_mean']:.1f}", *[f"{r[k]:.1f}" if k in r else "-" for k in levels]]  # fmt: skip
         lines.append(cells)
     if args.markdown:
