@@ -1,0 +1,69 @@
+"""Side-by-side sample sheets of bench runs: the grid each run saved at one step, under its label.
+
+    python benchmarks/photo_pictures.py --step 1600 --out docs/images/photo64_samples.png \\
+        "Flow Matching, preset=runs/photo-tune/fm-h128" "DFM, preset=runs/photo-tune/dfm-h128"
+
+Each ``LABEL=FOLDER`` names a `dfm bench quality --out` folder (its seed-0 run) or a run folder; the panel is that
+run's ``samples/step_<step>.png`` (the EMA model's images from the same sampling seeds in every run, so runs of one
+method start from the same noise). ``--rows`` keeps the first rows of each grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+def sheet(folder: Path, step: int, seed: int) -> Path:
+    """The sample grid of ``folder`` (a bench --out folder or one run) at ``step``."""
+    candidates = [folder / "samples", *sorted(folder.glob(f"runs/*-s{seed}/samples"))]
+    for samples in candidates:
+        path = samples / f"step_{step:08d}.png"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no samples/step_{step:08d}.png of seed {seed} under {folder}: is the run finished?")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("panels", nargs="+", metavar="LABEL=FOLDER")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0, help="training seed of the run to show (bench folders)")
+    p.add_argument("--rows", type=int, default=3, help="rows of each run's grid to keep")
+    p.add_argument("--cell", type=int, default=66, help="pixel pitch of the saved grids (image + gap)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    panels = []
+    for item in args.panels:
+        label, sep, folder = item.rpartition("=")
+        if not sep or not label:
+            p.error(f"{item!r}: give LABEL=FOLDER")
+        try:
+            grid = Image.open(sheet(Path(folder), args.step, args.seed)).convert("RGB")
+        except FileNotFoundError as e:
+            p.error(str(e))
+        keep = min(grid.height, args.rows * args.cell)
+        panels.append((label, grid.crop((0, 0, grid.width, keep))))
+    pad, text_h = 10, 16
+    width = sum(g.width for _, g in panels) + pad * (len(panels) + 1)
+    height = max(g.height for _, g in panels) + text_h + 2 * pad
+    out = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(out)
+    x = pad
+    for label, grid in panels:
+        draw.text((x, pad // 2), label, fill="black")
+        out.paste(grid, (x, pad // 2 + text_h))
+        x += grid.width + pad
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.out).with_suffix(".tmp.png")
+    out.save(tmp)
+    tmp.replace(args.out)
+    print(f"written {args.out} ({width}x{height})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
