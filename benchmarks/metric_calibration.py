@@ -7,7 +7,8 @@ crops), as many as the bench's samples. ``--reference fit`` (a draw of the train
 training photographs (the floor a model reaches that draws from the training distribution), the same with added
 Gaussian pixel noise, blurred, and downsampled then upsampled (detail removed), and the held-out splits (photographs
 never seen). ``--reference val``: the test split as it is and damaged, and training crops. Prints a table, writes
-``calibration.json``, ``calibration.md`` and ``calibration.png`` (four images per row) under ``--out``.
+``calibration.json``, ``calibration.md`` and ``calibration.png`` (one labelled column per set, its first three images)
+under ``--out``; ``--picture-only`` draws the picture alone (the sets are deterministic), without scoring.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from dfm.bench.quality import draw_order, ensure_references, split_folder
 from dfm.bench.variants import BENCH_PRESETS, QualitySettings
@@ -29,7 +30,6 @@ from dfm.eval import EvalConfig, SWDConfig, evaluate
 from dfm.eval.images import ImageSet
 from dfm.presets import get_preset
 from dfm.resolve import apply_overrides
-from dfm.visual import image_grid
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -64,6 +64,27 @@ def conditions(base: torch.Tensor, name: str, others: dict[str, torch.Tensor]) -
     return {**out, **others}
 
 
+def _short(name: str) -> str:
+    """A column label: "noise σ=8/255" -> "noise 8", "down-up 2x (bicubic)" -> "down-up 2x", "val (...)" -> "val"."""
+    name = name.split(" (")[0].replace("σ=", "").replace("/255", "").replace(" px", "")
+    return name.split(",")[0]
+
+
+def picture(sets: dict[str, torch.Tensor], path: Path, rows: int = 3) -> None:
+    """One column per set (its first ``rows`` images, 1:1), the set's short name above it."""
+    names = list(sets)
+    size = next(iter(sets.values())).shape[-1]
+    pitch, top = size + 4, 14
+    canvas = Image.new("RGB", (pitch * len(names) + 4, top + pitch * rows + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(names):
+        x = 4 + j * pitch
+        draw.text((x, 1), _short(name), fill="black")
+        for i, image in enumerate(sets[name][:rows]):
+            canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()), (x, top + 4 + i * pitch))
+    canvas.save(path)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu-photo", help="a bench preset whose data set is a `dfm data` set")
@@ -73,6 +94,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/calibration")
     p.add_argument("--cache", default=str(Path("~/.cache/dfm/bench").expanduser()))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--picture-only", action="store_true", help="write calibration.png alone (no scoring)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +104,6 @@ def main() -> int:
     cache, out = Path(args.cache), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = QualitySettings(**base, reference=args.reference)
-    refs = ensure_references(cache, settings, {})
 
     data = apply_overrides(get_preset(settings.preset), list(settings.overrides)).data
     folder = split_folder(data.dataset)
@@ -105,14 +126,18 @@ def main() -> int:
         )
     else:
         sets = conditions(split("test"), "test (clean)", {"fit (training crops)": split("fit")})
+    if args.picture_only:
+        picture(sets, out / "calibration.png")
+        print(f"written {out}/calibration.png")
+        return 0
+    refs = ensure_references(cache, settings, {})
     config = EvalConfig(metrics=settings.metrics, num_reference=args.num, download=False, progress=False,
                         swd=SWDConfig(min_resolution=8))  # fmt: skip
-    rows, examples = [], []
+    rows = []
     for name, images in sets.items():
         tic = time.perf_counter()
         scores = evaluate(ImageSet(images, None, {"kind": "calibration", "count": len(images)}), refs, config)["scores"]
         rows.append({"condition": name, **scores})
-        examples.append(images[:4].float() / 127.5 - 1)
         swd = "  ".join(f"{k[4:]}:{v:6.1f}" for k, v in scores.items() if k.startswith("swd_") and k != "swd_mean")
         print(f"{name:24s} FD {scores['fd_efficientnet-lite0']:7.1f}  SWD mean {scores['swd_mean']:6.1f}  ({swd})"
               f"  [{time.perf_counter() - tic:.0f}s]", flush=True)  # fmt: skip
@@ -126,10 +151,9 @@ def main() -> int:
         lines.append(f"| {r['condition']} | {r['fd_efficientnet-lite0']:.1f} | {r['swd_mean']:.1f} | "
                      + " | ".join(f"{r[k]:.1f}" for k in levels) + " |")  # fmt: skip
     (out / "calibration.md").write_text("\n".join(lines) + "\n")
-    grid = image_grid(torch.cat(examples), nrow=4, scale=2)
-    Image.fromarray(grid).save(out / "calibration.png")
+    picture(sets, out / "calibration.png")
     names = ", ".join(r["condition"] for r in rows)
-    print(f"written to {out}/calibration.{{json,md,png}} (rows of the picture: {names})")
+    print(f"written to {out}/calibration.{{json,md,png}} (columns of the picture: {names})")
     return 0
 
 
