@@ -34,6 +34,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help="training seed of the run to show (bench folders)")
     p.add_argument("--rows", type=int, default=3, help="rows of each run's grid to keep")
     p.add_argument("--cell", type=int, default=66, help="pixel pitch of the saved grids (image + gap)")
+    p.add_argument("--wrap", type=int, default=0, help="panels per row (default: all in one row)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     panels = []
@@ -48,15 +49,17 @@ def main() -> int:
         keep = min(grid.height, args.rows * args.cell)
         panels.append((label, grid.crop((0, 0, grid.width, keep))))
     pad, text_h = 10, 16
-    width = sum(g.width for _, g in panels) + pad * (len(panels) + 1)
-    height = max(g.height for _, g in panels) + text_h + 2 * pad
-    out = Image.new("RGB", (width, height), "white")
+    per_row = args.wrap or len(panels)
+    cell_w = max(g.width for _, g in panels) + pad
+    cell_h = max(g.height for _, g in panels) + text_h + pad
+    rows = -(-len(panels) // per_row)
+    out = Image.new("RGB", (cell_w * min(per_row, len(panels)) + pad, cell_h * rows + pad), "white")
     draw = ImageDraw.Draw(out)
-    x = pad
-    for label, grid in panels:
-        draw.text((x, pad // 2), label, fill="black")
-        out.paste(grid, (x, pad // 2 + text_h))
-        x += grid.width + pad
+    for k, (label, grid) in enumerate(panels):
+        x, y = pad + (k % per_row) * cell_w, pad // 2 + (k // per_row) * cell_h
+        draw.text((x, y), label, fill="black")
+        out.paste(grid, (x, y + text_h))
+    width, height = out.size
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp.png")
     out.save(tmp)
