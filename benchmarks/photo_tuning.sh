@@ -7,6 +7,8 @@
 # 1,600 steps, and the first seed continued to 3,200 (the bench resumes a run; the learning rate is constant after
 # warm-up, so a continued run is the run a longer bench would have trained):
 #   bash benchmarks/photo_tuning.sh compare-dfm                bash benchmarks/photo_tuning.sh compare-fm
+# and DFM with three stages (dfm3), and the tuned checkpoints sampled with Euler instead of Heun (euler).
+# python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
 cd "$(dirname "$0")/.."
@@ -40,5 +42,21 @@ case "$1" in
     SEEDS=0,1 bench $m-h192-xpred $m model.overrides.hidden_size=192 method.prediction=data
     STEPS=3200 POINTS=2 bench $m-h192-xpred $m model.overrides.hidden_size=192 method.prediction=data
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm" >&2; exit 2 ;;
+  dfm3)  # DFM with three stages (16 -> 32 -> 64) at the same settings; stage split and thresholds of the cpu64 study
+    bench dfm3-h192-xpred dfm model.overrides.hidden_size=192 method.prediction=data method.stages=3 \
+      method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85
+    ;;
+  euler)  # each tuned seed-0 checkpoint sampled with Euler at the same cost (40 steps; 30 + 10 for DFM), not retrained:
+    # the finished run is linked into a new --out, where the bench finds it trained and only scores it
+    for m in dfm fm; do
+      run=$(basename runs/photo-tune/$m-h192-xpred/runs/$m-*-s0)
+      mkdir -p runs/photo-sampler/$m-h192-xpred-euler40/runs
+      ln -sfn "../../../photo-tune/$m-h192-xpred/runs/$run" "runs/photo-sampler/$m-h192-xpred-euler40/runs/$run"
+      $DFM bench quality --preset cpu-photo --reference fit --methods $m --seeds 0 --steps 1600 --eval-points 1 \
+        --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data \
+        -o sampler.solver=euler -o sampler.steps=30,10 --out runs/photo-sampler/$m-h192-xpred-euler40 \
+        > runs/photo-sampler/$m-h192-xpred-euler40.log 2>&1
+    done
+    ;;
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler" >&2; exit 2 ;;
 esac
