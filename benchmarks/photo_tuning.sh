@@ -4,7 +4,7 @@
 # against a draw of the training crops (--reference fit; see docs/RESULTS.md for why not the 4-photograph splits).
 #   bash benchmarks/photo_tuning.sh A   # lane A (Flow Matching)     bash benchmarks/photo_tuning.sh B   # lane B (DFM)
 # Then the comparison at the settings the tuning chose (both at hidden 192, predicting the data): a second seed at
-# 1,600 steps, and the first seed continued to 3,200 (the bench resumes a run; the learning rate is constant after
+# 1,600 steps, then both seeds continued to 3,200 (the bench resumes a run; the learning rate is constant after
 # warm-up, so a continued run is the run a longer bench would have trained):
 #   bash benchmarks/photo_tuning.sh compare-dfm                bash benchmarks/photo_tuning.sh compare-fm
 # and DFM with three stages (dfm3), and the tuned checkpoints sampled with Euler instead of Heun (euler).
@@ -40,7 +40,7 @@ case "$1" in
   compare-dfm|compare-fm)
     m=${1#compare-}
     SEEDS=0,1 bench $m-h192-xpred $m model.overrides.hidden_size=192 method.prediction=data
-    STEPS=3200 POINTS=2 bench $m-h192-xpred $m model.overrides.hidden_size=192 method.prediction=data
+    SEEDS=0,1 STEPS=3200 POINTS=2 bench $m-h192-xpred $m model.overrides.hidden_size=192 method.prediction=data
     ;;
   dfm3)  # DFM with three stages (16 -> 32 -> 64) at the same settings; stage split and thresholds of the cpu64 study
     bench dfm3-h192-xpred dfm model.overrides.hidden_size=192 method.prediction=data method.stages=3 \
