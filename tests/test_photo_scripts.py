@@ -1,0 +1,93 @@
+"""The photograph study's scripts: benchmarks/photo_tuning_table.py, photo_pictures.py, metric_calibration.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120)
+
+
+def _scores(root: Path, run: str, method: str, rows: list[tuple[int, int, float, float]]) -> None:
+    (root / run / "scores").mkdir(parents=True)
+    for seed, step, fd, swd in rows:
+        row = {"variant": method, "method": method, "seed": seed, "step": step, "guidance": 1.0, "nfe": 39,
+               "fd_efficientnet-lite0": fd, "swd_mean": swd, "swd_64": 2 * swd, "swd_8": swd / 2}  # fmt: skip
+        (root / run / "scores" / f"{method}-s{seed}-step{step}.json").write_text(json.dumps(row))
+
+
+def test_table_compare_gives_seed_means_spreads_and_ratios(tmp_path: Path) -> None:
+    _scores(tmp_path, "dfm-x", "dfm", [(0, 100, 90.0, 40.0), (1, 100, 110.0, 60.0), (0, 200, 80.0, 30.0)])
+    _scores(tmp_path, "fm-x", "fm", [(0, 100, 200.0, 100.0), (1, 100, 200.0, 100.0)])
+    out = _run("photo_tuning_table.py", str(tmp_path), "--compare", "dfm-x", "fm-x", "--markdown")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("| step | run (seeds) | FD | SWD mean | SWD 64 | SWD 8 |")
+    assert "| 100 | dfm-x (2) | 100.0 ± 10.0 | 50.0 ± 10.0 | 100.0 ± 20.0 | 25.0 ± 5.0 |" in lines
+    assert "| 100 | fm-x (2) | 200.0 ± 0.0 | 100.0 ± 0.0 | 200.0 ± 0.0 | 50.0 ± 0.0 |" in lines
+    assert "| 100 | ratio | **0.50** | **0.50** | **0.50** | **0.50** |" in lines
+    assert not any(line.startswith("| 200") for line in lines)  # step 200 was scored for one run only
+    plain = _run("photo_tuning_table.py", str(tmp_path))  # one line per score file, the seed column included
+    assert plain.returncode == 0 and len(plain.stdout.splitlines()) == 1 + 5
+    assert plain.stdout.splitlines()[0].split()[:4] == ["run", "method", "seed", "step"]
+    missing = _run("photo_tuning_table.py", str(tmp_path), "--compare", "dfm-x", "nope")
+    assert missing.returncode != 0 and "no step scored in both dfm-x and nope" in missing.stderr
+    empty = _run("photo_tuning_table.py", str(tmp_path / "none"))
+    assert empty.returncode == 1 and "no scores under" in empty.stderr
+
+
+def _grid(path: Path, color: int, rows: int = 4) -> None:
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.full((rows * 66, 3 * 66, 3), color, np.uint8)).save(path)
+
+
+def test_pictures_lay_out_labelled_panels_and_refuse_missing_runs(tmp_path: Path) -> None:
+    _grid(tmp_path / "a" / "runs" / "dfm-abc-s0" / "samples" / "step_00000100.png", 50)  # a bench --out folder
+    _grid(tmp_path / "b" / "samples" / "step_00000100.png", 200)  # a run folder
+    out = tmp_path / "sheet.png"
+    done = _run("photo_pictures.py", "--step", "100", "--rows", "2", "--out", str(out), f"A=x={tmp_path / 'a'}",
+                f"B={tmp_path / 'b'}")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    image = np.asarray(Image.open(out))
+    assert image.shape == (10 // 2 + 16 + 2 * 66 + 10 + 5, 2 * (3 * 66 + 10) + 10, 3)
+    top = 10 // 2 + 16
+    assert (image[top : top + 2 * 66, 10 : 10 + 3 * 66] == 50).all()  # the first panel: two rows of its grid
+    x = 10 + 3 * 66 + 10
+    assert (image[top : top + 2 * 66, x : x + 3 * 66] == 200).all()
+    wrapped = _run("photo_pictures.py", "--step", "100", "--wrap", "1", "--out", str(out), f"A={tmp_path / 'a'}",
+                   f"B={tmp_path / 'b'}")  # fmt: skip
+    assert wrapped.returncode == 0 and Image.open(out).size == (3 * 66 + 20, 2 * (3 * 66 + 16 + 10) + 10)
+    missing = _run("photo_pictures.py", "--step", "300", "--out", str(out), f"A={tmp_path / 'a'}")
+    assert missing.returncode == 2 and "no samples/step_00000300.png of seed 0" in missing.stderr
+    unlabelled = _run("photo_pictures.py", "--step", "100", "--out", str(out), str(tmp_path / "a"))
+    assert unlabelled.returncode == 2 and "give LABEL=FOLDER" in unlabelled.stderr
+
+
+def test_calibration_picture_has_one_labelled_column_per_set(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("metric_calibration", BENCH / "metric_calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._short("noise σ=8/255") == "noise 8"
+    assert module._short("down-up 2x (bicubic)") == "down-up 2x"
+    assert module._short("fit, other crops (clean)") == "fit"
+    assert module._short("blur σ=0.5 px") == "blur 0.5"
+    base = torch.full((4, 3, 8, 8), 100, dtype=torch.uint8)
+    sets = module.conditions(base, "clean", {"val (unseen photographs)": base + 50})
+    assert list(sets)[0] == "clean" and list(sets)[-1] == "val (unseen photographs)" and len(sets) == 11
+    assert torch.equal(sets["clean"], base) and torch.equal(sets["blur σ=1.0 px"], base)  # a flat image stays flat
+    assert not torch.equal(sets["noise σ=4/255"], base)
+    module.picture(sets, tmp_path / "c.png", rows=2)
+    image = np.asarray(Image.open(tmp_path / "c.png"))
+    assert image.shape == (14 + 12 * 2 + 4, 11 * 12 + 4, 3)
+    assert (image[18:26, 4:12] == 100).all() and (image[18:26, 4 + 10 * 12 : 12 + 10 * 12] == 150).all()
