@@ -19,17 +19,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from dfm.bench.quality import draw_order, ensure_references, split_folder
 from dfm.bench.variants import BENCH_PRESETS, QualitySettings
+from dfm.checkpoint import atomic_write_text
 from dfm.data import build_dataset
 from dfm.eval import EvalConfig, SWDConfig, evaluate
 from dfm.eval.images import ImageSet
 from dfm.presets import get_preset
 from dfm.resolve import apply_overrides
+from dfm.visual import save_png
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -82,7 +85,7 @@ def picture(sets: dict[str, torch.Tensor], path: Path, rows: int = 3) -> None:
         draw.text((x, 1), _short(name), fill="black")
         for i, image in enumerate(sets[name][:rows]):
             canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()), (x, top + 4 + i * pitch))
-    canvas.save(path)
+    save_png(np.asarray(canvas), path)
 
 
 def main() -> int:
@@ -141,16 +144,15 @@ def main() -> int:
         swd = "  ".join(f"{k[4:]}:{v:6.1f}" for k, v in scores.items() if k.startswith("swd_") and k != "swd_mean")
         print(f"{name:24s} FD {scores['fd_efficientnet-lite0']:7.1f}  SWD mean {scores['swd_mean']:6.1f}  ({swd})"
               f"  [{time.perf_counter() - tic:.0f}s]", flush=True)  # fmt: skip
-    (out / "calibration.json").write_text(json.dumps({"preset": args.preset, "num": args.num,
-                                                      "reference": args.reference, "rows": rows},
-                                                     indent=1) + "\n")  # fmt: skip
+    summary = {"preset": args.preset, "num": args.num, "reference": args.reference, "rows": rows}
+    atomic_write_text(out / "calibration.json", json.dumps(summary, indent=1) + "\n")
     levels = [k for k in rows[0] if k.startswith("swd_") and k != "swd_mean"]
     lines = ["| images scored | FD (EfficientNet-Lite0) | SWD mean | " + " | ".join(f"SWD {k[4:]} px" for k in levels)
              + " |", "|---|---|---|" + "---|" * len(levels)]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['condition']} | {r['fd_efficientnet-lite0']:.1f} | {r['swd_mean']:.1f} | "
                      + " | ".join(f"{r[k]:.1f}" for k in levels) + " |")  # fmt: skip
-    (out / "calibration.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "calibration.md", "\n".join(lines) + "\n")
     picture(sets, out / "calibration.png")
     names = ", ".join(r["condition"] for r in rows)
     print(f"written to {out}/calibration.{{json,md,png}} (columns of the picture: {names})")

@@ -14,7 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
+
+from dfm.visual import save_png
 
 
 def sheet(folder: Path, step: int, seed: int) -> Path:
@@ -60,10 +63,7 @@ def main() -> int:
         draw.text((x, y), label, fill="black")
         out.paste(grid, (x, y + text_h))
     width, height = out.size
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp.png")
-    out.save(tmp)
-    tmp.replace(args.out)
+    save_png(np.asarray(out), args.out)  # atomic: a half-written picture never replaces the last one
     print(f"written {args.out} ({width}x{height})")
     return 0
 
