@@ -2,6 +2,8 @@
 # Do the presets travel? (issue 25.5) DFM and Flow Matching on glyphs (dfm data glyphs: thin strokes, sharp edges,
 # 36 classes, 32 px), at the preset's settings and predicting the data. One lane of one thread per call:
 #   bash benchmarks/glyph_check.sh A     bash benchmarks/glyph_check.sh B
+# then what might fix DFM on glyphs: its sampler on lane A's checkpoint, not retrained (steps of the fine stage and
+# the threshold; lane sampler), and the fine stage's share of the training draws (lane probs).
 # Scores against a draw of the training glyphs (--reference fit: the held-out splits hold 6 fonts each, so that a
 # distance to them measures which fonts as much as how good; docs/RESULTS.md); REFERENCE=val scores against the
 # held-aside fonts. Results under runs/glyph-check.
@@ -12,13 +14,27 @@ bench() {  # name methods overrides...
   local name=$1 methods=$2; shift 2
   local args=()
   for o in "$@"; do args+=(-o "$o"); done
-  dfm bench quality --preset cpu-glyph --reference ${REFERENCE:-fit} --methods "$methods" --seeds 0 \
+  dfm bench quality --preset cpu-glyph --reference ${REFERENCE:-fit} --methods "$methods" --seeds ${SEEDS:-0} \
     --steps ${STEPS:-1600} --eval-points 1 --num-samples 1000 --threads 1 "${args[@]}" --out "runs/glyph-check/$name" \
     > "runs/glyph-check/$name.log" 2>&1
+}
+resample() {  # name trained-name overrides...: score a finished seed-0 run with other sampler settings, not retrained
+  local name=$1 trained=$2; shift 2
+  local run
+  run=$(basename runs/glyph-check/$trained/runs/dfm-*-s0)
+  mkdir -p "runs/glyph-check/$name/runs"
+  ln -sfn "../../$trained/runs/$run" "runs/glyph-check/$name/runs/$run"
+  bench "$name" dfm "$@"
 }
 mkdir -p runs/glyph-check
 case "$1" in
   A) bench dfm dfm; bench dfm-xpred dfm method.prediction=data ;;
   B) bench fm fm; bench fm-xpred fm method.prediction=data ;;
-  *) echo "usage: bash benchmarks/glyph_check.sh A|B" >&2; exit 2 ;;
+  sampler)  # the preset is Heun 15 + 5 at τ = 0.7
+    resample dfm-steps10-10 dfm sampler.steps=10,10
+    resample dfm-tau0.9 dfm sampler.thresholds=0.9
+    resample dfm-tau0.5 dfm sampler.thresholds=0.5
+    ;;
+  probs) bench dfm-p0.3 dfm method.stage_probs=0.3,0.7 ;;  # the preset draws the fine stage as the main one half the time
+  *) echo "usage: bash benchmarks/glyph_check.sh A|B|sampler|probs" >&2; exit 2 ;;
 esac

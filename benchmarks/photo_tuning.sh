@@ -8,6 +8,7 @@
 # warm-up, so a continued run is the run a longer bench would have trained):
 #   bash benchmarks/photo_tuning.sh compare-dfm                bash benchmarks/photo_tuning.sh compare-fm
 # and DFM with three stages (dfm3), and the tuned checkpoints sampled with Euler instead of Heun (euler).
+# 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4; SEEDS=1 for the second seed).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -58,5 +59,19 @@ case "$1" in
         > runs/photo-sampler/$m-h192-xpred-euler40.log 2>&1
     done
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler" >&2; exit 2 ;;
+  128-fm|128-dfm3|128-dfm4)  # 128 px (data/photos/128/fit), patch 16 so that the model still sees 64 tokens and costs what
+    # it costs at 64 px; the tuned settings of 64 px (hidden 192, predicting the data). Three stages 32 -> 64 -> 128 px
+    # with the 64 px study's split; four stages 16 -> 32 -> 64 -> 128 px with the same coarse share and steps.
+    P128=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=16
+          model.overrides.hidden_size=192 method.prediction=data)
+    case "$1" in
+      128-fm) bench p128-fm fm "${P128[@]}" ;;
+      128-dfm3) bench p128-dfm3 dfm "${P128[@]}" method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 \
+                  sampler.thresholds=0.7,0.85 ;;
+      128-dfm4) bench p128-dfm4 dfm "${P128[@]}" method.stages=4 method.stage_probs=0.4,0.2,0.2,0.2 \
+                  sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85 ;;
+    esac
+    ;;
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4" >&2
+     exit 2 ;;
 esac
