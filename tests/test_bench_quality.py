@@ -125,7 +125,7 @@ def test_each_method_trains_with_its_loss_unless_one_is_asked_for() -> None:
     assert run_config(velocity, velocity.variants[0], 0).method.loss_weighting == "velocity"
 
 
-def test_settings_from_args_and_errors() -> None:
+def test_settings_from_args_and_errors(tmp_path: Path) -> None:
     s = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm", "--seeds", "0,1", "--steps", "6"))
     assert [v.method for v in s.variants] == ["dfm", "fm"] and s.seeds == (0, 1) and s.steps == 6
     assert s.eval_steps == [6]
@@ -142,6 +142,11 @@ def test_settings_from_args_and_errors() -> None:
         settings_from_args(_parse("--ablation", "stage-probs", "--only", "0.6"))
     with pytest.raises(ValueError, match="with --ablation"):
         settings_from_args(_parse("--only", "0.5"))
+    # a sampler override the DFM config cannot take is refused before anything is trained or written, with the fix
+    fm40 = settings_from_args(_parse("--preset", "smoke", "--methods", "fm", "-o", "sampler.steps=40"))
+    with pytest.raises(ValueError, match=r"sampler.steps=40: the model has 2 stage.*-o sampler.steps=30,10 gives"):
+        run_quality(fm40, tmp_path / "bench", log=lambda _: None, cache=tmp_path / "cache")
+    assert list(tmp_path.iterdir()) == []
     ablation = settings_from_args(_parse("--preset", "smoke", "--ablation", "decomposition"))
     assert [v.train for v in ablation.variants] == [
         ("method.decomposition=laplacian",),

@@ -45,7 +45,7 @@ from dfm.bench.variants import (
     comparison_variants,
     settings_from_args,
 )
-from dfm.checkpoint import find_latest, list_checkpoints, load_checkpoint
+from dfm.checkpoint import atomic_write_text, find_latest, list_checkpoints, load_checkpoint
 from dfm.config import RunConfig
 from dfm.data import build_dataset, is_latent_dir, read_latent_info
 from dfm.eval import EvalConfig, SWDConfig, build_reference, evaluate, save_reference
@@ -101,6 +101,20 @@ def split_folder(dataset: str) -> Path | None:
     if path.name == "fit" and all((path.parent / s).is_dir() for s in ("val", "test")):
         return path.parent
     return None
+
+
+def checked_run_config(settings: QualitySettings, variant: Variant, seed: int) -> RunConfig:
+    """:func:`run_config`, checked before anything is trained; a sampler override that the DFM config cannot take
+    says how to give it (the bench's overrides apply to the DFM config every method is derived from)."""
+    try:
+        return run_config(settings, variant, seed)
+    except ValueError as e:
+        if not str(e).startswith("sampler."):
+            raise
+        raise ValueError(
+            f"{e} (bench overrides apply to the DFM config every method is derived from: give the "
+            f"sampler's steps as DFM's, e.g. -o sampler.steps=30,10 gives Flow Matching 40)"
+        ) from None
 
 
 def _data_overrides(settings: QualitySettings) -> list[str]:
@@ -309,6 +323,7 @@ def run_quality(
         raise ValueError("no variants to compare")
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    configs = {(s, v.name): checked_run_config(settings, v, s) for s in settings.seeds for v in settings.variants}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache) if cache is not None else default_cache()
@@ -322,7 +337,7 @@ def run_quality(
     tic = time.perf_counter()
     for seed in settings.seeds:
         for variant in settings.variants:
-            cfg = run_config(settings, variant, seed)
+            cfg = configs[(seed, variant.name)]
             run_dir = out / "runs" / f"{variant.run_key()}-s{seed}"
             seconds = train_run(cfg, run_dir, log, settings.device)
 
@@ -350,9 +365,9 @@ def run_quality(
     summary = summarize(rows, settings, runs)
     hardware = hardware_line(hardware_info(torch.device(settings.device)))
     report = markdown(summary, settings, command, hardware, _data_overrides(settings))
-    (out / "report.md").write_text(report)
+    atomic_write_text(out / "report.md", report)
     payload = {"settings": _settings_dict(settings), "rows": rows, "summary": summary, "hardware": hardware}
-    (out / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=1) + "\n")
     plots = [str(p) for p in plot(rows, settings, out, headline_metric(rows))]
     domain = [k for k in summary["metric_keys"] if k.startswith("fd_") and k.endswith("fashion-cnn")]
     plots += [str(p) for p in plot(rows, settings, out, domain[0])] if domain else []
