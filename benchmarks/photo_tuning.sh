@@ -8,7 +8,8 @@
 # warm-up, so a continued run is the run a longer bench would have trained):
 #   bash benchmarks/photo_tuning.sh compare-dfm                bash benchmarks/photo_tuning.sh compare-fm
 # and DFM with three stages (dfm3), and the tuned checkpoints sampled with Euler instead of Heun (euler).
-# 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4; SEEDS=1 for the second seed).
+# 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4; SEEDS=0,1 adds the second
+# seed). Pyramidal Flow at hidden 192 (pyramidal).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -72,6 +73,9 @@ case "$1" in
                   sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85 ;;
     esac
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4" >&2
+  pyramidal)  # Pyramidal Flow at the width the tuning chose (it implements velocity prediction only), Heun 10 + 10
+    bench pyr-h192 pyramidal model.overrides.hidden_size=192
+    ;;
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|pyramidal" >&2
      exit 2 ;;
 esac
