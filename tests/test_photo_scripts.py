@@ -1,4 +1,5 @@
-"""The photograph study's scripts: benchmarks/photo_tuning_table.py, photo_pictures.py, metric_calibration.py."""
+"""The photograph study's scripts: photo_tuning_table.py, photo_pictures.py, metric_calibration.py, and the lanes of
+photo_tuning.sh and glyph_check.sh."""
 
 from __future__ import annotations
 
@@ -91,3 +92,56 @@ def test_calibration_picture_has_one_labelled_column_per_set(tmp_path: Path) -> 
     image = np.asarray(Image.open(tmp_path / "c.png"))
     assert image.shape == (14 + 12 * 2 + 4, 11 * 12 + 4, 3)
     assert (image[18:26, 4:12] == 100).all() and (image[18:26, 4 + 10 * 12 : 12 + 10 * 12] == 150).all()
+
+
+def _lane(tmp_path: Path, script: str, lane: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run a lane of a bench shell script, copied into ``tmp_path``, against a stand-in ``dfm`` that records its
+    arguments (one call per line): the script's plumbing without training anything."""
+    (tmp_path / "benchmarks").mkdir(exist_ok=True)
+    (tmp_path / "benchmarks" / script).write_text((BENCH / script).read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "calls.txt"
+    stub = bin_dir / "dfm"
+    stub.write_text(f'#!/bin/bash\nprintf "%s\\037" "$@" >> {calls}\necho >> {calls}\n')
+    stub.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(tmp_path / "benchmarks" / script), lane], capture_output=True, text=True,
+                          env=env, timeout=60)  # fmt: skip
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return done, [line.rstrip("\037").split("\037") for line in lines]
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+
+
+def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "128-dfm4")
+    assert done.returncode == 0, done.stderr
+    (argv,) = calls
+    assert argv[:2] == ["bench", "quality"] and argv[argv.index("--methods") + 1] == "dfm"
+    assert argv[argv.index("--out") + 1] == "runs/photo-tune/p128-dfm4"
+    assert _overrides(argv) == [
+        "data.dataset=data/photos/128/fit", "data.resolution=128", "model.overrides.patch_size=16",
+        "model.overrides.hidden_size=192", "method.prediction=data", "method.stages=4",
+        "method.stage_probs=0.4,0.2,0.2,0.2", "sampler.steps=8,4,4,4", "sampler.thresholds=0.6,0.75,0.85",
+    ]  # fmt: skip
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "128-fm")
+    assert "method.stages=4" not in _overrides(calls[-1]) and calls[-1][calls[-1].index("--methods") + 1] == "fm"
+    done, _ = _lane(tmp_path, "photo_tuning.sh", "128-dfm5")
+    assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_glyph_sampler_lane_scores_the_trained_run_without_retraining(tmp_path: Path) -> None:
+    trained = tmp_path / "runs" / "glyph-check" / "dfm" / "runs" / "dfm-abc-s0"
+    trained.mkdir(parents=True)
+    done, calls = _lane(tmp_path, "glyph_check.sh", "sampler")
+    assert done.returncode == 0, done.stderr
+    outs = [c[c.index("--out") + 1] for c in calls]
+    assert outs == ["runs/glyph-check/dfm-steps10-10", "runs/glyph-check/dfm-tau0.9", "runs/glyph-check/dfm-tau0.5"]
+    assert [_overrides(c) for c in calls] == [["sampler.steps=10,10"], ["sampler.thresholds=0.9"],
+                                              ["sampler.thresholds=0.5"]]  # fmt: skip
+    for name in ("dfm-steps10-10", "dfm-tau0.9", "dfm-tau0.5"):  # each finds lane A's run trained
+        link = tmp_path / "runs" / "glyph-check" / name / "runs" / "dfm-abc-s0"
+        assert link.is_symlink() and link.resolve() == trained.resolve()
