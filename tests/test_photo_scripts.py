@@ -134,14 +134,16 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
 
 
 def test_glyph_sampler_lane_scores_the_trained_run_without_retraining(tmp_path: Path) -> None:
-    trained = tmp_path / "runs" / "glyph-check" / "dfm" / "runs" / "dfm-abc-s0"
+    trained = tmp_path / "runs" / "glyph-check" / "dfm-xpred" / "runs" / "dfm-abc-s0"
     trained.mkdir(parents=True)
     done, calls = _lane(tmp_path, "glyph_check.sh", "sampler")
     assert done.returncode == 0, done.stderr
     outs = [c[c.index("--out") + 1] for c in calls]
-    assert outs == ["runs/glyph-check/dfm-steps10-10", "runs/glyph-check/dfm-tau0.9", "runs/glyph-check/dfm-tau0.5"]
-    assert [_overrides(c) for c in calls] == [["sampler.steps=10,10"], ["sampler.thresholds=0.9"],
-                                              ["sampler.thresholds=0.5"]]  # fmt: skip
-    for name in ("dfm-steps10-10", "dfm-tau0.9", "dfm-tau0.5"):  # each finds lane A's run trained
+    names = ["dfm-xpred-steps10-10", "dfm-xpred-tau0.9", "dfm-xpred-tau0.5"]
+    assert outs == [f"runs/glyph-check/{name}" for name in names]
+    assert [_overrides(c) for c in calls] == [["method.prediction=data", "sampler.steps=10,10"],
+                                              ["method.prediction=data", "sampler.thresholds=0.9"],
+                                              ["method.prediction=data", "sampler.thresholds=0.5"]]  # fmt: skip
+    for name in names:  # each finds lane A's data-predicting run trained
         link = tmp_path / "runs" / "glyph-check" / name / "runs" / "dfm-abc-s0"
         assert link.is_symlink() and link.resolve() == trained.resolve()
