@@ -5,7 +5,8 @@
 # then what might fix DFM on glyphs, on the data-predicting DFM of lane A (the better of its two rows): its sampler,
 # not retrained (steps of the fine stage and the threshold; lane sampler), and the fine stage's share of the training
 # draws (lane probs). Lane fmnist: both methods with both prediction targets on Fashion-MNIST (the `cpu`
-# bench preset, 800 steps, scored on held-aside images), so that the presets are chosen across all kinds of data.
+# bench preset, 800 steps, scored on held-aside images), so that the presets are chosen across all kinds of data;
+# lanes tau-photo / tau-fmnist: the threshold that won on glyphs on the photographs' and Fashion-MNIST's DFM.
 # Scores against a draw of the training glyphs (--reference fit: the held-out splits hold 6 fonts each, so that a
 # distance to them measures which fonts as much as how good; docs/RESULTS.md); REFERENCE=val scores against the
 # held-aside fonts. Results under runs/glyph-check.
@@ -20,12 +21,16 @@ bench() {  # name methods overrides...
     --steps ${STEPS:-1600} --eval-points 1 --num-samples 1000 --threads 1 "${args[@]}" --out "runs/glyph-check/$name" \
     > "runs/glyph-check/$name.log" 2>&1
 }
+link_trained() {  # from to: link the finished seed-0 DFM run of bench folder `from` into bench folder `to`, where the
+  # bench finds it trained and only scores it (with the sampler settings of its own command)
+  local run
+  run=$(basename "$1"/runs/dfm-*-s0)
+  mkdir -p "$2/runs"
+  ln -sfn "$(realpath --relative-to="$2/runs" "$1/runs/$run")" "$2/runs/$run"
+}
 resample() {  # name trained-name overrides...: score a finished seed-0 run with other sampler settings, not retrained
   local name=$1 trained=$2; shift 2
-  local run
-  run=$(basename runs/glyph-check/$trained/runs/dfm-*-s0)
-  mkdir -p "runs/glyph-check/$name/runs"
-  ln -sfn "../../$trained/runs/$run" "runs/glyph-check/$name/runs/$run"
+  link_trained "runs/glyph-check/$trained" "runs/glyph-check/$name"
   bench "$name" dfm "$@"
 }
 mkdir -p runs/glyph-check
@@ -48,5 +53,22 @@ case "$1" in
       done
     done
     ;;
-  *) echo "usage: bash benchmarks/glyph_check.sh A|B|sampler|probs|fmnist" >&2; exit 2 ;;
+  tau-photo|tau-fmnist)  # the threshold that won on glyphs (0.9) on the other two kinds of data, not retrained
+    mkdir -p runs/preset-check
+    if [ "$1" = tau-photo ]; then
+      link_trained runs/photo-tune/dfm-h192-xpred runs/preset-check/photo-dfm-xpred-tau0.9
+      dfm bench quality --preset cpu-photo --reference fit --methods dfm --seeds 0 --steps 1600 --eval-points 1 \
+        --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data \
+        -o sampler.thresholds=0.9 --out runs/preset-check/photo-dfm-xpred-tau0.9 \
+        > runs/preset-check/photo-dfm-xpred-tau0.9.log 2>&1
+    else
+      for target in velocity data; do
+        link_trained runs/preset-check/fmnist-dfm-$target runs/preset-check/fmnist-dfm-$target-tau0.9
+        dfm bench quality --preset cpu --reference val --methods dfm --seeds 0 --threads 1 \
+          -o method.prediction=$target -o sampler.thresholds=0.9 --out runs/preset-check/fmnist-dfm-$target-tau0.9 \
+          > runs/preset-check/fmnist-dfm-$target-tau0.9.log 2>&1
+      done
+    fi
+    ;;
+  *) echo "usage: bash benchmarks/glyph_check.sh A|B|sampler|probs|fmnist|tau-photo|tau-fmnist" >&2; exit 2 ;;
 esac
