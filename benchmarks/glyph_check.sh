@@ -6,7 +6,8 @@
 # not retrained (steps of the fine stage and the threshold; lane sampler), and the fine stage's share of the training
 # draws (lane probs). Lane fmnist: both methods with both prediction targets on Fashion-MNIST (the `cpu`
 # bench preset, 800 steps, scored on held-aside images), so that the presets are chosen across all kinds of data;
-# lanes tau-photo / tau-fmnist: the threshold that won on glyphs on the photographs' and Fashion-MNIST's DFM.
+# lanes tau-photo / tau-fmnist: the threshold that won on glyphs on the photographs' and Fashion-MNIST's DFM;
+# probs-tau, probs-photo, probs-fmnist: the fine stage's larger training share with it, and on the other data.
 # Scores against a draw of the training glyphs (--reference fit: the held-out splits hold 6 fonts each, so that a
 # distance to them measures which fonts as much as how good; docs/RESULTS.md); REFERENCE=val scores against the
 # held-aside fonts. Results under runs/glyph-check.
@@ -70,5 +71,24 @@ case "$1" in
       done
     fi
     ;;
-  *) echo "usage: bash benchmarks/glyph_check.sh A|B|sampler|probs|fmnist|tau-photo|tau-fmnist" >&2; exit 2 ;;
+  probs-tau)  # the two that helped on glyphs together: the fine stage's larger share and the threshold 0.9
+    resample dfm-xpred-p0.3-tau0.9 dfm-xpred-p0.3 method.prediction=data method.stage_probs=0.3,0.7 \
+      sampler.thresholds=0.9 ;;
+  probs-photo)  # the fine stage's larger share on the photographs (the tuned DFM of photo_tuning.sh otherwise)
+    mkdir -p runs/preset-check
+    dfm bench quality --preset cpu-photo --reference fit --methods dfm --seeds 0 --steps 1600 --eval-points 1 \
+      --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data \
+      -o method.stage_probs=0.3,0.7 --out runs/preset-check/photo-dfm-xpred-p0.3 \
+      > runs/preset-check/photo-dfm-xpred-p0.3.log 2>&1
+    ;;
+  probs-fmnist)  # and on Fashion-MNIST, with both prediction targets
+    mkdir -p runs/preset-check
+    for target in velocity data; do
+      dfm bench quality --preset cpu --reference val --methods dfm --seeds 0 --threads 1 -o method.prediction=$target \
+        -o method.stage_probs=0.3,0.7 --out runs/preset-check/fmnist-dfm-$target-p0.3 \
+        > runs/preset-check/fmnist-dfm-$target-p0.3.log 2>&1
+    done
+    ;;
+  *) echo "usage: bash benchmarks/glyph_check.sh A|B|sampler|probs|probs-tau|fmnist|tau-photo|tau-fmnist|probs-photo|probs-fmnist" >&2
+     exit 2 ;;
 esac
