@@ -101,6 +101,9 @@ def test_conversion_refuses_what_it_cannot_make_exact():
     with pytest.raises(ValueError, match="train.init_from=runs/fm: the coarsest stage's data std 0.5 must be the "
                        "pretrained model's 0.6"):  # fmt: skip
         load_source(target, source, fm, cfg)
+    cfg.method.prediction = "data" if fm.method.prediction == "velocity" else "velocity"
+    with pytest.raises(ValueError, match=f"was trained with prediction={fm.method.prediction}: set -o method.predic"):
+        load_source(target, source, fm, cfg)
     cfg.method.precondition = False
     with pytest.raises(ValueError, match="set -o method.precondition=true"):
         load_source(target, source, fm, cfg)
@@ -114,6 +117,9 @@ def test_finetune_config_and_its_errors():
     assert (cfg.sampler.steps, cfg.sampler.solver) == (like.steps, like.solver) == ((15, 5), "heun")
     assert cfg.optim.lr == pytest.approx(fm.optim.lr / 10) and cfg.optim.warmup_steps == 40
     assert cfg.method.precondition == fm.method.precondition and cfg.method.data_std is None
+    for prediction in ("velocity", "data"):  # the source's prediction target, whatever the preset's
+        source = apply_overrides(fm, [f"method.prediction={prediction}"])
+        assert finetune_config(source, "dfm").method.prediction == prediction
     assert finetune_config(fm, "fm").method.stages == 1
     with pytest.raises(ValueError, match="already has stages"):
         finetune_config(get_preset("quickstart"), "dfm")

@@ -129,6 +129,9 @@ def load_source(target: nn.Module, source_network: nn.Module, source: RunConfig,
         on = str(source.method.precondition).lower()
         raise ValueError(f"{where} was trained with precondition={on}: set -o method.precondition={on} (dfm finetune "
                          "does this for you)")  # fmt: skip
+    if cfg.method.precondition and source.method.prediction != cfg.method.prediction:
+        raise ValueError(f"{where} was trained with prediction={source.method.prediction}: set -o "
+                         f"method.prediction={source.method.prediction} (dfm finetune does this for you)")  # fmt: skip
     std, src_std = cfg.method.data_std, source.method.data_std
     if cfg.method.precondition and std and src_std and std[0] != src_std[0]:
         raise ValueError(f"{where}: the coarsest stage's data std {std[0]} must be the pretrained model's {src_std[0]} "
@@ -157,7 +160,8 @@ def finetune_config(source: RunConfig, method: str = "dfm", steps: int = 800, li
       as many stages as that preset, which must be made for the source's kind of data (images or videos;
       ``source_video``: whether the source generates videos, default: read from its data settings); ``fm`` keeps
       the source's one-stage method (plain fine-tuning, the baseline);
-    - preconditioning as the pretrained model had it (an exact conversion needs the same input scaling);
+    - preconditioning and its prediction target as the pretrained model had them (an exact conversion needs the
+      same input scaling and output parametrisation);
     - the learning rate a tenth of the source's (the paper: 1e-4 pretraining, 1e-5 fine-tuning) and a warm-up of
       at most a tenth of the steps;
     - ``train.init_from`` left for the caller to set (the pretrained directory).
@@ -179,7 +183,8 @@ def finetune_config(source: RunConfig, method: str = "dfm", steps: int = 800, li
             raise ValueError(f"--like {like}: a preset for {'images' if video else 'videos'}, but the pretrained "
                              f"model is a{'' if video else 'n'} {kind} model; choose a DFM preset for "
                              f"{kind}s: {', '.join(fits)}")  # fmt: skip
-        cfg.method = dataclasses.replace(template.method, precondition=source.method.precondition, data_std=None)
+        cfg.method = dataclasses.replace(template.method, precondition=source.method.precondition,
+                                         prediction=source.method.prediction, data_std=None)  # fmt: skip
         cfg.sampler = dataclasses.replace(template.sampler)
     elif method == "fm":
         if source.method.name != "fm":
