@@ -33,7 +33,7 @@ TINY = [
 
 CASES: dict[str, list[str]] = {
     "dfm": [],
-    "dfm-noprec": ["-o", "method.precondition=false"],
+    "dfm-noprec": ["-o", "method.precondition=false", "-o", "method.prediction=velocity"],
     "dfm-edm": ["-o", "method.loss_weighting=edm"],
     "dfm-haar-std": ["-o", "method.decomposition=haar", "-o", "method.standardize=true"],
     "dfm-3stage": [

@@ -132,6 +132,11 @@ def test_presets_train_each_method_with_its_measured_loss() -> None:
     assert get_preset("imagenet512-b").method.loss_weighting == "velocity"  # the paper's presets keep its loss
     fm = get_preset("quickstart-fm")
     assert (fm.method.stages, fm.sampler.steps, fm.sampler.thresholds, fm.sampler.solver) == (1, (20,), (), "heun")
+    # both predict the data (measured better for both on three kinds of data); the paper's presets keep the velocity
+    assert get_preset("quickstart").method.prediction == fm.method.prediction == "data"
+    assert get_preset("fmnist-fm").method.prediction == "data"
+    assert get_preset("imagenet512-b").method.prediction == "velocity"
+    assert with_method(get_preset("quickstart"), "pyramidal").method.prediction == "velocity"  # all it implements
 
 
 @pytest.mark.parametrize("name", ["dfm", "fm", "cascade", "pyramidal", "dfm-haar-std-noema"])

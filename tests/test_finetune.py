@@ -188,7 +188,7 @@ def test_plain_finetune_starts_from_the_same_weights_and_refuses_mismatches(tmp_
     trainer = Trainer(cfg, tmp_path / "ft", progress=False)
     for k, v in source.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[k], v, rtol=0, atol=0)
-    off = apply_overrides(cfg, ["method.precondition=false"])
+    off = apply_overrides(cfg, ["method.precondition=false", "method.prediction=velocity"])
     with pytest.raises(TrainingError, match="set -o method.precondition=true"):
         Trainer(off, tmp_path / "ft2", progress=False)
     bigger = apply_overrides(cfg, ["model.overrides.hidden_size=64"])

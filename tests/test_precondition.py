@@ -138,7 +138,15 @@ def test_pyramidal_preconditioning_scales_the_path_of_each_stage() -> None:
 
 @needs_data
 def test_precondition_off_trains_the_plain_network(tmp_path: Path) -> None:
-    _train(tmp_path / "off", 1, "-o", "method.precondition=false", "-o", "method.loss_weighting=velocity")
+    off = [
+        "-o",
+        "method.precondition=false",
+        "-o",
+        "method.loss_weighting=velocity",
+        "-o",
+        "method.prediction=velocity",
+    ]
+    _train(tmp_path / "off", 1, *off)
     cfg = RunConfig.load(tmp_path / "off" / "config.json")
     assert not cfg.method.precondition and cfg.method.data_std is None
     gen = Generator.from_run(tmp_path / "off")

@@ -273,7 +273,10 @@ class RunConfig:
         if m.prediction not in PREDICTIONS:
             raise ValueError(f"method.prediction={m.prediction!r}: choose one of {', '.join(PREDICTIONS)}")
         if m.prediction == "data" and not m.precondition:
-            raise ValueError("method.prediction=data is part of the preconditioning: set method.precondition=true")
+            raise ValueError(
+                "method.prediction=data is part of the preconditioning: set method.precondition=true, or "
+                "method.prediction=velocity to train without it"
+            )
         if not 0 <= m.label_dropout < 1:
             raise ValueError(f"method.label_dropout={m.label_dropout} must be in [0, 1)")
         if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1:

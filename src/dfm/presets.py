@@ -34,9 +34,10 @@ def with_method(cfg: RunConfig, method: str) -> RunConfig:
 def _fmnist() -> tuple[MethodConfig, SamplerConfig]:
     """The method and sampler of the Fashion-MNIST presets, measured best at CPU budgets (docs/RESULTS.md): p(Q=1) =
     0.5 instead of the paper's 0.9 (the fine level needs more of the training signal), the EDM loss weighting (each
-    stage's error in its network's unit-variance target space, so the quiet fine level gets its share), and Heun
-    with 15 + 5 steps (39 network evaluations, as many as 30 + 10 Euler steps less one)."""
-    return (MethodConfig(stage_probs=(0.5, 0.5), loss_weighting="edm"),
+    stage's error in its network's unit-variance target space, so the quiet fine level gets its share), the network
+    predicting the clean data rather than the velocity (better for DFM and Flow Matching on garments, photographs and
+    glyphs alike), and Heun with 15 + 5 steps (39 network evaluations, as many as 30 + 10 Euler steps less one)."""
+    return (MethodConfig(stage_probs=(0.5, 0.5), loss_weighting="edm", prediction="data"),
             SamplerConfig(steps=(15, 5), thresholds=(0.7,), solver="heun"))  # fmt: skip
 
 

@@ -84,7 +84,8 @@ ABLATIONS: dict[str, Callable[[], list[Variant]]] = {
         (d, [f"method.decomposition={d}"], {}) for d in ("laplacian", "haar", "dct")]),
     "standardize": lambda: _ablation("standardize", [("off", ["method.standardize=false"], {}),
                                                      ("on", ["method.standardize=true"], {})]),
-    "precondition": lambda: _ablation("precondition", [("off", ["method.precondition=false"], {}),
+    "precondition": lambda: _ablation("precondition", [("off", ["method.precondition=false",
+                                                                "method.prediction=velocity"], {}),
                                                        ("on", ["method.precondition=true"], {})]),
     "loss-weighting": lambda: _ablation("loss_weighting", [(w, [f"method.loss_weighting={w}"], {})
                                                            for w in ("velocity", "edm")]),
