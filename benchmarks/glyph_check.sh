@@ -36,8 +36,8 @@ resample() {  # name trained-name overrides...: score a finished seed-0 run with
 }
 mkdir -p runs/glyph-check
 case "$1" in
-  A) bench dfm dfm; bench dfm-xpred dfm method.prediction=data ;;
-  B) bench fm fm; bench fm-xpred fm method.prediction=data ;;
+  A) bench dfm dfm method.prediction=velocity; bench dfm-xpred dfm method.prediction=data ;;  # the presets of the
+  B) bench fm fm method.prediction=velocity; bench fm-xpred fm method.prediction=data ;;     # time, then the new ones
   sampler)  # the preset is Heun 15 + 5 at τ = 0.7
     resample dfm-xpred-steps10-10 dfm-xpred method.prediction=data sampler.steps=10,10
     resample dfm-xpred-tau0.9 dfm-xpred method.prediction=data sampler.thresholds=0.9

@@ -27,17 +27,17 @@ bench() {  # name methods overrides...
 mkdir -p runs/photo-tune
 case "$1" in
   A)  # Flow Matching: a wider model (hidden >= the 192 values of an 8x8 RGB patch), its loss, predicting the data
-    bench fm-h192 fm model.overrides.hidden_size=192
-    bench fm-h192-edm fm model.overrides.hidden_size=192 method.loss_weighting=edm
+    bench fm-h192 fm model.overrides.hidden_size=192 method.prediction=velocity
+    bench fm-h192-edm fm model.overrides.hidden_size=192 method.loss_weighting=edm method.prediction=velocity
     bench fm-h128-xpred fm method.prediction=data
     bench fm-h192-xpred fm model.overrides.hidden_size=192 method.prediction=data
     bench dfm-h192-xpred dfm model.overrides.hidden_size=192 method.prediction=data  # DFM at FM's best settings
     ;;
-  B)  # DFM at the same settings, and both at the preset's (hidden 128, velocity prediction)
-    bench dfm-h192 dfm model.overrides.hidden_size=192
+  B)  # DFM at the same settings, and both at the preset's of the time (hidden 128, velocity prediction)
+    bench dfm-h192 dfm model.overrides.hidden_size=192 method.prediction=velocity
     bench dfm-h128-xpred dfm method.prediction=data
-    bench fm-h128 fm
-    bench dfm-h128 dfm
+    bench fm-h128 fm method.prediction=velocity
+    bench dfm-h128 dfm method.prediction=velocity
     ;;
   compare-dfm|compare-fm)
     m=${1#compare-}
