@@ -22,10 +22,10 @@ bench() {  # name methods overrides...
     --steps ${STEPS:-1600} --eval-points 1 --num-samples 1000 --threads 1 "${args[@]}" --out "runs/glyph-check/$name" \
     > "runs/glyph-check/$name.log" 2>&1
 }
-link_trained() {  # from to: link the finished seed-0 DFM run of bench folder `from` into bench folder `to`, where the
+link_trained() {  # from to: link the finished DFM run (seed $SEEDS, default 0) of bench folder `from` into bench folder `to`, where the
   # bench finds it trained and only scores it (with the sampler settings of its own command)
   local run
-  run=$(basename "$1"/runs/dfm-*-s0)
+  run=$(basename "$1"/runs/dfm-*-s${SEEDS:-0})
   mkdir -p "$2/runs"
   ln -sfn "$(realpath --relative-to="$2/runs" "$1/runs/$run")" "$2/runs/$run"
 }
@@ -89,6 +89,29 @@ case "$1" in
         > runs/preset-check/fmnist-dfm-$target-p0.3.log 2>&1
     done
     ;;
-  *) echo "usage: bash benchmarks/glyph_check.sh A|B|sampler|probs|probs-tau|fmnist|tau-photo|tau-fmnist|probs-photo|probs-fmnist" >&2
+  tau-seed1-a)  # the threshold's paired check on a second seed: photographs (seed 1 trained by photo_tuning.sh
+    # compare-dfm), then Fashion-MNIST (DFM predicting data, seed 1, trained here)
+    mkdir -p runs/preset-check
+    export SEEDS=1
+    link_trained runs/photo-tune/dfm-h192-xpred runs/preset-check/photo-dfm-xpred-tau0.9
+    dfm bench quality --preset cpu-photo --reference fit --methods dfm --seeds 1 --steps 1600 --eval-points 1 \
+      --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data \
+      -o sampler.thresholds=0.9 --out runs/preset-check/photo-dfm-xpred-tau0.9 \
+      > runs/preset-check/photo-dfm-xpred-tau0.9.seed1.log 2>&1
+    dfm bench quality --preset cpu --reference val --methods dfm --seeds 1 --threads 1 -o method.prediction=data \
+      --out runs/preset-check/fmnist-dfm-data > runs/preset-check/fmnist-dfm-data.seed1.log 2>&1
+    link_trained runs/preset-check/fmnist-dfm-data runs/preset-check/fmnist-dfm-data-tau0.9
+    dfm bench quality --preset cpu --reference val --methods dfm --seeds 1 --threads 1 -o method.prediction=data \
+      -o sampler.thresholds=0.9 --out runs/preset-check/fmnist-dfm-data-tau0.9 \
+      > runs/preset-check/fmnist-dfm-data-tau0.9.seed1.log 2>&1
+    ;;
+  tau-seed1-b)  # and glyphs (DFM predicting data, seed 1, trained here)
+    export SEEDS=1
+    bench dfm-xpred dfm method.prediction=data
+    mv runs/glyph-check/dfm-xpred.log runs/glyph-check/dfm-xpred.seed1.log
+    resample dfm-xpred-tau0.9 dfm-xpred method.prediction=data sampler.thresholds=0.9
+    mv runs/glyph-check/dfm-xpred-tau0.9.log runs/glyph-check/dfm-xpred-tau0.9.seed1.log
+    ;;
+  *) echo "usage: bash benchmarks/glyph_check.sh A|B|sampler|probs|probs-tau|fmnist|tau-photo|tau-fmnist|probs-photo|probs-fmnist|tau-seed1-a|tau-seed1-b" >&2
      exit 2 ;;
 esac
