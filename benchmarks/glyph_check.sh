@@ -20,21 +20,35 @@ bench() {  # name methods overrides...
   for o in "$@"; do args+=(-o "$o"); done
   dfm bench quality --preset cpu-glyph --reference ${REFERENCE:-fit} --methods "$methods" --seeds ${SEEDS:-0} \
     --steps ${STEPS:-1600} --eval-points 1 --num-samples 1000 --threads 1 "${args[@]}" --out "runs/glyph-check/$name" \
-    > "runs/glyph-check/$name.log" 2>&1
+    > "runs/glyph-check/$name$(seed_tag).log" 2>&1
 }
-link_trained() {  # from to: link the finished DFM run (seed $SEEDS, default 0) of bench folder `from` into bench folder `to`, where the
-  # bench finds it trained and only scores it (with the sampler settings of its own command)
+seed_tag() { [ "${SEEDS:-0}" = 0 ] || echo ".seed$SEEDS"; }  # logs of another seed beside seed 0's
+photo() {  # name overrides...: the tuned 64 px photograph DFM (photo_tuning.sh's dfm-h192-xpred settings), 1,600 steps
+  local name=$1 args=(); shift
+  for o in "$@"; do args+=(-o "$o"); done
+  dfm bench quality --preset cpu-photo --reference fit --methods dfm --seeds ${SEEDS:-0} --steps 1600 --eval-points 1 \
+    --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data "${args[@]}" \
+    --out "runs/preset-check/$name" > "runs/preset-check/$name$(seed_tag).log" 2>&1
+}
+garments() {  # name method overrides...: the `cpu` bench preset on Fashion-MNIST, scored on held-aside images
+  local name=$1 method=$2 args=(); shift 2
+  for o in "$@"; do args+=(-o "$o"); done
+  dfm bench quality --preset cpu --reference val --methods "$method" --seeds ${SEEDS:-0} --threads 1 "${args[@]}" \
+    --out "runs/preset-check/$name" > "runs/preset-check/$name$(seed_tag).log" 2>&1
+}
+link_trained() {  # from to: link the finished DFM run (seed $SEEDS, default 0) of bench folder `from` into bench
+  # folder `to`, where the bench finds it trained and only scores it (with the sampler settings of its own command)
   local run
   run=$(basename "$1"/runs/dfm-*-s${SEEDS:-0})
   mkdir -p "$2/runs"
   ln -sfn "$(realpath --relative-to="$2/runs" "$1/runs/$run")" "$2/runs/$run"
 }
-resample() {  # name trained-name overrides...: score a finished seed-0 run with other sampler settings, not retrained
+resample() {  # name trained-name overrides...: score a finished run with other sampler settings, not retrained
   local name=$1 trained=$2; shift 2
   link_trained "runs/glyph-check/$trained" "runs/glyph-check/$name"
   bench "$name" dfm "$@"
 }
-mkdir -p runs/glyph-check
+mkdir -p runs/glyph-check runs/preset-check
 case "$1" in
   A) bench dfm dfm method.prediction=velocity; bench dfm-xpred dfm method.prediction=data ;;  # the presets of the
   B) bench fm fm method.prediction=velocity; bench fm-xpred fm method.prediction=data ;;     # time, then the new ones
@@ -46,71 +60,43 @@ case "$1" in
   probs)  # the preset draws the fine stage as the main one half the time
     bench dfm-xpred-p0.3 dfm method.prediction=data method.stage_probs=0.3,0.7 ;;
   fmnist)  # one lane: the first run trains the bench's Fashion-MNIST classifier (once, cached)
-    mkdir -p runs/preset-check
     for m in dfm fm; do
-      for target in velocity data; do
-        dfm bench quality --preset cpu --reference val --methods $m --seeds 0 --threads 1 -o method.prediction=$target \
-          --out runs/preset-check/fmnist-$m-$target > runs/preset-check/fmnist-$m-$target.log 2>&1
-      done
+      for target in velocity data; do garments fmnist-$m-$target $m method.prediction=$target; done
     done
     ;;
-  tau-photo|tau-fmnist)  # the threshold that won on glyphs (0.9) on the other two kinds of data, not retrained
-    mkdir -p runs/preset-check
-    if [ "$1" = tau-photo ]; then
-      link_trained runs/photo-tune/dfm-h192-xpred runs/preset-check/photo-dfm-xpred-tau0.9
-      dfm bench quality --preset cpu-photo --reference fit --methods dfm --seeds 0 --steps 1600 --eval-points 1 \
-        --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data \
-        -o sampler.thresholds=0.9 --out runs/preset-check/photo-dfm-xpred-tau0.9 \
-        > runs/preset-check/photo-dfm-xpred-tau0.9.log 2>&1
-    else
-      for target in velocity data; do
-        link_trained runs/preset-check/fmnist-dfm-$target runs/preset-check/fmnist-dfm-$target-tau0.9
-        dfm bench quality --preset cpu --reference val --methods dfm --seeds 0 --threads 1 \
-          -o method.prediction=$target -o sampler.thresholds=0.9 --out runs/preset-check/fmnist-dfm-$target-tau0.9 \
-          > runs/preset-check/fmnist-dfm-$target-tau0.9.log 2>&1
-      done
-    fi
+  tau-photo)  # the threshold that won on glyphs (0.9) on the other two kinds of data, not retrained
+    link_trained runs/photo-tune/dfm-h192-xpred runs/preset-check/photo-dfm-xpred-tau0.9
+    photo photo-dfm-xpred-tau0.9 sampler.thresholds=0.9
+    ;;
+  tau-fmnist)
+    for target in velocity data; do
+      link_trained runs/preset-check/fmnist-dfm-$target runs/preset-check/fmnist-dfm-$target-tau0.9
+      garments fmnist-dfm-$target-tau0.9 dfm method.prediction=$target sampler.thresholds=0.9
+    done
     ;;
   probs-tau)  # the two that helped on glyphs together: the fine stage's larger share and the threshold 0.9
     resample dfm-xpred-p0.3-tau0.9 dfm-xpred-p0.3 method.prediction=data method.stage_probs=0.3,0.7 \
       sampler.thresholds=0.9 ;;
   probs-photo)  # the fine stage's larger share on the photographs (the tuned DFM of photo_tuning.sh otherwise)
-    mkdir -p runs/preset-check
-    dfm bench quality --preset cpu-photo --reference fit --methods dfm --seeds 0 --steps 1600 --eval-points 1 \
-      --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data \
-      -o method.stage_probs=0.3,0.7 --out runs/preset-check/photo-dfm-xpred-p0.3 \
-      > runs/preset-check/photo-dfm-xpred-p0.3.log 2>&1
-    ;;
+    photo photo-dfm-xpred-p0.3 method.stage_probs=0.3,0.7 ;;
   probs-fmnist)  # and on Fashion-MNIST, with both prediction targets
-    mkdir -p runs/preset-check
     for target in velocity data; do
-      dfm bench quality --preset cpu --reference val --methods dfm --seeds 0 --threads 1 -o method.prediction=$target \
-        -o method.stage_probs=0.3,0.7 --out runs/preset-check/fmnist-dfm-$target-p0.3 \
-        > runs/preset-check/fmnist-dfm-$target-p0.3.log 2>&1
+      garments fmnist-dfm-$target-p0.3 dfm method.prediction=$target method.stage_probs=0.3,0.7
     done
     ;;
   tau-seed1-a)  # the threshold's paired check on a second seed: photographs (seed 1 trained by photo_tuning.sh
     # compare-dfm), then Fashion-MNIST (DFM predicting data, seed 1, trained here)
-    mkdir -p runs/preset-check
     export SEEDS=1
     link_trained runs/photo-tune/dfm-h192-xpred runs/preset-check/photo-dfm-xpred-tau0.9
-    dfm bench quality --preset cpu-photo --reference fit --methods dfm --seeds 1 --steps 1600 --eval-points 1 \
-      --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data \
-      -o sampler.thresholds=0.9 --out runs/preset-check/photo-dfm-xpred-tau0.9 \
-      > runs/preset-check/photo-dfm-xpred-tau0.9.seed1.log 2>&1
-    dfm bench quality --preset cpu --reference val --methods dfm --seeds 1 --threads 1 -o method.prediction=data \
-      --out runs/preset-check/fmnist-dfm-data > runs/preset-check/fmnist-dfm-data.seed1.log 2>&1
+    photo photo-dfm-xpred-tau0.9 sampler.thresholds=0.9
+    garments fmnist-dfm-data dfm method.prediction=data
     link_trained runs/preset-check/fmnist-dfm-data runs/preset-check/fmnist-dfm-data-tau0.9
-    dfm bench quality --preset cpu --reference val --methods dfm --seeds 1 --threads 1 -o method.prediction=data \
-      -o sampler.thresholds=0.9 --out runs/preset-check/fmnist-dfm-data-tau0.9 \
-      > runs/preset-check/fmnist-dfm-data-tau0.9.seed1.log 2>&1
+    garments fmnist-dfm-data-tau0.9 dfm method.prediction=data sampler.thresholds=0.9
     ;;
   tau-seed1-b)  # and glyphs (DFM predicting data, seed 1, trained here)
     export SEEDS=1
     bench dfm-xpred dfm method.prediction=data
-    mv runs/glyph-check/dfm-xpred.log runs/glyph-check/dfm-xpred.seed1.log
     resample dfm-xpred-tau0.9 dfm-xpred method.prediction=data sampler.thresholds=0.9
-    mv runs/glyph-check/dfm-xpred-tau0.9.log runs/glyph-check/dfm-xpred-tau0.9.seed1.log
     ;;
   *) echo "usage: bash benchmarks/glyph_check.sh A|B|sampler|probs|probs-tau|fmnist|tau-photo|tau-fmnist|probs-photo|probs-fmnist|tau-seed1-a|tau-seed1-b" >&2
      exit 2 ;;
