@@ -8,8 +8,8 @@
 # warm-up, so a continued run is the run a longer bench would have trained):
 #   bash benchmarks/photo_tuning.sh compare-dfm                bash benchmarks/photo_tuning.sh compare-fm
 # and DFM with three stages (dfm3), and the tuned checkpoints sampled with Euler instead of Heun (euler).
-# 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4; SEEDS=0,1 adds the second
-# seed). Pyramidal Flow at hidden 192 (pyramidal).
+# 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4 at patch 16; 128p8-fm,
+# 128p8-dfm3, 128p8-dfm4 at patch 8; SEEDS=0,1 adds the second seed). Pyramidal Flow at hidden 192 (pyramidal).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -60,22 +60,26 @@ case "$1" in
         > runs/photo-sampler/$m-h192-xpred-euler40.log 2>&1
     done
     ;;
-  128-fm|128-dfm3|128-dfm4)  # 128 px (data/photos/128/fit), patch 16 so that the model still sees 64 tokens and costs what
-    # it costs at 64 px; the tuned settings of 64 px (hidden 192, predicting the data). Three stages 32 -> 64 -> 128 px
-    # with the 64 px study's split; four stages 16 -> 32 -> 64 -> 128 px with the same coarse share and steps.
-    P128=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=16
+  128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4)  # 128 px (data/photos/128/fit) at the tuned settings of 64 px
+    # (hidden 192, predicting the data). 128-*: patch 16, so that the model still sees 64 tokens and costs what it costs
+    # at 64 px, but a token (768 values) is four times the model's width; 128p8-*: patch 8 (256 tokens, the token fits
+    # the width; about 3x the cost per step). Three stages 32 -> 64 -> 128 px with the 64 px study's split; four
+    # stages 16 -> 32 -> 64 -> 128 px with the same coarse share and steps.
+    patch=16 tag=p128
+    case "$1" in 128p8-*) patch=8 tag=p128p8 ;; esac
+    P128=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=$patch
           model.overrides.hidden_size=192 method.prediction=data)
-    case "$1" in
-      128-fm) bench p128-fm fm "${P128[@]}" ;;
-      128-dfm3) bench p128-dfm3 dfm "${P128[@]}" method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 \
-                  sampler.thresholds=0.7,0.85 ;;
-      128-dfm4) bench p128-dfm4 dfm "${P128[@]}" method.stages=4 method.stage_probs=0.4,0.2,0.2,0.2 \
-                  sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85 ;;
+    case "${1#*-}" in
+      fm) bench $tag-fm fm "${P128[@]}" ;;
+      dfm3) bench $tag-dfm3 dfm "${P128[@]}" method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 \
+              sampler.thresholds=0.7,0.85 ;;
+      dfm4) bench $tag-dfm4 dfm "${P128[@]}" method.stages=4 method.stage_probs=0.4,0.2,0.2,0.2 \
+              sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85 ;;
     esac
     ;;
   pyramidal)  # Pyramidal Flow at the width the tuning chose (it implements velocity prediction only), Heun 10 + 10
     bench pyr-h192 pyramidal model.overrides.hidden_size=192
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|pyramidal" >&2
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal" >&2
      exit 2 ;;
 esac
