@@ -9,7 +9,8 @@
 #   bash benchmarks/photo_tuning.sh compare-dfm                bash benchmarks/photo_tuning.sh compare-fm
 # and DFM with three stages (dfm3), and the tuned checkpoints sampled with Euler instead of Heun (euler).
 # 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4 at patch 16; 128p8-fm,
-# 128p8-dfm3, 128p8-dfm4 at patch 8; SEEDS=0,1 adds the second seed). Pyramidal Flow at hidden 192 (pyramidal).
+# 128p8-dfm3, 128p8-dfm4 at patch 8; SEEDS=0,1 adds the second seed). Pyramidal Flow at hidden 192
+# predicting the velocity (pyramidal) and the data (pyramidal-xpred).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -77,9 +78,12 @@ case "$1" in
               sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85 ;;
     esac
     ;;
-  pyramidal)  # Pyramidal Flow at the width the tuning chose (it implements velocity prediction only), Heun 10 + 10
+  pyramidal)  # Pyramidal Flow at the width the tuning chose, predicting the velocity (the paper's), Heun 10 + 10
     bench pyr-h192 pyramidal model.overrides.hidden_size=192
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal" >&2
+  pyramidal-xpred)  # ... and predicting the data, as the tuning chose for the other two (PyramidalDataPrediction)
+    bench pyr-h192-xpred pyramidal model.overrides.hidden_size=192 method.prediction=data
+    ;;
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred" >&2
      exit 2 ;;
 esac

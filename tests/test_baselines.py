@@ -15,6 +15,7 @@ from dfm.baselines import (
     CascadeSwitch,
     ConditionedDiT,
     GaussianPyramid,
+    PyramidalDataPrediction,
     PyramidalObjective,
     PyramidalPath,
     PyramidalSampler,
@@ -440,6 +441,58 @@ def test_sampling_with_the_exact_velocity_lands_on_a_point_mass(stages: int, win
     # Each stage ends at its end point e_k X_k + (1 - e_k) n for some n: different seeds, different noise.
     assert [tuple(e.shape[2:]) for e in out.levels] == [tuple(lv.shape[2:]) for lv in levels]
     assert not torch.allclose(out.levels[0][0], out.levels[0][1])
+
+
+def clean_level_oracle(path: PyramidalPath, target: torch.Tensor, std):
+    """A network that predicts the clean level of its stage divided by σ_k, whatever its input (data = ``target``)."""
+    levels = path.decomposition.decompose(target)
+    return lambda inputs, t, y, main_stage: [(lv / sd).expand_as(x) for lv, sd, x in zip(levels, std, inputs)]
+
+
+def test_pyramidal_data_prediction_of_the_clean_level_is_the_exact_velocity() -> None:
+    path, std = PyramidalPath(GaussianPyramid(3), (0.3, 0.7)), (0.5, 0.7, 0.9)
+    target = torch.randn(1, 1, 16, 16, generator=gen(4))
+    model = PyramidalDataPrediction(clean_level_oracle(path, target, std), path, std)
+    objective = PyramidalObjective(path, prediction="data")
+    out = objective.loss(model, target.expand(12, 1, 16, 16), generator=gen(5))
+    assert out.loss.item() < 1e-9 and out.stage_counts.tolist() == [4.0, 4.0, 4.0]
+    # the same velocities as the exact field of the point mass, at every stage and local time
+    for k in range(3):
+        for tau in (0.0, 0.3, 0.9, 0.99):
+            draw = _stage_draw(objective, path.decomposition.level_shapes((2, 1, 16, 16)), k, tau, seed=k)
+            sample = objective.sample_path(path.decomposition.decompose(target.expand(2, 1, 16, 16)), draw)
+            mine = model(sample.levels_t, sample.t, None, sample.main_stage)[k]
+            exact = point_mass_oracle(path, target)(sample.levels_t, sample.t, None, sample.main_stage)[k]
+            torch.testing.assert_close(mine, exact, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(mine, sample.targets[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_pyramidal_data_prediction_samples_land_on_the_predicted_image(solver: str) -> None:
+    path, std = PyramidalPath(GaussianPyramid(2)), (0.6, 0.8)
+    target = torch.randn(1, 1, 16, 16, generator=gen(6))
+    model = PyramidalDataPrediction(clean_level_oracle(path, target, std), path, std)
+    out = sample_pyramidal(model, path, (3, 1, 16, 16), steps=(3, 3), seeds=[0, 1, 2], solver=solver)
+    torch.testing.assert_close(out.images, target.expand(3, 1, 16, 16), atol=1e-5, rtol=1e-5)
+
+
+def test_pyramidal_data_prediction_weights_only_the_end_of_the_last_stage() -> None:
+    """Predicting zero: the velocity error grows as 1 / (1 - a); the clamp divides it by (1 - a)² at most 1 / 0.05²."""
+    path, std = PyramidalPath(GaussianPyramid(2)), (1.0, 1.0)
+    zero = PyramidalDataPrediction(lambda inputs, *a: [torch.zeros_like(x) for x in inputs], path, std)
+    x = torch.randn(2, 1, 8, 8, generator=gen(1))
+    shapes = path.decomposition.level_shapes(x.shape)
+
+    def loss(prediction: str, stage: int, tau: float) -> float:
+        objective = PyramidalObjective(path, prediction=prediction)
+        return objective.loss(zero, x, draw=_stage_draw(objective, shapes, stage, tau)).loss.item()
+
+    assert loss("data", 0, 0.9) == pytest.approx(loss("velocity", 0, 0.9))  # 1 - a >= 0.5 in the first stage
+    assert loss("data", 1, 0.5) == pytest.approx(loss("velocity", 1, 0.5))
+    # τ = 0.999 in the last stage: 1 - a = 0.001 (1 - s), the velocity error ~1 / (1 - a), the weighted one bounded
+    assert loss("velocity", 1, 0.999) > 100 * loss("data", 1, 0.999)
+    with pytest.raises(ValueError, match="prediction='x0': choose velocity or data"):
+        PyramidalObjective(path, prediction="x0")
 
 
 def test_pyramidal_trains_and_samples_a_dfm_dit() -> None:

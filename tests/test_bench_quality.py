@@ -125,6 +125,16 @@ def test_each_method_trains_with_its_loss_unless_one_is_asked_for() -> None:
     assert run_config(velocity, velocity.variants[0], 0).method.loss_weighting == "velocity"
 
 
+def test_a_prediction_asked_for_reaches_the_baselines_that_implement_it() -> None:
+    plain = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm,cascade,pyramidal"))
+    asked = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm,cascade,pyramidal",
+                                      "-o", "method.prediction=velocity", "-o", "method.prediction=data"))  # fmt: skip
+    predictions = {v.method: run_config(plain, v, 0).method.prediction for v in plain.variants}
+    assert predictions == {"dfm": "data", "fm": "data", "cascade": "velocity", "pyramidal": "velocity"}
+    predictions = {v.method: run_config(asked, v, 0).method.prediction for v in asked.variants}
+    assert predictions == {"dfm": "data", "fm": "data", "cascade": "velocity", "pyramidal": "data"}  # the last -o
+
+
 def test_settings_from_args_and_errors(tmp_path: Path) -> None:
     s = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm", "--seeds", "0,1", "--steps", "6"))
     assert [v.method for v in s.variants] == ["dfm", "fm"] and s.seeds == (0, 1) and s.steps == 6

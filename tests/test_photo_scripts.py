@@ -129,6 +129,12 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     ]  # fmt: skip
     done, calls = _lane(tmp_path, "photo_tuning.sh", "128-fm")
     assert "method.stages=4" not in _overrides(calls[-1]) and calls[-1][calls[-1].index("--methods") + 1] == "fm"
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "128p8-dfm3")  # patch 8: the token fits the model's width
+    assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/p128p8-dfm3"
+    assert "model.overrides.patch_size=8" in _overrides(calls[-1]) and "method.stages=3" in _overrides(calls[-1])
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "pyramidal-xpred")
+    assert calls[-1][calls[-1].index("--methods") + 1] == "pyramidal"
+    assert _overrides(calls[-1]) == ["model.overrides.hidden_size=192", "method.prediction=data"]
     done, _ = _lane(tmp_path, "photo_tuning.sh", "128-dfm5")
     assert done.returncode == 2 and "usage" in done.stderr
 

@@ -230,10 +230,11 @@ def test_data_prediction_settings_are_checked() -> None:
         apply_overrides(base, ["method.prediction=data", "method.precondition=false"])
     with pytest.raises(ValueError, match="method.prediction='x': choose one of velocity, data"):
         apply_overrides(base, ["method.prediction=x"])
+    with pytest.raises(ValueError, match="method cascade implements method.prediction=velocity, not data"):
+        apply_overrides(with_method(base, "cascade"), ["method.prediction=data"])
+    assert apply_overrides(with_method(base, "pyramidal"), ["method.prediction=data"]).method.prediction == "data"
     for name in ("cascade", "pyramidal"):
-        with pytest.raises(ValueError, match=f"method {name} implements method.prediction=velocity, not data"):
-            apply_overrides(with_method(base, name), ["method.prediction=data"])
-        # the baselines' twins of a DFM config that predicts data predict the velocity, as they implement
+        # the baselines' twins of a DFM config that predicts data predict the velocity (the paper's baselines)
         assert with_method(apply_overrides(base, ["method.prediction=data"]), name).method.prediction == "velocity"
     assert with_method(apply_overrides(base, ["method.prediction=data"]), "fm").method.prediction == "data"
 
@@ -247,6 +248,19 @@ def test_a_data_prediction_run_trains_samples_and_keeps_its_setting(tmp_path: Pa
     assert gen.model.coefficients(torch.zeros(1, 2), None)[0][1].item() == -1.0  # c_skip(0) = -1 / (1 - 0)
     images = gen.generate([0, 1], gen.labels([0, 1])).images
     assert images.shape[0] == 2 and torch.isfinite(images).all()
+
+
+@needs_data
+def test_a_pyramidal_flow_run_predicting_the_data_trains_resumes_and_samples(tmp_path: Path) -> None:
+    from dfm.baselines import PyramidalDataPrediction
+
+    _train(tmp_path / "p", 1, "--method", "pyramidal", "-o", "method.prediction=data")
+    _train(tmp_path / "p", 2, "--method", "pyramidal", "-o", "method.prediction=data", "--resume", "auto")
+    cfg = RunConfig.load(tmp_path / "p" / "config.json")
+    assert cfg.method.prediction == "data" and cfg.method.name == "pyramidal"
+    gen = Generator.from_run(tmp_path / "p")
+    assert isinstance(gen.model, PyramidalDataPrediction) and gen.model.network is gen.network
+    assert cli(["sample", str(tmp_path / "p"), "--seeds", "0-1", "--out", str(tmp_path / "ps")]) == 0
 
 
 # -- choosing settings without the test split -----------------------------------------------------------------

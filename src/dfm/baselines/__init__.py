@@ -30,6 +30,7 @@ from dfm.baselines.conditioned_dit import ConditionedDiT
 from dfm.baselines.pyramidal import (
     GaussianPyramid,
     Pyramidal,
+    PyramidalDataPrediction,
     PyramidalDraw,
     PyramidalObjective,
     PyramidalOptions,
@@ -51,6 +52,7 @@ __all__ = [
     "ConditionedDiT",
     "GaussianPyramid",
     "Pyramidal",
+    "PyramidalDataPrediction",
     "PyramidalDraw",
     "PyramidalObjective",
     "PyramidalOptions",

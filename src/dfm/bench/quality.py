@@ -70,6 +70,10 @@ def run_config(settings: QualitySettings, variant: Variant, seed: int) -> RunCon
     asked = [o for o in settings.overrides if o.startswith("method.loss_weighting=")]
     if variant.method == "fm" and asked:  # the switch gives Flow Matching its own loss; one asked for with -o wins
         cfg = apply_overrides(cfg, asked[-1:])
+    # A baseline's twin predicts the velocity; a prediction target asked for with -o wins where the method has it.
+    asked = [o for o in settings.overrides if o.startswith("method.prediction=")]
+    if asked and asked[-1].split("=", 1)[1] in get_method(variant.method).predictions:
+        cfg = apply_overrides(cfg, asked[-1:])
     every = settings.eval_steps[0] if settings.eval_steps else settings.steps
     extra = [f"train.steps={settings.steps}", f"train.seed={seed}", f"train.ckpt_every={every}",
              f"train.keep_last={len(settings.eval_steps) + 1}", "train.sample_every=0"]  # fmt: skip

@@ -68,6 +68,16 @@ the level's std σ_k, x_τ is the DFM path at time a and v is (e_k - s_k) times 
 which gives the network unit-variance inputs and targets up to that approximation (any choice is an exact
 reparametrisation; the approximation only affects how close to unit variance they are).
 
+**Predicting the data** (``method.prediction=data``; our addition, the paper predicts the velocity). In stage k the
+coarse term of the path is a function of the clean level, ``Up(X_{k-1}) = Up(Down(X_k)) =: U(X_k)`` (block means of a
+Gaussian pyramid compose), so with ``x_τ = τ e_k X_k + (1 - τ) s_k U(X_k) + (1 - a) n`` one prediction X̂ of the
+clean level gives the noise and the velocity exactly::
+
+    n̂ = (x_τ - τ e_k X̂ - (1 - τ) s_k U(X̂)) / (1 - a),     v̂ = e_k X̂ - s_k U(X̂) - (e_k - s_k) n̂
+
+linear in X̂ (:class:`~dfm.baselines.pyramidal.path.PyramidalDataPrediction`; X̂ = σ_k F, input c_in(a) x_τ as above).
+The loss stays the velocity MSE, clamped near the end of the last stage as DFM's data prediction is.
+
 **Sampling** (paper Sec. 3.1 and 4): equal Euler (or Heun) steps per stage in τ; at each jump the re-noising
 rule above. Classifier-free guidance on every stage.
 
@@ -89,7 +99,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from dfm.baselines.pyramidal.objective import TIME_DISTS, PyramidalDraw, PyramidalObjective, PyramidalPathSample
-from dfm.baselines.pyramidal.path import GaussianPyramid, PyramidalPath, block_noise, pyramidal_coefficients
+from dfm.baselines.pyramidal.path import (
+    GaussianPyramid,
+    PyramidalDataPrediction,
+    PyramidalPath,
+    block_noise,
+    pyramidal_coefficients,
+)
 from dfm.baselines.pyramidal.sampler import PyramidalSampler
 from dfm.config import MethodConfig, RunConfig
 from dfm.decomposition import Decomposition
@@ -100,6 +116,7 @@ __all__ = [
     "TIME_DISTS",
     "GaussianPyramid",
     "Pyramidal",
+    "PyramidalDataPrediction",
     "PyramidalDraw",
     "PyramidalObjective",
     "PyramidalOptions",
@@ -125,7 +142,6 @@ class Pyramidal(Method):
 
     name = "pyramidal"
     description = "Pyramidal Flow: one model, per-stage time windows over a Gaussian pyramid"
-    predictions = ("velocity",)  # its windowed path's own coefficients (pyramidal_coefficients)
     Options = PyramidalOptions
 
     def validate(self, cfg: RunConfig) -> None:
@@ -148,10 +164,13 @@ class Pyramidal(Method):
         return PyramidalPath(decomposition, opts.windows, opts.gamma)
 
     def objective(self, m: MethodConfig, decomposition: Decomposition, total_steps: int | None = None) -> Any:
-        return PyramidalObjective(self.path(m, decomposition), self.options(m).time, m.main_loc, m.main_scale)
+        return PyramidalObjective(self.path(m, decomposition), self.options(m).time, m.main_loc, m.main_scale,
+                                  m.prediction)  # fmt: skip
 
     def preconditioned(self, network: Any, m: MethodConfig) -> Any:
         path = self.path(m, self.decomposition(m))
+        if m.prediction == "data":
+            return PyramidalDataPrediction(network, path, m.data_std)
         return Preconditioned(network, coefficients=pyramidal_coefficients(path, m.data_std))
 
     def sampler(self, m: MethodConfig) -> PyramidalSampler:

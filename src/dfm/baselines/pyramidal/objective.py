@@ -10,6 +10,7 @@ from torch import Tensor
 
 from dfm.baselines.common import mse_per_sample, stage_statistics
 from dfm.baselines.pyramidal.path import PyramidalPath
+from dfm.models.precondition import GAP_FLOOR, MIN_GAP
 from dfm.objective import LossOutput, VelocityModel, logit_normal, randn
 
 TIME_DISTS = ("uniform", "logit_normal")
@@ -43,6 +44,10 @@ class PyramidalObjective:
         path: windows, γ and the pyramid.
         time_dist: law of the local time τ inside a window: ``"uniform"`` (default) or ``"logit_normal"``.
         loc, scale: LogitNormal parameters when ``time_dist="logit_normal"``.
+        prediction: what the network predicts, ``velocity`` or ``data``
+            (:class:`~dfm.baselines.pyramidal.path.PyramidalDataPrediction`). The loss is the velocity MSE either way;
+            with ``data`` a sample's error is divided by (1 - a)² at most 1 / MIN_GAP² (a = τ e_k + (1 - τ) s_k; as
+            DFM's data prediction does with 1 - t), which only touches the end of the last stage.
 
     The model given to :meth:`loss` is the velocity model (with preconditioning: the network wrapped in
     :class:`~dfm.models.precondition.Preconditioned` with :func:`pyramidal_coefficients`).
@@ -63,7 +68,10 @@ class PyramidalObjective:
         time_dist: str = "uniform",
         loc: float = 0.0,
         scale: float = 1.0,
+        prediction: str = "velocity",
     ) -> None:
+        if prediction not in ("velocity", "data"):
+            raise ValueError(f"prediction={prediction!r}: choose velocity or data")
         if time_dist not in TIME_DISTS:
             raise ValueError(f"time_dist={time_dist!r}: choose one of {TIME_DISTS}")
         if not scale > 0:
@@ -72,6 +80,7 @@ class PyramidalObjective:
         self.decomposition = path.decomposition
         self.num_stages = path.num_stages
         self.time_dist, self.loc, self.scale = time_dist, float(loc), float(scale)
+        self.prediction = prediction
 
     def draw(
         self,
@@ -132,5 +141,8 @@ class PyramidalObjective:
         per_stage = torch.stack([mse_per_sample(p, tgt) for p, tgt in zip(preds, path.targets)], dim=1)  # (B, K)
         # A sample's error on other stages is ||G - 0||² of an unused head: keep only its own stage.
         per_sample = per_stage.gather(1, path.main_stage.long()[:, None])[:, 0]
+        if self.prediction == "data":  # the velocity error grows as 1 / (1 - a): clamped as DFM's (MIN_GAP)
+            gap = (1 - self.path.coefs(path.main_stage, path.tau.double())[2]).clamp(min=GAP_FLOOR)
+            per_sample = per_sample * (gap / gap.clamp(min=MIN_GAP)).pow(2).to(per_sample.dtype)
         loss, stage_losses, counts = stage_statistics(per_sample, path.main_stage, self.num_stages)
         return LossOutput(loss, stage_losses, counts, path)

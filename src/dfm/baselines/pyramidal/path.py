@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dfm.decomposition.base import Decomposition, _block_mean, _block_repeat, _normalise_factors
-from dfm.models.precondition import Coefficients, flow_preconditioning
+from dfm.models.precondition import GAP_FLOOR, Coefficients, flow_preconditioning
 
 
 # ------------------------------------------------------------------------------------------------ pyramid
@@ -51,6 +52,11 @@ class GaussianPyramid(Decomposition):
         f = self.factors[stage - 1]
         size = (*x.shape[2:-2], x.shape[-2] * f, x.shape[-1] * f)
         return _block_repeat(x, size)
+
+    def down(self, x: Tensor, stage: int) -> Tensor:
+        """Block mean of a stage ``stage`` map to the resolution of ``stage - 1`` (what :meth:`decompose` does)."""
+        f = self.factors[stage - 1]
+        return _block_mean(x, (*x.shape[2:-2], x.shape[-2] // f, x.shape[-1] // f))
 
     def __repr__(self) -> str:
         return f"GaussianPyramid(stages={self.num_stages}, factors={self.factors})"
@@ -152,6 +158,15 @@ class PyramidalPath:
         stage = torch.as_tensor(stage, device=like.device).long()
         return b[stage], b[stage + 1]
 
+    def coefs(self, stage: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(e_k, s_k, a) per sample for per-sample stages and local times, with ``a = τ e_k + (1 - τ) s_k`` the data
+        coefficient of x_τ (dtype and device of ``tau``)."""
+        stage = stage.long().to(tau.device)
+        end = torch.tensor([self.end_coef(k) for k in range(self.num_stages)], dtype=tau.dtype, device=tau.device)
+        start = torch.tensor([self.start_coef(k) for k in range(self.num_stages)], dtype=tau.dtype, device=tau.device)
+        e, s = end[stage], start[stage]
+        return e, s, tau * e + (1 - tau) * s
+
     def endpoints(self, levels: Sequence[Tensor], stage: int, noise: Tensor) -> tuple[Tensor, Tensor]:
         """(S_k, E_k) of ``stage`` for clean pyramid levels and the stage's noise (shared by both ends)."""
         e, s = self.end_coef(stage), self.start_coef(stage)
@@ -176,23 +191,69 @@ def pyramidal_coefficients(path: PyramidalPath, data_std: Sequence[float]) -> Co
     :class:`~dfm.models.precondition.Preconditioned`: the network sees ``c_in(a) x_τ`` with the unchanged global
     time, and ``v̂ = (e_k - s_k) (c_skip(a) x_τ + c_out(a) F)`` with ``a = τ e_k + (1 - τ) s_k`` and σ_k the std of
     the main stage's Gaussian-pyramid level."""
-    if len(data_std) != path.num_stages or min(data_std) <= 0:
-        raise ValueError(f"data_std={tuple(data_std)} needs one positive value per stage ({path.num_stages})")
-    stds = tuple(float(v) for v in data_std)
-    start = tuple(path.start_coef(k) for k in range(path.num_stages))
-    end = tuple(path.end_coef(k) for k in range(path.num_stages))
+    stds = _checked_stds(path, data_std)
 
     def coefficients(t: Tensor, main_stage: Tensor | None) -> list[tuple[Tensor, Tensor, Tensor]]:
-        stage = main_stage.long()
-        t_global = t.gather(1, stage[:, None])[:, 0].double()
-        tau = path.local_time(t_global, stage)
-        e = torch.tensor(end, dtype=torch.float64, device=t.device)[stage]
-        s = torch.tensor(start, dtype=torch.float64, device=t.device)[stage]
-        sigma = torch.tensor(stds, dtype=torch.float64, device=t.device)[stage]
-        c_in, c_skip, c_out = flow_preconditioning(tau * e + (1 - tau) * s, sigma)
+        stage, tau, (e, s, a), sigma = _per_sample(path, stds, t, main_stage)
+        c_in, c_skip, c_out = flow_preconditioning(a, sigma)
         scale = e - s
         # One set for every level: only the main stage's level is non-zero and only its head is used.
         one = (c_in.float(), (scale * c_skip).float(), (scale * c_out).float())
         return [one] * path.num_stages
 
     return coefficients
+
+
+def _checked_stds(path: PyramidalPath, data_std: Sequence[float]) -> tuple[float, ...]:
+    if len(data_std) != path.num_stages or min(data_std) <= 0:
+        raise ValueError(f"data_std={tuple(data_std)} needs one positive value per stage ({path.num_stages})")
+    return tuple(float(v) for v in data_std)
+
+
+def _per_sample(path: PyramidalPath, stds: tuple[float, ...], t: Tensor, main_stage: Tensor | None):
+    """Each sample's stage, local time τ, (e_k, s_k, a) and level std σ_k (float64) from the model's time input."""
+    if main_stage is None:
+        raise ValueError("Pyramidal Flow's model needs main_stage: the stage whose window holds the time")
+    t = t[:, None] if t.dim() == 1 else t
+    stage = main_stage.long()
+    tau = path.local_time(t.gather(1, stage[:, None])[:, 0].double(), stage)
+    sigma = torch.tensor(stds, dtype=torch.float64, device=t.device)[stage]
+    return stage, tau, path.coefs(stage, tau), sigma
+
+
+class PyramidalDataPrediction:
+    """A velocity model from a network F that predicts the clean level of its stage (``method.prediction=data``).
+
+    F sees ``c_in(a) x_τ`` as with :func:`pyramidal_coefficients` and predicts ``X̂_k = σ_k F``. On this path the
+    coarse term is fixed by the clean level (``Up(X_{k-1}) = Up(Down(X_k))``, :meth:`GaussianPyramid.down`), so one
+    prediction gives the noise and the velocity exactly, linearly (module docstring of :mod:`dfm.baselines.pyramidal`)::
+
+        Û = Up(Down(X̂)),   n̂ = (x_τ - τ e X̂ - (1 - τ) s Û) / (1 - a),   v̂ = e X̂ - s Û - (e - s) n̂
+
+    with 1 - a at least :data:`~dfm.models.precondition.GAP_FLOOR` (it reaches 0 only at the end of the last stage,
+    where a last Euler step lands on X̂). Attributes the samplers read are the network's.
+    """
+
+    def __init__(self, network: Any, path: PyramidalPath, data_std: Sequence[float]) -> None:
+        self.network, self.path, self.data_std = network, path, _checked_stds(path, data_std)
+
+    def __call__(self, levels: Sequence[Tensor], t: Tensor, y: Any = None, main_stage: Tensor | None = None
+                 ) -> list[Tensor]:  # fmt: skip
+        stage, tau, (e, s, a), sigma = _per_sample(self.path, self.data_std, t, main_stage)
+        c_in = flow_preconditioning(a, sigma)[0]
+        c = (e - s) / (1 - a).clamp(min=GAP_FLOOR)
+        shape = (-1,) + (1,) * (levels[0].dim() - 1)
+        as_level = lambda v: v.float().view(shape)  # noqa: E731
+        outputs = self.network([as_level(c_in) * x for x in levels], t, y, main_stage)
+        c_x, c_hat, c_up = as_level(-c), as_level(e * (1 + c * tau)), as_level(-s * (1 - c * (1 - tau)))
+        velocities = []
+        for k, (x, f) in enumerate(zip(levels, outputs)):
+            x_hat = as_level(sigma) * f
+            v = c_x * x + c_hat * x_hat
+            if k > 0:  # stage 0 starts from pure noise (s = 0): no coarse term
+                v = v + c_up * self.path.decomposition.up(self.path.decomposition.down(x_hat, k), k)
+            velocities.append(v)
+        return velocities
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["network"], name)
