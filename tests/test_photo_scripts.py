@@ -122,9 +122,9 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     (argv,) = calls
     assert argv[:2] == ["bench", "quality"] and argv[argv.index("--methods") + 1] == "dfm"
     assert argv[argv.index("--out") + 1] == "runs/photo-tune/p128-dfm4"
-    assert _overrides(argv) == [
-        "data.dataset=data/photos/128/fit", "data.resolution=128", "model.overrides.patch_size=16",
-        "model.overrides.hidden_size=192", "method.prediction=data", "method.stages=4",
+    assert _overrides(argv) == [  # the presets' threshold when the runs were made first; the lane's own wins
+        "sampler.thresholds=0.7", "data.dataset=data/photos/128/fit", "data.resolution=128",
+        "model.overrides.patch_size=16", "model.overrides.hidden_size=192", "method.prediction=data", "method.stages=4",
         "method.stage_probs=0.4,0.2,0.2,0.2", "sampler.steps=8,4,4,4", "sampler.thresholds=0.6,0.75,0.85",
     ]  # fmt: skip
     done, calls = _lane(tmp_path, "photo_tuning.sh", "128-fm")
@@ -134,7 +134,8 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     assert "model.overrides.patch_size=8" in _overrides(calls[-1]) and "method.stages=3" in _overrides(calls[-1])
     done, calls = _lane(tmp_path, "photo_tuning.sh", "pyramidal-xpred")
     assert calls[-1][calls[-1].index("--methods") + 1] == "pyramidal"
-    assert _overrides(calls[-1]) == ["model.overrides.hidden_size=192", "method.prediction=data"]
+    pyramidal = ["sampler.thresholds=0.7", "model.overrides.hidden_size=192", "method.prediction=data"]
+    assert _overrides(calls[-1]) == pyramidal
     done, _ = _lane(tmp_path, "photo_tuning.sh", "128-dfm5")
     assert done.returncode == 2 and "usage" in done.stderr
 
@@ -147,9 +148,10 @@ def test_glyph_sampler_lane_scores_the_trained_run_without_retraining(tmp_path: 
     outs = [c[c.index("--out") + 1] for c in calls]
     names = ["dfm-xpred-steps10-10", "dfm-xpred-tau0.9", "dfm-xpred-tau0.5"]
     assert outs == [f"runs/glyph-check/{name}" for name in names]
-    assert [_overrides(c) for c in calls] == [["method.prediction=data", "sampler.steps=10,10"],
-                                              ["method.prediction=data", "sampler.thresholds=0.9"],
-                                              ["method.prediction=data", "sampler.thresholds=0.5"]]  # fmt: skip
+    pinned = "sampler.thresholds=0.7"  # the presets' threshold when the runs were made (now 0.9)
+    assert [_overrides(c) for c in calls] == [[pinned, "method.prediction=data", "sampler.steps=10,10"],
+                                              [pinned, "method.prediction=data", "sampler.thresholds=0.9"],
+                                              [pinned, "method.prediction=data", "sampler.thresholds=0.5"]]  # fmt: skip
     for name in names:  # each finds lane A's data-predicting run trained
         link = tmp_path / "runs" / "glyph-check" / name / "runs" / "dfm-abc-s0"
         assert link.is_symlink() and link.resolve() == trained.resolve()

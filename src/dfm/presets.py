@@ -36,9 +36,11 @@ def _fmnist() -> tuple[MethodConfig, SamplerConfig]:
     0.5 instead of the paper's 0.9 (the fine level needs more of the training signal), the EDM loss weighting (each
     stage's error in its network's unit-variance target space, so the quiet fine level gets its share), the network
     predicting the clean data rather than the velocity (better for DFM and Flow Matching on garments, photographs and
-    glyphs alike), and Heun with 15 + 5 steps (39 network evaluations, as many as 30 + 10 Euler steps less one)."""
+    glyphs alike), Heun with 15 + 5 steps (39 network evaluations, as many as 30 + 10 Euler steps less one), and
+    the threshold τ = 0.9 instead of the paper's 0.7 at 512 px (a lower FD with data prediction on all three kinds of
+    data, on two seeds; the paper calls 0.9 the robust default)."""
     return (MethodConfig(stage_probs=(0.5, 0.5), loss_weighting="edm", prediction="data"),
-            SamplerConfig(steps=(15, 5), thresholds=(0.7,), solver="heun"))  # fmt: skip
+            SamplerConfig(steps=(15, 5), thresholds=(0.9,), solver="heun"))  # fmt: skip
 
 
 def _quickstart() -> RunConfig:
