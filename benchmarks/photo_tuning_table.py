@@ -27,7 +27,10 @@ def rows(root: Path) -> list[dict]:
 def compare(table: list[dict], a: str, b: str, markdown: bool) -> list[str]:
     """Lines of the mean ± half-range over seeds of runs ``a`` and ``b`` at every step both have, and a / b."""
     keys = ["fd_efficientnet-lite0", "swd_mean"]
-    keys += sorted({k for r in table for k in r if k.startswith("swd_") and k[4:].isdigit()}, key=lambda k: -int(k[4:]))
+    levels = [
+        {k for r in table if r["run"] == run for k in r if k.startswith("swd_") and k[4:].isdigit()} for run in (a, b)
+    ]
+    keys += sorted(levels[0] & levels[1], key=lambda k: -int(k[4:]))  # the SWD levels of both (runs of one size)
 
     def stats(run: str, step: int) -> tuple[int, dict[str, tuple[float, float]]]:
         rs = [r for r in table if r["run"] == run and r["step"] == step]

@@ -16,6 +16,7 @@ from dfm.bench.quality import (
     QualitySettings,
     Variant,
     add_quality_parser,
+    checked_run_config,
     comparison_variants,
     ensure_references,
     reference_images,
@@ -123,6 +124,17 @@ def test_each_method_trains_with_its_loss_unless_one_is_asked_for() -> None:
     velocity = settings_from_args(_parse("--preset", "smoke", "-o", "method.loss_weighting=velocity"))
     assert {run_config(velocity, v, 0).method.name for v in velocity.variants} >= {"dfm", "fm"}
     assert run_config(velocity, velocity.variants[0], 0).method.loss_weighting == "velocity"
+
+
+def test_a_method_option_reaches_only_the_methods_that_have_it() -> None:
+    asked = ["-o", "method.options.time=logit_normal", "-o", "method.options.cond_noise=0.1"]
+    settings = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,pyramidal,cascade", *asked))
+    options = {v.method: checked_run_config(settings, v, 0).method.options for v in settings.variants}
+    assert options["dfm"] == {} and options["pyramidal"]["time"] == "logit_normal"
+    assert options["cascade"]["cond_noise"] == 0.1 and "time" not in options["cascade"]
+    wrong = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm", "-o", "method.options.time=uniform"))
+    with pytest.raises(ValueError, match=r"-o method.options.time=uniform: not a setting of any method of this bench"):
+        checked_run_config(wrong, wrong.variants[0], 0)
 
 
 def test_a_prediction_asked_for_reaches_the_baselines_that_implement_it() -> None:

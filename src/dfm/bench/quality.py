@@ -74,6 +74,7 @@ def run_config(settings: QualitySettings, variant: Variant, seed: int) -> RunCon
     asked = [o for o in settings.overrides if o.startswith("method.prediction=")]
     if asked and asked[-1].split("=", 1)[1] in get_method(variant.method).predictions:
         cfg = apply_overrides(cfg, asked[-1:])
+    cfg = apply_overrides(cfg, _own_options(settings.overrides, variant.method))
     every = settings.eval_steps[0] if settings.eval_steps else settings.steps
     extra = [f"train.steps={settings.steps}", f"train.seed={seed}", f"train.ckpt_every={every}",
              f"train.keep_last={len(settings.eval_steps) + 1}", "train.sample_every=0"]  # fmt: skip
@@ -107,9 +108,24 @@ def split_folder(dataset: str) -> Path | None:
     return None
 
 
+OPTIONS = "method.options."
+
+
+def _own_options(overrides: Sequence[str], method: str) -> list[str]:
+    """The ``method.options.KEY=VALUE`` overrides whose KEY is a setting of ``method``: a method's own settings apply
+    to its runs only (after the switch from the DFM config), so one bench can tune a baseline's option."""
+    names = {f.name for f in dataclasses.fields(get_method(method).Options)}
+    return [o for o in overrides if o.startswith(OPTIONS) and o[len(OPTIONS) :].split("=", 1)[0] in names]
+
+
 def checked_run_config(settings: QualitySettings, variant: Variant, seed: int) -> RunConfig:
     """:func:`run_config`, checked before anything is trained; a sampler override that the DFM config cannot take
-    says how to give it (the bench's overrides apply to the DFM config every method is derived from)."""
+    says how to give it (the bench's overrides apply to the DFM config every method is derived from), and a method
+    option that none of the bench's methods has is refused."""
+    methods = sorted({v.method for v in settings.variants})
+    for o in settings.overrides:
+        if o.startswith(OPTIONS) and not any(o in _own_options([o], m) for m in methods):
+            raise ValueError(f"-o {o}: not a setting of any method of this bench ({', '.join(methods)})")
     try:
         return run_config(settings, variant, seed)
     except ValueError as e:
@@ -122,8 +138,9 @@ def checked_run_config(settings: QualitySettings, variant: Variant, seed: int) -
 
 
 def _data_overrides(settings: QualitySettings) -> list[str]:
-    """The bench's overrides; with ``reference="val"`` training also leaves the held-aside images out."""
-    overrides = list(settings.overrides)
+    """The bench's overrides of the DFM config every method is derived from (a method's own options apply after the
+    switch, :func:`run_config`); with ``reference="val"`` training also leaves the held-aside images out."""
+    overrides = [o for o in settings.overrides if not o.startswith(OPTIONS)]
     dataset = apply_overrides(get_preset(settings.preset), overrides).data.dataset
     missing = settings.data_hint and not Path(dataset).expanduser().exists()
     if missing:
@@ -368,7 +385,13 @@ def run_quality(
                 f"({time.perf_counter() - tic:.0f}s so far)")  # fmt: skip
     summary = summarize(rows, settings, runs)
     hardware = hardware_line(hardware_info(torch.device(settings.device)))
-    report = markdown(summary, settings, command, hardware, _data_overrides(settings))
+    report = markdown(
+        summary,
+        settings,
+        command,
+        hardware,
+        [*_data_overrides(settings), *(o for o in settings.overrides if o.startswith(OPTIONS))],
+    )
     atomic_write_text(out / "report.md", report)
     payload = {"settings": _settings_dict(settings), "rows": rows, "summary": summary, "hardware": hardware}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=1) + "\n")
