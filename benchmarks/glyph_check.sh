@@ -15,9 +15,10 @@ set -e
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 # Every helper gives the presets' threshold when these runs were made (0.7; now 0.9) first; a lane's own wins.
+PINNED=(-o sampler.thresholds=0.7)
 bench() {  # name methods overrides...
   local name=$1 methods=$2; shift 2
-  local args=(-o sampler.thresholds=0.7)
+  local args=("${PINNED[@]}")
   for o in "$@"; do args+=(-o "$o"); done
   dfm bench quality --preset cpu-glyph --reference ${REFERENCE:-fit} --methods "$methods" --seeds ${SEEDS:-0} \
     --steps ${STEPS:-1600} --eval-points 1 --num-samples 1000 --threads 1 "${args[@]}" --out "runs/glyph-check/$name" \
@@ -25,14 +26,14 @@ bench() {  # name methods overrides...
 }
 seed_tag() { [ "${SEEDS:-0}" = 0 ] || echo ".seed$SEEDS"; }  # logs of another seed beside seed 0's
 photo() {  # name overrides...: the tuned 64 px photograph DFM (photo_tuning.sh's dfm-h192-xpred settings), 1,600 steps
-  local name=$1 args=(-o sampler.thresholds=0.7); shift
+  local name=$1 args=("${PINNED[@]}"); shift
   for o in "$@"; do args+=(-o "$o"); done
   dfm bench quality --preset cpu-photo --reference fit --methods dfm --seeds ${SEEDS:-0} --steps 1600 --eval-points 1 \
     --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data "${args[@]}" \
     --out "runs/preset-check/$name" > "runs/preset-check/$name$(seed_tag).log" 2>&1
 }
 garments() {  # name method overrides...: the `cpu` bench preset on Fashion-MNIST, scored on held-aside images
-  local name=$1 method=$2 args=(-o sampler.thresholds=0.7); shift 2
+  local name=$1 method=$2 args=("${PINNED[@]}"); shift 2
   for o in "$@"; do args+=(-o "$o"); done
   dfm bench quality --preset cpu --reference val --methods "$method" --seeds ${SEEDS:-0} --threads 1 "${args[@]}" \
     --out "runs/preset-check/$name" > "runs/preset-check/$name$(seed_tag).log" 2>&1

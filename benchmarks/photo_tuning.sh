@@ -17,9 +17,10 @@ set -e
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 DFM=${DFM:-dfm}
+PINNED=(-o sampler.thresholds=0.7)  # the presets' threshold when these runs were made (now 0.9); a lane's own wins
 bench() {  # name methods overrides...
   local name=$1 methods=$2; shift 2
-  local args=(-o sampler.thresholds=0.7)  # the presets' threshold when these runs were made (now 0.9); a lane's own wins
+  local args=("${PINNED[@]}")
   for o in "$@"; do args+=(-o "$o"); done
   $DFM bench quality --preset cpu-photo --reference fit --methods "$methods" --seeds ${SEEDS:-0} --steps ${STEPS:-1600} \
     --eval-points ${POINTS:-1} --num-samples 500 --threads 1 "${args[@]}" --out "runs/photo-tune/$name" \
@@ -56,7 +57,7 @@ case "$1" in
       mkdir -p runs/photo-sampler/$m-h192-xpred-euler40/runs
       ln -sfn "../../../photo-tune/$m-h192-xpred/runs/$run" "runs/photo-sampler/$m-h192-xpred-euler40/runs/$run"
       $DFM bench quality --preset cpu-photo --reference fit --methods $m --seeds 0 --steps 1600 --eval-points 1 \
-        --num-samples 500 --threads 1 -o sampler.thresholds=0.7 -o model.overrides.hidden_size=192 \
+        --num-samples 500 --threads 1 "${PINNED[@]}" -o model.overrides.hidden_size=192 \
         -o method.prediction=data -o sampler.solver=euler -o sampler.steps=30,10 \
         --out runs/photo-sampler/$m-h192-xpred-euler40 \
         > runs/photo-sampler/$m-h192-xpred-euler40.log 2>&1

@@ -68,6 +68,14 @@ def randn(
     return torch.randn(*shape, generator=generator, device=generator.device).to(device=device, dtype=dtype)
 
 
+def data_loss_weight(signal: Tensor) -> Tensor:
+    """For a network predicting the data: the weight ``((1 - a) / max(1 - a, MIN_GAP))²`` of a velocity error whose
+    size grows as 1 / (1 - a), with ``a`` the data coefficient of the state (DFM: t), so that the few draws near
+    the clean end do not dominate the loss (the clamp of Li & He 2025; 1 - a at least GAP_FLOOR)."""
+    gap = (1 - signal).clamp(min=GAP_FLOOR)
+    return (gap / gap.clamp(min=MIN_GAP)).pow(2)
+
+
 def logit_normal(
     shape: Sequence[int],
     loc: float,
@@ -257,8 +265,7 @@ class DFMObjective:
                                  for s, sd in enumerate(self.data_std)], 1)  # fmt: skip
             per_stage = per_stage / c_out.pow(2)  # the error of F, the network inside the preconditioning
         elif self.prediction == "data":  # the velocity error ||x̂ - x||² / (1 - t)², with 1 - t at least MIN_GAP
-            gap = (1 - t).clamp(min=GAP_FLOOR)
-            per_stage = per_stage * (gap / gap.clamp(min=MIN_GAP)).pow(2)
+            per_stage = per_stage * data_loss_weight(t)
         masked = per_stage * path.mask
         loss = masked.sum(1).mean()
         counts = path.mask.sum(0)

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from dfm.baselines.common import mse_per_sample, stage_statistics
 from dfm.baselines.pyramidal.path import PyramidalPath
-from dfm.models.precondition import GAP_FLOOR, MIN_GAP
-from dfm.objective import LossOutput, VelocityModel, logit_normal, randn
+from dfm.config import PREDICTIONS
+from dfm.objective import LossOutput, VelocityModel, data_loss_weight, logit_normal, randn
 
 TIME_DISTS = ("uniform", "logit_normal")
 
@@ -70,8 +70,8 @@ class PyramidalObjective:
         scale: float = 1.0,
         prediction: str = "velocity",
     ) -> None:
-        if prediction not in ("velocity", "data"):
-            raise ValueError(f"prediction={prediction!r}: choose velocity or data")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r}: choose {' or '.join(PREDICTIONS)}")
         if time_dist not in TIME_DISTS:
             raise ValueError(f"time_dist={time_dist!r}: choose one of {TIME_DISTS}")
         if not scale > 0:
@@ -141,8 +141,8 @@ class PyramidalObjective:
         per_stage = torch.stack([mse_per_sample(p, tgt) for p, tgt in zip(preds, path.targets)], dim=1)  # (B, K)
         # A sample's error on other stages is ||G - 0||² of an unused head: keep only its own stage.
         per_sample = per_stage.gather(1, path.main_stage.long()[:, None])[:, 0]
-        if self.prediction == "data":  # the velocity error grows as 1 / (1 - a): clamped as DFM's (MIN_GAP)
-            gap = (1 - self.path.coefs(path.main_stage, path.tau.double())[2]).clamp(min=GAP_FLOOR)
-            per_sample = per_sample * (gap / gap.clamp(min=MIN_GAP)).pow(2).to(per_sample.dtype)
+        if self.prediction == "data":  # the velocity error grows as 1 / (1 - a): clamped as DFM's
+            signal = self.path.coefs(path.main_stage, path.tau.double())[2]
+            per_sample = per_sample * data_loss_weight(signal).to(per_sample.dtype)
         loss, stage_losses, counts = stage_statistics(per_sample, path.main_stage, self.num_stages)
         return LossOutput(loss, stage_losses, counts, path)
