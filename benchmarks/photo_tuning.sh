@@ -10,7 +10,8 @@
 # and DFM with three stages (dfm3), and the tuned checkpoints sampled with Euler instead of Heun (euler).
 # 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4 at patch 16; 128p8-fm,
 # 128p8-dfm3, 128p8-dfm4 at patch 8; SEEDS=0,1 adds the second seed). Pyramidal Flow at hidden 192
-# predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln: LogitNormal local time).
+# predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln: LogitNormal local time;
+# pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -90,6 +91,13 @@ case "$1" in
     bench pyr-h192-xpred-ln pyramidal model.overrides.hidden_size=192 method.prediction=data \
       method.options.time=logit_normal
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln" >&2
+  pyramidal-xpred-fine|pyramidal-xpred-coarse)  # ... with 70% of every batch on the fine (coarse) stage, not half:
+    # is the mosaic a stage trained too little? (benchmarks/token_seams.py measures it)
+    shares=0.3,0.7
+    [ "$1" = pyramidal-xpred-coarse ] && shares=0.7,0.3
+    bench pyr-h192-xpred-${1##*-} pyramidal model.overrides.hidden_size=192 method.prediction=data \
+      method.options.shares=$shares
+    ;;
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse" >&2
      exit 2 ;;
 esac

@@ -332,6 +332,30 @@ def test_block_noise_has_the_block_covariance() -> None:
     assert block_noise(z, 2, 1 / 3).mean(dim=(2, 3)).abs().max() < 1e-5
 
 
+def test_pyramidal_shares_fix_each_stages_count_in_every_batch() -> None:
+    path = PyramidalPath(GaussianPyramid(3))
+    objective = PyramidalObjective(path, shares=(0.2, 0.3, 0.5))
+    shapes = path.decomposition.level_shapes((10, 1, 16, 16))
+    orders = set()
+    for seed in range(20):
+        draw = objective.draw(shapes, generator=gen(seed))
+        assert torch.bincount(draw.main_stage, minlength=3).tolist() == [2, 3, 5]
+        orders.add(tuple(draw.main_stage.tolist()))
+    assert len(orders) > 10  # a random order in every batch, not one fixed pattern
+    zero = lambda levels, *a: [torch.zeros_like(lv) for lv in levels]  # noqa: E731
+    out = objective.loss(zero, torch.randn(10, 1, 16, 16), generator=gen(0))
+    assert out.stage_counts.tolist() == [2.0, 3.0, 5.0]
+    # Equal shares without the option: the paper's interleaving, unchanged
+    equal = PyramidalObjective(path).draw(shapes, generator=gen(0)).main_stage
+    assert sorted(torch.bincount(equal, minlength=3).tolist()) == [3, 3, 4]
+
+
+@pytest.mark.parametrize("shares", [(0.5, 0.5), (0.2, 0.2, 0.5), (0.0, 0.5, 0.5), (-0.1, 0.6, 0.5)])
+def test_pyramidal_shares_are_checked(shares) -> None:
+    with pytest.raises(ValueError, match="positive shares of the batch"):
+        PyramidalObjective(PyramidalPath(GaussianPyramid(3)), shares=shares)
+
+
 def _stage_draw(objective: PyramidalObjective, shapes, stage: int, tau: float, seed: int = 0):
     draw = objective.draw(shapes, generator=gen(seed))
     b = draw.t.shape[0]

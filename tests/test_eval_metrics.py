@@ -1,4 +1,4 @@
-"""Inception Score, precision/recall and SWD against answers known in advance."""
+"""Inception Score, precision/recall, SWD and the token-seam ratio against answers known in advance."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from dfm.eval.inception_score import inception_score
 from dfm.eval.precision_recall import knn_radii, precision_recall
+from dfm.eval.seams import seam_ratio
 from dfm.eval.swd import SWDConfig, laplacian_pyramid, sliced_wasserstein, sliced_wasserstein_distance
 
 # ---------------------------------------------------------------- Inception Score
@@ -124,3 +125,38 @@ def test_swd_is_small_for_two_patch_draws_and_grows_with_noise() -> None:
 def test_swd_rejects_mismatched_sets() -> None:
     with pytest.raises(ValueError, match="same shape"):
         sliced_wasserstein_distance(_textures(4, 0), _textures(5, 0))
+
+
+# ---------------------------------------------------------------- token seams
+
+
+def test_seam_ratio_of_a_known_mosaic() -> None:
+    # Inside every 4-pixel tile a step of 1 between neighbours; across a tile border a step of 3: ratio 3 exactly.
+    row = torch.tensor([0.0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15, 18, 19, 20, 21])
+    images = (row[None, :] + row[:, None]).expand(2, 3, 16, 16)
+    assert seam_ratio(images, 4) == pytest.approx(3.0, abs=1e-12)
+    # On a grid the mosaic does not have (period 8: borders 7|8 only, the 3|4 and 11|12 jumps count as inside)
+    inside = (1 * 12 + 3 * 2) / 14  # 14 inside pairs, two of them the 3-steps
+    assert seam_ratio(images, 8) == pytest.approx(3.0 / inside, abs=1e-12)
+
+
+def test_seam_ratio_is_one_for_images_without_a_grid() -> None:
+    # White noise has no preferred grid: the ratio is 1 up to the sampling error of the means.
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert seam_ratio(images, 8) == pytest.approx(1.0, abs=0.02)
+    # ... and adding a random offset per 8x8 tile raises it
+    offsets = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    tiled = images + offsets.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+    assert seam_ratio(tiled, 8) > 1.2
+
+
+@pytest.mark.parametrize("shape, period", [((3, 16, 16), 4), ((1, 3, 16, 16), 5), ((1, 3, 16, 16), 1)])
+def test_seam_ratio_rejects_bad_input(shape, period) -> None:
+    with pytest.raises(ValueError, match="period|images"):
+        seam_ratio(torch.randn(shape), period)
+
+
+def test_seam_ratio_of_flat_tiles_is_refused() -> None:
+    flat_tiles = torch.randn(1, 1, 4, 4).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    with pytest.raises(ValueError, match="constant inside every tile"):
+        seam_ratio(flat_tiles, 2)

@@ -39,7 +39,12 @@ def test_options_are_typed_filled_and_checked():
         apply_overrides(get_preset("quickstart"), ["method.options.windows=0.5"])
     pyr = with_method(get_preset("quickstart"), "pyramidal")
     pyr = apply_overrides(pyr, ["method.options.windows=0.4", "method.options.gamma=0.25"])
-    assert pyr.method.options == {"windows": (0.4,), "gamma": (0.25,), "time": "uniform"}
+    assert pyr.method.options == {"windows": (0.4,), "gamma": (0.25,), "time": "uniform", "shares": None}
+    shared = apply_overrides(pyr, ["method.options.shares=0.3,0.7"])
+    pyramidal = get_method("pyramidal")
+    assert pyramidal.objective(shared.method, pyramidal.decomposition(shared.method)).shares == (0.3, 0.7)
+    with pytest.raises(ValueError, match=r"method.options.shares=0.5,0.6 needs 2 positive shares .* sum to 1"):
+        apply_overrides(pyr, ["method.options.shares=0.5,0.6"])
     data = pyr.to_dict()
     data["method"]["options"]["bogus"] = 1
     with pytest.raises(ValueError, match=r"method.options \['bogus'\] are not settings of method pyramidal"):

@@ -136,6 +136,10 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     assert calls[-1][calls[-1].index("--methods") + 1] == "pyramidal"
     pyramidal = ["sampler.thresholds=0.7", "model.overrides.hidden_size=192", "method.prediction=data"]
     assert _overrides(calls[-1]) == pyramidal
+    for lane, shares in (("fine", "0.3,0.7"), ("coarse", "0.7,0.3")):
+        done, calls = _lane(tmp_path, "photo_tuning.sh", f"pyramidal-xpred-{lane}")
+        assert calls[-1][calls[-1].index("--out") + 1] == f"runs/photo-tune/pyr-h192-xpred-{lane}"
+        assert _overrides(calls[-1]) == [*pyramidal, f"method.options.shares={shares}"]
     done, _ = _lane(tmp_path, "photo_tuning.sh", "128-dfm5")
     assert done.returncode == 2 and "usage" in done.stderr
 

@@ -32,13 +32,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
     cfg.validate()
     m = cfg.method
     method = get_method(m.name)
+    _resolve_options(cfg)  # first, so that the method's own checks see its typed options
     method.validate(cfg)
     if cfg.train.distributed == "fsdp" and not method.supports_fsdp:
         raise ValueError(f"method {m.name} does not support FSDP: use train.distributed=ddp")
     if m.prediction not in method.predictions:
         raise ValueError(f"method {m.name} implements method.prediction={' or '.join(method.predictions)}, "
                          f"not {m.prediction}")  # fmt: skip
-    _resolve_options(cfg)
     n_std = method.num_data_std(m)
     if m.data_std is not None and (len(m.data_std) != n_std or min(m.data_std) <= 0):
         raise ValueError(f"method.data_std={m.data_std} needs {n_std} positive values (one per stage), or none")

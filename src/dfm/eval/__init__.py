@@ -1,6 +1,6 @@
 """Evaluation: Fréchet distances (FDD, FID, ...), Inception Score, precision/recall, SWD, and `dfm eval`.
 
-The math lives in `frechet`, `inception_score`, `precision_recall` and `swd`; the networks in
+The math lives in `frechet`, `inception_score`, `precision_recall`, `swd` and `seams`; the networks in
 `extractors`; `evaluate` ties them to a recorded protocol and `cli` exposes it. See docs/evaluation.md.
 """
 
@@ -11,6 +11,7 @@ from .frechet import FeatureStats, frechet_distance, sqrtm_psd
 from .inception_score import inception_score
 from .precision_recall import precision_recall
 from .reference import ReferenceStats, load_reference, save_reference
+from .seams import seam_ratio
 from .swd import SWDConfig, sliced_wasserstein_distance
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "load_reference",
     "precision_recall",
     "save_reference",
+    "seam_ratio",
     "sliced_wasserstein_distance",
     "sqrtm_psd",
 ]

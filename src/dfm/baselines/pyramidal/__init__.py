@@ -48,7 +48,8 @@ so our 2-stage default with one factor-2 jump is also γ = 1/3; a factor-4 jump 
 s_k → 0: without correlated noise a jump would have to discard the coarse result.
 
 **Training** (paper Sec. 3.1, unified training): every sample trains one stage; stages get an equal share of
-every batch (stage = (i + offset) mod K, a random offset per batch), τ ~ U(0, 1) inside the stage's window
+every batch (stage = (i + offset) mod K, a random offset per batch; ``method.options.shares`` gives other fixed
+shares, e.g. more of the batch to the fine stage), τ ~ U(0, 1) inside the stage's window
 (decision: uniform, ``time_dist="logit_normal"`` is available), loss ``mean_batch ‖G - v‖²``.
 
 **Model** (option (a) of our brief): one :class:`~dfm.models.DFMDiT` with ``stage_factors`` = the pyramid's
@@ -98,7 +99,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dfm.baselines.pyramidal.objective import TIME_DISTS, PyramidalDraw, PyramidalObjective, PyramidalPathSample
+from dfm.baselines.pyramidal.objective import (
+    TIME_DISTS,
+    PyramidalDraw,
+    PyramidalObjective,
+    PyramidalPathSample,
+    check_shares,
+)
 from dfm.baselines.pyramidal.path import (
     GaussianPyramid,
     PyramidalDataPrediction,
@@ -135,6 +142,9 @@ class PyramidalOptions:
     windows: tuple[float, ...] | None = None  #: inner window boundaries; None = equal windows
     gamma: tuple[float, ...] | None = None  #: jump-noise correlation per jump; None = 1/(f²-1) = 1/3
     time: str = "uniform"  #: law of τ in a window, uniform | logit_normal(main_loc, main_scale)
+    #: share of every batch that trains each stage, coarse to fine; None = equal shares (the paper's). DFM's p(Q),
+    #: method.stage_probs, does not apply: Pyramidal Flow's stages are separate windows, not nested ones
+    shares: tuple[float, ...] | None = None
 
 
 class Pyramidal(Method):
@@ -152,6 +162,7 @@ class Pyramidal(Method):
             raise ValueError("method pyramidal has its own pyramid: leave method.decomposition and standardize alone")
         if m.loss_weighting != "velocity":
             raise ValueError("method pyramidal trains with the velocity loss: set method.loss_weighting=velocity")
+        check_shares(self.options(m).shares, m.stages)
 
     def from_dfm(self, cfg: RunConfig) -> RunConfig:
         return two_stage_baseline(cfg, self.name)
@@ -164,8 +175,9 @@ class Pyramidal(Method):
         return PyramidalPath(decomposition, opts.windows, opts.gamma)
 
     def objective(self, m: MethodConfig, decomposition: Decomposition, total_steps: int | None = None) -> Any:
-        return PyramidalObjective(self.path(m, decomposition), self.options(m).time, m.main_loc, m.main_scale,
-                                  m.prediction)  # fmt: skip
+        opts = self.options(m)
+        return PyramidalObjective(self.path(m, decomposition), opts.time, m.main_loc, m.main_scale, m.prediction,
+                                  opts.shares)  # fmt: skip
 
     def preconditioned(self, network: Any, m: MethodConfig) -> Any:
         path = self.path(m, self.decomposition(m))

@@ -16,6 +16,39 @@ from dfm.objective import LossOutput, VelocityModel, data_loss_weight, logit_nor
 TIME_DISTS = ("uniform", "logit_normal")
 
 
+def check_shares(shares: Sequence[float] | None, stages: int) -> tuple[float, ...] | None:
+    """``shares`` as a tuple after checking it: one positive share per stage, summing to 1 (None: equal shares)."""
+    if shares is None:
+        return None
+    shares = tuple(float(v) for v in shares)
+    if len(shares) != stages or min(shares) <= 0 or abs(sum(shares) - 1) > 1e-6:
+        raise ValueError(
+            f"method.options.shares={','.join(map(str, shares))} needs {stages} positive shares of the batch (one per "
+            "stage, coarse to fine) that sum to 1, e.g. "
+            + ",".join(["0.3"] * (stages - 1) + [f"{1 - 0.3 * (stages - 1):.1f}"])
+        )
+    return shares
+
+
+def share_counts(batch: int, shares: Sequence[float]) -> list[int]:
+    """How many of ``batch`` samples train each stage: ``batch * share`` rounded so the counts add up (largest
+    remainders), at least one per stage when the batch allows.
+
+    Example:
+        >>> share_counts(10, (0.3, 0.7)), share_counts(64, (0.25, 0.25, 0.5)), share_counts(2, (0.1, 0.9))
+        ([3, 7], [16, 16, 32], [1, 1])
+    """
+    exact = [batch * s for s in shares]
+    counts = [int(v) for v in exact]
+    for i in sorted(range(len(shares)), key=lambda i: exact[i] - counts[i], reverse=True)[: batch - sum(counts)]:
+        counts[i] += 1
+    for i in range(len(counts)):  # a stage left out by rounding takes one from the largest
+        if counts[i] == 0 and batch >= len(counts):
+            counts[counts.index(max(counts))] -= 1
+            counts[i] = 1
+    return counts
+
+
 @dataclass
 class PyramidalDraw:
     """The randomness of one training step; slicing selects samples (``draw[lo:hi]``)."""
@@ -44,6 +77,8 @@ class PyramidalObjective:
         path: windows, γ and the pyramid.
         time_dist: law of the local time τ inside a window: ``"uniform"`` (default) or ``"logit_normal"``.
         loc, scale: LogitNormal parameters when ``time_dist="logit_normal"``.
+        shares: the share of every batch that trains each stage (a fixed count per batch, :func:`share_counts`, in a
+            random order); None = equal shares, interleaved (the paper's).
         prediction: what the network predicts, ``velocity`` or ``data``
             (:class:`~dfm.baselines.pyramidal.path.PyramidalDataPrediction`). The loss is the velocity MSE either way;
             with ``data`` a sample's error is divided by (1 - a)² at most 1 / MIN_GAP² (a = τ e_k + (1 - τ) s_k; as
@@ -69,6 +104,7 @@ class PyramidalObjective:
         loc: float = 0.0,
         scale: float = 1.0,
         prediction: str = "velocity",
+        shares: Sequence[float] | None = None,
     ) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}: choose {' or '.join(PREDICTIONS)}")
@@ -81,6 +117,7 @@ class PyramidalObjective:
         self.num_stages = path.num_stages
         self.time_dist, self.loc, self.scale = time_dist, float(loc), float(scale)
         self.prediction = prediction
+        self.shares = check_shares(shares, self.num_stages)
 
     def draw(
         self,
@@ -90,13 +127,17 @@ class PyramidalObjective:
         dtype: torch.dtype = torch.float32,
         step: int = 0,
     ) -> PyramidalDraw:
-        """Stages interleaved over the batch (an equal share each), local times, and noise for every level; every
-        optimiser ``step`` draws alike."""
+        """Stages over the batch (an equal share each, interleaved, or the given ``shares``), local times, and noise
+        for every level; every optimiser ``step`` draws alike."""
         if len(level_shapes) != self.num_stages:
             raise ValueError(f"expected {self.num_stages} level shapes, got {len(level_shapes)}")
         b, k = level_shapes[0][0], self.num_stages
-        offset = int(torch.randint(k, (1,), generator=generator))
-        stage = (torch.arange(b) + offset) % k
+        if self.shares is None:
+            offset = int(torch.randint(k, (1,), generator=generator))
+            stage = (torch.arange(b) + offset) % k
+        else:
+            counts = torch.tensor(share_counts(b, self.shares))
+            stage = torch.repeat_interleave(torch.arange(k), counts)[torch.randperm(b, generator=generator)]
         if self.time_dist == "uniform":
             tau = torch.rand(b, generator=generator)
         else:
