@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dfm.eval import seam_ratio
 from dfm.eval.cli import add_eval_parser, main
 from dfm.eval.extractors import FashionCNN
 from dfm.eval.extractors.efficientnet import bundled_weights_path
@@ -101,6 +102,38 @@ def test_score_npz_against_folder_writes_scores_and_protocol(data, capsys) -> No
     assert protocol["settings"]["pr_k"] == 3 and protocol["settings"]["swd"]["images"] == N
 
 
+def test_seams_score_the_token_grid_of_samples_and_reference(data) -> None:
+    # The fixture's images are 8x8 flat tiles plus noise: a mosaic on the 8-pixel grid (half of a 4-pixel grid's
+    # borders are its borders: a weaker ratio there).
+    out = data["root"] / "seams.json"
+    argv = [
+        "score",
+        str(data["samples"]),
+        "--ref",
+        str(data["folder"]),
+        "--metrics",
+        "seams,seams:4",
+        "--out",
+        str(out),
+    ]
+    assert main([*argv, "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    with np.load(data["samples"]) as npz:
+        images = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2).float()
+    scores = result["scores"]
+    assert scores["seam_ratio_8"] == pytest.approx(seam_ratio(images, 8)) and scores["seam_ratio_8"] > 3
+    assert (
+        scores["seam_ratio_4"] == pytest.approx(seam_ratio(images, 4))
+        and scores["seam_ratio_4"] < scores["seam_ratio_8"]
+    )
+    # the reference folder holds the same images (in another order): the same ratios
+    assert scores["seam_ratio_8_ref"] == pytest.approx(scores["seam_ratio_8"])
+    assert result["protocol"]["settings"]["seams"] == {"periods": [4, 8], "reference_images": N}
+    # No reference needed
+    assert main(["score", str(data["samples"]), "--metrics", "seams:8", "--out", str(out), "--no-progress"]) == 0
+    assert set(json.loads(out.read_text())["scores"]) == {"seam_ratio_8"}
+
+
 def test_reference_file_round_trips_exactly(tmp_path) -> None:
     x = np.random.default_rng(1).standard_normal((20, 4))
     ref = ReferenceStats(
@@ -138,6 +171,8 @@ def test_ref_command_then_score_against_statistics(data) -> None:
     [
         (["score", "missing_dir_xyz", "--ref", "fashion-mnist", "--metrics", "swd"], "missing_dir_xyz"),
         (["score", "{samples}", "--ref", "{folder}", "--metrics", "fjd"], "unknown metric 'fjd'"),
+        (["score", "{samples}", "--metrics", "seams:1"], "metric 'seams:1': give the token grid in pixels"),
+        (["score", "{samples}", "--metrics", "seams:5"], "period=5 must be >= 2 and divide the image size 32x32"),
         (["score", "{samples}", "--metrics", "fd:efficientnet-lite0"], "need a reference"),
         (
             ["score", "{samples}", "--ref", "{folder}", "--metrics", "is", "--weights", "inception-v3=/no/such.pth"],

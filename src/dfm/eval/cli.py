@@ -75,7 +75,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     score.add_argument(
         "--metrics",
         default="fdd,fid,is",
-        help="comma-separated: fid, fdd, fvd, is, pr, swd, accuracy, clip, "
+        help="comma-separated: fid, fdd, fvd, is, pr, swd, accuracy, clip, temporal, seams[:<patch px>], "
         "fd:<extractor>, is:<extractor>, pr:<extractor> (default fdd,fid,is)",
     )
     score.add_argument("--num-ref", type=_positive_int, default=None, help="use only the first N reference images")

@@ -11,8 +11,11 @@ Metric names (`metrics` argument):
 - `clip`: CLIP score of text-conditioned samples (prompts from the npz key `prompts` or a file).
 - `temporal`: temporal consistency of videos: the mean absolute change between consecutive frames of the
   samples and of the reference, and their relative gap (no network).
+- `seams:<P>` (`seams` = `seams:8`): token seams, how much stronger the edges on a P-pixel grid are than the
+  others (:func:`dfm.eval.seams.seam_ratio`; 1 for pictures without a grid; the reference's value, if one is given,
+  goes beside it). P is the model's patch size in pixels of the final image.
 
-Videos with an image extractor (or `swd`, `accuracy`) are scored **per frame**: every frame is an image, labels
+Videos with an image extractor (or `swd`, `seams`, `accuracy`) are scored **per frame**: every frame is an image, labels
 repeat over the frames, and the score names carry `frames` (`fd_frames_<extractor>`, `swd_frames_<res>`,
 `class_accuracy_frames`).
 """
@@ -37,6 +40,7 @@ from .images import ImageSet, load_images, read_sampling_settings
 from .inception_score import inception_score
 from .precision_recall import precision_recall
 from .reference import ReferenceStats, is_reference_file, load_reference
+from .seams import seam_ratio
 from .swd import SWDConfig, sliced_wasserstein_distance
 
 __all__ = ["EvalConfig", "parse_metric", "extract", "evaluate", "build_reference"]
@@ -56,16 +60,29 @@ def parse_metric(metric: str) -> tuple[str, str | None]:
     name = _ALIASES.get(metric, metric)
     if name in ("swd", "clip", "temporal"):
         return name, None
+    if name == "seams" or name.startswith("seams:"):
+        seam_period(name)  # checked here, used by the scoring step
+        return "seams", None
     if name == "accuracy":
         return "accuracy", "fashion-cnn"
     kind, _, extractor = name.partition(":")
     if kind not in ("fd", "is", "pr") or extractor not in EXTRACTORS:
         raise ValueError(
-            f"unknown metric {metric!r}; use fid, fdd, fvd, is, pr, swd, accuracy, clip, temporal, or "
+            f"unknown metric {metric!r}; use fid, fdd, fvd, is, pr, swd, accuracy, clip, temporal, seams[:<P>], or "
             "fd:/is:/pr:<extractor> "
             f"with an extractor from {', '.join(sorted(EXTRACTORS))}"
         )
     return kind, extractor
+
+
+def seam_period(metric: str) -> int:
+    """The grid period of a ``seams`` / ``seams:<P>`` metric (8 when not given)."""
+    _, _, text = metric.partition(":")
+    if not text:
+        return 8
+    if not text.isdigit() or int(text) < 2:
+        raise ValueError(f"metric {metric!r}: give the token grid in pixels, an integer >= 2, e.g. seams:8")
+    return int(text)
 
 
 @dataclass
@@ -218,6 +235,9 @@ def evaluate(
         scores.update(_temporal_scores(sample_set, ref_images))
     if "clip" in all_kinds:
         scores["clip_score"] = _clip_score(sample_set, config, protocol)
+    periods = sorted({seam_period(_ALIASES.get(m, m)) for m in config.metrics if parse_metric(m)[0] == "seams"})
+    if periods:
+        scores.update(_seam_scores(sample_set, ref_images, periods, protocol))
     return {"scores": scores, "protocol": protocol}
 
 
@@ -416,6 +436,28 @@ def _swd_scores(
     swd = sliced_wasserstein_distance(a, b, config.swd)
     protocol["settings"]["swd"] = {**config.swd.to_dict(), **notes}
     return {k.replace("swd_", "swd_frames_") if video else k: v for k, v in swd.items()}
+
+
+def _seam_scores(sample_set: ImageSet, ref_images: ImageSet | None, periods: Sequence[int], protocol: dict
+                 ) -> dict[str, float]:  # fmt: skip
+    """``seam_ratio_<P>`` of the samples (video frames folded into the batch) and, with a reference,
+    ``seam_ratio_<P>_ref`` of up to 8192 reference images spread over the set (resized to the samples' size if
+    theirs differs: the grid is the samples')."""
+    video = sample_set.images.dim() == 5
+    sam = as_frames(sample_set).images
+    tag = "seam_ratio_frames" if video else "seam_ratio"
+    scores = {f"{tag}_{p}": seam_ratio(sam.float(), p) for p in periods}
+    settings: dict = {"periods": list(periods)}
+    if ref_images is not None:
+        ref = as_frames(ref_images).images
+        ref = ref[torch.linspace(0, len(ref) - 1, min(len(ref), 8192)).long()].float()  # spread: not one photo's crops
+        if ref.shape[-2:] != sam.shape[-2:]:
+            settings["reference_resized"] = f"{tuple(ref.shape[-2:])} -> {tuple(sam.shape[-2:])} (bilinear, antialias)"
+            ref = F.interpolate(ref, size=sam.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+        scores.update({f"{tag}_{p}_ref": seam_ratio(ref, p) for p in periods})
+        settings["reference_images"] = len(ref)
+    protocol["settings"]["seams"] = settings
+    return scores
 
 
 def _temporal_scores(sample_set: ImageSet, ref_images: ImageSet | None) -> dict[str, float]:
