@@ -5,10 +5,13 @@
 Scores real images against the reference the bench uses (``--reference``, a fixed random draw of that split's
 crops), as many as the bench's samples. ``--reference fit`` (a draw of the training crops): other crops of the
 training photographs (the floor a model reaches that draws from the training distribution), the same with added
-Gaussian pixel noise, blurred, and downsampled then upsampled (detail removed), and the held-out splits (photographs
-never seen). ``--reference val``: the test split as it is and damaged, and training crops. Prints a table, writes
+Gaussian pixel noise, blurred, downsampled then upsampled (detail removed), and as a mosaic (a random offset per
+8x8 tile and channel: the token seams of a patch-8 model), and the held-out splits (photographs never seen).
+``--reference val``: the test split as it is and damaged, and training crops. Prints a table, writes
 ``calibration.json``, ``calibration.md`` and ``calibration.png`` (one labelled column per set, its first three images)
-under ``--out``; ``--picture-only`` draws the picture alone (the sets are deterministic), without scoring.
+under ``--out``; ``--picture-only`` draws the picture alone (the sets are deterministic), without scoring; ``--only
+TEXT`` scores only the sets whose name holds TEXT (and the clean one). Every set also gets its token-seam ratio on
+the 8-pixel grid (:func:`dfm.eval.seam_ratio`, no network).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dfm.bench.quality import draw_order, ensure_references, split_folder
 from dfm.bench.variants import BENCH_PRESETS, QualitySettings
 from dfm.checkpoint import atomic_write_text
 from dfm.data import build_dataset
-from dfm.eval import EvalConfig, SWDConfig, evaluate
+from dfm.eval import EvalConfig, SWDConfig, evaluate, seam_ratio
 from dfm.eval.images import ImageSet
 from dfm.presets import get_preset
 from dfm.resolve import apply_overrides
@@ -63,6 +66,10 @@ def conditions(base: torch.Tensor, name: str, others: dict[str, torch.Tensor]) -
         out[f"blur σ={sigma} px"] = _blur(x, sigma)
     for factor in (2, 4):
         out[f"down-up {factor}x (bicubic)"] = _down_up(x, factor)
+    for sigma in (4, 8, 16):  # a mosaic: one offset per 8x8 tile and channel, as a patch-8 model's seams
+        n, c, h, w = x.shape
+        offsets = sigma * torch.randn((n, c, h // 8, w // 8), generator=rng)
+        out[f"tiles σ={sigma}/255"] = x + offsets.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
     out = {k: v.round().clamp(0, 255).to(torch.uint8) for k, v in out.items()}
     return {**out, **others}
 
@@ -98,6 +105,7 @@ def main() -> int:
     p.add_argument("--cache", default=str(Path("~/.cache/dfm/bench").expanduser()))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--picture-only", action="store_true", help="write calibration.png alone (no scoring)")
+    p.add_argument("--only", help="score only the sets whose name holds this text (and the clean one), e.g. tiles")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +137,9 @@ def main() -> int:
         )
     else:
         sets = conditions(split("test"), "test (clean)", {"fit (training crops)": split("fit")})
+    if args.only:
+        clean = next(iter(sets))
+        sets = {k: v for k, v in sets.items() if k == clean or args.only in k}
     if args.picture_only:
         picture(sets, out / "calibration.png")
         print(f"written {out}/calibration.png")
@@ -140,18 +151,19 @@ def main() -> int:
     for name, images in sets.items():
         tic = time.perf_counter()
         scores = evaluate(ImageSet(images, None, {"kind": "calibration", "count": len(images)}), refs, config)["scores"]
+        scores["seam_ratio_8"] = seam_ratio(images.float(), 8)
         rows.append({"condition": name, **scores})
         swd = "  ".join(f"{k[4:]}:{v:6.1f}" for k, v in scores.items() if k.startswith("swd_") and k != "swd_mean")
         print(f"{name:24s} FD {scores['fd_efficientnet-lite0']:7.1f}  SWD mean {scores['swd_mean']:6.1f}  ({swd})"
-              f"  [{time.perf_counter() - tic:.0f}s]", flush=True)  # fmt: skip
+              f"  seams {scores['seam_ratio_8']:.2f}  [{time.perf_counter() - tic:.0f}s]", flush=True)  # fmt: skip
     summary = {"preset": args.preset, "num": args.num, "reference": args.reference, "rows": rows}
     atomic_write_text(out / "calibration.json", json.dumps(summary, indent=1) + "\n")
     levels = [k for k in rows[0] if k.startswith("swd_") and k != "swd_mean"]
     lines = ["| images scored | FD (EfficientNet-Lite0) | SWD mean | " + " | ".join(f"SWD {k[4:]} px" for k in levels)
-             + " |", "|---|---|---|" + "---|" * len(levels)]  # fmt: skip
+             + " | seam ratio (8 px) |", "|---|---|---|" + "---|" * len(levels) + "---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['condition']} | {r['fd_efficientnet-lite0']:.1f} | {r['swd_mean']:.1f} | "
-                     + " | ".join(f"{r[k]:.1f}" for k in levels) + " |")  # fmt: skip
+                     + " | ".join(f"{r[k]:.1f}" for k in levels) + f" | {r['seam_ratio_8']:.2f} |")  # fmt: skip
     atomic_write_text(out / "calibration.md", "\n".join(lines) + "\n")
     picture(sets, out / "calibration.png")
     names = ", ".join(r["condition"] for r in rows)

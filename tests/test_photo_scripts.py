@@ -85,13 +85,17 @@ def test_calibration_picture_has_one_labelled_column_per_set(tmp_path: Path) -> 
     assert module._short("blur σ=0.5 px") == "blur 0.5"
     base = torch.full((4, 3, 8, 8), 100, dtype=torch.uint8)
     sets = module.conditions(base, "clean", {"val (unseen photographs)": base + 50})
-    assert list(sets)[0] == "clean" and list(sets)[-1] == "val (unseen photographs)" and len(sets) == 11
+    assert list(sets)[0] == "clean" and list(sets)[-1] == "val (unseen photographs)" and len(sets) == 14
     assert torch.equal(sets["clean"], base) and torch.equal(sets["blur σ=1.0 px"], base)  # a flat image stays flat
     assert not torch.equal(sets["noise σ=4/255"], base)
     module.picture(sets, tmp_path / "c.png", rows=2)
     image = np.asarray(Image.open(tmp_path / "c.png"))
-    assert image.shape == (14 + 12 * 2 + 4, 11 * 12 + 4, 3)
-    assert (image[18:26, 4:12] == 100).all() and (image[18:26, 4 + 10 * 12 : 12 + 10 * 12] == 150).all()
+    assert image.shape == (14 + 12 * 2 + 4, 14 * 12 + 4, 3)
+    assert (image[18:26, 4:12] == 100).all() and (image[18:26, 4 + 13 * 12 : 12 + 13 * 12] == 150).all()
+    # The mosaic: one offset per 8x8 tile and channel, flat inside a tile of a flat image
+    tiles = module.conditions(torch.full((2, 3, 16, 16), 100, dtype=torch.uint8), "clean", {})["tiles σ=16/255"]
+    blocks = tiles.float().unfold(2, 8, 8).unfold(3, 8, 8)  # (2, 3, 2, 2, 8, 8)
+    assert (blocks.amax((-1, -2)) == blocks.amin((-1, -2))).all() and tiles.float().std() > 5
 
 
 def _lane(tmp_path: Path, script: str, lane: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
