@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dfm.eval import seam_ratio
 from dfm.models import MODEL_REGISTRY, DFMDiT, DiTConfig, count_parameters, create_config, create_model
-from dfm.models.layers import LabelEmbedder, StageLinear, patchify, unpatchify
+from dfm.models.layers import LabelEmbedder, StageLinear, overlap_unpatchify, patchify, tent_window, unpatchify
 from dfm.models.positions import apply_rope, rope_tables
 from dfm.models.precondition import Preconditioned, flow_preconditioning
 
@@ -409,3 +410,49 @@ def test_rope_scores_depend_only_on_relative_position(grid: tuple[int, ...]) -> 
     for axis in range(len(grid)):
         step = index.select(axis, 1).reshape(-1)[0]
         assert not torch.isclose(scores[0, 0], scores[0, step])
+
+
+# ----------------------------------------------------------------------------- the overlapping head (head_overlap)
+
+
+@pytest.mark.parametrize("patch, size", [(2, (8, 8)), (4, (16, 12)), (4, (2, 8, 16))])
+def test_overlap_heads_rebuild_an_image_whose_windows_agree(patch: int, size: tuple) -> None:
+    # Windows cut from one image (2p x 2p around each patch, zero outside the image) add up to that image exactly.
+    frames = size[0] if len(size) == 3 else 1
+    image = torch.randn(3 * frames, 2, *size[-2:], generator=torch.Generator().manual_seed(0))
+    windows = torch.nn.functional.unfold(image, 2 * patch, stride=patch, padding=patch // 2)  # (B t, C k k, L)
+    tokens = windows.transpose(1, 2).reshape(3, -1, 2 * (2 * patch) ** 2)  # (B, t L, C k k) in token order
+    out = overlap_unpatchify(tokens, size, 2, patch)
+    expected = image.view(3, frames, 2, *size[-2:]).transpose(1, 2) if len(size) == 3 else image
+    torch.testing.assert_close(out, expected.reshape(out.shape), rtol=1e-5, atol=1e-5)
+    tent = tent_window(patch).diagonal().sqrt()  # the 1-D tent w (the window is w(i) w(j))
+    torch.testing.assert_close(tent[:patch] + tent[patch:], torch.ones(patch))  # windows every p pixels sum to 1
+
+
+def test_overlap_head_turns_a_mosaic_of_tokens_into_a_smooth_image() -> None:
+    # Every token paints a flat window of its own value: the plain head gives flat tiles, the overlapping one exactly
+    # the bilinear upsampling of the token grid (linear between patch centres, constant beyond the outer ones).
+    patch, values = 4, torch.randn(8, 256, 1, generator=torch.Generator().manual_seed(1))
+    mosaic = unpatchify(values.expand(-1, -1, patch * patch), (64, 64), 1, patch)
+    with pytest.raises(ValueError, match="constant inside every tile"):
+        seam_ratio(mosaic, patch)
+    blended = overlap_unpatchify(values.expand(-1, -1, (2 * patch) ** 2), (64, 64), 1, patch)
+    bilinear = torch.nn.functional.interpolate(values.view(8, 1, 16, 16), scale_factor=patch, mode="bilinear")
+    torch.testing.assert_close(blended, bilinear, rtol=0, atol=1e-5)
+
+
+def test_dit_with_overlapping_heads() -> None:
+    cfg = tiny_config(stage_factors=(4, 2, 1), patch_size=4, head_overlap=True)  # patches 1, 2, 4
+    model = DFMDiT(cfg)
+    widths = [head.linear.out_features for head in model.final_layers]
+    assert widths == [2 * 1, 2 * 4**2, 2 * 8**2]  # patch 1 keeps the plain head
+    levels, t, y, main_stage = random_inputs(cfg, 3)
+    assert all(torch.count_nonzero(o) == 0 for o in model(levels, t, y, main_stage))  # zero heads: zero output
+    model = perturbed(model)
+    out = model(levels, t, y, main_stage)
+    assert [tuple(o.shape) for o in out] == [tuple(lv.shape) for lv in levels]
+    plain = perturbed(DFMDiT(tiny_config(stage_factors=(4, 2, 1), patch_size=4)))
+    assert seam_ratio(out[-1], 4) < seam_ratio(plain(levels, t, y, main_stage)[-1], 4)
+    assert (
+        DiTConfig.from_dict(cfg.to_dict()) == cfg and DiTConfig.from_dict(tiny_config().to_dict()).head_overlap is False
+    )

@@ -49,6 +49,10 @@ class DiTConfig:
     """Add a learned embedding of the main stage to the conditioning vector (only exists when S > 1)."""
     specialise: str = "none"
     """Per-stage expert copies of block weights: "none", "mlp", "attention" or "all"."""
+    head_overlap: bool = False
+    """Each token's output head draws a 2p x 2p window centred on its p x p patch, blended with its neighbours' by
+    a tent window that sums to 1 (overlap-add): the output has no edges on the token grid by construction. Stages
+    with an odd patch size (1) keep the plain head."""
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so that configs compare and hash the same after a round trip.

@@ -30,7 +30,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dfm.models.config import DiTConfig
-from dfm.models.layers import DiTBlock, FinalLayer, LabelEmbedder, StageLinear, TimestepEmbedder, patchify, unpatchify
+from dfm.models.layers import (
+    DiTBlock,
+    FinalLayer,
+    LabelEmbedder,
+    StageLinear,
+    TimestepEmbedder,
+    overlap_unpatchify,
+    overlaps,
+    patchify,
+    unpatchify,
+)
 from dfm.models.positions import rope_tables, sincos_embedding
 
 CONFIG_NAME = "config.json"
@@ -69,7 +79,9 @@ class DFMDiT(nn.Module):
             DiTBlock(d, config.num_heads, config.mlp_ratio, config.specialise, s_count) for _ in range(config.depth)
         )
         self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.final_layers = nn.ModuleList(FinalLayer(d, p, c) for p in patches)
+        self.final_layers = nn.ModuleList(
+            FinalLayer(d, 2 * p if config.head_overlap and overlaps(p) else p, c) for p in patches
+        )
 
         # Positions are fixed functions of the token grid: non-persistent buffers, not weights.
         if config.pos == "rope":
@@ -179,7 +191,8 @@ class DFMDiT(nn.Module):
         outputs = []
         for s, head in enumerate(self.final_layers):
             patch = cfg.stage_patch_size(s)
-            outputs.append(unpatchify(head(tokens, cond), cfg.stage_input_size(s), cfg.in_channels, patch))
+            rebuild = overlap_unpatchify if cfg.head_overlap and overlaps(patch) else unpatchify
+            outputs.append(rebuild(head(tokens, cond), cfg.stage_input_size(s), cfg.in_channels, patch))
         return outputs
 
     # ------------------------------------------------------------------ save / load

@@ -40,6 +40,36 @@ def unpatchify(x: Tensor, size: tuple[int, ...], channels: int, patch: int) -> T
     return x if len(size) == 3 else x.squeeze(2)
 
 
+def overlaps(patch: int) -> bool:
+    """Whether a stage with this patch size gets the overlapping head (an even patch: the window is 2p wide)."""
+    return patch >= 2 and patch % 2 == 0
+
+
+def tent_window(patch: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(2p, 2p) separable tent ``w(i) w(j)``, ``w(i) = (i + 1/2) / p`` rising then falling: windows placed every p
+    pixels sum to 1 (``w(i) + w(i + p) = 1``)."""
+    i = torch.arange(2 * patch, device=device, dtype=dtype) + 0.5
+    w = torch.minimum(i, 2 * patch - i) / patch
+    return w[:, None] * w[None, :]
+
+
+def overlap_unpatchify(x: Tensor, size: tuple[int, ...], channels: int, patch: int) -> Tensor:
+    """(B, N, C * (2p)^2) -> (B, C, *size): each token's 2p x 2p window, centred on its patch, weighted by
+    :func:`tent_window` and summed with its neighbours' (divided by the windows' sum, which is 1 away from the
+    image border). Videos: frame by frame."""
+    t = size[0] if len(size) == 3 else 1
+    h, w = size[-2] // patch, size[-1] // patch
+    b, k = x.shape[0], 2 * patch
+    x = x.reshape(b * t, h * w, channels, k, k) * tent_window(patch, x.device, x.dtype)
+    x = x.reshape(b * t, h * w, channels * k * k).transpose(1, 2)  # (B t, C k k, L): F.fold's layout
+    fold = dict(output_size=size[-2:], kernel_size=k, stride=patch, padding=patch // 2)
+    weight = F.fold(tent_window(patch, x.device, x.dtype).reshape(1, k * k, 1).expand(1, k * k, h * w),
+                                      **fold)  # fmt: skip
+    out = F.fold(x, **fold) / weight  # (B t, C, H, W)
+    out = out.reshape(b, t, channels, *size[-2:]).transpose(1, 2)
+    return out if len(size) == 3 else out.squeeze(2)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: x * (1 + scale) + shift, with (B, D) modulations broadcast over the tokens of x (B, N, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
