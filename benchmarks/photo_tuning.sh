@@ -11,7 +11,8 @@
 # 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4 at patch 16; 128p8-fm,
 # 128p8-dfm3, 128p8-dfm4 at patch 8; SEEDS=0,1 adds the second seed). Pyramidal Flow at hidden 192
 # predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln: LogitNormal local time;
-# pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage).
+# pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage). overlap-fm|dfm|dfm3|pyramidal: the
+# tuned settings with the overlapping output head (model.overrides.head_overlap=true).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -98,6 +99,18 @@ case "$1" in
     bench pyr-h192-xpred-${1##*-} pyramidal model.overrides.hidden_size=192 method.prediction=data \
       method.options.shares=$shares
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse" >&2
+  overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal)  # the tuned 64 px settings with the overlapping output head
+    # (model.overrides.head_overlap=true: each token's 2p x 2p window blended with its neighbours', no edges on the
+    # token grid), against the token seams every method's samples show (benchmarks/token_seams.py)
+    OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
+    case "${1#overlap-}" in
+      fm) bench fm-h192-xpred-ov fm "${OV[@]}" ;;
+      dfm) bench dfm-h192-xpred-ov dfm "${OV[@]}" ;;
+      dfm3) bench dfm3-h192-xpred-ov dfm "${OV[@]}" method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 \
+              sampler.thresholds=0.7,0.85 ;;
+      pyramidal) bench pyr-h192-xpred-ov pyramidal "${OV[@]}" ;;
+    esac
+    ;;
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal" >&2
      exit 2 ;;
 esac

@@ -144,6 +144,14 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
         done, calls = _lane(tmp_path, "photo_tuning.sh", f"pyramidal-xpred-{lane}")
         assert calls[-1][calls[-1].index("--out") + 1] == f"runs/photo-tune/pyr-h192-xpred-{lane}"
         assert _overrides(calls[-1]) == [*pyramidal, f"method.options.shares={shares}"]
+    overlap = ["sampler.thresholds=0.7", "model.overrides.hidden_size=192", "method.prediction=data",
+               "model.overrides.head_overlap=true"]  # fmt: skip
+    for lane, out, method in (("fm", "fm-h192-xpred-ov", "fm"), ("dfm3", "dfm3-h192-xpred-ov", "dfm"),
+                              ("pyramidal", "pyr-h192-xpred-ov", "pyramidal")):  # fmt: skip
+        done, calls = _lane(tmp_path, "photo_tuning.sh", f"overlap-{lane}")
+        assert calls[-1][calls[-1].index("--out") + 1] == f"runs/photo-tune/{out}"
+        assert calls[-1][calls[-1].index("--methods") + 1] == method and _overrides(calls[-1])[:4] == overlap
+    assert "method.stages=3" in _overrides(_lane(tmp_path, "photo_tuning.sh", "overlap-dfm3")[1][-1])
     done, _ = _lane(tmp_path, "photo_tuning.sh", "128-dfm5")
     assert done.returncode == 2 and "usage" in done.stderr
 
