@@ -12,7 +12,8 @@
 # 128p8-dfm3, 128p8-dfm4 at patch 8; SEEDS=0,1 adds the second seed). Pyramidal Flow at hidden 192
 # predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln: LogitNormal local time;
 # pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage). overlap-fm|dfm|dfm3|pyramidal: the
-# tuned settings with the overlapping output head (model.overrides.head_overlap=true).
+# tuned settings with the overlapping output head (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|
+# 1k-dfm3: those runs' two seeds scored with 1,000 samples (runs/photo-1k).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -25,10 +26,10 @@ bench() {  # name methods overrides...
   local args=("${PINNED[@]}")
   for o in "$@"; do args+=(-o "$o"); done
   $DFM bench quality --preset cpu-photo --reference fit --methods "$methods" --seeds ${SEEDS:-0} --steps ${STEPS:-1600} \
-    --eval-points ${POINTS:-1} --num-samples 500 --threads 1 "${args[@]}" --out "runs/photo-tune/$name" \
-    > "runs/photo-tune/$name.log" 2>&1
+    --eval-points ${POINTS:-1} --num-samples ${NUM:-500} --threads 1 "${args[@]}" --out "${OUTROOT:-runs/photo-tune}/$name" \
+    > "${OUTROOT:-runs/photo-tune}/$name.log" 2>&1
 }
-mkdir -p runs/photo-tune
+mkdir -p runs/photo-tune "${OUTROOT:-runs/photo-tune}"
 case "$1" in
   A)  # Flow Matching: a wider model (hidden >= the 192 values of an 8x8 RGB patch), its loss, predicting the data
     bench fm-h192 fm model.overrides.hidden_size=192 method.prediction=velocity
@@ -111,6 +112,16 @@ case "$1" in
       pyramidal) bench pyr-h192-xpred-ov pyramidal "${OV[@]}" ;;
     esac
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal" >&2
+  1k-overlap-fm|1k-overlap-dfm3|1k-dfm3)  # a headline lane's trained seeds 0 and 1 scored again with 1,000 samples
+    # (the issue's count; against 1,000 training crops) in runs/photo-1k/<name>: its runs are linked, not retrained
+    lane=${1#1k-}
+    case "$lane" in overlap-fm) name=fm-h192-xpred-ov ;; overlap-dfm3) name=dfm3-h192-xpred-ov ;; dfm3) name=dfm3-h192-xpred ;; esac
+    mkdir -p "runs/photo-1k/$name/runs"
+    for run in runs/photo-tune/$name/runs/*-s[01]; do
+      ln -sfn "../../../photo-tune/$name/runs/$(basename "$run")" "runs/photo-1k/$name/runs/$(basename "$run")"
+    done
+    NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash "$0" "$lane"
+    ;;
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3" >&2
      exit 2 ;;
 esac

@@ -152,6 +152,20 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
         assert calls[-1][calls[-1].index("--out") + 1] == f"runs/photo-tune/{out}"
         assert calls[-1][calls[-1].index("--methods") + 1] == method and _overrides(calls[-1])[:4] == overlap
     assert "method.stages=3" in _overrides(_lane(tmp_path, "photo_tuning.sh", "overlap-dfm3")[1][-1])
+    # 1,000 samples at a headline point: the lane's trained runs linked into runs/photo-1k and scored, not retrained
+    trained = tmp_path / "runs" / "photo-tune" / "fm-h192-xpred-ov" / "runs"
+    for run in ("fm-abc-s0", "fm-abc-s1", "fm-abc-s2"):
+        (trained / run).mkdir(parents=True)
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "1k-overlap-fm")
+    assert done.returncode == 0, done.stderr
+    argv = calls[-1]
+    assert (
+        argv[argv.index("--out") + 1] == "runs/photo-1k/fm-h192-xpred-ov" and argv[argv.index("--seeds") + 1] == "0,1"
+    )
+    assert argv[argv.index("--num-samples") + 1] == "1000" and _overrides(argv)[:4] == overlap
+    linked = tmp_path / "runs" / "photo-1k" / "fm-h192-xpred-ov" / "runs"
+    assert sorted(p.name for p in linked.iterdir()) == ["fm-abc-s0", "fm-abc-s1"]
+    assert (linked / "fm-abc-s0").resolve() == (trained / "fm-abc-s0").resolve()
     done, _ = _lane(tmp_path, "photo_tuning.sh", "128-dfm5")
     assert done.returncode == 2 and "usage" in done.stderr
 
