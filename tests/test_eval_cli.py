@@ -106,17 +106,8 @@ def test_seams_score_the_token_grid_of_samples_and_reference(data) -> None:
     # The fixture's images are 8x8 flat tiles plus noise: a mosaic on the 8-pixel grid (half of a 4-pixel grid's
     # borders are its borders: a weaker ratio there).
     out = data["root"] / "seams.json"
-    argv = [
-        "score",
-        str(data["samples"]),
-        "--ref",
-        str(data["folder"]),
-        "--metrics",
-        "seams,seams:4",
-        "--out",
-        str(out),
-    ]
-    assert main([*argv, "--no-progress"]) == 0
+    samples, ref = str(data["samples"]), str(data["folder"])
+    assert main(["score", samples, "--ref", ref, "--metrics", "seams,seams:4", "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     with np.load(data["samples"]) as npz:
         images = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2).float()
