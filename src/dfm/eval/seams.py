@@ -38,7 +38,7 @@ def seam_ratio(images: Tensor, period: int) -> float:
     h, w = images.shape[-2:]
     if period < 2 or h % period or w % period:
         raise ValueError(f"period={period} must be >= 2 and divide the image size {h}x{w}")
-    x = images.double()
+    x = images.detach().double()
     across_cols = (x[..., 1:] - x[..., :-1]).abs().mean(dim=(0, 1, 2))  # (W - 1,): pair (j, j + 1)
     across_rows = (x[..., 1:, :] - x[..., :-1, :]).abs().mean(dim=(0, 1, 3))  # (H - 1,)
     diffs = torch.cat([across_cols, across_rows])
