@@ -13,6 +13,7 @@
 # held-aside fonts. Results under runs/glyph-check.
 set -e
 cd "$(dirname "$0")/.."
+. benchmarks/bench_lib.sh
 export OMP_NUM_THREADS=1
 # Every helper gives the presets' threshold when these runs were made (0.7; now 0.9) first; a lane's own wins.
 PINNED=(-o sampler.thresholds=0.7)
@@ -38,12 +39,8 @@ garments() {  # name method overrides...: the `cpu` bench preset on Fashion-MNIS
   dfm bench quality --preset cpu --reference val --methods "$method" --seeds ${SEEDS:-0} --threads 1 "${args[@]}" \
     --out "runs/preset-check/$name" > "runs/preset-check/$name$(seed_tag).log" 2>&1
 }
-link_trained() {  # from to: link the finished DFM run (seed $SEEDS, default 0) of bench folder `from` into bench
-  # folder `to`, where the bench finds it trained and only scores it (with the sampler settings of its own command)
-  local run
-  run=$(basename "$1"/runs/dfm-*-s${SEEDS:-0})
-  mkdir -p "$2/runs"
-  ln -sfn "$(realpath --relative-to="$2/runs" "$1/runs/$run")" "$2/runs/$run"
+link_trained() {  # from to: the finished DFM run (seed $SEEDS, default 0) of bench folder `from` scored in `to`
+  link_runs "$1" "$2" "dfm-*-s${SEEDS:-0}"
 }
 resample() {  # name trained-name overrides...: score a finished run with other sampler settings, not retrained
   local name=$1 trained=$2; shift 2

@@ -18,6 +18,7 @@
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
 cd "$(dirname "$0")/.."
+. benchmarks/bench_lib.sh
 export OMP_NUM_THREADS=1
 DFM=${DFM:-dfm}
 PINNED=(-o sampler.thresholds=0.7)  # the presets' threshold when these runs were made (now 0.9); a lane's own wins
@@ -56,9 +57,7 @@ case "$1" in
   euler)  # each tuned seed-0 checkpoint sampled with Euler at the same cost (40 steps; 30 + 10 for DFM), not retrained:
     # the finished run is linked into a new --out, where the bench finds it trained and only scores it
     for m in dfm fm; do
-      run=$(basename runs/photo-tune/$m-h192-xpred/runs/$m-*-s0)
-      mkdir -p runs/photo-sampler/$m-h192-xpred-euler40/runs
-      ln -sfn "../../../photo-tune/$m-h192-xpred/runs/$run" "runs/photo-sampler/$m-h192-xpred-euler40/runs/$run"
+      link_runs runs/photo-tune/$m-h192-xpred runs/photo-sampler/$m-h192-xpred-euler40 "$m-*-s0"
       $DFM bench quality --preset cpu-photo --reference fit --methods $m --seeds 0 --steps 1600 --eval-points 1 \
         --num-samples 500 --threads 1 "${PINNED[@]}" -o model.overrides.hidden_size=192 \
         -o method.prediction=data -o sampler.solver=euler -o sampler.steps=30,10 \
@@ -116,11 +115,8 @@ case "$1" in
     # (the issue's count; against 1,000 training crops) in runs/photo-1k/<name>: its runs are linked, not retrained
     lane=${1#1k-}
     case "$lane" in overlap-fm) name=fm-h192-xpred-ov ;; overlap-dfm3) name=dfm3-h192-xpred-ov ;; dfm3) name=dfm3-h192-xpred ;; esac
-    mkdir -p "runs/photo-1k/$name/runs"
-    for run in runs/photo-tune/$name/runs/*-s[01]; do
-      ln -sfn "../../../photo-tune/$name/runs/$(basename "$run")" "runs/photo-1k/$name/runs/$(basename "$run")"
-    done
-    NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash "$0" "$lane"
+    link_runs runs/photo-tune/$name runs/photo-1k/$name "*-s[01]"
+    NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash benchmarks/photo_tuning.sh "$lane"
     ;;
   *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3" >&2
      exit 2 ;;

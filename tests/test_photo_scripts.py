@@ -102,7 +102,8 @@ def _lane(tmp_path: Path, script: str, lane: str) -> tuple[subprocess.CompletedP
     """Run a lane of a bench shell script, copied into ``tmp_path``, against a stand-in ``dfm`` that records its
     arguments (one call per line): the script's plumbing without training anything."""
     (tmp_path / "benchmarks").mkdir(exist_ok=True)
-    (tmp_path / "benchmarks" / script).write_text((BENCH / script).read_text())
+    for name in (script, "bench_lib.sh"):  # the lane scripts source the shared helpers
+        (tmp_path / "benchmarks" / name).write_text((BENCH / name).read_text())
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     calls = tmp_path / "calls.txt"
@@ -153,6 +154,8 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
         assert calls[-1][calls[-1].index("--methods") + 1] == method and _overrides(calls[-1])[:4] == overlap
     assert "method.stages=3" in _overrides(_lane(tmp_path, "photo_tuning.sh", "overlap-dfm3")[1][-1])
     # 1,000 samples at a headline point: the lane's trained runs linked into runs/photo-1k and scored, not retrained
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "1k-overlap-fm")
+    assert done.returncode == 1 and "no finished run runs/photo-tune/fm-h192-xpred-ov/runs/*-s[01]" in done.stderr
     trained = tmp_path / "runs" / "photo-tune" / "fm-h192-xpred-ov" / "runs"
     for run in ("fm-abc-s0", "fm-abc-s1", "fm-abc-s2"):
         (trained / run).mkdir(parents=True)
@@ -166,6 +169,20 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     linked = tmp_path / "runs" / "photo-1k" / "fm-h192-xpred-ov" / "runs"
     assert sorted(p.name for p in linked.iterdir()) == ["fm-abc-s0", "fm-abc-s1"]
     assert (linked / "fm-abc-s0").resolve() == (trained / "fm-abc-s0").resolve()
+    for m in ("dfm", "fm"):  # the euler lane: each tuned seed-0 run scored again with Euler, linked, not retrained
+        (tmp_path / "runs" / "photo-tune" / f"{m}-h192-xpred" / "runs" / f"{m}-abc-s0").mkdir(parents=True)
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "euler")
+    assert done.returncode == 0, done.stderr
+    assert [c[c.index("--out") + 1] for c in calls[-2:]] == [
+        f"runs/photo-sampler/{m}-h192-xpred-euler40" for m in ("dfm", "fm")
+    ]
+    for m in ("dfm", "fm"):
+        link = tmp_path / "runs" / "photo-sampler" / f"{m}-h192-xpred-euler40" / "runs" / f"{m}-abc-s0"
+        assert (
+            link.is_symlink()
+            and link.resolve()
+            == (tmp_path / "runs" / "photo-tune" / f"{m}-h192-xpred" / "runs" / f"{m}-abc-s0").resolve()
+        )
     done, _ = _lane(tmp_path, "photo_tuning.sh", "128-dfm5")
     assert done.returncode == 2 and "usage" in done.stderr
 
