@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dfm.eval import EvalConfig, SWDConfig, evaluate
+from dfm.eval import EvalConfig, SWDConfig, evaluate, seam_ratio
 from dfm.eval.evaluate import as_frames, temporal_change
 from dfm.eval.images import ImageSet
 
@@ -57,3 +57,16 @@ def test_per_frame_scores_of_videos(tmp_path) -> None:
     static = ImageSet(_clips(16, 1, moving=False), real.labels, {"kind": "test"})
     other = evaluate(static, [str(ref_file)], config)["scores"]
     assert other["temporal_change"] == 0.0 and other["temporal_change_gap"] == pytest.approx(1.0)
+
+
+def test_seams_of_videos_are_scored_per_frame() -> None:
+    # Frames that are mosaics of 4-pixel tiles: the per-frame seam ratio sees them; the reference's is beside it.
+    tiles = torch.randint(0, 200, (3, 1, 2, 4, 4), generator=torch.Generator().manual_seed(0))
+    clips = tiles.repeat_interleave(4, dim=-1).repeat_interleave(4, dim=-2)
+    clips = clips + torch.randint(0, 20, clips.shape, generator=torch.Generator().manual_seed(1))
+    samples = ImageSet(clips.to(torch.uint8), None, {})
+    frames = as_frames(samples).images.float()
+    config = EvalConfig(metrics=["seams:4"], progress=False)
+    scores = evaluate(samples, [], config)["scores"]
+    assert set(scores) == {"seam_ratio_frames_4"}
+    assert scores["seam_ratio_frames_4"] == pytest.approx(seam_ratio(frames, 4)) and scores["seam_ratio_frames_4"] > 3
