@@ -41,6 +41,11 @@ def run_folder(folder: Path, seed: int) -> Path:
     return runs[0]
 
 
+def load_spread(spec: str, count: int) -> torch.Tensor:
+    """At most ``count`` images spread over a set (:meth:`~dfm.eval.images.ImageSet.spread`), in [-1, 1]."""
+    return load_images(spec).spread(count).images.float() / 127.5 - 1
+
+
 def token_periods(gen: Generator) -> list[int]:
     """Pixels per token side at each stage's own resolution."""
     cfg = getattr(gen.network, "config", None)
@@ -98,15 +103,9 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows, forced_rows = [], []
-    starts = None
-    if args.forced:
-        starts = load_images(args.forced).images
-        starts = (
-            starts[torch.linspace(0, len(starts) - 1, min(len(starts), args.num_samples)).long()].float() / 127.5 - 1
-        )
+    starts = load_spread(args.forced, args.num_samples) if args.forced else None
     if args.reference:
-        real = load_images(args.reference).images
-        real = real[torch.linspace(0, len(real) - 1, min(len(real), 2048)).long()].float() / 127.5 - 1  # spread out
+        real = load_spread(args.reference, 2048)
         rows.append(("real images", real.shape[-1], None, seam_ratio(real, 8), None))
     for item in args.panels:
         label, sep, folder = item.rpartition("=")

@@ -40,7 +40,7 @@ from .images import ImageSet, load_images, read_sampling_settings
 from .inception_score import inception_score
 from .precision_recall import precision_recall
 from .reference import ReferenceStats, is_reference_file, load_reference
-from .seams import seam_ratio
+from .seams import seam_period, seam_ratio
 from .swd import SWDConfig, sliced_wasserstein_distance
 
 __all__ = ["EvalConfig", "parse_metric", "extract", "evaluate", "build_reference"]
@@ -73,16 +73,6 @@ def parse_metric(metric: str) -> tuple[str, str | None]:
             f"with an extractor from {', '.join(sorted(EXTRACTORS))}"
         )
     return kind, extractor
-
-
-def seam_period(metric: str) -> int:
-    """The grid period of a ``seams`` / ``seams:<P>`` metric (8 when not given)."""
-    _, _, text = metric.partition(":")
-    if not text:
-        return 8
-    if not text.isdigit() or int(text) < 2:
-        raise ValueError(f"metric {metric!r}: give the token grid in pixels, an integer >= 2, e.g. seams:8")
-    return int(text)
 
 
 @dataclass
@@ -235,7 +225,7 @@ def evaluate(
         scores.update(_temporal_scores(sample_set, ref_images))
     if "clip" in all_kinds:
         scores["clip_score"] = _clip_score(sample_set, config, protocol)
-    periods = sorted({seam_period(_ALIASES.get(m, m)) for m in config.metrics if parse_metric(m)[0] == "seams"})
+    periods = sorted({seam_period(m) for m, (kind, _) in zip(config.metrics, parsed) if kind == "seams"})
     if periods:
         scores.update(_seam_scores(sample_set, ref_images, periods, protocol))
     return {"scores": scores, "protocol": protocol}
@@ -449,8 +439,7 @@ def _seam_scores(sample_set: ImageSet, ref_images: ImageSet | None, periods: Seq
     scores = {f"{tag}_{p}": seam_ratio(sam.float(), p) for p in periods}
     settings: dict = {"periods": list(periods)}
     if ref_images is not None:
-        ref = as_frames(ref_images).images
-        ref = ref[torch.linspace(0, len(ref) - 1, min(len(ref), 8192)).long()].float()  # spread: not one photo's crops
+        ref = as_frames(ref_images).spread(8192).images.float()  # spread over the set: not one photograph's crops
         if ref.shape[-2:] != sam.shape[-2:]:
             settings["reference_resized"] = f"{tuple(ref.shape[-2:])} -> {tuple(sam.shape[-2:])} (bilinear, antialias)"
             ref = F.interpolate(ref, size=sam.shape[-2:], mode="bilinear", antialias=True, align_corners=False)

@@ -45,6 +45,16 @@ class ImageSet:
         prompts = None if self.prompts is None else self.prompts[:count]
         return ImageSet(self.images[:count], labels, {**self.source, "count": count}, prompts)
 
+    def spread(self, count: int) -> ImageSet:
+        """At most ``count`` images evenly spaced over the set (all of them if it holds no more): a fair draw from a
+        set stored in order, such as many crops of one photograph after another."""
+        if count >= len(self):
+            return self
+        index = torch.linspace(0, len(self) - 1, count).long()
+        labels = None if self.labels is None else self.labels[index]
+        prompts = None if self.prompts is None else [self.prompts[i] for i in index.tolist()]
+        return ImageSet(self.images[index], labels, {**self.source, "count": count, "spread": True}, prompts)
+
 
 def _to_nchw(array: np.ndarray, where: str) -> torch.Tensor:
     """(N, H, W[, C]) images -> (N, C, H, W); (N, T, H, W, C) videos -> (N, C, T, H, W)."""

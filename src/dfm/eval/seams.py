@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["seam_ratio"]
+__all__ = ["seam_period", "seam_ratio"]
 
 
 def seam_ratio(images: Tensor, period: int) -> float:
@@ -48,3 +48,13 @@ def seam_ratio(images: Tensor, period: int) -> float:
     if inside == 0:
         raise ValueError("the images are constant inside every tile: the ratio is undefined")
     return float(diffs[border].mean() / inside)
+
+
+def seam_period(metric: str) -> int:
+    """The grid period of a ``seams`` / ``seams:<P>`` metric name (8 when not given)."""
+    _, _, text = metric.partition(":")
+    if not text:
+        return 8
+    if not text.isdigit() or int(text) < 2:
+        raise ValueError(f"metric {metric!r}: give the token grid in pixels, an integer >= 2, e.g. seams:8")
+    return int(text)

@@ -79,9 +79,10 @@ class DFMDiT(nn.Module):
             DiTBlock(d, config.num_heads, config.mlp_ratio, config.specialise, s_count) for _ in range(config.depth)
         )
         self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.final_layers = nn.ModuleList(
-            FinalLayer(d, 2 * p if config.head_overlap and overlaps(p) else p, c) for p in patches
-        )
+        # Per stage: how the head's token outputs become the level (overlapping windows, or patches side by side).
+        overlapping = [config.head_overlap and overlaps(p) for p in patches]
+        self._rebuild = [overlap_unpatchify if o else unpatchify for o in overlapping]
+        self.final_layers = nn.ModuleList(FinalLayer(d, 2 * p if o else p, c) for p, o in zip(patches, overlapping))
 
         # Positions are fixed functions of the token grid: non-persistent buffers, not weights.
         if config.pos == "rope":
@@ -191,8 +192,7 @@ class DFMDiT(nn.Module):
         outputs = []
         for s, head in enumerate(self.final_layers):
             patch = cfg.stage_patch_size(s)
-            rebuild = overlap_unpatchify if cfg.head_overlap and overlaps(patch) else unpatchify
-            outputs.append(rebuild(head(tokens, cond), cfg.stage_input_size(s), cfg.in_channels, patch))
+            outputs.append(self._rebuild[s](head(tokens, cond), cfg.stage_input_size(s), cfg.in_channels, patch))
         return outputs
 
     # ------------------------------------------------------------------ save / load

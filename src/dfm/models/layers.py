@@ -63,8 +63,8 @@ def overlap_unpatchify(x: Tensor, size: tuple[int, ...], channels: int, patch: i
     x = x.reshape(b * t, h * w, channels, k, k) * tent_window(patch, x.device, x.dtype)
     x = x.reshape(b * t, h * w, channels * k * k).transpose(1, 2)  # (B t, C k k, L): F.fold's layout
     fold = dict(output_size=size[-2:], kernel_size=k, stride=patch, padding=patch // 2)
-    weight = F.fold(tent_window(patch, x.device, x.dtype).reshape(1, k * k, 1).expand(1, k * k, h * w),
-                                      **fold)  # fmt: skip
+    windows = tent_window(patch, x.device, x.dtype).reshape(1, k * k, 1).expand(1, k * k, h * w)
+    weight = F.fold(windows, **fold)  # the windows' sum at every pixel
     out = F.fold(x, **fold) / weight  # (B t, C, H, W)
     out = out.reshape(b, t, channels, *size[-2:]).transpose(1, 2)
     return out if len(size) == 3 else out.squeeze(2)
