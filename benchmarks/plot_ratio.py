@@ -6,7 +6,10 @@ prints a Markdown table of both methods' distances and their ratio per step, and
 
 Run: ``python benchmarks/plot_ratio.py runs/bench-budget/results.json --out docs/images/ratio.png``, or, to compare
 several DFM runs each against its own Flow Matching run (one line each, one panel per Fréchet distance):
-``python benchmarks/plot_ratio.py --pair "32 px=runs/a,runs/a-fm" --pair "64 px=runs/b,runs/b-fm" --out r.png``
+``python benchmarks/plot_ratio.py --pair "32 px=runs/a,runs/a-fm" --pair "64 px=runs/b,runs/b-fm" --out r.png``.
+A side of a pair may join several bench folders with ``+`` (the same runs trained to other budgets in other
+folders: ``--pair "64 px=runs/x/dfm+runs/y/dfm,runs/x/fm+runs/y/fm"``). Every metric of the Fréchet distances and
+the mean SWD that both sides scored gets a panel; ``--target`` draws the ratio a study aims for.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-METRICS = ("fd_efficientnet-lite0", "fd_fashion-cnn")
+METRICS = ("fd_efficientnet-lite0", "fd_fashion-cnn", "swd_mean")
 TITLES = {
     "fd_efficientnet-lite0": "ImageNet-feature FD (EfficientNet-Lite0)",
     "fd_fashion-cnn": "domain FD (Fashion-MNIST CNN)",
+    "swd_mean": "mean SWD of the pyramid levels",
 }
 
 
@@ -61,6 +65,15 @@ def _pair(text: str) -> tuple[str, str, str]:
     return label, parts[0], parts[1]
 
 
+def _folders(side: str) -> list[str]:
+    """One side of a pair: bench folders joined by +, each of which must exist."""
+    dirs = side.split("+")
+    missing = [d for d in dirs if not Path(d).is_dir()]
+    if missing:
+        raise SystemExit(f"--pair: {', '.join(missing)} is not a bench output folder (give dfm bench quality's --out)")
+    return dirs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", nargs="*", help="results.json files of dfm bench quality, or its --out directories")
@@ -76,6 +89,7 @@ def main() -> None:
     parser.add_argument("--fm", default="Flow Matching", help="variant name of Flow Matching")
     parser.add_argument("--out", help="PNG of the ratio against steps")
     parser.add_argument("--title", default="DFM / Flow Matching")
+    parser.add_argument("--target", type=float, default=0.9, help="ratio drawn as a dotted line (default 0.9)")
     args = parser.parse_args()
     if bool(args.results) == bool(args.pair):
         parser.error("give either results files / directories or --pair LABEL=DFM_DIR,FM_DIR (not both)")
@@ -85,7 +99,7 @@ def main() -> None:
         print("| run | metric | step | DFM | Flow Matching | DFM / FM |")
         print("|---|---|---|---|---|---|")
         for label, dfm_dir, fm_dir in args.pair:
-            dfm, fm = collect([dfm_dir], args.dfm, args.fm), collect([fm_dir], args.dfm, args.fm)
+            dfm, fm = collect(_folders(dfm_dir), args.dfm, args.fm), collect(_folders(fm_dir), args.dfm, args.fm)
             data = {m: {args.dfm: dfm.get(m, {}).get(args.dfm, {}), args.fm: fm.get(m, {}).get(args.fm, {})}
                     for m in METRICS}  # fmt: skip
             series[label] = _table(data, args.dfm, args.fm, label)
@@ -123,9 +137,9 @@ def main() -> None:
             ax.legend(fontsize=8)
         for ax in axes[0]:
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-            ax.axhline(0.9, color="tab:green", lw=0.8, ls=":")
+            ax.axhline(args.target, color="tab:green", lw=0.8, ls=":")
             ax.set_xlabel("optimiser steps")
-            ax.set_ylabel("FD ratio DFM / FM (lower: DFM better)")
+            ax.set_ylabel("ratio DFM / FM (lower: DFM better)")
         fig.tight_layout()
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.out)

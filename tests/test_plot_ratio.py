@@ -56,3 +56,33 @@ def test_bad_arguments_fail_with_a_message(tmp_path: Path) -> None:
     empty = _bench_dir(tmp_path / "e", "DFM", {800: (1.0, 1.0)})
     res = _run("--pair", f"x={empty},{empty}")
     assert res.returncode == 1 and "no step scored for both" in res.stderr
+
+
+def test_a_side_joins_folders_of_other_budgets_and_the_swd_gets_its_ratio(tmp_path: Path) -> None:
+    def scores(root: Path, variant: str, step: int, fd: float, swd: float) -> Path:
+        (root / "scores").mkdir(parents=True)
+        row = {
+            "variant": variant,
+            "guidance": 1.0,
+            "step": step,
+            "seed": 0,
+            "fd_efficientnet-lite0": fd,
+            "swd_mean": swd,
+        }
+        (root / "scores" / f"{variant}-s0-step{step}.json").write_text(json.dumps(row))
+        return root
+
+    d800, d1600 = scores(tmp_path / "d800", "DFM", 800, 90.0, 30.0), scores(tmp_path / "d1600", "DFM", 1600, 70.0, 20.0)
+    f800, f1600 = (scores(tmp_path / "f800", "Flow Matching", 800, 100.0, 60.0),
+                   scores(tmp_path / "f1600", "Flow Matching", 1600, 80.0, 50.0))  # fmt: skip
+    out = tmp_path / "r.png"
+    res = _run("--pair", f"x={d800}+{d1600},{f800}+{f1600}", "--target", "0.8", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "| x | fd_efficientnet-lite0 | 800 | 90.0 | 100.0 | 0.900 |" in lines
+    assert "| x | fd_efficientnet-lite0 | 1600 | 70.0 | 80.0 | 0.875 |" in lines
+    assert "| x | swd_mean | 800 | 30.0 | 60.0 | 0.500 |" in lines
+    assert "| x | swd_mean | 1600 | 20.0 | 50.0 | 0.400 |" in lines
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = _run("--pair", f"x={d800}+{tmp_path / 'nope'},{f800}")
+    assert res.returncode == 1 and "nope is not a bench output folder" in res.stderr
