@@ -50,6 +50,10 @@ case "$1" in
     SEEDS=0,1 bench $m-h192-xpred $m model.overrides.hidden_size=192 method.prediction=data
     SEEDS=0,1 STEPS=3200 POINTS=2 bench $m-h192-xpred $m model.overrides.hidden_size=192 method.prediction=data
     ;;
+  fm)  # Flow Matching at its tuned settings alone (what compare-fm trains first), e.g. at another budget:
+    # STEPS=800 SEEDS=0,1 OUTROOT=runs/photo-800 bash benchmarks/photo_tuning.sh fm
+    bench fm-h192-xpred fm model.overrides.hidden_size=192 method.prediction=data
+    ;;
   dfm3)  # DFM with three stages (16 -> 32 -> 64) at the same settings; stage split and thresholds of the cpu64 study
     bench dfm3-h192-xpred dfm model.overrides.hidden_size=192 method.prediction=data method.stages=3 \
       method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85
@@ -142,6 +146,6 @@ case "$1" in
       fi
     done
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3|tune-fm|tune-dfm3 \"TAG OVERRIDES\"..." >&2
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3|tune-fm|tune-dfm3 \"TAG OVERRIDES\"..." >&2
      exit 2 ;;
 esac
