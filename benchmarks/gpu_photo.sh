@@ -30,6 +30,7 @@ if [ "${TINY:-0}" = 1 ]; then  # the same commands at toy sizes, for a CPU
     export FIXED_STEPS=${STEPS:-2}
 else
     ARGS="$ARGS --num-samples 2000 --sample-batch 500 -o model.name=DFM-DiT-S/8 -o model.overrides.patch_size=8"
+    ARGS="$ARGS -o model.overrides.hidden_size=384"  # DiT-S's own width (the cpu-photo preset sets 192)
     ARGS="$ARGS -o train.batch_size=256 -o train.precision=bf16 -o optim.lr=5e-4 -o optim.warmup_steps=300"
     export FIXED_STEPS=${STEPS:-3000}
 fi

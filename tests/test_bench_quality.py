@@ -263,3 +263,19 @@ def test_latent_bench_decodes_samples_and_scores_them_against_the_images(tmp_pat
     val = settings_from_args(_parse("--preset", "smoke", "--reference", "val", "-o", f"data.dataset={latents}"))
     with pytest.raises(ValueError, match=r"latents \(dfm prepare\) are scored on --reference test"):
         reference_images(tmp_path / "cache", val)
+
+
+def test_the_photo_preset_runs_every_method_at_the_settings_the_study_chose(tmp_path: Path) -> None:
+    """cpu-photo (docs/RESULTS.md, photographs): a model as wide as its 192-value token, the overlapping head and
+    data prediction for all three methods (a baseline's twin would otherwise predict the velocity); -o still wins."""
+    preset = dict(BENCH_PRESETS["cpu-photo"])
+    preset["overrides"] = (*preset["overrides"], f"data.dataset={tmp_path}")  # the photographs are not built here
+    settings = QualitySettings(**preset)
+    chosen = {v.method: run_config(settings, v, seed=0) for v in comparison_variants() if v.method in settings.methods}
+    assert sorted(chosen) == ["dfm", "fm", "pyramidal"]
+    for method, cfg in chosen.items():
+        assert cfg.method.name == method and cfg.method.prediction == "data"
+        assert cfg.model.overrides == {"patch_size": 8, "hidden_size": 192, "head_overlap": True}
+    preset["overrides"] = (*preset["overrides"], "model.overrides.head_overlap=false", "method.prediction=velocity")
+    cfg = run_config(QualitySettings(**preset), comparison_variants()[1], seed=0)
+    assert cfg.model.overrides["head_overlap"] is False and cfg.method.prediction == "velocity"

@@ -98,7 +98,9 @@ def test_calibration_picture_has_one_labelled_column_per_set(tmp_path: Path) -> 
     assert (blocks.amax((-1, -2)) == blocks.amin((-1, -2))).all() and tiles.float().std() > 5
 
 
-def _lane(tmp_path: Path, script: str, lane: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def _lane(
+    tmp_path: Path, script: str, lane: str, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """Run a lane of a bench shell script, copied into ``tmp_path``, against a stand-in ``dfm`` that records its
     arguments (one call per line): the script's plumbing without training anything."""
     (tmp_path / "benchmarks").mkdir(exist_ok=True)
@@ -110,8 +112,8 @@ def _lane(tmp_path: Path, script: str, lane: str) -> tuple[subprocess.CompletedP
     stub = bin_dir / "dfm"
     stub.write_text(f'#!/bin/bash\nprintf "%s\\037" "$@" >> {calls}\necho >> {calls}\n')
     stub.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    done = subprocess.run(["bash", str(tmp_path / "benchmarks" / script), lane], capture_output=True, text=True,
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), **(env or {})}
+    done = subprocess.run(["bash", str(tmp_path / "benchmarks" / script), lane, *args], capture_output=True, text=True,
                           env=env, timeout=60)  # fmt: skip
     lines = calls.read_text().splitlines() if calls.exists() else []
     return done, [line.rstrip("\037").split("\037") for line in lines]
@@ -121,14 +123,19 @@ def _overrides(argv: list[str]) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
 
 
+#: what every lane gives first: the presets' threshold when the runs were made (now 0.9) and the plain head (the
+#: cpu-photo preset now has the overlapping one); a lane's own settings come later and win
+PINNED = ["sampler.thresholds=0.7", "model.overrides.head_overlap=false"]
+
+
 def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     done, calls = _lane(tmp_path, "photo_tuning.sh", "128-dfm4")
     assert done.returncode == 0, done.stderr
     (argv,) = calls
     assert argv[:2] == ["bench", "quality"] and argv[argv.index("--methods") + 1] == "dfm"
     assert argv[argv.index("--out") + 1] == "runs/photo-tune/p128-dfm4"
-    assert _overrides(argv) == [  # the presets' threshold when the runs were made first; the lane's own wins
-        "sampler.thresholds=0.7", "data.dataset=data/photos/128/fit", "data.resolution=128",
+    assert _overrides(argv) == [  # the pinned settings first; the lane's own win
+        *PINNED, "data.dataset=data/photos/128/fit", "data.resolution=128",
         "model.overrides.patch_size=16", "model.overrides.hidden_size=192", "method.prediction=data", "method.stages=4",
         "method.stage_probs=0.4,0.2,0.2,0.2", "sampler.steps=8,4,4,4", "sampler.thresholds=0.6,0.75,0.85",
     ]  # fmt: skip
@@ -139,19 +146,19 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     assert "model.overrides.patch_size=8" in _overrides(calls[-1]) and "method.stages=3" in _overrides(calls[-1])
     done, calls = _lane(tmp_path, "photo_tuning.sh", "pyramidal-xpred")
     assert calls[-1][calls[-1].index("--methods") + 1] == "pyramidal"
-    pyramidal = ["sampler.thresholds=0.7", "model.overrides.hidden_size=192", "method.prediction=data"]
+    pyramidal = [*PINNED, "model.overrides.hidden_size=192", "method.prediction=data"]
     assert _overrides(calls[-1]) == pyramidal
     for lane, shares in (("fine", "0.3,0.7"), ("coarse", "0.7,0.3")):
         done, calls = _lane(tmp_path, "photo_tuning.sh", f"pyramidal-xpred-{lane}")
         assert calls[-1][calls[-1].index("--out") + 1] == f"runs/photo-tune/pyr-h192-xpred-{lane}"
         assert _overrides(calls[-1]) == [*pyramidal, f"method.options.shares={shares}"]
-    overlap = ["sampler.thresholds=0.7", "model.overrides.hidden_size=192", "method.prediction=data",
+    overlap = [*PINNED, "model.overrides.hidden_size=192", "method.prediction=data",
                "model.overrides.head_overlap=true"]  # fmt: skip
     for lane, out, method in (("fm", "fm-h192-xpred-ov", "fm"), ("dfm3", "dfm3-h192-xpred-ov", "dfm"),
                               ("pyramidal", "pyr-h192-xpred-ov", "pyramidal")):  # fmt: skip
         done, calls = _lane(tmp_path, "photo_tuning.sh", f"overlap-{lane}")
         assert calls[-1][calls[-1].index("--out") + 1] == f"runs/photo-tune/{out}"
-        assert calls[-1][calls[-1].index("--methods") + 1] == method and _overrides(calls[-1])[:4] == overlap
+        assert calls[-1][calls[-1].index("--methods") + 1] == method and _overrides(calls[-1])[:5] == overlap
     assert "method.stages=3" in _overrides(_lane(tmp_path, "photo_tuning.sh", "overlap-dfm3")[1][-1])
     # 1,000 samples at a headline point: the lane's trained runs linked into runs/photo-1k and scored, not retrained
     done, calls = _lane(tmp_path, "photo_tuning.sh", "1k-overlap-fm")
@@ -165,7 +172,7 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     assert (
         argv[argv.index("--out") + 1] == "runs/photo-1k/fm-h192-xpred-ov" and argv[argv.index("--seeds") + 1] == "0,1"
     )
-    assert argv[argv.index("--num-samples") + 1] == "1000" and _overrides(argv)[:4] == overlap
+    assert argv[argv.index("--num-samples") + 1] == "1000" and _overrides(argv)[:5] == overlap
     linked = tmp_path / "runs" / "photo-1k" / "fm-h192-xpred-ov" / "runs"
     assert sorted(p.name for p in linked.iterdir()) == ["fm-abc-s0", "fm-abc-s1"]
     assert (linked / "fm-abc-s0").resolve() == (trained / "fm-abc-s0").resolve()
@@ -187,6 +194,41 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     assert done.returncode == 2 and "usage" in done.stderr
 
 
+def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
+    overlap = [
+        *PINNED,
+        "model.overrides.hidden_size=192",
+        "method.prediction=data",
+        "model.overrides.head_overlap=true",
+    ]
+    three = ["method.stages=3", "method.stage_probs=0.4,0.3,0.3", "sampler.steps=10,5,5", "sampler.thresholds=0.7,0.85"]
+    variants = ("t8090 sampler.thresholds=0.8,0.9", "s668 sampler.steps=6,6,8 sampler.thresholds=0.8,0.9")
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-dfm3", *variants)
+    assert done.returncode == 1 and "no finished run runs/photo-tune/dfm3-h192-xpred-ov/runs/*-s[01]" in done.stderr
+    trained = tmp_path / "runs" / "photo-tune" / "dfm3-h192-xpred-ov" / "runs" / "dfm-abc-s1"
+    trained.mkdir(parents=True)
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-dfm3", *variants, env={"SEEDS": "0,1"})
+    assert done.returncode == 0, done.stderr
+    assert [c[c.index("--out") + 1] for c in calls] == [
+        "runs/photo-sampler/dfm3-h192-xpred-ov-t8090",
+        "runs/photo-sampler/dfm3-h192-xpred-ov-s668",
+    ]
+    assert _overrides(calls[0]) == [*overlap, *three, "sampler.thresholds=0.8,0.9"]  # the variant's settings win
+    assert _overrides(calls[1]) == [*overlap, *three, "sampler.steps=6,6,8", "sampler.thresholds=0.8,0.9"]
+    assert calls[1][calls[1].index("--seeds") + 1] == "0,1"
+    link = tmp_path / "runs" / "photo-sampler" / "dfm3-h192-xpred-ov-s668" / "runs" / "dfm-abc-s1"
+    assert link.is_symlink() and link.resolve() == trained.resolve()  # scored, not retrained
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "tune-fm", "lr2e-3 optim.lr=2e-3")  # trained afresh
+    assert done.returncode == 0, done.stderr
+    assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/fm-h192-xpred-ov-lr2e-3"
+    assert calls[-1][calls[-1].index("--methods") + 1] == "fm" and _overrides(calls[-1]) == [*overlap, "optim.lr=2e-3"]
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "fm", env={"STEPS": "800", "OUTROOT": "runs/photo-800"})
+    assert done.returncode == 0, done.stderr
+    argv = calls[-1]
+    assert argv[argv.index("--steps") + 1] == "800" and argv[argv.index("--out") + 1] == "runs/photo-800/fm-h192-xpred"
+    assert _overrides(argv) == [*PINNED, "model.overrides.hidden_size=192", "method.prediction=data"]
+
+
 def test_glyph_sampler_lane_scores_the_trained_run_without_retraining(tmp_path: Path) -> None:
     trained = tmp_path / "runs" / "glyph-check" / "dfm-xpred" / "runs" / "dfm-abc-s0"
     trained.mkdir(parents=True)
@@ -195,10 +237,12 @@ def test_glyph_sampler_lane_scores_the_trained_run_without_retraining(tmp_path: 
     outs = [c[c.index("--out") + 1] for c in calls]
     names = ["dfm-xpred-steps10-10", "dfm-xpred-tau0.9", "dfm-xpred-tau0.5"]
     assert outs == [f"runs/glyph-check/{name}" for name in names]
-    pinned = "sampler.thresholds=0.7"  # the presets' threshold when the runs were made (now 0.9)
-    assert [_overrides(c) for c in calls] == [[pinned, "method.prediction=data", "sampler.steps=10,10"],
-                                              [pinned, "method.prediction=data", "sampler.thresholds=0.9"],
-                                              [pinned, "method.prediction=data", "sampler.thresholds=0.5"]]  # fmt: skip
+    assert [_overrides(c)[len(PINNED) :] for c in calls] == [
+        ["method.prediction=data", "sampler.steps=10,10"],
+        ["method.prediction=data", "sampler.thresholds=0.9"],
+        ["method.prediction=data", "sampler.thresholds=0.5"],
+    ]
+    assert all(_overrides(c)[: len(PINNED)] == PINNED for c in calls)
     for name in names:  # each finds lane A's data-predicting run trained
         link = tmp_path / "runs" / "glyph-check" / name / "runs" / "dfm-abc-s0"
         assert link.is_symlink() and link.resolve() == trained.resolve()
