@@ -21,9 +21,9 @@ cd "$(dirname "$0")/.."
 . benchmarks/bench_lib.sh
 export OMP_NUM_THREADS=1
 DFM=${DFM:-dfm}
-# the presets' threshold when these runs were made (now 0.9) and the plain head (the cpu-photo bench preset now has the
-# overlapping one); a lane's own settings come later and win
-PINNED=(-o sampler.thresholds=0.7 -o model.overrides.head_overlap=false)
+# the settings of the time these runs were made, first: the presets' threshold (now 0.9), and the cpu-photo bench
+# preset's model (now hidden 192 with the overlapping head); a lane's own settings come later and win
+PINNED=(-o sampler.thresholds=0.7 -o model.overrides.hidden_size=128 -o model.overrides.head_overlap=false)
 bench() {  # name methods overrides...
   local name=$1 methods=$2; shift 2
   local args=("${PINNED[@]}")
@@ -89,7 +89,7 @@ case "$1" in
     esac
     ;;
   pyramidal)  # Pyramidal Flow at the width the tuning chose, predicting the velocity (the paper's), Heun 10 + 10
-    bench pyr-h192 pyramidal model.overrides.hidden_size=192
+    bench pyr-h192 pyramidal model.overrides.hidden_size=192 method.prediction=velocity
     ;;
   pyramidal-xpred)  # ... and predicting the data, as the tuning chose for the other two (PyramidalDataPrediction)
     bench pyr-h192-xpred pyramidal model.overrides.hidden_size=192 method.prediction=data

@@ -123,9 +123,10 @@ def _overrides(argv: list[str]) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
 
 
-#: what every lane gives first: the presets' threshold when the runs were made (now 0.9) and the plain head (the
-#: cpu-photo preset now has the overlapping one); a lane's own settings come later and win
-PINNED = ["sampler.thresholds=0.7", "model.overrides.head_overlap=false"]
+#: what every photo_tuning.sh lane gives first: the settings of the time the runs were made (the presets' threshold,
+#: now 0.9; the cpu-photo preset's model, now hidden 192 with the overlapping head); a lane's own come later and win
+PINNED = ["sampler.thresholds=0.7", "model.overrides.hidden_size=128", "model.overrides.head_overlap=false"]
+GLYPH_PINNED = ["sampler.thresholds=0.7", "model.overrides.head_overlap=false"]  # glyph_check.sh's (photo() widens)
 
 
 def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
@@ -158,7 +159,9 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
                               ("pyramidal", "pyr-h192-xpred-ov", "pyramidal")):  # fmt: skip
         done, calls = _lane(tmp_path, "photo_tuning.sh", f"overlap-{lane}")
         assert calls[-1][calls[-1].index("--out") + 1] == f"runs/photo-tune/{out}"
-        assert calls[-1][calls[-1].index("--methods") + 1] == method and _overrides(calls[-1])[:5] == overlap
+        assert (
+            calls[-1][calls[-1].index("--methods") + 1] == method and _overrides(calls[-1])[: len(overlap)] == overlap
+        )
     assert "method.stages=3" in _overrides(_lane(tmp_path, "photo_tuning.sh", "overlap-dfm3")[1][-1])
     # 1,000 samples at a headline point: the lane's trained runs linked into runs/photo-1k and scored, not retrained
     done, calls = _lane(tmp_path, "photo_tuning.sh", "1k-overlap-fm")
@@ -172,7 +175,7 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     assert (
         argv[argv.index("--out") + 1] == "runs/photo-1k/fm-h192-xpred-ov" and argv[argv.index("--seeds") + 1] == "0,1"
     )
-    assert argv[argv.index("--num-samples") + 1] == "1000" and _overrides(argv)[:5] == overlap
+    assert argv[argv.index("--num-samples") + 1] == "1000" and _overrides(argv)[: len(overlap)] == overlap
     linked = tmp_path / "runs" / "photo-1k" / "fm-h192-xpred-ov" / "runs"
     assert sorted(p.name for p in linked.iterdir()) == ["fm-abc-s0", "fm-abc-s1"]
     assert (linked / "fm-abc-s0").resolve() == (trained / "fm-abc-s0").resolve()
@@ -237,12 +240,12 @@ def test_glyph_sampler_lane_scores_the_trained_run_without_retraining(tmp_path: 
     outs = [c[c.index("--out") + 1] for c in calls]
     names = ["dfm-xpred-steps10-10", "dfm-xpred-tau0.9", "dfm-xpred-tau0.5"]
     assert outs == [f"runs/glyph-check/{name}" for name in names]
-    assert [_overrides(c)[len(PINNED) :] for c in calls] == [
+    assert [_overrides(c)[len(GLYPH_PINNED) :] for c in calls] == [
         ["method.prediction=data", "sampler.steps=10,10"],
         ["method.prediction=data", "sampler.thresholds=0.9"],
         ["method.prediction=data", "sampler.thresholds=0.5"],
     ]
-    assert all(_overrides(c)[: len(PINNED)] == PINNED for c in calls)
+    assert all(_overrides(c)[: len(GLYPH_PINNED)] == GLYPH_PINNED for c in calls)
     for name in names:  # each finds lane A's data-predicting run trained
         link = tmp_path / "runs" / "glyph-check" / name / "runs" / "dfm-abc-s0"
         assert link.is_symlink() and link.resolve() == trained.resolve()
