@@ -5,7 +5,8 @@
 
 Each ``LABEL=FOLDER`` names a `dfm bench quality --out` folder (its seed-0 run) or a run folder; the panel is that
 run's ``samples/step_<step>.png`` (the EMA model's images from the same sampling seeds in every run, so runs of one
-method start from the same noise). ``--rows`` keeps the first rows of each grid.
+method start from the same noise). ``--rows`` keeps the first rows of each grid. ``LABEL=FOLDER@STEP`` shows that
+panel at its own step (budgets side by side; ``--step`` is then the default of the others).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def sheet(folder: Path, step: int, seed: int) -> Path:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("panels", nargs="+", metavar="LABEL=FOLDER")
-    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--step", type=int, help="the step of every panel without its own @STEP")
     p.add_argument("--seed", type=int, default=0, help="training seed of the run to show (bench folders)")
     p.add_argument("--rows", type=int, default=3, help="rows of each run's grid to keep")
     p.add_argument("--cell", type=int, default=66, help="pixel pitch of the saved grids (image + gap)")
@@ -45,8 +46,14 @@ def main() -> int:
         label, sep, folder = item.rpartition("=")
         if not sep or not label:
             p.error(f"{item!r}: give LABEL=FOLDER")
+        step = args.step
+        base, at, own = folder.rpartition("@")
+        if at and own.isdigit():
+            folder, step = base, int(own)
+        if step is None:
+            p.error(f"{item!r}: give the panel's step (LABEL=FOLDER@STEP) or --step")
         try:
-            grid = Image.open(sheet(Path(folder), args.step, args.seed)).convert("RGB")
+            grid = Image.open(sheet(Path(folder), step, args.seed)).convert("RGB")
         except FileNotFoundError as e:
             p.error(str(e))
         keep = min(grid.height, args.rows * args.cell)

@@ -49,7 +49,7 @@ def test_table_compare_gives_seed_means_spreads_and_ratios(tmp_path: Path) -> No
 
 
 def _grid(path: Path, color: int, rows: int = 4) -> None:
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((rows * 66, 3 * 66, 3), color, np.uint8)).save(path)
 
 
@@ -73,6 +73,17 @@ def test_pictures_lay_out_labelled_panels_and_refuse_missing_runs(tmp_path: Path
     assert missing.returncode == 2 and "no samples/step_00000300.png of seed 0" in missing.stderr
     unlabelled = _run("photo_pictures.py", "--step", "100", "--out", str(out), str(tmp_path / "a"))
     assert unlabelled.returncode == 2 and "give LABEL=FOLDER" in unlabelled.stderr
+    _grid(tmp_path / "b" / "samples" / "step_00000300.png", 120)  # a panel at its own step, beside --step's
+    own = _run(
+        "photo_pictures.py", "--step", "100", "--out", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}@300"
+    )
+    assert own.returncode == 0, own.stderr
+    image = np.asarray(Image.open(out))
+    assert (image[top : top + 66, 10 : 10 + 3 * 66] == 50).all() and (
+        image[top : top + 66, x : x + 3 * 66] == 120
+    ).all()
+    nostep = _run("photo_pictures.py", "--out", str(out), f"A={tmp_path / 'a'}@100", f"B={tmp_path / 'b'}")
+    assert nostep.returncode == 2 and "give the panel's step (LABEL=FOLDER@STEP) or --step" in nostep.stderr
 
 
 def test_calibration_picture_has_one_labelled_column_per_set(tmp_path: Path) -> None:
