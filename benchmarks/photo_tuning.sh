@@ -13,7 +13,9 @@
 # predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln: LogitNormal local time;
 # pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage). overlap-fm|dfm|dfm3|pyramidal: the
 # tuned settings with the overlapping output head (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|
-# 1k-dfm3: those runs' two seeds scored with 1,000 samples (runs/photo-1k).
+# 1k-dfm3: those runs' two seeds scored with 1,000 samples (runs/photo-1k). resample-fm|resample-dfm3 "TAG OVERRIDES"...:
+# the overlapping-head runs scored again with other sampler settings (runs/photo-sampler); tune-fm|tune-dfm3 "TAG
+# OVERRIDES"...: trained again with other training settings; fm: Flow Matching's tuned run alone (other budgets).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -137,6 +139,7 @@ case "$1" in
     esac
     lane=$1
     shift
+    [ $# -gt 0 ] || { echo "$lane: give at least one variant, e.g. \"t8090 sampler.thresholds=0.8,0.9\"" >&2; exit 2; }
     for spec in "$@"; do
       read -r tag rest <<< "$spec"
       read -ra extra <<< "$rest"

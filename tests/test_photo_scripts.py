@@ -232,6 +232,8 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert calls[1][calls[1].index("--seeds") + 1] == "0,1"
     link = tmp_path / "runs" / "photo-sampler" / "dfm3-h192-xpred-ov-s668" / "runs" / "dfm-abc-s1"
     assert link.is_symlink() and link.resolve() == trained.resolve()  # scored, not retrained
+    done, _ = _lane(tmp_path, "photo_tuning.sh", "tune-dfm3")
+    assert done.returncode == 2 and "tune-dfm3: give at least one variant" in done.stderr
     done, calls = _lane(tmp_path, "photo_tuning.sh", "tune-fm", "lr2e-3 optim.lr=2e-3")  # trained afresh
     assert done.returncode == 0, done.stderr
     assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/fm-h192-xpred-ov-lr2e-3"
