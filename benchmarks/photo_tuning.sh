@@ -26,6 +26,9 @@ DFM=${DFM:-dfm}
 # the settings of the time these runs were made, first: the presets' threshold (now 0.9), and the cpu-photo bench
 # preset's model (now hidden 192 with the overlapping head); a lane's own settings come later and win
 PINNED=(-o sampler.thresholds=0.7 -o model.overrides.hidden_size=128 -o model.overrides.head_overlap=false)
+# the tuned 64 px settings with the overlapping head, and the 3-stage DFM's split (the cpu64 study's, not tuned here)
+OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
+DFM3=(method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85)
 bench() {  # name methods overrides...
   local name=$1 methods=$2; shift 2
   local args=("${PINNED[@]}")
@@ -59,8 +62,7 @@ case "$1" in
     bench fm-h192-xpred fm model.overrides.hidden_size=192 method.prediction=data
     ;;
   dfm3)  # DFM with three stages (16 -> 32 -> 64) at the same settings; stage split and thresholds of the cpu64 study
-    bench dfm3-h192-xpred dfm model.overrides.hidden_size=192 method.prediction=data method.stages=3 \
-      method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85
+    bench dfm3-h192-xpred dfm model.overrides.hidden_size=192 method.prediction=data "${DFM3[@]}"
     ;;
   euler)  # each tuned seed-0 checkpoint sampled with Euler at the same cost (40 steps; 30 + 10 for DFM), not retrained:
     # the finished run is linked into a new --out, where the bench finds it trained and only scores it
@@ -84,8 +86,7 @@ case "$1" in
           model.overrides.hidden_size=192 method.prediction=data)
     case "${1#*-}" in
       fm) bench $tag-fm fm "${P128[@]}" ;;
-      dfm3) bench $tag-dfm3 dfm "${P128[@]}" method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 \
-              sampler.thresholds=0.7,0.85 ;;
+      dfm3) bench $tag-dfm3 dfm "${P128[@]}" "${DFM3[@]}" ;;
       dfm4) bench $tag-dfm4 dfm "${P128[@]}" method.stages=4 method.stage_probs=0.4,0.2,0.2,0.2 \
               sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85 ;;
     esac
@@ -110,12 +111,10 @@ case "$1" in
   overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal)  # the tuned 64 px settings with the overlapping output head
     # (model.overrides.head_overlap=true: each token's 2p x 2p window blended with its neighbours', no edges on the
     # token grid), against the token seams every method's samples show (benchmarks/token_seams.py)
-    OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
     case "${1#overlap-}" in
       fm) bench fm-h192-xpred-ov fm "${OV[@]}" ;;
       dfm) bench dfm-h192-xpred-ov dfm "${OV[@]}" ;;
-      dfm3) bench dfm3-h192-xpred-ov dfm "${OV[@]}" method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 \
-              sampler.thresholds=0.7,0.85 ;;
+      dfm3) bench dfm3-h192-xpred-ov dfm "${OV[@]}" "${DFM3[@]}" ;;
       pyramidal) bench pyr-h192-xpred-ov pyramidal "${OV[@]}" ;;
     esac
     ;;
@@ -131,11 +130,9 @@ case "$1" in
     # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (the 3-stage split and
     # thresholds came from the Fashion-MNIST study; Flow Matching gets the knobs it has: the time shift, Euler).
     # tune-*: trained afresh with other training settings (learning rate, preconditioning) as runs/photo-tune/<run>-<tag>
-    OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
     case "$1" in
       *-fm) m=fm name=fm-h192-xpred-ov TRAIN=("${OV[@]}") ;;
-      *-dfm3) m=dfm name=dfm3-h192-xpred-ov TRAIN=("${OV[@]}" method.stages=3 method.stage_probs=0.4,0.3,0.3
-                                               sampler.steps=10,5,5 sampler.thresholds=0.7,0.85) ;;
+      *-dfm3) m=dfm name=dfm3-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM3[@]}") ;;
     esac
     lane=$1
     shift
