@@ -265,6 +265,7 @@ def test_bfloat16_encoders_return_float32(pipelines):
     encode = load_text_encoder(pipelines["flux"], max_length=8, dtype=torch.bfloat16)
     cond, ref = encode(PROMPTS[:2]), load_text_encoder(pipelines["flux"], max_length=8)(PROMPTS[:2])
     assert cond.prompt_embeds.dtype == cond.pooled.dtype == torch.float32
+    assert not torch.equal(cond.prompt_embeds, ref.prompt_embeds)  # the encoders did run in bfloat16
     torch.testing.assert_close(cond.prompt_embeds, ref.prompt_embeds, rtol=0.05, atol=0.05)
     torch.testing.assert_close(cond.pooled, ref.pooled, rtol=0.05, atol=0.05)
 

@@ -105,6 +105,15 @@ class TextCondition:
 TextEncoder = Callable[[list[str]], TextCondition]
 
 
+def _pipeline_dtype(dtype: torch.dtype | None) -> dict[str, torch.dtype | None]:
+    """The dtype keyword of the installed diffusers' ``Pipeline.from_pretrained``: ``dtype`` where it knows it (it
+    deprecated ``torch_dtype`` in 2026 and warns on it), else ``torch_dtype`` (older pipelines would pass an unknown
+    ``dtype`` on to their components and load float32)."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def diffusers_kind(path: str | os.PathLike[str]) -> str:
     """``"flux"`` or ``"sd3"`` for a diffusers model directory (``model_index.json`` + ``transformer/``), read
     from ``transformer/config.json``; a one-line ``ValueError`` for anything else."""
@@ -138,7 +147,7 @@ def load_text_encoder(
     except ImportError as err:
         raise ImportError("text encoders need diffusers and transformers: pip install 'dfm[finetune]'") from err
     cls = diffusers.FluxPipeline if kind == "flux" else diffusers.StableDiffusion3Pipeline
-    pipe = cls.from_pretrained(str(model_dir), transformer=None, vae=None, torch_dtype=dtype).to(device)
+    pipe = cls.from_pretrained(str(model_dir), transformer=None, vae=None, **_pipeline_dtype(dtype)).to(device)
 
     @torch.no_grad()
     def encode(prompts: list[str]) -> TextCondition:
