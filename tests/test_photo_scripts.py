@@ -270,3 +270,31 @@ def test_glyph_sampler_lane_scores_the_trained_run_without_retraining(tmp_path: 
     for name in names:  # each finds lane A's data-predicting run trained
         link = tmp_path / "runs" / "glyph-check" / name / "runs" / "dfm-abc-s0"
         assert link.is_symlink() and link.resolve() == trained.resolve()
+
+
+def test_border_contrast_finds_a_busy_border_in_a_saved_grid(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("border_contrast", BENCH / "border_contrast.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    calm = rng.integers(100, 110, (32, 32, 3))
+    busy = calm.copy()
+    busy[:4, ::2] = 250  # dots along the top border: that strip's neighbour differences grow ~30x
+    pad, res = 2, 32
+    grid = np.full((pad + 2 * (res + pad), pad + 3 * (res + pad), 3), 255, dtype=np.uint8)
+    for i in range(6):
+        r, c = divmod(i, 3)
+        grid[pad + r * (res + pad) :][:res, pad + c * (res + pad) :][:, :res] = busy if i == 4 else calm
+    run = tmp_path / "bench" / "runs" / "fm-x-s0" / "samples"
+    run.mkdir(parents=True)
+    Image.fromarray(grid).save(run / "step_00000100.png")
+    images = module.grid_images(run / "step_00000100.png", res)
+    assert len(images) == 6 and np.array_equal(images[4], busy) and np.array_equal(images[0], calm)
+    assert abs(module.border_contrast(images[:4]) - 1) < 0.1  # uniform noise: the border like the middle
+    assert module.border_contrast([busy]) > 5
+    done = subprocess.run([sys.executable, str(BENCH / "border_contrast.py"), "--step", "100", "--res", "32",
+                           f"run={tmp_path / 'bench'}"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and "| run |" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, str(BENCH / "border_contrast.py"), "--step", "100", "--res", "30",
+                           f"run={tmp_path / 'bench'}"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 1 and "is not a grid of 30 px images" in done.stderr
