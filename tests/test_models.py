@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -441,6 +442,36 @@ def test_overlap_head_turns_a_mosaic_of_tokens_into_a_smooth_image() -> None:
     torch.testing.assert_close(blended, bilinear, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("patch, size", [(2, (8, 8)), (4, (16, 12)), (4, (2, 8, 16))])
+def test_mirrored_border_blends_every_pixel_with_weights_summing_to_one(patch: int, size: tuple) -> None:
+    # Windows cut from the image mirrored at its border (so a window's outside part is what folding back adds)
+    # rebuild the image exactly, and flat windows of one value give that value everywhere, border included.
+    frames = size[0] if len(size) == 3 else 1
+    image = torch.randn(3 * frames, 2, *size[-2:], generator=torch.Generator().manual_seed(0))
+    m = patch // 2
+    mirrored = torch.cat([image[..., :m, :].flip(-2), image, image[..., -m:, :].flip(-2)], dim=-2)
+    mirrored = torch.cat([mirrored[..., :m].flip(-1), mirrored, mirrored[..., -m:].flip(-1)], dim=-1)
+    windows = torch.nn.functional.unfold(mirrored, 2 * patch, stride=patch)  # (B t, C k k, L)
+    tokens = windows.transpose(1, 2).reshape(3, -1, 2 * (2 * patch) ** 2)
+    out = overlap_unpatchify(tokens, size, 2, patch, border="mirror")
+    expected = image.view(3, frames, 2, *size[-2:]).transpose(1, 2) if len(size) == 3 else image
+    torch.testing.assert_close(out, expected.reshape(out.shape), rtol=1e-5, atol=1e-5)
+    flat = overlap_unpatchify(torch.full_like(tokens, 0.7), size, 2, patch, border="mirror")
+    torch.testing.assert_close(flat, torch.full_like(flat, 0.7))
+    # The border pixels now depend on the window's outside part too; with "crop" they do not
+    outside = torch.zeros(2 * patch, 2 * patch, dtype=torch.bool)
+    outside[:m] = True  # the top rows of every window: outside the image for the first row of tokens
+    poked = tokens.view(3, -1, 2, 2 * patch, 2 * patch).clone()
+    poked[:, :, :, outside] += 1.0
+    poked = poked.reshape(tokens.shape)
+    for border, changes in (("crop", False), ("mirror", True)):
+        a = overlap_unpatchify(tokens, size, 2, patch, border=border)[..., 0, :]
+        b = overlap_unpatchify(poked, size, 2, patch, border=border)[..., 0, :]
+        assert (not torch.allclose(a, b)) is changes
+    with pytest.raises(ValueError, match="choose one of crop, mirror"):
+        overlap_unpatchify(tokens, size, 2, patch, border="reflect")
+
+
 def test_dit_with_overlapping_heads() -> None:
     cfg = tiny_config(stage_factors=(4, 2, 1), patch_size=4, head_overlap=True)  # patches 1, 2, 4
     model = DFMDiT(cfg)
@@ -456,3 +487,16 @@ def test_dit_with_overlapping_heads() -> None:
     assert (
         DiTConfig.from_dict(cfg.to_dict()) == cfg and DiTConfig.from_dict(tiny_config().to_dict()).head_overlap is False
     )
+    # The mirrored border: the same weights, another image along the border only; a config without the field
+    # (every checkpoint before it) decodes as trained, with "crop"
+    mirror = DFMDiT(dataclasses.replace(cfg, head_border="mirror"))
+    mirror.load_state_dict(model.state_dict())
+    other = mirror(levels, t, y, main_stage)[-1]
+    torch.testing.assert_close(other[..., 2:-2, 2:-2], out[-1][..., 2:-2, 2:-2])
+    assert not torch.allclose(other[..., :2, :], out[-1][..., :2, :])
+    old = {k: v for k, v in cfg.to_dict().items() if k != "head_border"}
+    assert (
+        DiTConfig.from_dict(old).head_border == "crop" and DiTConfig.from_dict(mirror.config.to_dict()) == mirror.config
+    )
+    with pytest.raises(ValueError, match="head_border='edge': choose one of crop, mirror"):
+        dataclasses.replace(cfg, head_border="edge")

@@ -13,6 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+#: How the overlapping head treats the half-patch strip along the image border, where only one token's window
+#: reaches a pixel across the border: "crop" drops the part of a window outside the image and divides by the
+#: weights left; "mirror" folds that part back into the image, mirrored at the border, so the tent weights sum to 1
+#: there as inside and every border pixel is a blend too.
+HEAD_BORDERS = ("crop", "mirror")
+
 POSITION_CHOICES = ("rope", "sincos")
 SPECIALISE_CHOICES = ("none", "mlp", "attention", "all")
 
@@ -53,6 +59,10 @@ class DiTConfig:
     """Each token's output head draws a 2p x 2p window centred on its p x p patch, blended with its neighbours' by
     a tent window that sums to 1 (overlap-add): the output has no edges on the token grid by construction. Stages
     with an odd patch size (1) keep the plain head."""
+    head_border: str = "crop"
+    """The overlapping head along the image border (:data:`HEAD_BORDERS`): "crop" (as trained
+    before 2026-12-06) or "mirror" (the outside part of each border window folded back in; against the dotted border
+    that "crop" leaves, docs/RESULTS.md; not yet measured)."""
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so that configs compare and hash the same after a round trip.
@@ -94,6 +104,8 @@ class DiTConfig:
             raise ValueError(f"head dim {self.head_dim} is too small for {axes}D RoPE; use fewer heads")
         if self.pos == "sincos" and self.hidden_size < 2 * axes:
             raise ValueError(f"hidden_size={self.hidden_size} is too small for {axes}D sin-cos positions")
+        if self.head_border not in HEAD_BORDERS:
+            raise ValueError(f"head_border={self.head_border!r}: choose one of {', '.join(HEAD_BORDERS)}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} must be > 0")
         if self.num_classes < 0:

@@ -20,6 +20,7 @@ samples through :class:`dfm.models.precondition.Preconditioned`, which its metho
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -81,7 +82,8 @@ class DFMDiT(nn.Module):
         self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         # Per stage: how the head's token outputs become the level (overlapping windows, or patches side by side).
         overlapping = [config.head_overlap and overlaps(p) for p in patches]
-        self._rebuild = [overlap_unpatchify if o else unpatchify for o in overlapping]
+        overlap = functools.partial(overlap_unpatchify, border=config.head_border)
+        self._rebuild = [overlap if o else unpatchify for o in overlapping]
         self.final_layers = nn.ModuleList(FinalLayer(d, 2 * p if o else p, c) for p, o in zip(patches, overlapping))
 
         # Positions are fixed functions of the token grid: non-persistent buffers, not weights.

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dfm.models.config import HEAD_BORDERS
 from dfm.models.positions import apply_rope
 
 #################################################################################
@@ -53,19 +54,38 @@ def tent_window(patch: int, device: torch.device | None = None, dtype: torch.dty
     return w[:, None] * w[None, :]
 
 
-def overlap_unpatchify(x: Tensor, size: tuple[int, ...], channels: int, patch: int) -> Tensor:
+def _fold_back(canvas: Tensor, margin: int) -> Tensor:
+    """Add the ``margin`` outer rows and columns of ``canvas`` (..., H + 2m, W + 2m) onto the image inside,
+    mirrored at its border, and return the image (..., H, W)."""
+    m = margin
+    inner = canvas[..., m:-m, :].clone()
+    inner[..., :m, :] += canvas[..., :m, :].flip(-2)
+    inner[..., -m:, :] += canvas[..., -m:, :].flip(-2)
+    out = inner[..., m:-m].clone()
+    out[..., :m] += inner[..., :m].flip(-1)
+    out[..., -m:] += inner[..., -m:].flip(-1)
+    return out
+
+
+def overlap_unpatchify(x: Tensor, size: tuple[int, ...], channels: int, patch: int, border: str = "crop") -> Tensor:
     """(B, N, C * (2p)^2) -> (B, C, *size): each token's 2p x 2p window, centred on its patch, weighted by
     :func:`tent_window` and summed with its neighbours' (divided by the windows' sum, which is 1 away from the
-    image border). Videos: frame by frame."""
+    image border; ``border``: :data:`HEAD_BORDERS`). Videos: frame by frame."""
+    if border not in HEAD_BORDERS:
+        raise ValueError(f"border={border!r}: choose one of {', '.join(HEAD_BORDERS)}")
     t = size[0] if len(size) == 3 else 1
     h, w = size[-2] // patch, size[-1] // patch
-    b, k = x.shape[0], 2 * patch
+    b, k, m = x.shape[0], 2 * patch, patch // 2
     x = x.reshape(b * t, h * w, channels, k, k) * tent_window(patch, x.device, x.dtype)
     x = x.reshape(b * t, h * w, channels * k * k).transpose(1, 2)  # (B t, C k k, L): F.fold's layout
-    fold = dict(output_size=size[-2:], kernel_size=k, stride=patch, padding=patch // 2)
     windows = tent_window(patch, x.device, x.dtype).reshape(1, k * k, 1).expand(1, k * k, h * w)
-    weight = F.fold(windows, **fold)  # the windows' sum at every pixel
-    out = F.fold(x, **fold) / weight  # (B t, C, H, W)
+    if border == "crop":
+        fold = dict(output_size=size[-2:], kernel_size=k, stride=patch, padding=m)
+        weight = F.fold(windows, **fold)  # the windows' sum at every pixel
+        out = F.fold(x, **fold) / weight  # (B t, C, H, W)
+    else:  # fold onto the image with its margin of half a patch, then fold the margin back in
+        fold = dict(output_size=(size[-2] + 2 * m, size[-1] + 2 * m), kernel_size=k, stride=patch)
+        out = _fold_back(F.fold(x, **fold), m) / _fold_back(F.fold(windows, **fold), m)  # the weights: 1
     out = out.reshape(b, t, channels, *size[-2:]).transpose(1, 2)
     return out if len(size) == 3 else out.squeeze(2)
 
