@@ -60,9 +60,9 @@ class DiTConfig:
     a tent window that sums to 1 (overlap-add): the output has no edges on the token grid by construction. Stages
     with an odd patch size (1) keep the plain head."""
     head_border: str = "crop"
-    """The overlapping head along the image border (:data:`HEAD_BORDERS`): "crop" (as trained
-    before 2026-12-06) or "mirror" (the outside part of each border window folded back in, against the dotted border
-    that "crop" leaves: removes it but scored worse at 800 steps at 64 px, docs/RESULTS.md)."""
+    """The overlapping head along the image border (:data:`HEAD_BORDERS`): "crop" (what every earlier run trained
+    with) or "mirror" (the outside part of each border window folded back in, against the dotted border that "crop"
+    leaves: removes it but scored worse at 800 steps at 64 px, docs/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so that configs compare and hash the same after a round trip.
