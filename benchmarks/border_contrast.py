@@ -3,22 +3,23 @@
     python benchmarks/border_contrast.py --step 1600 --res 128 --real data/photos/128/fit \\
         "Flow Matching=runs/photo-tune/p128p8-fm" "Flow Matching, overlapping head=runs/photo-tune/p128p8-ov-fm"
 
-For each run, the sample grid it saved at ``--step`` (its seed-0 run's ``samples/step_<step>.png``, cut into its
-``res`` x ``res`` images), and for ``--real`` 500 images of a folder: the mean absolute difference between
-horizontal neighbours in the ``--strip`` outermost rows at the top and bottom, divided by the same mean over the rows
-at least twice as far in. Real crops score a little below 1 (borders of random crops are no busier than their
-middles); an output head that leaves its border pixels to one token's window scores well above it.
+For each run, the sample grid it saved at ``--step`` (its seed-0 run's ``samples/step_<step>.png``, cut into its ``res``
+x ``res`` images), and for ``--real`` 500 images spread over a set (`dfm.eval.images.load_images`): the mean absolute
+difference between horizontal neighbours in the ``--strip`` outermost rows at the top and bottom, divided by the same
+mean over the rows at least twice as far in. Real crops score a little below 1 (borders of random crops are no busier
+than their middles); an output head that leaves its border pixels to one token's window scores well above it.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from dfm.eval.images import load_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photo_pictures import sheet  # noqa: E402
@@ -55,18 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="*", metavar="LABEL=FOLDER", help="a dfm bench quality --out folder or a run folder")
     p.add_argument("--step", type=int, required=True, help="the saved sample grid's training step")
     p.add_argument("--res", type=int, required=True, help="the images' size in pixels")
-    p.add_argument("--real", type=Path, help="a folder of real images of that size (500 drawn with seed 0)")
+    p.add_argument("--real", help="real images of that size (a folder of PNGs, .npz; 500 spread over the set)")
     p.add_argument("--strip", type=int, default=4, help="border rows scored (default 4: half an 8 px patch)")
     args = p.parse_args(argv)
     if not args.runs and args.real is None:
         p.error("give LABEL=FOLDER runs and/or --real DIR")
     print("| images | border contrast |\n|---|---|")
     if args.real is not None:
-        files = sorted(args.real.glob("*.png"))
-        if not files:
-            raise SystemExit(f"--real {args.real}: no .png images there")
-        random.Random(0).shuffle(files)
-        real = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) for f in files[:500]]
+        try:
+            real = load_images(args.real).spread(500).images  # (N, C, H, W) uint8
+        except ValueError as err:
+            raise SystemExit(f"--real {args.real}: {err}") from None
+        real = list(real.permute(0, 2, 3, 1).double().numpy())
         print(f"| real ({args.real}) | {border_contrast(real, args.strip):.2f} |")
     for spec in args.runs:
         label, sep, folder = spec.partition("=")

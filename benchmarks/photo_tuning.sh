@@ -9,13 +9,14 @@
 #   bash benchmarks/photo_tuning.sh compare-dfm                bash benchmarks/photo_tuning.sh compare-fm
 # and DFM with three stages (dfm3), and the tuned checkpoints sampled with Euler instead of Heun (euler).
 # 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4 at patch 16; 128p8-fm,
-# 128p8-dfm3, 128p8-dfm4 at patch 8; 128p8ov-* at patch 8 with the overlapping head; SEEDS=0,1 adds the second seed). Pyramidal Flow at hidden 192
-# predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln: LogitNormal local time;
-# pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage). overlap-fm|dfm|dfm3|pyramidal: the
-# tuned settings with the overlapping output head (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|
-# 1k-dfm3: those runs' two seeds scored with 1,000 samples (runs/photo-1k). resample-fm|resample-dfm3 "TAG OVERRIDES"...:
-# the overlapping-head runs scored again with other sampler settings (runs/photo-sampler); tune-fm|tune-dfm3 "TAG
-# OVERRIDES"...: trained again with other training settings; fm: Flow Matching's tuned run alone (other budgets).
+# 128p8-dfm3, 128p8-dfm4 at patch 8; 128p8ov-* at patch 8 with the overlapping head; SEEDS=0,1 adds the second seed).
+# Pyramidal Flow at hidden 192 predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln:
+# LogitNormal local time; pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage).
+# overlap-fm|dfm|dfm3|pyramidal: the tuned settings with the overlapping output head
+# (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|1k-dfm3: those runs' two seeds scored with 1,000
+# samples (runs/photo-1k). resample-fm|resample-dfm3 "TAG OVERRIDES"...: the overlapping-head runs scored again with
+# other sampler settings (runs/photo-sampler); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training
+# settings; fm: Flow Matching's tuned run alone (other budgets).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -75,12 +76,13 @@ case "$1" in
         > runs/photo-sampler/$m-h192-xpred-euler40.log 2>&1
     done
     ;;
-  128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4)  # 128 px (data/photos/128/fit) at the tuned settings of 64 px
-    # (hidden 192, predicting the data). 128-*: patch 16, so that the model still sees 64 tokens and costs what it costs
-    # at 64 px, but a token (768 values) is four times the model's width; 128p8-*: patch 8 (256 tokens, the token fits
-    # the width; about 3x the cost per step). Three stages 32 -> 64 -> 128 px with the 64 px study's split; four
-    # stages 16 -> 32 -> 64 -> 128 px with the same coarse share and steps. 128p8ov-*: patch 8 with the overlapping
-    # output head, each method's best head at 64 px (runs/photo-tune/p128p8-ov-*).
+  128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4)
+    # 128 px (data/photos/128/fit) at the tuned settings of 64 px (hidden 192, predicting the data). 128-*: patch 16, so
+    # that the model still sees 64 tokens and costs what it costs at 64 px, but a token (768 values) is four times the
+    # model's width; 128p8-*: patch 8 (256 tokens, the token fits the width; about 3x the cost per step). Three stages
+    # 32 -> 64 -> 128 px with the 64 px study's split; four stages 16 -> 32 -> 64 -> 128 px with the same coarse share
+    # and steps. 128p8ov-*: patch 8 with the overlapping output head, each method's best head at 64 px
+    # (runs/photo-tune/p128p8-ov-*).
     patch=16 tag=p128 overlap=false
     case "$1" in 128p8-*) patch=8 tag=p128p8 ;; 128p8ov-*) patch=8 tag=p128p8-ov overlap=true ;; esac
     P128=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=$patch

@@ -78,14 +78,12 @@ def overlap_unpatchify(x: Tensor, size: tuple[int, ...], channels: int, patch: i
     b, k, m = x.shape[0], 2 * patch, patch // 2
     x = x.reshape(b * t, h * w, channels, k, k) * tent_window(patch, x.device, x.dtype)
     x = x.reshape(b * t, h * w, channels * k * k).transpose(1, 2)  # (B t, C k k, L): F.fold's layout
-    windows = tent_window(patch, x.device, x.dtype).reshape(1, k * k, 1).expand(1, k * k, h * w)
     if border == "crop":
         fold = dict(output_size=size[-2:], kernel_size=k, stride=patch, padding=m)
-        weight = F.fold(windows, **fold)  # the windows' sum at every pixel
-        out = F.fold(x, **fold) / weight  # (B t, C, H, W)
-    else:  # fold onto the image with its margin of half a patch, then fold the margin back in
-        fold = dict(output_size=(size[-2] + 2 * m, size[-1] + 2 * m), kernel_size=k, stride=patch)
-        out = _fold_back(F.fold(x, **fold), m) / _fold_back(F.fold(windows, **fold), m)  # the weights: 1
+        windows = tent_window(patch, x.device, x.dtype).reshape(1, k * k, 1).expand(1, k * k, h * w)
+        out = F.fold(x, **fold) / F.fold(windows, **fold)  # divided by the windows' sum at every pixel
+    else:  # fold onto the image with its margin of half a patch, then fold the margin back in: the weights sum to 1
+        out = _fold_back(F.fold(x, (size[-2] + 2 * m, size[-1] + 2 * m), kernel_size=k, stride=patch), m)
     out = out.reshape(b, t, channels, *size[-2:]).transpose(1, 2)
     return out if len(size) == 3 else out.squeeze(2)
 
