@@ -62,6 +62,23 @@ def test_bad_settings_are_refused_with_where_they_are(override: str, message: st
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("method", ["dfm", "cascade"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.overrides.head_border=edge"], "model.overrides.head_border='edge': choose one of crop, mirror"),
+        (["model.overrides.hidden_size=100", "model.overrides.num_heads=3"],
+         "model.overrides.hidden_size=100 is not divisible by model.overrides.num_heads=3"),
+        (["model.overrides.hidden_size=102"], "model.overrides.hidden_size=102 is not divisible by num_heads=4"),
+    ],
+)  # fmt: skip
+def test_a_bad_model_setting_is_named_as_the_user_typed_it(method: str, overrides: list[str], message: str) -> None:
+    cfg = apply_overrides(with_method(get_preset("quickstart"), method), overrides)
+    with pytest.raises(ValueError) as info:
+        get_method(method).network(cfg, (1, 32, 32), 10)
+    assert str(info.value) == message
+
+
 def test_a_config_file_with_a_mistyped_model_setting_is_refused_when_resolved() -> None:
     data = get_preset("quickstart").to_dict()
     data["model"]["overrides"] = {"use_stage_embedding": "false"}

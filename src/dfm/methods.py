@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from dfm.config import MethodConfig, RunConfig
 from dfm.decomposition import Decomposition, Standardized, build_decomposition, estimate_level_std
-from dfm.models import DFMDiT, create_model
+from dfm.models import DFMDiT, DiTConfig, create_config
 from dfm.models.precondition import Preconditioned
 from dfm.objective import DFMObjective
 from dfm.sampling import Sampler, StageSampler
@@ -123,7 +124,19 @@ class Method:
 
             return load_adapter(mc.pretrained, stage_factors(cfg.method), mc.distilled_guidance, mc.lora_rank,
                                 mc.lora_alpha, mc.gradient_checkpointing, kind=mc.backbone)  # fmt: skip
-        return create_model(mc.name, **self.network_settings(cfg, sample_shape, num_classes))
+        return DFMDiT(self.dit_config(cfg, self.network_settings(cfg, sample_shape, num_classes)))
+
+    @staticmethod
+    def dit_config(cfg: RunConfig, settings: dict[str, Any]) -> DiTConfig:
+        """``cfg.model.name``'s DiTConfig with ``settings``; an error about a field the user set names it as they
+        typed it (``model.overrides.head_border='edge': ...``)."""
+        try:
+            return create_config(cfg.model.name, **settings)
+        except ValueError as err:
+            message = str(err)
+            for key in cfg.model.overrides:
+                message = re.sub(rf"(?<![.\w]){re.escape(key)}=", f"model.overrides.{key}=", message)
+            raise ValueError(message) from None
 
     def network_settings(self, cfg: RunConfig, sample_shape: Sequence[int], num_classes: int) -> dict[str, Any]:
         """The DiTConfig fields of the run's network: ``model.overrides`` and what the data and stages fix."""

@@ -52,7 +52,6 @@ from dfm.baselines.cascade.sampler import CascadeSampler
 from dfm.config import MethodConfig, RunConfig
 from dfm.decomposition import Decomposition, downsample
 from dfm.methods import Method, TrainingCallback, register_method, stage_factors, two_stage_baseline
-from dfm.models import create_config
 
 __all__ = [
     "CASCADE_CONFIG",
@@ -132,7 +131,7 @@ class Cascade(Method):
     def network(self, cfg: RunConfig, sample_shape: Sequence[int], num_classes: int) -> nn.Module:
         # stage 2 is the one-stage model; stage 1 is derived from it
         settings = {**self.network_settings(cfg, sample_shape, num_classes), "stage_factors": (1,)}
-        config = create_config(cfg.model.name, **settings)
+        config = self.dit_config(cfg, settings)
         return CascadeModel.from_config(config, stage_factors(cfg.method)[0], cfg.method.resample)
 
     def preconditioned(self, network: Any, m: MethodConfig) -> Any:
