@@ -298,3 +298,32 @@ def test_border_contrast_finds_a_busy_border_in_a_saved_grid(tmp_path: Path) -> 
     done = subprocess.run([sys.executable, str(BENCH / "border_contrast.py"), "--step", "100", "--res", "30",
                            f"run={tmp_path / 'bench'}"], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 1 and "is not a grid of 30 px images" in done.stderr
+
+
+def test_border_swd_separates_the_border_from_the_inside(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("border_swd", BENCH / "border_swd.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = torch.Generator().manual_seed(0)
+    smooth = lambda n: torch.nn.functional.interpolate(  # noqa: E731
+        torch.rand(n, 3, 8, 8, generator=g) * 255, size=32, mode="bilinear").round().to(torch.uint8)  # fmt: skip
+    real, fake = smooth(64), smooth(64)
+    dotted = fake.clone()
+    dotted[..., :2, ::4] = 255  # dots along the top border only
+    clean, dots = module.swd_rows(fake, real, margin=4), module.swd_rows(dotted, real, margin=4)
+    assert dots["inside"] == clean["inside"]  # the cut removes every dot: the same scores, to the last digit
+    assert dots["whole"]["swd_32"] > 2 * clean["whole"]["swd_32"]  # the whole images' finest level sees them
+    assert module.cut(real, 4).shape[-2:] == (24, 24)
+    # end to end on samples kept in a run folder: scored, not drawn again
+    run = tmp_path / "bench" / "runs" / "dfm-x-s0"
+    (run / "border_swd").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    np.savez(run / "border_swd" / "step_00000100_n64.npz", images=dotted.numpy())
+    np.savez(tmp_path / "ref.npz", arr_0=real.movedim(1, -1).numpy())
+    args = ["--step", "100", "--margin", "4", "--num-samples", "64", "--reference", str(tmp_path / "ref.npz")]
+    done = _run("border_swd.py", *args, f"dots={tmp_path / 'bench'}")
+    assert done.returncode == 0, done.stderr
+    whole = f"{dots['whole']['swd_32']:6.1f}"
+    assert f"dots                     whole  32: {whole}" in done.stdout
+    done = _run("border_swd.py", *args[:2], "--margin", "16", *args[4:], f"dots={tmp_path / 'bench'}")
+    assert done.returncode == 1 and "--margin 16 leaves nothing of (32, 32) images" in done.stderr
