@@ -18,6 +18,7 @@ from dfm.eval.extractors import FashionCNN
 from dfm.eval.extractors.efficientnet import bundled_weights_path
 from dfm.eval.frechet import FeatureStats
 from dfm.eval.reference import ReferenceStats, load_reference, save_reference
+from dfm.eval.swd import level_sigma
 from dfm.eval.weights import sha256_file
 
 N = 12
@@ -123,6 +124,24 @@ def test_seams_score_the_token_grid_of_samples_and_reference(data) -> None:
     # No reference needed
     assert main(["score", str(data["samples"]), "--metrics", "seams:8", "--out", str(out), "--no-progress"]) == 0
     assert set(json.loads(out.read_text())["scores"]) == {"seam_ratio_8"}
+
+
+def test_sigma_scores_the_detail_per_scale_of_samples_and_reference(data) -> None:
+    out = data["root"] / "sigma.json"
+    samples, ref = str(data["samples"]), str(data["folder"])
+    args = ["score", samples, "--metrics", "sigma", "--swd-min-resolution", "8", "--out", str(out), "--no-progress"]
+    assert main([*args, "--ref", ref]) == 0
+    result = json.loads(out.read_text())
+    with np.load(data["samples"]) as npz:
+        images = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2).float()
+    expected = level_sigma(images, 8)
+    scores = result["scores"]
+    assert {k: scores[k] for k in expected} == pytest.approx(expected) and len(expected) >= 2
+    # the reference folder holds the same images (in another order): the same spreads beside them
+    assert {k: scores[f"{k}_ref"] for k in expected} == pytest.approx(expected)
+    assert result["protocol"]["settings"]["sigma"]["min_resolution"] == 8
+    assert main(args) == 0  # no reference needed
+    assert set(json.loads(out.read_text())["scores"]) == set(expected)
 
 
 def test_reference_file_round_trips_exactly(tmp_path) -> None:

@@ -10,7 +10,13 @@ import torch
 from dfm.eval.inception_score import inception_score
 from dfm.eval.precision_recall import knn_radii, precision_recall
 from dfm.eval.seams import seam_ratio
-from dfm.eval.swd import SWDConfig, laplacian_pyramid, sliced_wasserstein, sliced_wasserstein_distance
+from dfm.eval.swd import (
+    SWDConfig,
+    laplacian_pyramid,
+    level_sigma,
+    sliced_wasserstein,
+    sliced_wasserstein_distance,
+)
 
 # ---------------------------------------------------------------- Inception Score
 
@@ -125,6 +131,27 @@ def test_swd_is_small_for_two_patch_draws_and_grows_with_noise() -> None:
 def test_swd_rejects_mismatched_sets() -> None:
     with pytest.raises(ValueError, match="same shape"):
         sliced_wasserstein_distance(_textures(4, 0), _textures(5, 0))
+
+
+def test_level_sigma_tells_too_smooth_from_too_busy() -> None:
+    # The SWD standardises its patches per set, so it scores blur and noise alike; sigma says which: the finest
+    # level's spread falls under a blur and rises under added noise, while the coarse residual barely moves.
+    images = _textures(48, 0).float()
+    base = level_sigma(images, 8)
+    assert list(base) == ["sigma_32", "sigma_16", "sigma_8"]  # the SWD's levels, finest first
+    assert base["sigma_32"] == pytest.approx(laplacian_pyramid(images, 8)[0].std().item())
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    noisy = images + 20 * torch.randn(images.shape, generator=torch.Generator().manual_seed(3))
+    assert (
+        level_sigma(blurred, 8)["sigma_32"]
+        < 0.7 * base["sigma_32"]
+        < base["sigma_32"]
+        < level_sigma(noisy, 8)["sigma_32"]
+    )
+    assert level_sigma(noisy, 8)["sigma_8"] == pytest.approx(base["sigma_8"], rel=0.05)
+    # flat images hold no detail at any scale, and a level's spread is in the images' own units
+    assert set(level_sigma(torch.full((4, 3, 32, 32), 77.0), 8).values()) == {0.0}
+    assert level_sigma(2 * images, 8)["sigma_16"] == pytest.approx(2 * base["sigma_16"])
 
 
 # ---------------------------------------------------------------- token seams

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from dfm.eval import EvalConfig, SWDConfig, evaluate, seam_ratio
 from dfm.eval.evaluate import as_frames, temporal_change
 from dfm.eval.images import ImageSet
+from dfm.eval.swd import level_sigma
 
 
 def _clips(n: int, seed: int, moving: bool = True) -> torch.Tensor:
@@ -70,3 +71,13 @@ def test_seams_of_videos_are_scored_per_frame() -> None:
     scores = evaluate(samples, [], config)["scores"]
     assert set(scores) == {"seam_ratio_frames_4"}
     assert scores["seam_ratio_frames_4"] == pytest.approx(seam_ratio(frames, 4)) and scores["seam_ratio_frames_4"] > 3
+
+
+def test_sigma_of_videos_is_scored_per_frame() -> None:
+    clips = torch.randint(0, 255, (3, 1, 2, 16, 16), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    samples = ImageSet(clips, None, {})
+    config = EvalConfig(metrics=["sigma"], progress=False, swd=SWDConfig(min_resolution=8))
+    scores = evaluate(samples, [], config)["scores"]
+    assert scores == pytest.approx(
+        {f"sigma_frames_{k[6:]}": v for k, v in level_sigma(as_frames(samples).images, 8).items()}
+    )

@@ -75,7 +75,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     score.add_argument(
         "--metrics",
         default="fdd,fid,is",
-        help="comma-separated: fid, fdd, fvd, is, pr, swd, accuracy, clip, temporal, seams[:<patch px>], "
+        help="comma-separated: fid, fdd, fvd, is, pr, swd, sigma, accuracy, clip, temporal, seams[:<patch px>], "
         "fd:<extractor>, is:<extractor>, pr:<extractor> (default fdd,fid,is)",
     )
     score.add_argument("--num-ref", type=_positive_int, default=None, help="use only the first N reference images")
@@ -89,7 +89,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "--swd-min-resolution",
         type=_positive_int,
         default=16,
-        help="coarsest SWD level (default 16 as in progressive GANs; 8 gives 28 and 14 px levels on 28 px images)",
+        help="coarsest SWD (and sigma) level (default 16 as in progressive GANs; 8 gives 28 and 14 px levels on 28 px "
+        "images)",
     )
     score.add_argument("--seed", type=int, default=0, help="seed of the SWD patch and direction draws")
     score.add_argument("--prompts", default=None, help="text file, one prompt per sample, for the clip metric")

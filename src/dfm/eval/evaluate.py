@@ -7,6 +7,8 @@ Metric names (`metrics` argument):
 - `is` (= `is:inception-v3`), `is:<extractor>`: Inception Score over 10 splits.
 - `pr` (= `pr:inception-v3`), `pr:<extractor>`: precision and recall, k = 3.
 - `swd`: multi-scale sliced Wasserstein distance (no network).
+- `sigma`: how much detail each scale holds: the standard deviation of each level of the SWD's Laplacian pyramid,
+  for the samples and the reference (:func:`dfm.eval.swd.level_sigma`; no network).
 - `accuracy`: class accuracy of labelled samples under the `fashion-cnn` classifier.
 - `clip`: CLIP score of text-conditioned samples (prompts from the npz key `prompts` or a file).
 - `temporal`: temporal consistency of videos: the mean absolute change between consecutive frames of the
@@ -15,9 +17,9 @@ Metric names (`metrics` argument):
   others (:func:`dfm.eval.seams.seam_ratio`; 1 for pictures without a grid; the reference's value, if one is given,
   goes beside it). P is the model's patch size in pixels of the final image.
 
-Videos with an image extractor (or `swd`, `seams`, `accuracy`) are scored **per frame**: every frame is an image, labels
-repeat over the frames, and the score names carry `frames` (`fd_frames_<extractor>`, `swd_frames_<res>`,
-`class_accuracy_frames`).
+Videos with an image extractor (or `swd`, `sigma`, `seams`, `accuracy`) are scored **per frame**: every frame is an
+image, labels repeat over the frames, and the score names carry `frames` (`fd_frames_<extractor>`, `swd_frames_<res>`,
+`sigma_frames_<res>`, `class_accuracy_frames`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from .inception_score import inception_score
 from .precision_recall import precision_recall
 from .reference import ReferenceStats, is_reference_file, load_reference
 from .seams import seam_period, seam_ratio
-from .swd import SWDConfig, sliced_wasserstein_distance
+from .swd import SWDConfig, level_sigma, sliced_wasserstein_distance
 
 __all__ = ["EvalConfig", "parse_metric", "extract", "evaluate", "build_reference"]
 
@@ -58,7 +60,7 @@ _SCORE_NAMES = {"fd:inception-v3": "fid", "fd:dinov2-vitl14": "fdd", "fd:i3d": "
 def parse_metric(metric: str) -> tuple[str, str | None]:
     """'fid' -> ('fd', 'inception-v3'); 'swd' -> ('swd', None); 'accuracy' -> ('accuracy', 'fashion-cnn')."""
     name = _ALIASES.get(metric, metric)
-    if name in ("swd", "clip", "temporal"):
+    if name in ("swd", "sigma", "clip", "temporal"):
         return name, None
     if name == "seams" or name.startswith("seams:"):
         seam_period(name)  # checked here, used by the scoring step
@@ -68,8 +70,8 @@ def parse_metric(metric: str) -> tuple[str, str | None]:
     kind, _, extractor = name.partition(":")
     if kind not in ("fd", "is", "pr") or extractor not in EXTRACTORS:
         raise ValueError(
-            f"unknown metric {metric!r}; use fid, fdd, fvd, is, pr, swd, accuracy, clip, temporal, seams[:<P>], or "
-            "fd:/is:/pr:<extractor> "
+            f"unknown metric {metric!r}; use fid, fdd, fvd, is, pr, swd, sigma, accuracy, clip, temporal, seams[:<P>], "
+            "or fd:/is:/pr:<extractor> "
             f"with an extractor from {', '.join(sorted(EXTRACTORS))}"
         )
     return kind, extractor
@@ -221,6 +223,8 @@ def evaluate(
     all_kinds = {kind for kind, _ in parsed}
     if "swd" in all_kinds:
         scores.update(_swd_scores(sample_set, ref_images, config, protocol))
+    if "sigma" in all_kinds:
+        scores.update(_sigma_scores(sample_set, ref_images, config, protocol))
     if "temporal" in all_kinds:
         scores.update(_temporal_scores(sample_set, ref_images))
     if "clip" in all_kinds:
@@ -426,6 +430,25 @@ def _swd_scores(
     swd = sliced_wasserstein_distance(a, b, config.swd)
     protocol["settings"]["swd"] = {**config.swd.to_dict(), **notes}
     return {k.replace("swd_", "swd_frames_") if video else k: v for k, v in swd.items()}
+
+
+def _sigma_scores(
+    sample_set: ImageSet, ref_images: ImageSet | None, config: EvalConfig, protocol: dict
+) -> dict[str, float]:
+    """``sigma_<res>`` of the samples and, with a reference, ``sigma_<res>_ref`` of as many reference images (resized
+    to the samples' size if theirs differs), per frame for videos; the pyramid is the SWD's."""
+    video = sample_set.images.ndim == 5
+    sam = as_frames(sample_set).images
+    tag = "sigma_frames" if video else "sigma"
+    scores = {k.replace("sigma", tag): v for k, v in level_sigma(sam, config.swd.min_resolution).items()}
+    settings: dict = {"min_resolution": config.swd.min_resolution}
+    if ref_images is not None:
+        _, ref_matched, notes = _match_for_swd(sam, as_frames(ref_images).images)
+        ref = level_sigma(ref_matched, config.swd.min_resolution)
+        scores.update({f"{k.replace('sigma', tag)}_ref": v for k, v in ref.items()})
+        settings.update(notes)
+    protocol["settings"]["sigma"] = settings
+    return scores
 
 
 def _seam_scores(sample_set: ImageSet, ref_images: ImageSet | None, periods: Sequence[int], protocol: dict

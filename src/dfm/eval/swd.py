@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SWDConfig", "laplacian_pyramid", "sliced_wasserstein", "sliced_wasserstein_distance"]
+__all__ = ["SWDConfig", "laplacian_pyramid", "level_sigma", "sliced_wasserstein", "sliced_wasserstein_distance"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,11 @@ def sliced_wasserstein_distance(
         scores[f"swd_{level_a.shape[-1]}"] = value * 1e3
     scores["swd_mean"] = sum(scores.values()) / len(scores)
     return scores
+
+
+def level_sigma(images: torch.Tensor, min_resolution: int = 16) -> dict[str, float]:
+    """{"sigma_<resolution>": value}: the standard deviation (0-255 units) of each level of the SWD's Laplacian
+    pyramid over a set of images (N, C, H, W), how much detail each scale holds; the last level is the low-pass
+    residual. Unlike the SWD, whose patches are standardised per set, it sees whether samples are too smooth or
+    too busy at a scale."""
+    return {f"sigma_{level.shape[-1]}": level.std().item() for level in laplacian_pyramid(images, min_resolution)}
