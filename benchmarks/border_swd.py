@@ -6,11 +6,11 @@
 
 Each ``LABEL=FOLDER`` is a `dfm bench quality --out` folder (its seed ``--seed`` run) or a run folder. Each run draws
 ``--num-samples`` images from its checkpoint ``--step`` as the bench does (EMA weights, sampling seeds 0..n-1, the
-run's sampler settings), kept in ``<run>/border_swd/`` so that a second call only scores. The script prints the SWD
-(x 1e3, per level and mean, :func:`dfm.eval.sliced_wasserstein_distance` with the bench's settings) of the whole
-images against the first n images of ``--reference`` (the bench's own reference file reproduces its numbers), and of
-the same images with ``--margin`` pixels cut from every side of both sets. One thread by default, to run beside a
-bench lane.
+run's sampler settings), kept in ``<run>/border_swd/step_<step>_n<n>.npz`` so that a second call only scores (and
+``dfm eval score`` can read them). The script prints the SWD (x 1e3, per level and mean,
+:func:`dfm.eval.sliced_wasserstein_distance` with the bench's settings) of the whole images against the first n
+images of ``--reference`` (the bench's own reference file reproduces its numbers), and of the same images with
+``--margin`` pixels cut from every side of both sets. One thread by default, to run beside a bench lane.
 """
 
 from __future__ import annotations
@@ -31,21 +31,24 @@ from token_seams import run_folder  # noqa: E402
 
 
 def samples(run: Path, step: int, count: int, batch: int = 50) -> torch.Tensor:
-    """``count`` uint8 (N, C, H, W) samples of checkpoint ``step``, drawn once and kept in the run folder."""
+    """``count`` uint8 (N, C, H, W) samples of checkpoint ``step``, drawn once and kept in the run folder (an
+    ADM-style .npz, as `dfm sample --npz` writes: ``dfm eval score`` reads it)."""
     path = run / "border_swd" / f"step_{step:08d}_n{count}.npz"
     if path.is_file():
-        return torch.from_numpy(np.load(path)["images"])
+        return load_images(path).images
     ckpt = run / "checkpoints" / f"step_{step:08d}"
     if not ckpt.is_dir():
         steps = sorted(int(c.name[5:]) for c in run.glob("checkpoints/step_*"))
         raise SystemExit(f"{run} has no checkpoint of step {step}: its steps are {steps}")
     gen = Generator.from_run(run, checkpoint=ckpt)
     seeds = list(range(count))
-    images = gen.generate(seeds, gen.labels(seeds), gen.settings(guidance=1.0), batch_size=batch).images
+    labels = gen.labels(seeds)
+    images = gen.generate(seeds, labels, gen.settings(guidance=1.0), batch_size=batch).images
     native = gen.crop(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, images=native.numpy())
+    extra = {} if labels is None else {"labels": np.asarray(labels)}
+    np.savez(tmp, arr_0=native.movedim(1, -1).numpy(), **extra)
     tmp.replace(path)
     return native
 

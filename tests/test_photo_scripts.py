@@ -318,7 +318,7 @@ def test_border_swd_separates_the_border_from_the_inside(tmp_path: Path) -> None
     run = tmp_path / "bench" / "runs" / "dfm-x-s0"
     (run / "border_swd").mkdir(parents=True)
     (run / "config.json").write_text("{}")
-    np.savez(run / "border_swd" / "step_00000100_n64.npz", images=dotted.numpy())
+    np.savez(run / "border_swd" / "step_00000100_n64.npz", arr_0=dotted.movedim(1, -1).numpy())
     np.savez(tmp_path / "ref.npz", arr_0=real.movedim(1, -1).numpy())
     args = ["--step", "100", "--margin", "4", "--num-samples", "64", "--reference", str(tmp_path / "ref.npz")]
     done = _run("border_swd.py", *args, f"dots={tmp_path / 'bench'}")
