@@ -25,6 +25,7 @@ import torch
 from dfm.eval import SWDConfig, sliced_wasserstein_distance
 from dfm.eval.images import load_images
 from dfm.generate import Generator
+from dfm.visual import to_uint8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from token_seams import run_folder  # noqa: E402
@@ -44,13 +45,13 @@ def samples(run: Path, step: int, count: int, batch: int = 50) -> torch.Tensor:
     seeds = list(range(count))
     labels = gen.labels(seeds)
     images = gen.generate(seeds, labels, gen.settings(guidance=1.0), batch_size=batch).images
-    native = gen.crop(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    pixels = to_uint8(gen.crop(images))  # (N, H, W, C), the npz's layout
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     extra = {} if labels is None else {"labels": np.asarray(labels)}
-    np.savez(tmp, arr_0=native.movedim(1, -1).numpy(), **extra)
+    np.savez(tmp, arr_0=pixels, **extra)
     tmp.replace(path)
-    return native
+    return torch.from_numpy(pixels).movedim(-1, 1)
 
 
 def cut(images: torch.Tensor, margin: int) -> torch.Tensor:
