@@ -23,7 +23,7 @@ from dfm.adapters import (  # noqa: E402
     unpack,
 )
 from dfm.adapters.common import lift, pool  # noqa: E402
-from dfm.schedule import flux_mu, flux_time_shift  # noqa: E402
+from dfm.schedule import flux_mu, flux_time_shift, shift_time  # noqa: E402
 
 B, H, W, L = 2, 8, 12, 5  # batch, fine latent size, text tokens
 
@@ -250,6 +250,15 @@ def test_pack_helpers_match_flux_pipeline():
     assert torch.equal(unpack(packed, 2, (H, W)), FluxPipeline._unpack_latents(packed, H * 8, W * 8, 8))
     ids = FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, "cpu", torch.float32)
     assert torch.equal(flux_image_ids(H // 2, W // 2), ids)
+
+
+def test_sd3_shift_matches_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for shift in (3.0, 0.5):  # SD3's shift, and one below 1 (more steps near the data)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)  # its training sigmas, shifted
+        sigma = torch.arange(1000, 0, -1, dtype=torch.float64) / 1000
+        torch.testing.assert_close((1 - shift_time(1 - sigma, shift)).float(), scheduler.sigmas.float())
 
 
 def test_flux_time_shift_matches_diffusers():

@@ -159,6 +159,30 @@ def test_until_stage_then_refine_gives_the_uninterrupted_images(tmp_path):
     assert cli(["refine", str(tmp_path / "full"), "--pick", "3"]) == 2
 
 
+def test_refine_keeps_the_shift_of_the_first_half(tmp_path):
+    run = FIXTURES / "dfm"
+    assert cli(["sample", str(run), "--seeds", "0-3", "--until-stage", "1", "--shift", "0.4", "--out",
+                str(tmp_path / "c"), "--npz", "--no-grid", "--no-progression"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "c" / "state.json").read_text())["shift"] == 0.4
+    assert cli(["refine", str(tmp_path / "c"), "--pick", "1,2", "--npz", "--no-grid", "--no-progression"]) == 0
+    for shift, name in (("0.4", "shifted"), ("1", "plain")):
+        assert cli(["sample", str(run), "--seeds", "1,2", "--shift", shift, "--out", str(tmp_path / name), "--npz",
+                    "--no-grid", "--no-progression"]) == 0  # fmt: skip
+    refined = np.load(tmp_path / "c" / "refined" / "samples.npz")["arr_0"]
+    assert np.array_equal(refined, np.load(tmp_path / "shifted" / "samples.npz")["arr_0"])
+    assert not np.array_equal(refined, np.load(tmp_path / "plain" / "samples.npz")["arr_0"])
+    # a record from before sampler.shift existed refines with the run's sampler (no shift)
+    assert cli(["sample", str(run), "--seeds", "1,2", "--until-stage", "1", "--out", str(tmp_path / "old"),
+                "--no-grid", "--no-progression"]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "old" / "state.json").read_text())
+    del record["shift"]
+    (tmp_path / "old" / "state.json").write_text(json.dumps(record))
+    assert cli(["refine", str(tmp_path / "old"), "--pick", "1,2", "--npz", "--no-grid", "--no-progression"]) == 0
+    assert np.array_equal(np.load(tmp_path / "old" / "refined" / "samples.npz")["arr_0"],
+                          np.load(tmp_path / "plain" / "samples.npz")["arr_0"])  # fmt: skip
+    assert cli(["sample", str(run), "--shift", "-1", "--out", str(tmp_path / "bad")]) == 2
+
+
 def test_upscale_and_vary_on_the_command_line(tmp_path, capsys):
     run = FIXTURES / "dfm"
     images = tmp_path / "low"

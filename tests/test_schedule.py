@@ -146,3 +146,36 @@ def test_single_invalid():
         StageSchedule.single(0)
     with pytest.raises(ValueError):
         StageSchedule.single(2.5)
+
+
+# ------------------------------------------------------------------------------------- sampler.shift (SD3's shift)
+def test_shift_warps_every_stage_and_the_thresholds():
+    from dfm.config import SamplerConfig
+    from dfm.schedule import shift_time
+
+    plain = StageSchedule((10, 5, 5), (0.7, 0.85))
+    for shift in (0.25, 3.0):
+        settings = SamplerConfig(steps=(10, 5, 5), thresholds=(0.7, 0.85), shift=shift).validate(3)
+        warped = StageSchedule.from_settings(settings, (64, 64))
+        torch.testing.assert_close(warped.grid, plain.grid / (plain.grid + shift * (1 - plain.grid)))
+        assert warped.thresholds == pytest.approx([t / (t + shift * (1 - t)) for t in (0.7, 0.85)])
+        assert warped.grid[0].tolist() == [0.0] * 3 and warped.grid[-1].tolist() == [1.0] * 3
+        assert (warped.grid.diff(dim=0) >= 0).all()  # still monotone in every stage
+        assert torch.equal(warped.main_stage, plain.main_stage) and torch.equal(warped.active, plain.active)
+    # SD3's form in noise levels: sigma -> shift sigma / (1 + (shift - 1) sigma)
+    sigma = torch.linspace(0, 1, 11, dtype=torch.float64)
+    torch.testing.assert_close(1 - shift_time(1 - sigma, 3.0), 3 * sigma / (1 + 2 * sigma))
+    # below 1 the last step before the data starts later: 5 steps of the fine stage end 0.8 -> 1 without a shift
+    fine = StageSchedule.from_settings(SamplerConfig(steps=(5,), thresholds=(), shift=0.25).validate(1), (8, 8))
+    assert fine.grid[-2, 0].item() == pytest.approx(0.8 / (0.8 + 0.25 * 0.2))
+    # 1 is no shift at all
+    same = StageSchedule.from_settings(SamplerConfig(steps=(10, 5, 5), thresholds=(0.7, 0.85)).validate(3), (8, 8))
+    assert torch.equal(same.grid, plain.grid)
+
+
+@pytest.mark.parametrize("shift", [0, -1.0, float("nan"), float("inf"), True, "0.5"])
+def test_bad_shift_is_named(shift):
+    from dfm.config import SamplerConfig
+
+    with pytest.raises(ValueError, match=r"sampler\.shift="):
+        SamplerConfig(shift=shift).validate(2)

@@ -88,6 +88,10 @@ class SamplerConfig:
     guidance: tuple[float, ...] = (1.0,)  #: classifier-free guidance: one scale, or one per stage (1 = none)
     #: FLUX's resolution-dependent time shift of the grid (dfm.adapters.flux_time_shift): more steps at high noise
     time_shift: bool = False
+    #: SD3's constant shift of the grid, t -> t / (t + shift (1 - t)) (t = 1 is the data), on every stage's times and
+    #: on the thresholds: 1 = none; above 1 more steps at high noise (SD3: 3); below 1 more steps near the data,
+    #: where the last step's prediction sets the finest detail. Applied after ``time_shift`` when both are set.
+    shift: float = 1.0
 
     def validate(self, stages: int) -> SamplerConfig:
         """Check the settings for a model of ``stages`` stages; a ``ValueError`` says what to change. Returns self."""
@@ -117,6 +121,14 @@ class SamplerConfig:
             raise ValueError(
                 f"sampler.guidance={_text(self.guidance)}: give one scale, or one per stage (the model "
                 f"has {stages} stage(s))"
+            )
+        if (
+            isinstance(self.shift, bool)
+            or not isinstance(self.shift, numbers.Real)
+            or not (math.isfinite(self.shift) and self.shift > 0)
+        ):
+            raise ValueError(
+                f"sampler.shift={self.shift!r}: give a number > 0 (1 = no shift, 0.3 = more steps near the data)"
             )
         if any(not math.isfinite(g) or g < 0 for g in self.guidance):
             raise ValueError(f"sampler.guidance={_text(self.guidance)}: scales must be finite and >= 0 (1 = none)")

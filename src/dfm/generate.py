@@ -122,7 +122,7 @@ class Generator:
     # -- settings
     def settings(self, **changes: Any) -> SamplerConfig:
         """The run's sampler settings with ``changes`` (``steps``, ``thresholds``, ``solver``, ``guidance``,
-        ``time_shift``; None leaves one as it is), checked for this model: the one place where a front end's
+        ``time_shift``, ``shift``; None leaves one as it is), checked for this model: the one place where a front end's
         sampling settings become a :class:`~dfm.config.SamplerConfig`."""
         given = {k: v for k, v in changes.items() if v is not None}
         unknown = set(given) - {f.name for f in dataclasses.fields(SamplerConfig)}

@@ -100,7 +100,10 @@ def run_refine(args) -> int:
     run = Run.open(record["run"])
     ema = record["ema"] is not False
     gen = Generator.from_run(run, ema=ema, checkpoint=record["checkpoint"])
-    settings = gen.settings(**{k: record[k] for k in ("steps", "thresholds", "solver", "guidance", "time_shift")})
+    # the sampler of the first half (a record written before sampler.shift existed has none: the run's)
+    settings = gen.settings(
+        **{k: record.get(k) for k in ("steps", "thresholds", "solver", "guidance", "time_shift", "shift")}
+    )
     state, seeds, labels, positions = _load_picked(shards, picked)
     if gen.text_conditioned:
         prompts = record["prompts"]

@@ -58,11 +58,14 @@ class StageSchedule:
     @classmethod
     def from_settings(cls, settings: SamplerConfig, size: Sequence[int]) -> StageSchedule:
         """The grid of a sampler's settings for samples of spatial ``size`` (..., H, W), time-shifted as FLUX does
-        when ``settings.time_shift`` (one token count, the finest latent's (H / 2) * (W / 2), for all stages)."""
+        when ``settings.time_shift`` (one token count, the finest latent's (H / 2) * (W / 2), for all stages), then
+        by SD3's constant ``settings.shift`` (:func:`shift_time`) when it is not 1."""
         schedule = cls(settings.steps, settings.thresholds)
         if settings.time_shift:
             tokens = (size[-2] // 2) * (size[-1] // 2)
             schedule = schedule.warped(lambda t: flux_time_shift(t, tokens))
+        if settings.shift != 1:
+            schedule = schedule.warped(lambda t: shift_time(t, settings.shift))
         return schedule
 
     @property
@@ -108,6 +111,13 @@ class StageSchedule:
         return f"StageSchedule(steps={self.steps}, thresholds={self.thresholds})"
 
 
+def shift_time(t: Tensor | float, shift: float) -> Tensor | float:
+    """SD3's constant time shift in our convention (t = 1 data): SD3 maps ``sigma -> shift sigma / (1 + (shift - 1)
+    sigma)``; with ``sigma = 1 - t`` that is ``t -> t / (t + shift (1 - t))``, which keeps 0 and 1 fixed. A shift
+    above 1 spends more of a uniform grid at high noise, below 1 near the data (0.25 moves t = 0.8 to 0.94)."""
+    return t / (t + shift * (1 - t))
+
+
 def flux_mu(
     image_seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15, base_seq: int = 256, max_seq: int = 4096
 ) -> float:
@@ -131,5 +141,4 @@ def flux_time_shift(
     ``sigma = 1 - t`` that is ``t -> t / (t + e^mu (1 - t))``, which keeps 0 and 1 fixed and is finite at t = 1.
     ``image_seq_len``: FLUX tokens of the image, (H/2) * (W/2) for an H x W latent.
     """
-    scale = math.exp(flux_mu(image_seq_len, base_shift, max_shift, base_seq, max_seq))
-    return t / (t + scale * (1 - t))
+    return shift_time(t, math.exp(flux_mu(image_seq_len, base_shift, max_shift, base_seq, max_seq)))

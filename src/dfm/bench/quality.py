@@ -370,8 +370,10 @@ def run_quality(
             # Score files carry a hash of what the score depends on besides the run (sample count, metrics,
             # references, the sampler as used: the variant's settings over the run's), so a changed setting is
             # scored again instead of read stale.
+            # (a sampler setting at its default that older versions did not have is left out: their files stay valid)
+            sampler = {k: v for k, v in sampler_settings(variant, cfg).items() if not (k == "shift" and v == 1)}
             protocol = json.dumps([settings.num_samples, list(settings.metrics), [Path(r).name for r in refs],
-                                   sampler_settings(variant, cfg)], sort_keys=True, default=str)  # fmt: skip
+                                   sampler], sort_keys=True, default=str)  # fmt: skip
             tag = hashlib.sha1(protocol.encode()).hexdigest()[:8]
             for step, g in dict.fromkeys(points):
                 name = f"{variant.name}-s{seed}-step{step}-g{g}-{tag}".replace(" ", "_").replace("/", "_")
