@@ -130,7 +130,8 @@ case "$1" in
     ;;
   resample-fm|resample-dfm3|tune-fm|tune-dfm3)  # the overlapping-head runs with other settings, each argument one
     # variant "TAG OVERRIDES...". resample-*: the trained seeds (SEEDS) scored again with other sampler settings at the
-    # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (the 3-stage split and
+    # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (FROM=runs/photo-800: the
+    # runs trained there, scored in runs/photo-800-sampler/<run>-<tag>) (the 3-stage split and
     # thresholds came from the Fashion-MNIST study; Flow Matching gets the knobs it has: the time shift, Euler).
     # tune-*: trained afresh with other training settings (learning rate, preconditioning) as runs/photo-tune/<run>-<tag>
     case "$1" in
@@ -144,8 +145,11 @@ case "$1" in
       read -r tag rest <<< "$spec"
       read -ra extra <<< "$rest"
       if [ "${lane%%-*}" = resample ]; then
-        link_runs runs/photo-tune/$name runs/photo-sampler/$name-$tag "*-s[01]"
-        OUTROOT=runs/photo-sampler bench $name-$tag $m "${TRAIN[@]}" "${extra[@]}"
+        from=${FROM:-runs/photo-tune}
+        scored=runs/photo-sampler
+        [ "$from" = runs/photo-tune ] || scored=$from-sampler
+        link_runs $from/$name $scored/$name-$tag "*-s[01]"
+        OUTROOT=$scored bench $name-$tag $m "${TRAIN[@]}" "${extra[@]}"
       else
         bench $name-$tag $m "${TRAIN[@]}" "${extra[@]}"
       fi

@@ -4,7 +4,8 @@
     python benchmarks/photo_tuning_table.py runs/photo-tune --compare dfm-h192-xpred fm-h192-xpred [--markdown]
 
 Reads every ``<run>/scores/*.json`` the bench wrote under the folder and prints the ImageNet-feature FD, the mean
-SWD and the SWD of each pyramid level (finest first), sorted by method then FD. ``--compare A B``: the two runs'
+SWD and the SWD of each pyramid level (finest first), and where the bench scored it the spread (sigma) of each level in
+% of the reference's, sorted by method then FD. ``--compare A B``: the two runs'
 mean (and spread over seeds) at each step both reached, and the ratio A / B of the means.
 """
 
@@ -72,12 +73,20 @@ def main() -> int:
     levels = sorted(
         {k for r in table for k in r if k.startswith("swd_") and k[4:].isdigit()}, key=lambda k: -int(k[4:])
     )
-    head = ["run", "method", "seed", "step", "NFE", "FD", "SWD mean", *[f"SWD {k[4:]}" for k in levels]]
+    # the detail each level holds (the bench's sigma metric, when it was scored): the samples' spread in % of the
+    # reference's, finest first
+    spreads = sorted(
+        {k for r in table for k in r if k.startswith("sigma_") and k[6:].isdigit() and f"{k}_ref" in r},
+        key=lambda k: -int(k[6:]),
+    )
+    head = ["run", "method", "seed", "step", "NFE", "FD", "SWD mean", *[f"SWD {k[4:]}" for k in levels],
+            *[f"σ {k[6:]} %" for k in spreads]]  # fmt: skip
     lines = []
     for r in table:
         cells = [r["run"], r["method"], str(r["seed"]), str(r["step"]), str(r["nfe"]),
                  f"{r['fd_efficientnet-lite0']:.1f}", f"{r['swd_mean']:.1f}",
-                 *[f"{r[k]:.1f}" if k in r else "-" for k in levels]]  # fmt: skip
+                 *[f"{r[k]:.1f}" if k in r else "-" for k in levels],
+                 *[f"{100 * r[k] / r[f'{k}_ref']:.0f}" if k in r else "-" for k in spreads]]  # fmt: skip
         lines.append(cells)
     if args.markdown:
         print("| " + " | ".join(head) + " |")

@@ -273,6 +273,7 @@ def test_the_photo_preset_runs_every_method_at_the_settings_the_study_chose(tmp_
     settings = QualitySettings(**preset)
     chosen = {v.method: run_config(settings, v, seed=0) for v in comparison_variants() if v.method in settings.methods}
     assert sorted(chosen) == ["dfm", "fm", "pyramidal"]
+    assert settings.metrics == ("fd:efficientnet-lite0", "swd", "sigma")  # the detail per level beside the SWD
     for method, cfg in chosen.items():
         assert cfg.method.name == method and cfg.method.prediction == "data"
         assert cfg.model.overrides == {"patch_size": 8, "hidden_size": 192, "head_overlap": True}

@@ -42,6 +42,13 @@ def test_table_compare_gives_seed_means_spreads_and_ratios(tmp_path: Path) -> No
     plain = _run("photo_tuning_table.py", str(tmp_path))  # one line per score file, the seed column included
     assert plain.returncode == 0 and len(plain.stdout.splitlines()) == 1 + 5
     assert plain.stdout.splitlines()[0].split()[:4] == ["run", "method", "seed", "step"]
+    assert "σ" not in plain.stdout  # no sigma scored: no spread columns
+    score = tmp_path / "dfm-x" / "scores" / "dfm-s0-step200.json"
+    score.write_text(json.dumps({**json.loads(score.read_text()), "sigma_64": 9.0, "sigma_64_ref": 15.0}))
+    spread = _run("photo_tuning_table.py", str(tmp_path), "--markdown").stdout.splitlines()
+    assert spread[0].endswith("| SWD 64 | SWD 8 | σ 64 % |")
+    assert "| dfm-x | dfm | 0 | 200 | 39 | 80.0 | 30.0 | 60.0 | 15.0 | 60 |" in spread  # 9 of 15: 60 %
+    assert sum(line.endswith("| - |") for line in spread) == 4  # the rows without it
     missing = _run("photo_tuning_table.py", str(tmp_path), "--compare", "dfm-x", "nope")
     assert missing.returncode != 0 and "no step scored in both dfm-x and nope" in missing.stderr
     empty = _run("photo_tuning_table.py", str(tmp_path / "none"))
@@ -240,6 +247,15 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert calls[1][calls[1].index("--seeds") + 1] == "0,1"
     link = tmp_path / "runs" / "photo-sampler" / "dfm3-h192-xpred-ov-s668" / "runs" / "dfm-abc-s1"
     assert link.is_symlink() and link.resolve() == trained.resolve()  # scored, not retrained
+    short = tmp_path / "runs" / "photo-800" / "dfm3-h192-xpred-ov" / "runs" / "dfm-abc-s0"  # FROM: another budget's
+    short.mkdir(parents=True)
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-dfm3", "sh03 sampler.shift=0.3",
+                        env={"FROM": "runs/photo-800", "STEPS": "800"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-800-sampler/dfm3-h192-xpred-ov-sh03"
+    assert _overrides(calls[-1]) == [*overlap, *three, "sampler.shift=0.3"]
+    link = tmp_path / "runs" / "photo-800-sampler" / "dfm3-h192-xpred-ov-sh03" / "runs" / "dfm-abc-s0"
+    assert link.is_symlink() and link.resolve() == short.resolve()
     done, _ = _lane(tmp_path, "photo_tuning.sh", "tune-dfm3")
     assert done.returncode == 2 and "tune-dfm3: give at least one variant" in done.stderr
     done, calls = _lane(tmp_path, "photo_tuning.sh", "tune-fm", "lr2e-3 optim.lr=2e-3")  # trained afresh

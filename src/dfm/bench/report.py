@@ -25,7 +25,7 @@ def _fmt(values: list[float], digits: int = 1) -> str:
 
 def summarize(rows: list[dict], settings: QualitySettings, runs: dict[str, dict]) -> dict[str, Any]:
     final = settings.steps
-    prefixes = ("fd_", "swd_", "class_accuracy", "temporal_change_gap")
+    prefixes = ("fd_", "swd_", "sigma_", "class_accuracy", "temporal_change_gap")
     metric_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith(prefixes)))
     table = []
     for variant in settings.variants:
@@ -57,7 +57,10 @@ def markdown(
     for name, info in summary["runs"].items():
         lines.append(f"| {name} | {info['method']} | {info['train_seconds']:.0f} | {info['train_flops']:.3g} |")
     lines.append("")
-    lines.append("Mean ± sample standard deviation over seeds. Lower is better except class_accuracy.")
+    lines.append(
+        "Mean ± sample standard deviation over seeds. Lower is better except class_accuracy, and sigma_<res> "
+        "(the spread of a level of the samples), which is best at sigma_<res>_ref (the reference's)."
+    )
     return "\n".join(lines) + "\n"
 
 

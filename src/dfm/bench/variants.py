@@ -107,13 +107,14 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
     "cpu64": dict(preset="quickstart", seeds=(0, 1), steps=800, eval_points=2, num_samples=300, sample_batch=300,
                   num_reference=5000, overrides=("data.resolution=64", "model.overrides.patch_size=8")),
     # Photographs with real fine detail (dfm data photos): 64x64 RGB crops, split by photograph; patch 8 keeps 64
-    # tokens. Unconditional, so the metrics are the ImageNet-feature FD and the per-level SWD. Every method at the
-    # settings the photograph study found best for all three (docs/RESULTS.md): a model as wide as its token (8x8x3 =
-    # 192 values), predicting the data (baselines included) and the overlapping output head. Six runs of 6,400 steps:
-    # about 9 hours on two CPU cores.
+    # tokens. Unconditional, so the metrics are the ImageNet-feature FD, the per-level SWD and how much detail each
+    # level holds (sigma: too much or too little, which a level's SWD cannot say). Every method at the settings the
+    # photograph study found best for all three (docs/RESULTS.md): a model as wide as its token (8x8x3 = 192 values),
+    # predicting the data (baselines included) and the overlapping output head. Six runs of 6,400 steps: about 9
+    # hours on two CPU cores.
     "cpu-photo": dict(preset="quickstart", methods=("dfm", "fm", "pyramidal"), seeds=(0, 1), steps=6400,
                       eval_points=4, num_samples=1000, guidance=(1.0,), sample_batch=250, num_reference=None,
-                      metrics=("fd:efficientnet-lite0", "swd"),
+                      metrics=("fd:efficientnet-lite0", "swd", "sigma"),
                       overrides=("data.dataset=data/photos/64/fit", "data.resolution=64",
                                  "model.overrides.patch_size=8", "data.random_flip=true",
                                  "model.overrides.hidden_size=192", "model.overrides.head_overlap=true",
@@ -123,7 +124,8 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # A third kind of data: glyphs of the installed fonts (dfm data glyphs), 36 classes, thin strokes and sharp edges.
     "cpu-glyph": dict(preset="quickstart", methods=("dfm", "fm"), seeds=(0, 1), steps=1600, eval_points=2,
                       num_samples=1000, guidance=(1.0,), sample_batch=250, num_reference=None,
-                      metrics=("fd:efficientnet-lite0", "swd"), overrides=("data.dataset=data/glyphs/32/fit",),
+                      metrics=("fd:efficientnet-lite0", "swd", "sigma"),
+                      overrides=("data.dataset=data/glyphs/32/fit",),
                       data_hint="build it with `dfm data glyphs --out data/glyphs`, or give "
                                 "-o data.dataset=<out>/32/fit"),
     "gpu": dict(preset="quickstart", seeds=(0, 1, 2), steps=20000, eval_points=5, num_samples=10000,
