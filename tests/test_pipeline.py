@@ -34,6 +34,16 @@ def test_pipeline_images_equal_dfm_sample(run, tmp_path):
         assert isinstance(out, DFMPipelineOutput) and out.images.shape == (6, 28, 28, 1)
         np.testing.assert_array_equal(np.round(out.images * 255).astype(np.uint8), expected["arr_0"])
         assert len(out.previews) == 2 and out.previews[0].shape == (6, 16, 16, 1)
+    # the time shift as dfm sample --shift applies it
+    assert cli(["sample", str(run), "--seeds", "0-5", "--npz", "--out", str(tmp_path / "t"), "--steps", "3,2",
+                "--shift", "0.4"]) == 0  # fmt: skip
+    shifted = pipe(seeds=range(6), num_inference_steps=(3, 2), shift=0.4, output_type="np").images
+    np.testing.assert_array_equal(
+        np.round(shifted * 255).astype(np.uint8), np.load(tmp_path / "t" / "samples.npz")["arr_0"]
+    )
+    assert not np.array_equal(np.load(tmp_path / "t" / "samples.npz")["arr_0"], expected["arr_0"])
+    with pytest.raises(ValueError, match="sampler.shift"):
+        pipe(seeds=[0], shift=-1.0)
 
 
 def test_save_pretrained_round_trip_and_dfm_sample_reads_it(run, tmp_path):
