@@ -31,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from token_seams import run_folder  # noqa: E402
 
 
-def samples(run: Path, step: int, count: int, batch: int = 50) -> torch.Tensor:
+def samples(run: Path, step: int, count: int, batch: int = 50, shift: float | None = None) -> torch.Tensor:
     """``count`` uint8 (N, C, H, W) samples of checkpoint ``step``, drawn once and kept in the run folder (an
-    ADM-style .npz, as `dfm sample --npz` writes: ``dfm eval score`` reads it)."""
-    path = run / "border_swd" / f"step_{step:08d}_n{count}.npz"
+    ADM-style .npz, as `dfm sample --npz` writes: ``dfm eval score`` reads it); ``shift``: with that
+    ``sampler.shift`` instead of the run's sampler's (kept in a file of its own)."""
+    tag = "" if shift is None else f"_shift{shift:g}"
+    path = run / "border_swd" / f"step_{step:08d}_n{count}{tag}.npz"
     if path.is_file():
         return load_images(path).images
     ckpt = run / "checkpoints" / f"step_{step:08d}"
@@ -44,7 +46,7 @@ def samples(run: Path, step: int, count: int, batch: int = 50) -> torch.Tensor:
     gen = Generator.from_run(run, checkpoint=ckpt)
     seeds = list(range(count))
     labels = gen.labels(seeds)
-    images = gen.generate(seeds, labels, gen.settings(guidance=1.0), batch_size=batch).images
+    images = gen.generate(seeds, labels, gen.settings(guidance=1.0, shift=shift), batch_size=batch).images
     pixels = to_uint8(gen.crop(images))  # (N, H, W, C), the npz's layout
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="which seed's run of a bench folder (default 0)")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shift", type=float, help="sample with this sampler.shift (SD3's time shift of the grid)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     real = load_images(args.reference).images[: args.num_samples]
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         label, sep, folder = spec.partition("=")
         if not sep:
             raise SystemExit(f"{spec!r}: write LABEL=FOLDER")
-        fake = samples(run_folder(Path(folder), args.seed), args.step, args.num_samples)
+        fake = samples(run_folder(Path(folder), args.seed), args.step, args.num_samples, shift=args.shift)
         for part, scores in swd_rows(fake, real, args.margin).items():
             levels = "  ".join(f"{k[4:]}: {v:6.1f}" for k, v in scores.items())
             print(f"{label:24s} {part:6s} {levels}")

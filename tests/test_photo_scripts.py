@@ -343,3 +343,8 @@ def test_border_swd_separates_the_border_from_the_inside(tmp_path: Path) -> None
     assert f"dots                     whole  32: {whole}" in done.stdout
     done = _run("border_swd.py", *args[:2], "--margin", "16", *args[4:], f"dots={tmp_path / 'bench'}")
     assert done.returncode == 1 and "--margin 16 leaves nothing of (32, 32) images" in done.stderr
+    # --shift: the samples of that sampler are kept (and read) apart from the run's sampler's
+    np.savez(run / "border_swd" / "step_00000100_n64_shift0.3.npz", arr_0=fake.movedim(1, -1).numpy())
+    done = _run("border_swd.py", *args, "--shift", "0.3", f"clean={tmp_path / 'bench'}")
+    assert done.returncode == 0, done.stderr
+    assert f"clean                    whole  32: {clean['whole']['swd_32']:6.1f}" in done.stdout
