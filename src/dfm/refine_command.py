@@ -12,6 +12,7 @@ levels: a super-resolution from a model trained for generation.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from dfm.checkpoint import ensure_writable
+from dfm.config import SamplerConfig
 from dfm.data.image_folder import find_images, open_image
 from dfm.generate import Generator, encode_prompts, parse_seeds
 from dfm.outputs import SampleWriter, save_json
@@ -100,10 +102,9 @@ def run_refine(args) -> int:
     run = Run.open(record["run"])
     ema = record["ema"] is not False
     gen = Generator.from_run(run, ema=ema, checkpoint=record["checkpoint"])
-    # the sampler of the first half (a record written before sampler.shift existed has none: the run's)
-    settings = gen.settings(
-        **{k: record.get(k) for k in ("steps", "thresholds", "solver", "guidance", "time_shift", "shift")}
-    )
+    # the sampler of the first half: every SamplerConfig field the record holds (one it lacks, written before that
+    # setting existed, stays the run's)
+    settings = gen.settings(**{f.name: record.get(f.name) for f in dataclasses.fields(SamplerConfig)})
     state, seeds, labels, positions = _load_picked(shards, picked)
     if gen.text_conditioned:
         prompts = record["prompts"]
