@@ -26,6 +26,7 @@ from dfm.config import SamplerConfig
 from dfm.decomposition import LaplacianPyramid
 from dfm.models import DFMDiT, DiTConfig
 from dfm.sampling import initial_noise
+from dfm.schedule import shift_time
 
 TINY = dict(in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=4)
 
@@ -209,16 +210,17 @@ def test_the_switch_callback_initialises_stage2_once_in_model_and_ema() -> None:
     assert bool(fresh.stage2_initialised)
 
 
-def sample_cascade(model, shape, y=None, *, steps, guidance=1.0, solver="euler", cond_noise=0.025, **kwargs):
+def sample_cascade(model, shape, y=None, *, steps, guidance=1.0, solver="euler", cond_noise=0.025, shift=1.0,
+                   **kwargs):  # fmt: skip
     """The cascade's sampler with ``steps`` per stage (factor and filter of ``model``)."""
-    settings = SamplerConfig(steps=tuple(steps), thresholds=(0.5,), solver=solver, guidance=(guidance,))
+    settings = SamplerConfig(steps=tuple(steps), thresholds=(0.5,), solver=solver, guidance=(guidance,), shift=shift)
     sampler = CascadeSampler(getattr(model, "factor", 2), getattr(model, "mode", "bilinear"), cond_noise)
     return sampler.sample(model, shape, y, settings=settings, **kwargs)
 
 
-def sample_pyramidal(model, path, shape, y=None, *, steps, guidance=1.0, solver="euler", **kwargs):
+def sample_pyramidal(model, path, shape, y=None, *, steps, guidance=1.0, solver="euler", shift=1.0, **kwargs):
     settings = SamplerConfig(steps=tuple(steps), thresholds=tuple(path.boundaries[1:-1]), solver=solver,
-                             guidance=(guidance,))  # fmt: skip
+                             guidance=(guidance,), shift=shift)  # fmt: skip
     return PyramidalSampler(path).sample(model, shape, y, settings=settings, **kwargs)
 
 
@@ -259,6 +261,29 @@ def test_sample_cascade_lands_on_a_point_mass_and_conditions_on_the_noised_stage
     expected = torch.nn.functional.interpolate(0.975 * target_low + 0.025 * eps_cond, size=(8, 8), mode="bilinear")
     torch.testing.assert_close(seen["cond"], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(seen["cond_t"], torch.full((2,), 0.975))
+
+
+def test_cascade_sampler_takes_the_time_shift_on_each_stage_grid() -> None:
+    """sampler.shift warps each stage's own grid as it warps Flow Matching's; the exact velocity still lands."""
+    g = gen(3)
+    target, target_low = torch.randn(1, 1, 8, 8, generator=g), torch.randn(1, 1, 4, 4, generator=g)
+    times: dict[int, list[float]] = {0: [], 1: []}
+
+    class Oracle(torch.nn.Module):
+        factor, mode, null_class = 2, "bilinear", 4
+
+        def forward(self, x, t, y, stage, cond=None, cond_t=None):
+            times[stage].append(float(t[0]))
+            return ((target_low if stage == 0 else target) - x) / (1 - t.view(-1, 1, 1, 1))
+
+    out = sample_cascade(Oracle(), (2, 1, 8, 8), steps=(3, 2), seeds=[1, 2], shift=0.3)
+    assert times[0] == pytest.approx([shift_time(i / 3, 0.3) for i in range(3)])
+    assert times[1] == pytest.approx([shift_time(i / 2, 0.3) for i in range(2)])
+    assert times[0][1] > 1 / 3 + 0.2  # really moved towards the data
+    torch.testing.assert_close(out.images, target.expand(2, 1, 8, 8), atol=1e-5, rtol=1e-5)
+    times = {0: [], 1: []}
+    sample_cascade(Oracle(), (1, 1, 8, 8), steps=(3, 2), seeds=[1])  # no shift: uniform
+    assert times[0] == pytest.approx([0, 1 / 3, 2 / 3]) and times[1] == pytest.approx([0, 0.5])
 
 
 def test_cascade_save_and_load(tmp_path) -> None:
@@ -465,6 +490,26 @@ def test_sampling_with_the_exact_velocity_lands_on_a_point_mass(stages: int, win
     # Each stage ends at its end point e_k X_k + (1 - e_k) n for some n: different seeds, different noise.
     assert [tuple(e.shape[2:]) for e in out.levels] == [tuple(lv.shape[2:]) for lv in levels]
     assert not torch.allclose(out.levels[0][0], out.levels[0][1])
+
+
+def test_pyramidal_sampler_takes_the_time_shift_in_each_window() -> None:
+    """sampler.shift warps each window's local time (steps move towards the window's end); the exact velocity
+    still lands on the point mass."""
+    path = PyramidalPath(GaussianPyramid(2))
+    target = torch.randn(1, 1, 16, 16, generator=gen(7))
+    oracle, seen = point_mass_oracle(path, target), []
+
+    def model(levels_t, t, y, main_stage):
+        seen.append((int(main_stage[0]), float(t[0, int(main_stage[0])])))
+        return oracle(levels_t, t, y, main_stage)
+
+    out = sample_pyramidal(model, path, (2, 1, 16, 16), steps=(3, 2), seeds=[0, 1], shift=0.5)
+    expected = []
+    for k, n in enumerate((3, 2)):
+        lo, hi = path.window(k)
+        expected += [(k, pytest.approx(lo + (hi - lo) * shift_time(i / n, 0.5))) for i in range(n)]
+    assert seen == expected
+    torch.testing.assert_close(out.images, target.expand(2, 1, 16, 16), atol=1e-4, rtol=1e-4)
 
 
 def clean_level_oracle(path: PyramidalPath, target: torch.Tensor, std):

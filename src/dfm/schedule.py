@@ -60,7 +60,12 @@ class StageSchedule:
         """The grid of a sampler's settings for samples of spatial ``size`` (..., H, W), time-shifted as FLUX does
         when ``settings.time_shift`` (one token count, the finest latent's (H / 2) * (W / 2), for all stages), then
         by SD3's constant ``settings.shift`` (:func:`shift_time`) when it is not 1."""
-        schedule = cls(settings.steps, settings.thresholds)
+        return cls(settings.steps, settings.thresholds).warped_as(settings, size)
+
+    def warped_as(self, settings: SamplerConfig, size: Sequence[int]) -> StageSchedule:
+        """This schedule with the time warps of a sampler's settings (``time_shift``, then ``shift``) for samples of
+        spatial ``size``; ``settings.steps`` and ``thresholds`` are not read."""
+        schedule = self
         if settings.time_shift:
             tokens = (size[-2] // 2) * (size[-1] // 2)
             schedule = schedule.warped(lambda t: flux_time_shift(t, tokens))
@@ -109,6 +114,13 @@ class StageSchedule:
 
     def __repr__(self) -> str:
         return f"StageSchedule(steps={self.steps}, thresholds={self.thresholds})"
+
+
+def stage_times(steps: int, settings: SamplerConfig, size: Sequence[int]) -> list[float]:
+    """The ``steps + 1`` times, from 0 to 1, of a stage that runs on its own grid (the cascade's stages, Pyramidal
+    Flow's local time in a window): uniform, warped by the settings' ``time_shift`` and ``shift`` as Flow
+    Matching's grid is, for samples of spatial ``size``."""
+    return [float(t) for t in StageSchedule.single(steps).warped_as(settings, size).grid[:, 0]]
 
 
 def shift_time(t: Tensor | float, shift: float) -> Tensor | float:

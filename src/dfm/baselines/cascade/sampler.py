@@ -17,13 +17,13 @@ from dfm.sampling import (
     Sampler,
     ode_step,
 )
+from dfm.schedule import stage_times
 
 
-def _integrate(velocity, x: Tensor, steps: int, solver: str) -> Tensor:
-    """Integrate dx/dt = velocity(x, t) from t = 0 to 1 on a uniform grid of ``steps`` steps."""
-    for i in range(steps):
-        t0, t1 = i / steps, (i + 1) / steps
-        last = i == steps - 1
+def _integrate(velocity, x: Tensor, times: Sequence[float], solver: str) -> Tensor:
+    """Integrate dx/dt = velocity(x, t) over the grid ``times`` (from 0 to 1)."""
+    for i, (t0, t1) in enumerate(zip(times[:-1], times[1:])):
+        last = i == len(times) - 2
         (x,), _ = ode_step(lambda xs, t: [velocity(xs[0], t)], [x], t0, t1, [t1 - t0], solver, ends_clean=last)
     return x
 
@@ -31,8 +31,10 @@ def _integrate(velocity, x: Tensor, steps: int, solver: str) -> Tensor:
 class CascadeSampler(Sampler):
     """Stage 1 at low resolution, then stage 2 conditioned on ``up(t_c low + (1 - t_c) ε_c)``.
 
-    Each stage integrates its own uniform grid from 0 to 1 with ``settings.steps[stage]`` steps (paper: 20 + 20);
-    thresholds do not apply. A sample's stage-1, stage-2 and conditioning noise depend on its seed only.
+    Each stage integrates its own grid from 0 to 1 with ``settings.steps[stage]`` steps (paper: 20 + 20), uniform
+    unless ``settings.time_shift`` or ``settings.shift`` warp it as they warp Flow Matching's
+    (:func:`dfm.schedule.stage_times`); thresholds do not apply. A sample's stage-1, stage-2 and conditioning noise
+    depend on its seed only.
 
     Args:
         factor: resolution factor between the stages (the model's).
@@ -70,13 +72,16 @@ class CascadeSampler(Sampler):
             t_batch = torch.full((b,), t, device=x.device)
             return guidance.velocity(forward, [x, t_batch, cond, cond_t], [guidance.scales[stage]])[0]
 
-        low = _integrate(lambda x, t: guided(0, x, t), eps_low, int(steps[0]), settings.solver)
+        size = tuple(eps_full.shape[2:])
+        low = _integrate(lambda x, t: guided(0, x, t), eps_low, stage_times(int(steps[0]), settings, size),
+                         settings.solver)  # fmt: skip
         if callback is not None:
             callback(0, low)
         t_c = 1.0 - self.cond_noise
         cond = _resize(t_c * low + (1 - t_c) * eps_cond, tuple(eps_full.shape[2:]), self.mode)
         cond_t = torch.full((b,), t_c, device=low.device)
-        images = _integrate(lambda x, t: guided(1, x, t, cond, cond_t), eps_full, int(steps[1]), settings.solver)
+        images = _integrate(lambda x, t: guided(1, x, t, cond, cond_t), eps_full,
+                            stage_times(int(steps[1]), settings, size), settings.solver)  # fmt: skip
         if callback is not None:
             callback(1, images)
         return SampleOutput(images, [low, images], [low, images])

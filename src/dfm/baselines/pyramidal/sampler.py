@@ -17,18 +17,19 @@ from dfm.sampling import (
     Sampler,
     ode_step,
 )
+from dfm.schedule import stage_times
 
 
 @torch.no_grad()
-def _integrate_window(velocity, x: Tensor, window: tuple[float, float], n: int, solver: str) -> tuple[Tensor, Tensor]:
-    """``n`` ODE steps of local time τ from 0 to 1 over one stage's window (global time lo + τ (hi - lo));
-    returns the end state and the last velocity."""
+def _integrate_window(velocity, x: Tensor, window: tuple[float, float], taus: Sequence[float],
+                     solver: str) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """ODE steps of local time τ over the grid ``taus`` (from 0 to 1) in one stage's window (global time
+    lo + τ (hi - lo)); returns the end state and the last velocity."""
     lo, hi = window
     v = torch.zeros_like(x)
-    for i in range(n):
-        tau0, tau1 = i / n, (i + 1) / n
+    for i, (tau0, tau1) in enumerate(zip(taus[:-1], taus[1:])):
         (x,), (v,) = ode_step(lambda xs, tau: [velocity(xs[0], lo + tau * (hi - lo))], [x], tau0, tau1,
-                              [tau1 - tau0], solver, ends_clean=i == n - 1 and hi >= 1.0)  # fmt: skip
+                              [tau1 - tau0], solver, ends_clean=i == len(taus) - 2 and hi >= 1.0)  # fmt: skip
     return x, v
 
 
@@ -36,7 +37,9 @@ class PyramidalSampler(Sampler):
     """Stage by stage over each stage's time window, re-noising at every jump (``path.renoise``).
 
     Each stage integrates its local time τ from 0 to 1 with ``settings.steps[k]`` steps (the paper: equal steps per
-    stage); thresholds do not apply. A sample's start noise and jump noises depend on its seed only. Previews are
+    stage), uniform unless ``settings.time_shift`` or ``settings.shift`` warp the local time as they warp Flow
+    Matching's grid (:func:`dfm.schedule.stage_times`: a shift below 1 puts each window's steps near its end);
+    thresholds do not apply. A sample's start noise and jump noises depend on its seed only. Previews are
     the denoised estimate ``x + (1 - e_k) v / (e_k - s_k)`` at each stage's end, which treats the upsampled coarse
     term of the path as signal (exact for the first and last stage, an approximation in between).
 
@@ -72,8 +75,8 @@ class PyramidalSampler(Sampler):
         for k in range(k_count):
             if k > 0:
                 x = path.renoise(x, k, noise[k])
-            x, v = _integrate_window(lambda xk, t, k=k: velocity(xk, k, t), x, path.window(k), int(settings.steps[k]),
-                                     settings.solver)  # fmt: skip
+            taus = stage_times(int(settings.steps[k]), settings, shape)
+            x, v = _integrate_window(lambda xk, t, k=k: velocity(xk, k, t), x, path.window(k), taus, settings.solver)
             ends.append(x)
             e, s = path.end_coef(k), path.start_coef(k)
             preview = x + (1 - e) * v / (e - s)
