@@ -15,7 +15,8 @@
 # overlap-fm|dfm|dfm3|pyramidal: the tuned settings with the overlapping output head
 # (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|1k-dfm3: those runs' two seeds scored with 1,000
 # samples (runs/photo-1k). resample-fm|resample-dfm3 "TAG OVERRIDES"...: the overlapping-head runs scored again with
-# other sampler settings (runs/photo-sampler); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training
+# other sampler settings (runs/photo-sampler; resample-128dfm3: the 128 px DFM runs of 128p8ov-dfm3, FROM=their
+# OUTROOT); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training
 # settings; fm: Flow Matching's tuned run alone (other budgets).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
@@ -30,6 +31,9 @@ PINNED=(-o sampler.thresholds=0.7 -o model.overrides.hidden_size=128 -o model.ov
 # the tuned 64 px settings with the overlapping head, and the 3-stage DFM's split (the cpu64 study's, not tuned here)
 OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
 DFM3=(method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85)
+# 128 px at patch 8 with the overlapping head (lanes 128p8ov-*)
+P128OV=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=8
+        model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
 bench() {  # name methods overrides...
   local name=$1 methods=$2; shift 2
   local args=("${PINNED[@]}")
@@ -128,7 +132,8 @@ case "$1" in
     link_runs runs/photo-tune/$name runs/photo-1k/$name "*-s[01]"
     NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash benchmarks/photo_tuning.sh "$lane"
     ;;
-  resample-fm|resample-dfm3|tune-fm|tune-dfm3)  # the overlapping-head runs with other settings, each argument one
+  resample-fm|resample-dfm3|resample-128dfm3|tune-fm|tune-dfm3)
+    # the overlapping-head runs with other settings, each argument one
     # variant "TAG OVERRIDES...". resample-*: the trained seeds (SEEDS) scored again with other sampler settings at the
     # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (FROM=runs/photo-800: the
     # runs trained there, scored in runs/photo-800-sampler/<run>-<tag>) (the 3-stage split and
@@ -137,6 +142,8 @@ case "$1" in
     case "$1" in
       *-fm) m=fm name=fm-h192-xpred-ov TRAIN=("${OV[@]}") ;;
       *-dfm3) m=dfm name=dfm3-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM3[@]}") ;;
+      resample-128dfm3)  # the 128 px runs of lane 128p8ov-dfm3 (FROM=its OUTROOT)
+        m=dfm name=p128p8-ov-dfm3 TRAIN=("${P128OV[@]}" "${DFM3[@]}") ;;
     esac
     lane=$1
     shift
@@ -155,6 +162,6 @@ case "$1" in
       fi
     done
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3|tune-fm|tune-dfm3 \"TAG OVERRIDES\"..." >&2
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3|resample-128dfm3|tune-fm|tune-dfm3 \"TAG OVERRIDES\"..." >&2
      exit 2 ;;
 esac

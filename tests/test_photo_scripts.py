@@ -256,6 +256,23 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert _overrides(calls[-1]) == [*overlap, *three, "sampler.shift=0.3"]
     link = tmp_path / "runs" / "photo-800-sampler" / "dfm3-h192-xpred-ov-sh03" / "runs" / "dfm-abc-s0"
     assert link.is_symlink() and link.resolve() == short.resolve()
+    big = tmp_path / "runs" / "photo-128a" / "p128p8-ov-dfm3" / "runs" / "dfm-abc-s0"  # the 128 px lane's run
+    big.mkdir(parents=True)
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-128dfm3", "sh03 sampler.shift=0.3",
+                        env={"FROM": "runs/photo-128a"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-128a-sampler/p128p8-ov-dfm3-sh03"
+    assert _overrides(calls[-1]) == [
+        *PINNED, "data.dataset=data/photos/128/fit", "data.resolution=128", "model.overrides.patch_size=8",
+        "model.overrides.hidden_size=192", "method.prediction=data", "model.overrides.head_overlap=true",
+        *three, "sampler.shift=0.3",
+    ]  # fmt: skip
+    assert calls[-1][calls[-1].index("--steps") + 1] == "1600"
+    link = tmp_path / "runs" / "photo-128a-sampler" / "p128p8-ov-dfm3-sh03" / "runs" / "dfm-abc-s0"
+    assert link.is_symlink() and link.resolve() == big.resolve()
+    # the 128 px lane trains with the same settings the resample lane scores with
+    _, calls = _lane(tmp_path, "photo_tuning.sh", "128p8ov-dfm3")
+    assert _overrides(calls[-1]) == _overrides(calls[-2])[:-1]
     done, _ = _lane(tmp_path, "photo_tuning.sh", "tune-dfm3")
     assert done.returncode == 2 and "tune-dfm3: give at least one variant" in done.stderr
     done, calls = _lane(tmp_path, "photo_tuning.sh", "tune-fm", "lr2e-3 optim.lr=2e-3")  # trained afresh
