@@ -284,6 +284,10 @@ def test_cascade_sampler_takes_the_time_shift_on_each_stage_grid() -> None:
     times = {0: [], 1: []}
     sample_cascade(Oracle(), (1, 1, 8, 8), steps=(3, 2), seeds=[1])  # no shift: uniform
     assert times[0] == pytest.approx([0, 1 / 3, 2 / 3]) and times[1] == pytest.approx([0, 0.5])
+    times = {0: [], 1: []}
+    settings = SamplerConfig(steps=(3, 2), thresholds=(0.5,), shift=0.3, shift_from=-1)  # the full-resolution stage
+    CascadeSampler().sample(Oracle(), (1, 1, 8, 8), settings=settings, seeds=[1])
+    assert times[0] == pytest.approx([0, 1 / 3, 2 / 3]) and times[1] == pytest.approx([0, shift_time(0.5, 0.3)])
 
 
 def test_cascade_save_and_load(tmp_path) -> None:

@@ -181,6 +181,18 @@ def test_refine_keeps_the_shift_of_the_first_half(tmp_path):
     assert np.array_equal(np.load(tmp_path / "old" / "refined" / "samples.npz")["arr_0"],
                           np.load(tmp_path / "plain" / "samples.npz")["arr_0"])  # fmt: skip
     assert cli(["sample", str(run), "--shift", "-1", "--out", str(tmp_path / "bad")]) == 2
+    # --shift-from -1: only the finest stage's grid is shifted; refine keeps that too
+    assert cli(["sample", str(run), "--seeds", "0-3", "--until-stage", "1", "--shift", "0.4", "--shift-from", "-1",
+                "--out", str(tmp_path / "c1"), "--npz", "--no-grid", "--no-progression"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "c1" / "state.json").read_text())["shift_from"] == -1
+    assert cli(["refine", str(tmp_path / "c1"), "--pick", "1,2", "--npz", "--no-grid", "--no-progression"]) == 0
+    assert cli(["sample", str(run), "--seeds", "1,2", "--shift", "0.4", "--shift-from", "-1", "--out",
+                str(tmp_path / "fine"), "--npz", "--no-grid", "--no-progression"]) == 0  # fmt: skip
+    fine = np.load(tmp_path / "fine" / "samples.npz")["arr_0"]
+    assert np.array_equal(np.load(tmp_path / "c1" / "refined" / "samples.npz")["arr_0"], fine)
+    assert not np.array_equal(fine, np.load(tmp_path / "shifted" / "samples.npz")["arr_0"])
+    assert not np.array_equal(fine, np.load(tmp_path / "plain" / "samples.npz")["arr_0"])
+    assert cli(["sample", str(run), "--shift", "0.4", "--shift-from", "5", "--out", str(tmp_path / "bad")]) == 2
 
 
 def test_upscale_and_vary_on_the_command_line(tmp_path, capsys):

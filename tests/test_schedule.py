@@ -173,6 +173,46 @@ def test_shift_warps_every_stage_and_the_thresholds():
     assert torch.equal(same.grid, plain.grid)
 
 
+def test_shift_from_warps_only_the_later_stages():
+    """sampler.shift_from=k: stages k.. are warped (grid columns and thresholds), earlier ones keep the uniform grid;
+    negative counts from the finest."""
+    from dfm.config import SamplerConfig
+    from dfm.schedule import shift_time
+
+    plain = StageSchedule((10, 5, 5), (0.7, 0.85))
+    for first in (2, -1):
+        settings = SamplerConfig(steps=(10, 5, 5), thresholds=(0.7, 0.85), shift=0.3, shift_from=first).validate(3)
+        assert [settings.stage_shift(k, 3) for k in range(3)] == [1.0, 1.0, 0.3]
+        warped = StageSchedule.from_settings(settings, (64, 64))
+        torch.testing.assert_close(warped.grid[:, :2], plain.grid[:, :2])  # the coarse stages as without a shift
+        torch.testing.assert_close(warped.grid[:, 2], shift_time(plain.grid[:, 2], 0.3))
+        assert warped.thresholds == (0.7, 0.85)  # stage 2 has no threshold of its own (it ends on the data)
+        assert (warped.grid.diff(dim=0) >= 0).all() and warped.grid[-1].tolist() == [1.0] * 3
+    # the finest stage's last step starts nearer the data: 0.8 -> 0.93 for shift 0.3
+    assert warped.grid[-2, 2].item() == pytest.approx(0.8 / (0.8 + 0.3 * 0.2))
+    middle = StageSchedule.from_settings(SamplerConfig((10, 5, 5), (0.7, 0.85), shift=0.3, shift_from=1), (8, 8))
+    torch.testing.assert_close(middle.grid[:, 0], plain.grid[:, 0])
+    torch.testing.assert_close(middle.grid[:, 1:], shift_time(plain.grid[:, 1:], 0.3))
+    assert middle.thresholds == pytest.approx((0.7, shift_time(0.85, 0.3)))
+    every = SamplerConfig((10, 5, 5), (0.7, 0.85), shift=0.3, shift_from=-3)  # -3 of 3 stages = 0, every stage
+    assert torch.equal(
+        StageSchedule.from_settings(every, (8, 8)).grid,
+        StageSchedule.from_settings(SamplerConfig((10, 5, 5), (0.7, 0.85), shift=0.3), (8, 8)).grid,
+    )
+    for bad in (3, -4, True, 1.0, "1"):
+        with pytest.raises(ValueError, match=r"sampler\.shift_from=.*\(-1 = the finest only\)"):
+            SamplerConfig((10, 5, 5), (0.7, 0.85), shift=0.3, shift_from=bad).validate(3)
+
+
+def test_flow_matching_from_a_dfm_config_shifts_its_one_grid():
+    from dfm.presets import get_preset, with_method
+    from dfm.resolve import apply_overrides
+
+    cfg = apply_overrides(get_preset("quickstart"), ["sampler.shift=0.3", "sampler.shift_from=1"])
+    fm = with_method(cfg, "fm")
+    assert (fm.sampler.shift, fm.sampler.shift_from, fm.sampler.steps) == (0.3, 0, (sum(cfg.sampler.steps),))
+
+
 @pytest.mark.parametrize("shift", [0, -1.0, float("nan"), float("inf"), True, "0.5"])
 def test_bad_shift_is_named(shift):
     from dfm.config import SamplerConfig

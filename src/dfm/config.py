@@ -92,6 +92,9 @@ class SamplerConfig:
     #: on the thresholds: 1 = none; above 1 more steps at high noise (SD3: 3); below 1 more steps near the data,
     #: where the last step's prediction sets the finest detail. Applied after ``time_shift`` when both are set.
     shift: float = 1.0
+    #: the first stage (0-based, coarse to fine; negative counts from the finest, -1 = the finest only) whose times
+    #: ``shift`` warps: 0 = every stage. The stages before it keep the uniform grid (their layout's steps at high noise)
+    shift_from: int = 0
 
     def validate(self, stages: int) -> SamplerConfig:
         """Check the settings for a model of ``stages`` stages; a ``ValueError`` says what to change. Returns self."""
@@ -130,9 +133,23 @@ class SamplerConfig:
             raise ValueError(
                 f"sampler.shift={self.shift!r}: give a number > 0 (1 = no shift, 0.3 = more steps near the data)"
             )
+        if (
+            isinstance(self.shift_from, bool)
+            or not isinstance(self.shift_from, numbers.Integral)
+            or not -stages <= self.shift_from < stages
+        ):
+            raise ValueError(
+                f"sampler.shift_from={self.shift_from!r}: give a stage of the model's {stages}, 0..{stages - 1} "
+                "(0 = every stage) or counted from the finest, -1..-" + f"{stages} (-1 = the finest only)"
+            )
         if any(not math.isfinite(g) or g < 0 for g in self.guidance):
             raise ValueError(f"sampler.guidance={_text(self.guidance)}: scales must be finite and >= 0 (1 = none)")
         return self
+
+    def stage_shift(self, stage: int, stages: int) -> float:
+        """The constant time shift of stage ``stage`` (0-based) of ``stages``: ``shift`` from ``shift_from`` on, else
+        1 (none)."""
+        return float(self.shift) if stage >= self.shift_from % stages else 1.0
 
     def stage_guidance(self, stages: int) -> list[float]:
         """The guidance scale of every stage."""

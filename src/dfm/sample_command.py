@@ -62,6 +62,8 @@ def add_sampler_flags(p) -> None:
                    "of the sampling grid (sampler.time_shift)")  # fmt: skip
     p.add_argument("--shift", type=float, help="SD3's constant shift of the sampling grid: below 1 more steps near "
                    "the data, above 1 more at high noise (sampler.shift, default 1 = none)")  # fmt: skip
+    p.add_argument("--shift-from", type=int, help="the first stage --shift warps, 0-based; -1 = the finest only "
+                   "(sampler.shift_from, default 0 = every stage)")  # fmt: skip
     p.add_argument("--guidance", help="classifier-free guidance: one scale, or one per stage like 1.0,2.0 "
                    "(sampler.guidance)")  # fmt: skip
     p.add_argument("--steps", help="sampling steps per stage, e.g. 30,10 (sampler.steps)")
@@ -97,7 +99,7 @@ def sampler_settings(gen: Generator, args) -> Any:
     return gen.settings(steps=numbers(args.steps, "--steps", int, "30,10"),
                         thresholds=numbers(args.thresholds, "--thresholds"),
                         guidance=numbers(args.guidance, "--guidance", example="1.5"), solver=args.solver,
-                        time_shift=args.time_shift, shift=args.shift)  # fmt: skip
+                        time_shift=args.time_shift, shift=args.shift, shift_from=args.shift_from)  # fmt: skip
 
 
 def _read_prompts(args) -> list[str]:

@@ -18,6 +18,7 @@ Example, the paper's two-stage default at 512 px (30 + 10 steps, τ = 0.7)::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -70,7 +71,8 @@ class StageSchedule:
             tokens = (size[-2] // 2) * (size[-1] // 2)
             schedule = schedule.warped(lambda t: flux_time_shift(t, tokens))
         if settings.shift != 1:
-            schedule = schedule.warped(lambda t: shift_time(t, settings.shift))
+            first = settings.shift_from % self.num_stages
+            schedule = schedule.warped(lambda t: shift_time(t, settings.shift), first)
         return schedule
 
     @property
@@ -104,23 +106,28 @@ class StageSchedule:
             start = tau
         return torch.stack(rows), torch.tensor(main_stage, dtype=torch.long)
 
-    def warped(self, warp: Callable[[Tensor], Tensor]) -> StageSchedule:
+    def warped(self, warp: Callable[[Tensor], Tensor], first: int = 0) -> StageSchedule:
         """A copy whose times are ``warp(t)`` (elementwise on the grid and the thresholds; ``warp`` must be
-        increasing with ``warp(0) = 0`` and ``warp(1) = 1``), e.g. FLUX's time shift; steps and stages unchanged."""
+        increasing with ``warp(0) = 0`` and ``warp(1) = 1``), e.g. FLUX's time shift; steps and stages unchanged.
+        ``first``: the first stage whose times (grid column, threshold) are warped; earlier stages keep theirs."""
         out = copy.copy(self)
-        out.grid = warp(self.grid)
-        out.thresholds = tuple(float(warp(torch.tensor(t, dtype=torch.float64))) for t in self.thresholds)
+        out.grid = self.grid.clone()
+        out.grid[:, first:] = warp(self.grid[:, first:])
+        warp_one = lambda t: float(warp(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
+        out.thresholds = tuple(warp_one(t) if i >= first else t for i, t in enumerate(self.thresholds))
         return out
 
     def __repr__(self) -> str:
         return f"StageSchedule(steps={self.steps}, thresholds={self.thresholds})"
 
 
-def stage_times(steps: int, settings: SamplerConfig, size: Sequence[int]) -> list[float]:
-    """The ``steps + 1`` times, from 0 to 1, of a stage that runs on its own grid (the cascade's stages, Pyramidal
-    Flow's local time in a window): uniform, warped by the settings' ``time_shift`` and ``shift`` as Flow
-    Matching's grid is, for samples of spatial ``size``."""
-    return [float(t) for t in StageSchedule.single(steps).warped_as(settings, size).grid[:, 0]]
+def stage_times(stage: int, settings: SamplerConfig, size: Sequence[int]) -> list[float]:
+    """The ``settings.steps[stage] + 1`` times, from 0 to 1, of a stage that runs on its own grid (the cascade's
+    stages, Pyramidal Flow's local time in a window): uniform, warped by the settings' ``time_shift`` and the
+    stage's ``shift`` (:meth:`~dfm.config.SamplerConfig.stage_shift`) as Flow Matching's grid is, for samples of
+    spatial ``size``."""
+    own = dataclasses.replace(settings, shift=settings.stage_shift(stage, len(settings.steps)), shift_from=0)
+    return [float(t) for t in StageSchedule.single(int(settings.steps[stage])).warped_as(own, size).grid[:, 0]]
 
 
 def shift_time(t: Tensor | float, shift: float) -> Tensor | float:

@@ -371,7 +371,8 @@ def run_quality(
             # references, the sampler as used: the variant's settings over the run's), so a changed setting is
             # scored again instead of read stale.
             # (a sampler setting at its default that older versions did not have is left out: their files stay valid)
-            sampler = {k: v for k, v in sampler_settings(variant, cfg).items() if not (k == "shift" and v == 1)}
+            sampler = {k: v for k, v in sampler_settings(variant, cfg).items()
+                       if not (k == "shift" and v == 1 or k == "shift_from" and v == 0)}  # fmt: skip
             protocol = json.dumps([settings.num_samples, list(settings.metrics), [Path(r).name for r in refs],
                                    sampler], sort_keys=True, default=str)  # fmt: skip
             tag = hashlib.sha1(protocol.encode()).hexdigest()[:8]

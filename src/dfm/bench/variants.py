@@ -16,7 +16,7 @@ METRICS = ("fd:efficientnet-lite0", "fd:fashion-cnn", "swd", "accuracy")
 VIDEO_METRICS = (*METRICS, "temporal")
 HEADLINE = "fd_efficientnet-lite0"
 #: the sampler settings a variant may set (guidance is set per evaluation point)
-SAMPLER_KEYS = ("steps", "thresholds", "solver", "time_shift", "shift")
+SAMPLER_KEYS = ("steps", "thresholds", "solver", "time_shift", "shift", "shift_from")
 
 
 @dataclass

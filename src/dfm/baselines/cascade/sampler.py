@@ -64,7 +64,7 @@ class CascadeSampler(Sampler):
     def integrate(self, model: Any, noise: list[Tensor], shape: Sequence[int], guidance: Guidance,
                   settings: SamplerConfig, callback: PreviewCallback | None) -> SampleOutput:  # fmt: skip
         eps_low, eps_full, eps_cond = noise
-        b, steps = eps_full.shape[0], settings.steps
+        b = eps_full.shape[0]
 
         def guided(stage: int, x: Tensor, t: float, cond: Tensor | None = None, cond_t: Tensor | None = None) -> Tensor:
             # Both branches see the conditioning image; only the label differs.
@@ -73,7 +73,7 @@ class CascadeSampler(Sampler):
             return guidance.velocity(forward, [x, t_batch, cond, cond_t], [guidance.scales[stage]])[0]
 
         size = tuple(eps_full.shape[2:])
-        low = _integrate(lambda x, t: guided(0, x, t), eps_low, stage_times(int(steps[0]), settings, size),
+        low = _integrate(lambda x, t: guided(0, x, t), eps_low, stage_times(0, settings, size),
                          settings.solver)  # fmt: skip
         if callback is not None:
             callback(0, low)
@@ -81,7 +81,7 @@ class CascadeSampler(Sampler):
         cond = _resize(t_c * low + (1 - t_c) * eps_cond, tuple(eps_full.shape[2:]), self.mode)
         cond_t = torch.full((b,), t_c, device=low.device)
         images = _integrate(lambda x, t: guided(1, x, t, cond, cond_t), eps_full,
-                            stage_times(int(steps[1]), settings, size), settings.solver)  # fmt: skip
+                            stage_times(1, settings, size), settings.solver)  # fmt: skip
         if callback is not None:
             callback(1, images)
         return SampleOutput(images, [low, images], [low, images])

@@ -75,7 +75,7 @@ class PyramidalSampler(Sampler):
         for k in range(k_count):
             if k > 0:
                 x = path.renoise(x, k, noise[k])
-            taus = stage_times(int(settings.steps[k]), settings, shape)
+            taus = stage_times(k, settings, shape)
             x, v = _integrate_window(lambda xk, t, k=k: velocity(xk, k, t), x, path.window(k), taus, settings.solver)
             ends.append(x)
             e, s = path.end_coef(k), path.start_coef(k)
