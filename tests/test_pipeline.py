@@ -44,6 +44,15 @@ def test_pipeline_images_equal_dfm_sample(run, tmp_path):
     assert not np.array_equal(np.load(tmp_path / "t" / "samples.npz")["arr_0"], expected["arr_0"])
     with pytest.raises(ValueError, match="sampler.shift"):
         pipe(seeds=[0], shift=-1.0)
+    # ... and on the finest stage only, as dfm sample --shift-from -1
+    assert cli(["sample", str(run), "--seeds", "0-5", "--npz", "--out", str(tmp_path / "f"), "--steps", "3,2",
+                "--shift", "0.4", "--shift-from", "-1"]) == 0  # fmt: skip
+    fine = pipe(seeds=range(6), num_inference_steps=(3, 2), shift=0.4, shift_from=-1, output_type="np").images
+    fine = np.round(fine * 255).astype(np.uint8)
+    np.testing.assert_array_equal(fine, np.load(tmp_path / "f" / "samples.npz")["arr_0"])
+    assert not np.array_equal(fine, np.round(shifted * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="sampler.shift_from=2"):
+        pipe(seeds=[0], shift=0.4, shift_from=2)
 
 
 def test_save_pretrained_round_trip_and_dfm_sample_reads_it(run, tmp_path):

@@ -104,9 +104,10 @@ def test_api_refuses_bad_requests_and_keeps_serving(server):
     status, info = _request(f"{server}/api/info")
     assert status == 200 and info["stages"] == 2 and info["classes"][3] == "Dress"
     assert info["solver"] == "heun" and info["solvers"] == ["euler", "heun"]  # the run's own solver is the default
-    assert info["shift"] == 1.0
+    assert info["shift"] == 1.0 and info["shift_from"] == 0
     bad = [
         (b'{"shift": 0}', 422, "sampler.shift=0"),
+        (b'{"shift": 0.3, "shift_from": 2}', 422, "sampler.shift_from=2: give a stage of the model's 2"),
         (b'{"shift": "much"}', 422, "shift"),
         (b'{"steps": [0, 2]}', 422, "sampler.steps=0,2: every stage needs at least 1 step"),
         (b'{"steps": [201, 2]}', 422, "steps: at most 200 per stage"),
@@ -149,7 +150,7 @@ def test_page_shows_the_stage_preview_before_the_final_image(server, page):
     page.goto(server)
     page.wait_for_function("document.querySelectorAll('#class_label option').length === 11")
     assert page.input_value("#steps") == "3,2" and page.input_value("#solver") == "heun"
-    assert page.input_value("#shift") == "1"
+    assert page.input_value("#shift") == "1" and page.input_value("#shift_from") == "0"
     page.fill("#seeds", "0-3")
     page.click("#generate")
     page.wait_for_selector("#final[data-final='1']", timeout=120_000)

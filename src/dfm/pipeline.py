@@ -112,6 +112,7 @@ class DFMPipeline(DiffusionPipeline):
         guidance_scale: float | Sequence[float] | None = None,
         solver: str | None = None,
         shift: float | None = None,
+        shift_from: int | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         callback_on_step_end: Callable[[DFMPipeline, int, int, dict], Any] | None = None,
@@ -140,8 +141,8 @@ class DFMPipeline(DiffusionPipeline):
             num_images: how many, when neither ``seeds`` nor a list of labels says it (default 1).
             seeds: one seed per image (its noise depends on it only); default drawn from ``generator``.
             num_inference_steps: steps per stage, e.g. (30, 10); an int is split as the run's steps are.
-            thresholds, guidance_scale, solver, shift: as ``dfm sample`` (default: the run's; ``shift`` is SD3's
-                time shift of the grid, ``sampler.shift``).
+            thresholds, guidance_scale, solver, shift, shift_from: as ``dfm sample`` (default: the run's; ``shift``
+                is SD3's time shift of the grid, ``sampler.shift``, on stages ``shift_from``.. (-1: the finest)).
             callback_on_step_end: called as ``callback(pipe, step, stage, {"preview": tensor})`` when a stage
                 reaches its threshold (the steps where DFM has a preview), ``step`` the sampler step index.
         """
@@ -161,7 +162,7 @@ class DFMPipeline(DiffusionPipeline):
         if classes is not None and not isinstance(class_labels, int) and len(classes) != len(seeds):
             raise ValueError(f"got {len(classes)} class_labels for {len(seeds)} images: give one per image, or one")
         settings = gen.settings(steps=self._steps(num_inference_steps), thresholds=thresholds,
-                                guidance=guidance_scale, solver=solver, shift=shift)  # fmt: skip
+                                guidance=guidance_scale, solver=solver, shift=shift, shift_from=shift_from)  # fmt: skip
         callback = None
         if callback_on_step_end is not None:
             ends = np.cumsum(settings.steps).tolist()

@@ -82,6 +82,7 @@ class SamplerFields(BaseModel):
     thresholds: list[float] | None = Field(None, max_length=7)
     solver: str | None = None
     shift: float | None = None  #: sampler.shift (SD3's time shift; 1 = none)
+    shift_from: int | None = None  #: sampler.shift_from (the first stage shifted; -1 = the finest only)
 
 
 class GenerateRequest(SamplerFields):
@@ -223,7 +224,8 @@ class Server:
         sampler = self.cfg.sampler
         return {"method": self.cfg.method.name, "stages": self.cfg.method.stages, "steps": list(sampler.steps),
                 "thresholds": list(sampler.thresholds), "guidance": list(sampler.guidance), "solver": sampler.solver,
-                "shift": sampler.shift, "solvers": list(SOLVERS), "classes": self.class_names,
+                "shift": sampler.shift, "shift_from": sampler.shift_from, "solvers": list(SOLVERS),
+                "classes": self.class_names,
                 "limits": {"images": MAX_IMAGES, "steps": MAX_STEPS, "queue": MAX_QUEUE},
                 "video": len(self.shape) == 4, "previews_exact": self.generator.previews_exact,
                 "decomposed": self.decomposed}  # fmt: skip
@@ -246,7 +248,7 @@ class Server:
         if seeds is not None and (not seeds or any(not 0 <= s < 2**31 for s in seeds)):
             raise ValueError("seeds: give integers between 0 and 2^31 - 1, or leave empty for random ones")
         settings = self.generator.settings(steps=r.steps, thresholds=r.thresholds, guidance=r.guidance,
-                                           solver=r.solver, shift=r.shift)  # fmt: skip
+                                           solver=r.solver, shift=r.shift, shift_from=r.shift_from)  # fmt: skip
         if max(settings.steps) > MAX_STEPS:
             raise ValueError(
                 f"steps: at most {MAX_STEPS} per stage on this server, e.g. {list(self.cfg.sampler.steps)}"
