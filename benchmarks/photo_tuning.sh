@@ -31,9 +31,10 @@ PINNED=(-o sampler.thresholds=0.7 -o model.overrides.hidden_size=128 -o model.ov
 # the tuned 64 px settings with the overlapping head, and the 3-stage DFM's split (the cpu64 study's, not tuned here)
 OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
 DFM3=(method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85)
-# 128 px at patch 8 with the overlapping head (lanes 128p8ov-*)
-P128OV=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=8
-        model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
+p128() {  # patch overlap: the 128 px lanes' data and model settings, into P128
+  P128=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=$1
+        model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=$2)
+}
 bench() {  # name methods overrides...
   local name=$1 methods=$2; shift 2
   local args=("${PINNED[@]}")
@@ -89,8 +90,7 @@ case "$1" in
     # (runs/photo-tune/p128p8-ov-*).
     patch=16 tag=p128 overlap=false
     case "$1" in 128p8-*) patch=8 tag=p128p8 ;; 128p8ov-*) patch=8 tag=p128p8-ov overlap=true ;; esac
-    P128=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=$patch
-          model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=$overlap)
+    p128 $patch $overlap
     case "${1#*-}" in
       fm) bench $tag-fm fm "${P128[@]}" ;;
       dfm3) bench $tag-dfm3 dfm "${P128[@]}" "${DFM3[@]}" ;;
@@ -143,7 +143,8 @@ case "$1" in
       *-fm) m=fm name=fm-h192-xpred-ov TRAIN=("${OV[@]}") ;;
       *-dfm3) m=dfm name=dfm3-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM3[@]}") ;;
       resample-128dfm3)  # the 128 px runs of lane 128p8ov-dfm3 (FROM=its OUTROOT)
-        m=dfm name=p128p8-ov-dfm3 TRAIN=("${P128OV[@]}" "${DFM3[@]}") ;;
+        p128 8 true
+        m=dfm name=p128p8-ov-dfm3 TRAIN=("${P128[@]}" "${DFM3[@]}") ;;
     esac
     lane=$1
     shift

@@ -140,7 +140,7 @@ class SamplerConfig:
         ):
             raise ValueError(
                 f"sampler.shift_from={self.shift_from!r}: give a stage of the model's {stages}, 0..{stages - 1} "
-                "(0 = every stage) or counted from the finest, -1..-" + f"{stages} (-1 = the finest only)"
+                f"(0 = every stage) or counted from the finest, -1..-{stages} (-1 = the finest only)"
             )
         if any(not math.isfinite(g) or g < 0 for g in self.guidance):
             raise ValueError(f"sampler.guidance={_text(self.guidance)}: scales must be finite and >= 0 (1 = none)")

@@ -78,7 +78,7 @@ class CascadeSampler(Sampler):
         if callback is not None:
             callback(0, low)
         t_c = 1.0 - self.cond_noise
-        cond = _resize(t_c * low + (1 - t_c) * eps_cond, tuple(eps_full.shape[2:]), self.mode)
+        cond = _resize(t_c * low + (1 - t_c) * eps_cond, size, self.mode)
         cond_t = torch.full((b,), t_c, device=low.device)
         images = _integrate(lambda x, t: guided(1, x, t, cond, cond_t), eps_full,
                             stage_times(1, settings, size), settings.solver)  # fmt: skip
