@@ -15,8 +15,8 @@
 # overlap-fm|dfm|dfm3|pyramidal: the tuned settings with the overlapping output head
 # (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|1k-dfm3: those runs' two seeds scored with 1,000
 # samples (runs/photo-1k). resample-fm|resample-dfm3 "TAG OVERRIDES"...: the overlapping-head runs scored again with
-# other sampler settings (runs/photo-sampler; resample-128dfm3: the 128 px DFM runs of 128p8ov-dfm3, FROM=their
-# OUTROOT); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training
+# other sampler settings (runs/photo-sampler; resample-128fm|resample-128dfm3: the 128 px runs of 128p8ov-fm|-dfm3,
+# FROM=their OUTROOT); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training
 # settings; fm: Flow Matching's tuned run alone (other budgets).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
@@ -132,7 +132,7 @@ case "$1" in
     link_runs runs/photo-tune/$name runs/photo-1k/$name "*-s[01]"
     NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash benchmarks/photo_tuning.sh "$lane"
     ;;
-  resample-fm|resample-dfm3|resample-128dfm3|tune-fm|tune-dfm3)
+  resample-fm|resample-dfm3|resample-128fm|resample-128dfm3|tune-fm|tune-dfm3)
     # the overlapping-head runs with other settings, each argument one
     # variant "TAG OVERRIDES...". resample-*: the trained seeds (SEEDS) scored again with other sampler settings at the
     # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (FROM=runs/photo-800: the
@@ -142,6 +142,9 @@ case "$1" in
     case "$1" in
       *-fm) m=fm name=fm-h192-xpred-ov TRAIN=("${OV[@]}") ;;
       *-dfm3) m=dfm name=dfm3-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM3[@]}") ;;
+      resample-128fm)  # the 128 px runs of lane 128p8ov-fm (FROM=its OUTROOT)
+        p128 8 true
+        m=fm name=p128p8-ov-fm TRAIN=("${P128[@]}") ;;
       resample-128dfm3)  # the 128 px runs of lane 128p8ov-dfm3 (FROM=its OUTROOT)
         p128 8 true
         m=dfm name=p128p8-ov-dfm3 TRAIN=("${P128[@]}" "${DFM3[@]}") ;;
@@ -163,6 +166,6 @@ case "$1" in
       fi
     done
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3|resample-128dfm3|tune-fm|tune-dfm3 \"TAG OVERRIDES\"..." >&2
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3|resample-128fm|resample-128dfm3|tune-fm|tune-dfm3 \"TAG OVERRIDES\"..." >&2
      exit 2 ;;
 esac

@@ -273,6 +273,18 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     # the 128 px lane trains with the same settings the resample lane scores with
     _, calls = _lane(tmp_path, "photo_tuning.sh", "128p8ov-dfm3")
     assert _overrides(calls[-1]) == _overrides(calls[-2])[:-1]
+    fm128 = tmp_path / "runs" / "photo-128a" / "p128p8-ov-fm" / "runs" / "fm-abc-s0"  # Flow Matching's 128 px run
+    fm128.mkdir(parents=True)
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-128fm", "sh06 sampler.shift=0.6",
+                        env={"FROM": "runs/photo-128a", "NUM": "1000"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    argv = calls[-1]
+    assert argv[argv.index("--out") + 1] == "runs/photo-128a-sampler/p128p8-ov-fm-sh06"
+    assert argv[argv.index("--methods") + 1] == "fm" and argv[argv.index("--num-samples") + 1] == "1000"
+    link = tmp_path / "runs" / "photo-128a-sampler" / "p128p8-ov-fm-sh06" / "runs" / "fm-abc-s0"
+    assert link.is_symlink() and link.resolve() == fm128.resolve()
+    _, train = _lane(tmp_path, "photo_tuning.sh", "128p8ov-fm")
+    assert _overrides(argv) == [*_overrides(train[-1]), "sampler.shift=0.6"]
     done, _ = _lane(tmp_path, "photo_tuning.sh", "tune-dfm3")
     assert done.returncode == 2 and "tune-dfm3: give at least one variant" in done.stderr
     done, calls = _lane(tmp_path, "photo_tuning.sh", "tune-fm", "lr2e-3 optim.lr=2e-3")  # trained afresh
