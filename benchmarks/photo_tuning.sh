@@ -16,7 +16,8 @@
 # (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|1k-dfm3: those runs' two seeds scored with 1,000
 # samples (runs/photo-1k). resample-fm|resample-dfm3 "TAG OVERRIDES"...: the overlapping-head runs scored again with
 # other sampler settings (runs/photo-sampler; resample-128fm|resample-128dfm3: the 128 px runs of 128p8ov-fm|-dfm3,
-# FROM=their OUTROOT); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training
+# FROM=their OUTROOT; RUN=<a tune-* run's name>, e.g. dfm3-h192-xpred-ov-p622, with its training overrides in every
+# variant); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training
 # settings; fm: Flow Matching's tuned run alone (other budgets).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
@@ -149,6 +150,7 @@ case "$1" in
         p128 8 true
         m=dfm name=p128p8-ov-dfm3 TRAIN=("${P128[@]}" "${DFM3[@]}") ;;
     esac
+    name=${RUN:-$name}  # RUN: a tune-* run of this lane (its training overrides go into every variant)
     lane=$1
     shift
     [ $# -gt 0 ] || { echo "$lane: give at least one variant, e.g. \"t8090 sampler.thresholds=0.8,0.9\"" >&2; exit 2; }

@@ -285,6 +285,17 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert link.is_symlink() and link.resolve() == fm128.resolve()
     _, train = _lane(tmp_path, "photo_tuning.sh", "128p8ov-fm")
     assert _overrides(argv) == [*_overrides(train[-1]), "sampler.shift=0.6"]
+    tuned = tmp_path / "runs" / "photo-tune" / "dfm3-h192-xpred-ov-p622" / "runs" / "dfm-abc-s0"  # RUN: a tune-* run
+    tuned.mkdir(parents=True)
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-dfm3",
+                        "t8995 method.stage_probs=0.6,0.2,0.2 sampler.thresholds=0.89,0.95",
+                        env={"RUN": "dfm3-h192-xpred-ov-p622"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-sampler/dfm3-h192-xpred-ov-p622-t8995"
+    link = tmp_path / "runs" / "photo-sampler" / "dfm3-h192-xpred-ov-p622-t8995" / "runs" / "dfm-abc-s0"
+    assert link.is_symlink() and link.resolve() == tuned.resolve()
+    _, calls = _lane(tmp_path, "photo_tuning.sh", "tune-dfm3", "p622 method.stage_probs=0.6,0.2,0.2")
+    assert _overrides(calls[-1]) == [*overlap, *three, "method.stage_probs=0.6,0.2,0.2"]
     done, _ = _lane(tmp_path, "photo_tuning.sh", "tune-dfm3")
     assert done.returncode == 2 and "tune-dfm3: give at least one variant" in done.stderr
     done, calls = _lane(tmp_path, "photo_tuning.sh", "tune-fm", "lr2e-3 optim.lr=2e-3")  # trained afresh
