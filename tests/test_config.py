@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dfm.config import RunConfig, SamplerConfig
+from dfm.config import FORMAT, RunConfig, SamplerConfig
 from dfm.methods import get_method
 from dfm.presets import get_preset, with_method
 from dfm.resolve import apply_overrides, resolve
@@ -168,7 +168,30 @@ def test_config_files_of_format_1_read_as_they_were_meant(name: str) -> None:
     assert cfg.sampler.steps == tuple(old["steps"]) and cfg.sampler.solver == old["solver"]
     assert cfg.sampler.guidance == (old["guidance"],) and cfg.model.distilled_guidance == data["model"]["guidance"]
     again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert again == cfg and cfg.to_dict()["format"] == 2
+    assert again == cfg and cfg.to_dict()["format"] == FORMAT
+
+
+@pytest.mark.parametrize("name", ["cascade", "pyramidal"])
+def test_the_two_stage_baselines_refuse_stage_probs_and_their_old_configs_drop_it(name: str) -> None:
+    """Neither baseline draws a main stage: method.stage_probs is refused, not ignored; configs of format 2 (saved
+    with the DFM config's stage_probs, unused) still load, without it, and equal a fresh twin's."""
+    cfg = with_method(get_preset("quickstart"), name)
+    assert get_preset("quickstart").method.stage_probs is not None and cfg.method.stage_probs is None
+    with pytest.raises(ValueError, match="remove method.stage_probs|instead of method.stage_probs") as err:
+        apply_overrides(cfg, ["method.stage_probs=0.5,0.5"])
+    assert ("method.options.shares" in str(err.value)) == (name == "pyramidal")
+    old = cfg.to_dict()
+    old["format"] = 2
+    old["method"]["stage_probs"] = [0.5, 0.5]
+    assert resolve(RunConfig.from_dict(old)) == cfg
+    new = {**old, "format": FORMAT}
+    with pytest.raises(ValueError, match="stage_probs"):
+        resolve(RunConfig.from_dict(new))
+    dfm = get_preset("quickstart").to_dict()  # DFM's own stage_probs are kept from every format
+    dfm["format"] = 2
+    assert RunConfig.from_dict(dfm).method.stage_probs == get_preset("quickstart").method.stage_probs
+    with pytest.raises(ValueError, match="config format 99 is not one this version reads .*update dfm"):
+        RunConfig.from_dict({**dfm, "format": 99})
 
 
 def test_image_folder_settings_are_plain_data_that_round_trip() -> None:

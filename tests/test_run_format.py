@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dfm.cli import main as cli
+from dfm.config import FORMAT
 from dfm.generate import Generator
 from helpers import needs_data
 
@@ -61,6 +62,6 @@ def test_a_run_of_format_1_resumes(tmp_path: Path, name: str) -> None:
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     saved = json.loads((run / "config.json").read_text())
     assert (
-        saved["format"] == 2
+        saved["format"] == FORMAT
         and saved["sampler"]["steps"] == json.loads((FIXTURES / name / "config.json").read_text())["method"]["steps"]
     )

@@ -30,8 +30,8 @@ LOSS_WEIGHTINGS = ("velocity", "edm")
 PREDICTIONS = ("velocity", "data")
 SOLVERS = ("euler", "heun")
 BACKBONES = ("dit", "flux", "sd3")
-#: the config.json layout this version writes; :func:`_from_format1` reads the one before it
-FORMAT = 2
+#: the config.json layout this version writes; :func:`_from_format1` and :func:`_from_format2` read the older ones
+FORMAT = 3
 
 
 @dataclass
@@ -249,10 +249,15 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """The config of a ``config.json`` of this version or the one before; unknown keys are refused."""
+        """The config of a ``config.json`` of this version or an older one; unknown keys are refused."""
         data = dict(data)
-        if data.pop("format", 1) == 1:
+        fmt = data.pop("format", 1)
+        if not isinstance(fmt, int) or not 1 <= fmt <= FORMAT:
+            raise ValueError(f"config format {fmt!r} is not one this version reads (1 to {FORMAT}): update dfm")
+        if fmt == 1:
             data = _from_format1(data)
+        if fmt <= 2:
+            data = _from_format2(data)
         kwargs: dict[str, Any] = {}
         hints = typing.get_type_hints(cls)
         for name, value in data.items():
@@ -421,6 +426,15 @@ def _from_format1(data: dict[str, Any]) -> dict[str, Any]:
     if "guidance" in model:
         model["distilled_guidance"] = model.pop("guidance")
     return {**data, "method": method, "sampler": sampler, "model": model}
+
+
+def _from_format2(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``config.json`` of format 2 (up to 2026-12-06), in which the two-stage baselines (cascade, pyramidal) kept
+    the ``method.stage_probs`` of the DFM config they were derived from, unused; since format 3 they refuse it."""
+    method = dict(data.get("method", {}))
+    if method.get("name") in ("cascade", "pyramidal"):
+        method.pop("stage_probs", None)
+    return {**data, "method": method}
 
 
 def coerce_json(value: Any, hint: Any) -> Any:

@@ -59,6 +59,8 @@ class Method:
     supports_fsdp: bool = True
     #: the ``method.prediction`` values its preconditioning implements
     predictions: tuple[str, ...] = ("velocity", "data")
+    #: whether the objective draws its main stage from ``method.stage_probs`` (a method that does not refuses it)
+    uses_stage_probs: bool = True
 
     # -- settings
     def validate(self, cfg: RunConfig) -> None:
@@ -220,7 +222,7 @@ def two_stage_baseline(cfg: RunConfig, name: str) -> RunConfig:
     if m.stages != 2:
         raise ValueError(f"method {name} is compared with two-stage DFM configs; this one has {m.stages}")
     total = sum(cfg.sampler.steps)
-    cfg.method = dataclasses.replace(m, name=name, standardize=False, level_std=None, data_std=None,
+    cfg.method = dataclasses.replace(m, name=name, standardize=False, level_std=None, data_std=None, stage_probs=None,
                                      loss_weighting="velocity", prediction="velocity", options={})  # fmt: skip
     cfg.sampler = dataclasses.replace(cfg.sampler, steps=(total // 2, total - total // 2))
     return cfg

@@ -43,7 +43,7 @@ from dfm.checkpoint import (
     non_finite,
     state_dict_error,
 )
-from dfm.config import RESUMABLE, RunConfig, config_diff
+from dfm.config import FORMAT, RESUMABLE, RunConfig, config_diff
 from dfm.methods import Method, get_method
 from dfm.models.config import DiTConfig
 from dfm.models.dit import CONFIG_NAME, WEIGHTS_NAME
@@ -85,7 +85,7 @@ class DataSpec:
 class Run:
     """An opened run directory (:meth:`open`): its resolved config, its data spec, and its weights on demand."""
 
-    def __init__(self, path: Path, kind: str, config: RunConfig, spec: DataSpec, format: int = 2) -> None:
+    def __init__(self, path: Path, kind: str, config: RunConfig, spec: DataSpec, format: int = FORMAT) -> None:
         self.path = path
         self.kind = kind  #: "training" (a run directory), "pretrained" or "bare" (a save_pretrained directory)
         self.config = config
@@ -231,7 +231,7 @@ def _read_config(file: Path) -> tuple[RunConfig, int]:
     try:
         fmt = int(json.loads(file.read_text()).get("format", 1))
     except (ValueError, AttributeError):
-        fmt = 2  # RunConfig.load says what is wrong with it
+        fmt = FORMAT  # RunConfig.load says what is wrong with it
     return resolve(RunConfig.load(file)), fmt
 
 

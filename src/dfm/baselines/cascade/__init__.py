@@ -90,6 +90,7 @@ class Cascade(Method):
     unused_parameters = True  # it trains one of its two models at a time
     supports_fsdp = False  # it copies weights between its models at the switch
     predictions = ("velocity",)  # its own preconditioning (CascadePreconditioned)
+    uses_stage_probs = False  # its schedule is method.options.stage1_fraction / switch_step
 
     def validate(self, cfg: RunConfig) -> None:
         m = cfg.method

@@ -153,9 +153,13 @@ class Pyramidal(Method):
     name = "pyramidal"
     description = "Pyramidal Flow: one model, per-stage time windows over a Gaussian pyramid"
     Options = PyramidalOptions
+    uses_stage_probs = False
 
     def validate(self, cfg: RunConfig) -> None:
         m = cfg.method
+        if m.stage_probs is not None:
+            raise ValueError("method pyramidal trains its stages in fixed shares of every batch: give "
+                             "method.options.shares instead of method.stage_probs")  # fmt: skip
         if m.stages < 2:
             raise ValueError("method pyramidal needs method.stages >= 2 (one stage is plain Flow Matching)")
         if m.standardize or m.decomposition != "laplacian":
