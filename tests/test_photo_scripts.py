@@ -55,6 +55,30 @@ def test_table_compare_gives_seed_means_spreads_and_ratios(tmp_path: Path) -> No
     assert empty.returncode == 1 and "no scores under" in empty.stderr
 
 
+def test_tradeoff_scores_each_point_against_the_same_seed_of_the_base(tmp_path: Path) -> None:
+    _scores(tmp_path, "fm", "fm", [(0, 100, 200.0, 100.0), (1, 100, 100.0, 50.0), (0, 50, 400.0, 400.0)])
+    _scores(tmp_path, "late", "dfm", [(0, 100, 150.0, 120.0), (1, 100, 80.0, 40.0)])
+    _scores(tmp_path, "early", "dfm", [(0, 50, 100.0, 100.0), (2, 50, 1.0, 1.0)])  # seed 2: the base lacks it
+    out = tmp_path / "t.png"
+    done = _run("plot_tradeoff.py", "--base", str(tmp_path / "fm"), "--step", "100", "--out", str(out),
+                f"late={tmp_path / 'late'}", f"early={tmp_path / 'early'}@50")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "| late | 100 | 0,1 | 0.750 / 0.800 | 1.200 / 0.800 | no |" in lines  # seed 0 misses on the SWD
+    assert "| early | 50 | 0 | 0.250 | 0.250 | yes |" in lines
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+    _scores(tmp_path, "fm2", "fm", [(2, 50, 2.0, 4.0)])  # the base's seed 2, in another folder
+    joined = _run("plot_tradeoff.py", "--base", f"{tmp_path / 'fm'}+{tmp_path / 'fm2'}", "--step", "50",
+                  f"x={tmp_path / 'early'}")  # fmt: skip
+    assert "| x | 50 | 0,2 | 0.250 / 0.500 | 0.250 / 0.250 | yes |" in joined.stdout  # a + joins folders
+    bad = _run("plot_tradeoff.py", "--base", str(tmp_path / "fm"), "--step", "100", f"x={tmp_path / 'early'}")
+    assert bad.returncode == 1 and "x: no seed scored at step 100" in bad.stderr
+    bad = _run("plot_tradeoff.py", "--base", str(tmp_path / "none"), "--step", "100", f"x={tmp_path / 'late'}")
+    assert bad.returncode == 1 and "no scores in" in bad.stderr
+    bad = _run("plot_tradeoff.py", "--base", str(tmp_path / "fm"), "--step", "100", "nolabel")
+    assert bad.returncode == 1 and "expected LABEL=DIR" in bad.stderr
+
+
 def _grid(path: Path, color: int, rows: int = 4) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((rows * 66, 3 * 66, 3), color, np.uint8)).save(path)
