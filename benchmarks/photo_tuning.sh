@@ -150,7 +150,6 @@ case "$1" in
         p128 8 true
         m=dfm name=p128p8-ov-dfm3 TRAIN=("${P128[@]}" "${DFM3[@]}") ;;
     esac
-    name=${RUN:-$name}  # RUN: a tune-* run of this lane (its training overrides go into every variant)
     lane=$1
     shift
     [ $# -gt 0 ] || { echo "$lane: give at least one variant, e.g. \"t8090 sampler.thresholds=0.8,0.9\"" >&2; exit 2; }
@@ -161,8 +160,9 @@ case "$1" in
         from=${FROM:-runs/photo-tune}
         scored=runs/photo-sampler
         [ "$from" = runs/photo-tune ] || scored=$from-sampler
-        link_runs $from/$name $scored/$name-$tag "*-s[01]"
-        OUTROOT=$scored bench $name-$tag $m "${TRAIN[@]}" "${extra[@]}"
+        run=${RUN:-$name}  # RUN: a tune-* run of this lane (its training overrides go into every variant)
+        link_runs $from/$run $scored/$run-$tag "*-s[01]"
+        OUTROOT=$scored bench $run-$tag $m "${TRAIN[@]}" "${extra[@]}"
       else
         bench $name-$tag $m "${TRAIN[@]}" "${extra[@]}"
       fi
