@@ -82,13 +82,14 @@ case "$1" in
         > runs/photo-sampler/$m-h192-xpred-euler40.log 2>&1
     done
     ;;
-  128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4)
+  128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal)
     # 128 px (data/photos/128/fit) at the tuned settings of 64 px (hidden 192, predicting the data). 128-*: patch 16, so
     # that the model still sees 64 tokens and costs what it costs at 64 px, but a token (768 values) is four times the
     # model's width; 128p8-*: patch 8 (256 tokens, the token fits the width; about 3x the cost per step). Three stages
     # 32 -> 64 -> 128 px with the 64 px study's split; four stages 16 -> 32 -> 64 -> 128 px with the same coarse share
     # and steps. 128p8ov-*: patch 8 with the overlapping output head, each method's best head at 64 px
-    # (runs/photo-tune/p128p8-ov-*).
+    # (runs/photo-tune/p128p8-ov-*); 128p8ov-pyramidal: Pyramidal Flow there (two stages, 64 -> 128 px, equal shares,
+    # Heun 10 + 10), its best settings at 64 px (predicting the data, the overlapping head).
     patch=16 tag=p128 overlap=false
     case "$1" in 128p8-*) patch=8 tag=p128p8 ;; 128p8ov-*) patch=8 tag=p128p8-ov overlap=true ;; esac
     p128 $patch $overlap
@@ -97,6 +98,7 @@ case "$1" in
       dfm3) bench $tag-dfm3 dfm "${P128[@]}" "${DFM3[@]}" ;;
       dfm4) bench $tag-dfm4 dfm "${P128[@]}" method.stages=4 method.stage_probs=0.4,0.2,0.2,0.2 \
               sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85 ;;
+      pyramidal) bench $tag-pyramidal pyramidal "${P128[@]}" ;;
     esac
     ;;
   pyramidal)  # Pyramidal Flow at the width the tuning chose, predicting the velocity (the paper's), Heun 10 + 10
@@ -168,6 +170,6 @@ case "$1" in
       fi
     done
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3|resample-128fm|resample-128dfm3|tune-fm|tune-dfm3 \"TAG OVERRIDES\"..." >&2
+  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3|resample-128fm|resample-128dfm3|tune-fm|tune-dfm3 \"TAG OVERRIDES\"..." >&2
      exit 2 ;;
 esac

@@ -189,12 +189,13 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/p128p8-dfm3"
     assert "model.overrides.patch_size=8" in _overrides(calls[-1]) and "method.stages=3" in _overrides(calls[-1])
     assert _overrides(calls[-1]).count("model.overrides.head_overlap=false") == 2  # pinned, then the lane's own
-    for method, m in (("fm", "fm"), ("dfm3", "dfm")):  # patch 8 with the overlapping head, each method's best at 64 px
+    for method, m in (("fm", "fm"), ("dfm3", "dfm"), ("pyramidal", "pyramidal")):  # patch 8, the overlapping head
         done, calls = _lane(tmp_path, "photo_tuning.sh", f"128p8ov-{method}")
         argv = calls[-1]
         assert done.returncode == 0 and argv[argv.index("--out") + 1] == f"runs/photo-tune/p128p8-ov-{method}"
         assert argv[argv.index("--methods") + 1] == m and "model.overrides.patch_size=8" in _overrides(argv)
         assert _overrides(argv).index("model.overrides.head_overlap=true") > _overrides(argv).index(PINNED[-1])
+    assert not [o for o in _overrides(argv) if o.startswith(("method.stages", "method.stage_probs"))]  # two stages
     done, calls = _lane(tmp_path, "photo_tuning.sh", "pyramidal-xpred")
     assert calls[-1][calls[-1].index("--methods") + 1] == "pyramidal"
     pyramidal = [*PINNED, "model.overrides.hidden_size=192", "method.prediction=data"]
