@@ -171,6 +171,19 @@ def test_config_files_of_format_1_read_as_they_were_meant(name: str) -> None:
     assert again == cfg and cfg.to_dict()["format"] == FORMAT
 
 
+def test_a_config_written_by_hand_without_a_format_keeps_its_sampler_section() -> None:
+    """No ``format`` key: format 1's layout (sampler settings in the method section) is read as format 1, today's
+    (a sampler section, as a user writes it for ``dfm train --config``) as today's, not emptied."""
+    cfg = RunConfig.from_dict(
+        {"method": {"name": "dfm", "stages": 2}, "sampler": {"steps": [20, 10], "solver": "heun"}}
+    )
+    assert (cfg.sampler.steps, cfg.sampler.solver) == ((20, 10), "heun")
+    old = RunConfig.from_dict({"method": {"method": "dfm", "steps": [12, 4]}})  # format 1's layout, by hand
+    assert (old.method.name, old.sampler.steps) == ("dfm", (12, 4))
+    with pytest.raises(ValueError, match=r"unknown keys \['steps'\] in config section 'method'"):
+        RunConfig.from_dict({"method": {"name": "dfm", "steps": [12, 4]}, "sampler": {"solver": "heun"}})
+
+
 @pytest.mark.parametrize("name", ["cascade", "pyramidal"])
 def test_the_two_stage_baselines_refuse_stage_probs_and_their_old_configs_drop_it(name: str) -> None:
     """Neither baseline draws a main stage: method.stage_probs is refused, not ignored; configs of format 2 (saved

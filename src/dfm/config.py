@@ -251,7 +251,9 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         """The config of a ``config.json`` of this version or an older one; unknown keys are refused."""
         data = dict(data)
-        fmt = data.pop("format", 1)
+        fmt = data.pop("format", None)
+        if fmt is None:  # written by hand, or by dfm up to 2026-12-05 (format 1, which had no sampler section)
+            fmt = 1 if _format1_layout(data) else FORMAT
         if not isinstance(fmt, int) or not 1 <= fmt <= FORMAT:
             raise ValueError(f"config format {fmt!r} is not one this version reads (1 to {FORMAT}): update dfm")
         if fmt == 1:
@@ -410,6 +412,17 @@ def _as_json(v: Any) -> Any:
 def _text(values: Any) -> str:
     """A tuple as it is written on the command line: ``30,10``."""
     return ",".join(str(v) for v in values) if isinstance(values, (tuple, list)) else str(values)
+
+
+#: the keys only a format-1 config has: the sampler's settings and the method's name in the method section
+_FORMAT1_METHOD_KEYS = ("steps", "thresholds", "solver", "guidance", "time_shift", "method")
+
+
+def _format1_layout(data: dict[str, Any]) -> bool:
+    """Whether a config without a ``format`` key has format 1's layout (what dfm wrote up to 2026-12-05) rather than
+    today's (a config written by hand): format 1 had no sampler section and kept its settings in the method's."""
+    method = data.get("method")
+    return "sampler" not in data and isinstance(method, dict) and any(k in method for k in _FORMAT1_METHOD_KEYS)
 
 
 def _from_format1(data: dict[str, Any]) -> dict[str, Any]:
