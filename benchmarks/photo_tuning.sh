@@ -40,8 +40,9 @@ bench() {  # name methods overrides...
   local name=$1 methods=$2; shift 2
   local args=("${PINNED[@]}")
   for o in "$@"; do args+=(-o "$o"); done
-  $DFM bench quality --preset cpu-photo --reference fit --methods "$methods" --seeds ${SEEDS:-0} --steps ${STEPS:-1600} \
-    --eval-points ${POINTS:-1} --num-samples ${NUM:-500} --threads 1 "${args[@]}" --out "${OUTROOT:-runs/photo-tune}/$name" \
+  $DFM bench quality --preset cpu-photo --reference fit --methods "$methods" --seeds ${SEEDS:-0} \
+    --steps ${STEPS:-1600} --eval-points ${POINTS:-1} --num-samples ${NUM:-500} --threads 1 "${args[@]}" \
+    --out "${OUTROOT:-runs/photo-tune}/$name" \
     > "${OUTROOT:-runs/photo-tune}/$name.log" 2>&1
 }
 mkdir -p runs/photo-tune "${OUTROOT:-runs/photo-tune}"
@@ -131,7 +132,9 @@ case "$1" in
   1k-overlap-fm|1k-overlap-dfm3|1k-dfm3)  # a headline lane's trained seeds 0 and 1 scored again with 1,000 samples
     # (the count; against 1,000 training crops) in runs/photo-1k/<name>: its runs are linked, not retrained
     lane=${1#1k-}
-    case "$lane" in overlap-fm) name=fm-h192-xpred-ov ;; overlap-dfm3) name=dfm3-h192-xpred-ov ;; dfm3) name=dfm3-h192-xpred ;; esac
+    case "$lane" in
+      overlap-fm) name=fm-h192-xpred-ov ;; overlap-dfm3) name=dfm3-h192-xpred-ov ;; dfm3) name=dfm3-h192-xpred ;;
+    esac
     link_runs runs/photo-tune/$name runs/photo-1k/$name "*-s[01]"
     NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash benchmarks/photo_tuning.sh "$lane"
     ;;
@@ -141,7 +144,8 @@ case "$1" in
     # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (FROM=runs/photo-800: the
     # runs trained there, scored in runs/photo-800-sampler/<run>-<tag>) (the 3-stage split and
     # thresholds came from the Fashion-MNIST study; Flow Matching gets the knobs it has: the time shift, Euler).
-    # tune-*: trained afresh with other training settings (learning rate, preconditioning) as runs/photo-tune/<run>-<tag>
+    # tune-*: trained afresh with other training settings (learning rate, preconditioning) as
+    # runs/photo-tune/<run>-<tag>
     case "$1" in
       *-fm) m=fm name=fm-h192-xpred-ov TRAIN=("${OV[@]}") ;;
       *-dfm3) m=dfm name=dfm3-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM3[@]}") ;;
@@ -170,6 +174,12 @@ case "$1" in
       fi
     done
     ;;
-  *) echo "usage: bash benchmarks/photo_tuning.sh A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|pyramidal|pyramidal-xpred|pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3|resample-128fm|resample-128dfm3|tune-fm|tune-dfm3 \"TAG OVERRIDES\"..." >&2
+  *) { echo "usage: bash benchmarks/photo_tuning.sh LANE [\"TAG OVERRIDES\"...], LANE one of:"
+         echo "  A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4"
+         echo "  128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|pyramidal|pyramidal-xpred"
+         echo "  pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm"
+         echo "  overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3"
+         echo "  resample-128fm|resample-128dfm3|tune-fm|tune-dfm3"
+       } >&2
      exit 2 ;;
 esac
