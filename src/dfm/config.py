@@ -32,6 +32,7 @@ SOLVERS = ("euler", "heun")
 BACKBONES = ("dit", "flux", "sd3")
 #: the config.json layout this version writes; :func:`_from_format1` and :func:`_from_format2` read the older ones
 FORMAT = 3
+_FORMAT1_SAMPLER_KEYS = ("steps", "thresholds", "solver", "guidance", "time_shift")  #: in format 1's method section
 
 
 @dataclass
@@ -252,8 +253,9 @@ class RunConfig:
         """The config of a ``config.json`` of this version or an older one; unknown keys are refused."""
         data = dict(data)
         fmt = data.pop("format", None)
-        if fmt is None:  # written by hand, or by dfm up to 2026-12-05 (format 1, which had no sampler section)
-            fmt = 1 if _format1_layout(data) else FORMAT
+        if fmt is None:  # by hand (today's layout), or by dfm up to 2026-12-05 (format 1: sampler in the method)
+            old = data.get("method") if "sampler" not in data else None
+            fmt = 1 if isinstance(old, dict) and any(k in old for k in (*_FORMAT1_SAMPLER_KEYS, "method")) else FORMAT
         if not isinstance(fmt, int) or not 1 <= fmt <= FORMAT:
             raise ValueError(f"config format {fmt!r} is not one this version reads (1 to {FORMAT}): update dfm")
         if fmt == 1:
@@ -344,8 +346,7 @@ class RunConfig:
         if isinstance(d.pad, bool) or not isinstance(d.pad, int) or d.pad < 0:
             raise ValueError(f"data.pad={d.pad!r} must be a whole number of pixels >= 0 (0 = no border)")
         if d.classes is not None and len(d.classes) == 0:
-            raise ValueError("data.classes is empty: give the classes to train on, e.g. 5,6,7, or leave it unset "
-                             "for every class")  # fmt: skip
+            raise ValueError("data.classes is empty: give the classes to train on (e.g. 5,6,7) or leave it unset")
         if self.model.backbone not in BACKBONES:
             raise ValueError(f"model.backbone={self.model.backbone!r}: choose one of {', '.join(BACKBONES)}")
         if self.model.lora_rank < 0:
@@ -414,23 +415,11 @@ def _text(values: Any) -> str:
     return ",".join(str(v) for v in values) if isinstance(values, (tuple, list)) else str(values)
 
 
-#: the keys only a format-1 config has: the sampler's settings and the method's name in the method section
-_FORMAT1_METHOD_KEYS = ("steps", "thresholds", "solver", "guidance", "time_shift", "method")
-
-
-def _format1_layout(data: dict[str, Any]) -> bool:
-    """Whether a config without a ``format`` key has format 1's layout (what dfm wrote up to 2026-12-05) rather than
-    today's (a config written by hand): format 1 had no sampler section and kept its settings in the method's."""
-    method = data.get("method")
-    return "sampler" not in data and isinstance(method, dict) and any(k in method for k in _FORMAT1_METHOD_KEYS)
-
-
 def _from_format1(data: dict[str, Any]) -> dict[str, Any]:
     """A ``config.json`` of format 1 (up to 2026-12-05), in which the sampling settings were fields of the method
     section, the method's name was ``method.method`` and FLUX's distilled guidance ``model.guidance``."""
     method = dict(data.get("method", {}))
-    sampler = {key: method.pop(key) for key in ("steps", "thresholds", "solver", "guidance", "time_shift")
-               if key in method}  # fmt: skip
+    sampler = {key: method.pop(key) for key in _FORMAT1_SAMPLER_KEYS if key in method}
     if "guidance" in sampler:
         sampler["guidance"] = [sampler["guidance"]]
     if "method" in method:
