@@ -15,7 +15,7 @@
 # overlap-fm|dfm|dfm3|pyramidal: the tuned settings with the overlapping output head
 # (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|1k-dfm3: those runs' two seeds scored with 1,000
 # samples (runs/photo-1k). resample-fm|resample-dfm3 "TAG OVERRIDES"...: the overlapping-head runs scored again with
-# other sampler settings (runs/photo-sampler; resample-128fm|resample-128dfm3: the 128 px runs of 128p8ov-fm|-dfm3,
+# other sampler settings (runs/photo-sampler; resample-128fm|-128dfm3|-128dfm4: the 128 px runs of 128p8ov-*,
 # FROM=their OUTROOT; RUN=<a tune-* run's name>, e.g. dfm3-h192-xpred-ov-p622, with its training overrides in every
 # variant); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training
 # settings; fm: Flow Matching's tuned run alone (other budgets).
@@ -32,6 +32,8 @@ PINNED=(-o sampler.thresholds=0.7 -o model.overrides.hidden_size=128 -o model.ov
 # the tuned 64 px settings with the overlapping head, and the 3-stage DFM's split (the cpu64 study's, not tuned here)
 OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
 DFM3=(method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85)
+# four stages at 128 px (16 -> 32 -> 64 -> 128): the same coarse share and steps
+DFM4=(method.stages=4 method.stage_probs=0.4,0.2,0.2,0.2 sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85)
 p128() {  # patch overlap: the 128 px lanes' data and model settings, into P128
   P128=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=$1
         model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=$2)
@@ -97,8 +99,7 @@ case "$1" in
     case "${1#*-}" in
       fm) bench $tag-fm fm "${P128[@]}" ;;
       dfm3) bench $tag-dfm3 dfm "${P128[@]}" "${DFM3[@]}" ;;
-      dfm4) bench $tag-dfm4 dfm "${P128[@]}" method.stages=4 method.stage_probs=0.4,0.2,0.2,0.2 \
-              sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85 ;;
+      dfm4) bench $tag-dfm4 dfm "${P128[@]}" "${DFM4[@]}" ;;
       pyramidal) bench $tag-pyramidal pyramidal "${P128[@]}" ;;
     esac
     ;;
@@ -138,7 +139,7 @@ case "$1" in
     link_runs runs/photo-tune/$name runs/photo-1k/$name "*-s[01]"
     NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash benchmarks/photo_tuning.sh "$lane"
     ;;
-  resample-fm|resample-dfm3|resample-128fm|resample-128dfm3|tune-fm|tune-dfm3)
+  resample-fm|resample-dfm3|resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3)
     # the overlapping-head runs with other settings, each argument one
     # variant "TAG OVERRIDES...". resample-*: the trained seeds (SEEDS) scored again with other sampler settings at the
     # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (FROM=runs/photo-800: the
@@ -155,6 +156,9 @@ case "$1" in
       resample-128dfm3)  # the 128 px runs of lane 128p8ov-dfm3 (FROM=its OUTROOT)
         p128 8 true
         m=dfm name=p128p8-ov-dfm3 TRAIN=("${P128[@]}" "${DFM3[@]}") ;;
+      resample-128dfm4)  # the 128 px runs of lane 128p8ov-dfm4 (FROM=its OUTROOT)
+        p128 8 true
+        m=dfm name=p128p8-ov-dfm4 TRAIN=("${P128[@]}" "${DFM4[@]}") ;;
     esac
     lane=$1
     shift
@@ -179,7 +183,7 @@ case "$1" in
          echo "  128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|pyramidal|pyramidal-xpred"
          echo "  pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm"
          echo "  overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3"
-         echo "  resample-128fm|resample-128dfm3|tune-fm|tune-dfm3"
+         echo "  resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3"
        } >&2
      exit 2 ;;
 esac

@@ -310,6 +310,16 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert link.is_symlink() and link.resolve() == fm128.resolve()
     _, train = _lane(tmp_path, "photo_tuning.sh", "128p8ov-fm")
     assert _overrides(argv) == [*_overrides(train[-1]), "sampler.shift=0.6"]
+    four = tmp_path / "runs" / "photo-128a" / "p128p8-ov-dfm4" / "runs" / "dfm-abc-s0"  # four stages at 128 px
+    four.mkdir(parents=True)
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-128dfm4", "t808995 sampler.thresholds=0.8,0.89,0.95",
+                        env={"FROM": "runs/photo-128a"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-128a-sampler/p128p8-ov-dfm4-t808995"
+    _, train = _lane(tmp_path, "photo_tuning.sh", "128p8ov-dfm4")  # scored with the settings it was trained with
+    assert _overrides(calls[-1]) == [*_overrides(train[-1]), "sampler.thresholds=0.8,0.89,0.95"]
+    assert "method.stages=4" in _overrides(train[-1])
+    assert (tmp_path / "runs" / "photo-128a-sampler" / "p128p8-ov-dfm4-t808995" / "runs" / "dfm-abc-s0").is_symlink()
     tuned = tmp_path / "runs" / "photo-tune" / "dfm3-h192-xpred-ov-p622" / "runs" / "dfm-abc-s0"  # RUN: a tune-* run
     tuned.mkdir(parents=True)
     done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-dfm3",
