@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from dfm.eval import EvalConfig, SWDConfig, evaluate, seam_ratio
-from dfm.eval.evaluate import as_frames, temporal_change
 from dfm.eval.images import ImageSet
+from dfm.eval.pixel_scores import as_frames, temporal_change
 from dfm.eval.swd import level_sigma
 
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .clip_score import clip_score, load_clip
@@ -40,10 +39,11 @@ from .extractors import EXTRACTORS, FeatureExtractor, build_extractor
 from .frechet import FeatureStats
 from .images import ImageSet, load_images, read_sampling_settings
 from .inception_score import inception_score
+from .pixel_scores import as_frames, seam_scores, sigma_scores, swd_scores, temporal_scores
 from .precision_recall import precision_recall
 from .reference import ReferenceStats, is_reference_file, load_reference
-from .seams import seam_period, seam_ratio
-from .swd import SWDConfig, level_sigma, sliced_wasserstein_distance
+from .seams import seam_period
+from .swd import SWDConfig
 
 __all__ = ["EvalConfig", "parse_metric", "extract", "evaluate", "build_reference"]
 
@@ -137,48 +137,6 @@ def extract(
     return Extracted(stats, torch.cat(features) if features else None, torch.cat(logits) if logits else None)
 
 
-def _match_for_swd(samples: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Equal counts, channels and size for the SWD; the reference adapts to the samples."""
-    notes: dict = {}
-    count = min(len(samples), len(reference))
-    samples, reference = samples[:count], reference[:count]
-    if reference.shape[1] != samples.shape[1]:
-        if reference.shape[1] == 1:
-            reference = reference.expand(-1, 3, -1, -1)
-        else:
-            samples = samples.expand(-1, 3, -1, -1)
-        notes["channels"] = "grey repeated to RGB"
-    if reference.shape[-2:] != samples.shape[-2:]:
-        notes["reference_resized"] = (
-            f"{tuple(reference.shape[-2:])} -> {tuple(samples.shape[-2:])} (bilinear, antialias)"
-        )
-        resized = F.interpolate(
-            reference.float(), size=samples.shape[-2:], mode="bilinear", antialias=True, align_corners=False
-        )
-        reference = resized.round().clamp(0, 255).to(torch.uint8)
-    notes["images"] = count
-    return samples, reference, notes
-
-
-def as_frames(image_set: ImageSet) -> ImageSet:
-    """Videos (N, C, T, H, W) as N*T images (labels repeated per frame); images unchanged."""
-    x = image_set.images
-    if x.ndim != 5:
-        return image_set
-    n, c, t, h, w = x.shape
-    frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
-    labels = None if image_set.labels is None else image_set.labels.repeat_interleave(t)
-    return ImageSet(frames, labels, {**image_set.source, "frames_of": n, "frames_per_clip": t})
-
-
-def temporal_change(videos: torch.Tensor) -> float:
-    """Mean absolute difference between consecutive frames, in [0, 1] units (uint8 (N, C, T, H, W) input)."""
-    if videos.ndim != 5 or videos.shape[2] < 2:
-        raise ValueError("metric 'temporal' needs videos with at least 2 frames")
-    x = videos.float() / 255.0
-    return float((x[:, :, 1:] - x[:, :, :-1]).abs().mean())
-
-
 def _check_input_kind(extractor: FeatureExtractor, image_set: ImageSet, what: str) -> None:
     is_video = image_set.images.ndim == 5
     if is_video != extractor.takes_video:
@@ -222,16 +180,16 @@ def evaluate(
         scores.update(_extractor_scores(extractor_name, kinds, sample_set, ref_images, ref_stats, config, protocol))
     all_kinds = {kind for kind, _ in parsed}
     if "swd" in all_kinds:
-        scores.update(_swd_scores(sample_set, ref_images, config, protocol))
+        scores.update(swd_scores(sample_set, ref_images, config.swd, config.swd_max_images, protocol))
     if "sigma" in all_kinds:
-        scores.update(_sigma_scores(sample_set, ref_images, config, protocol))
+        scores.update(sigma_scores(sample_set, ref_images, config.swd.min_resolution, protocol))
     if "temporal" in all_kinds:
-        scores.update(_temporal_scores(sample_set, ref_images))
+        scores.update(temporal_scores(sample_set, ref_images))
     if "clip" in all_kinds:
         scores["clip_score"] = _clip_score(sample_set, config, protocol)
     periods = sorted({seam_period(m) for m, (kind, _) in zip(config.metrics, parsed) if kind == "seams"})
     if periods:
-        scores.update(_seam_scores(sample_set, ref_images, periods, protocol))
+        scores.update(seam_scores(sample_set, ref_images, periods, protocol))
     return {"scores": scores, "protocol": protocol}
 
 
@@ -415,73 +373,6 @@ def _class_accuracy(
         hits = real_logits.argmax(1) == refs_in.labels[:count]
         scores[f"{key}_ref"] = hits.double().mean().item()
     return scores
-
-
-def _swd_scores(
-    sample_set: ImageSet, ref_images: ImageSet | None, config: EvalConfig, protocol: dict
-) -> dict[str, float]:
-    """Multi-scale sliced Wasserstein distance, per frame for videos."""
-    if ref_images is None:
-        raise ValueError("metric 'swd' needs reference images (a dataset, folder or npz), not a statistics file")
-    video = sample_set.images.ndim == 5
-    sam, ref = (as_frames(sample_set), as_frames(ref_images)) if video else (sample_set, ref_images)
-    count = min(len(sam), len(ref), config.swd_max_images)
-    a, b, notes = _match_for_swd(sam.images[:count], ref.images[:count])
-    swd = sliced_wasserstein_distance(a, b, config.swd)
-    protocol["settings"]["swd"] = {**config.swd.to_dict(), **notes}
-    return {k.replace("swd_", "swd_frames_") if video else k: v for k, v in swd.items()}
-
-
-def _sigma_scores(
-    sample_set: ImageSet, ref_images: ImageSet | None, config: EvalConfig, protocol: dict
-) -> dict[str, float]:
-    """``sigma_<res>`` of the samples and, with a reference, ``sigma_<res>_ref`` of as many reference images (resized
-    to the samples' size if theirs differs), per frame for videos; the pyramid is the SWD's."""
-    video = sample_set.images.ndim == 5
-    sam = as_frames(sample_set).images
-    tag = "sigma_frames" if video else "sigma"
-    scores = {k.replace("sigma", tag): v for k, v in level_sigma(sam, config.swd.min_resolution).items()}
-    settings: dict = {"min_resolution": config.swd.min_resolution}
-    if ref_images is not None:
-        _, ref_matched, notes = _match_for_swd(sam, as_frames(ref_images).images)
-        ref = level_sigma(ref_matched, config.swd.min_resolution)
-        scores.update({f"{k.replace('sigma', tag)}_ref": v for k, v in ref.items()})
-        settings.update(notes)
-    protocol["settings"]["sigma"] = settings
-    return scores
-
-
-def _seam_scores(sample_set: ImageSet, ref_images: ImageSet | None, periods: Sequence[int], protocol: dict
-                 ) -> dict[str, float]:  # fmt: skip
-    """``seam_ratio_<P>`` of the samples (video frames folded into the batch) and, with a reference,
-    ``seam_ratio_<P>_ref`` of up to 8192 reference images spread over the set (resized to the samples' size if
-    theirs differs: the grid is the samples')."""
-    video = sample_set.images.dim() == 5
-    sam = as_frames(sample_set).images
-    tag = "seam_ratio_frames" if video else "seam_ratio"
-    scores = {f"{tag}_{p}": seam_ratio(sam.float(), p) for p in periods}
-    settings: dict = {"periods": list(periods)}
-    if ref_images is not None:
-        ref = as_frames(ref_images).spread(8192).images.float()  # spread over the set: not one photograph's crops
-        if ref.shape[-2:] != sam.shape[-2:]:
-            settings["reference_resized"] = f"{tuple(ref.shape[-2:])} -> {tuple(sam.shape[-2:])} (bilinear, antialias)"
-            ref = F.interpolate(ref, size=sam.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
-        scores.update({f"{tag}_{p}_ref": seam_ratio(ref, p) for p in periods})
-        settings["reference_images"] = len(ref)
-    protocol["settings"]["seams"] = settings
-    return scores
-
-
-def _temporal_scores(sample_set: ImageSet, ref_images: ImageSet | None) -> dict[str, float]:
-    """Temporal change of the sample and reference videos, and their relative gap."""
-    if ref_images is None or ref_images.images.ndim != 5:
-        raise ValueError("metric 'temporal' needs reference videos (an npz of clips)")
-    mine, theirs = temporal_change(sample_set.images), temporal_change(ref_images.images)
-    return {
-        "temporal_change": mine,
-        "temporal_change_ref": theirs,
-        "temporal_change_gap": abs(mine - theirs) / max(theirs, 1e-12),
-    }
 
 
 def _clip_score(sample_set: ImageSet, config: EvalConfig, protocol: dict) -> float:
