@@ -12,13 +12,13 @@
 # 128p8-dfm3, 128p8-dfm4 at patch 8; 128p8ov-* at patch 8 with the overlapping head; SEEDS=0,1 adds the second seed).
 # Pyramidal Flow at hidden 192 predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln:
 # LogitNormal local time; pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage).
-# overlap-fm|dfm|dfm3|pyramidal: the tuned settings with the overlapping output head
+# overlap-fm|dfm|dfm3|dfm4|pyramidal: the tuned settings with the overlapping output head (dfm4: four stages)
 # (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|1k-dfm3: those runs' two seeds scored with 1,000
-# samples (runs/photo-1k). resample-fm|resample-dfm3 "TAG OVERRIDES"...: the overlapping-head runs scored again with
-# other sampler settings (runs/photo-sampler; resample-128fm|-128dfm3|-128dfm4: the 128 px runs of 128p8ov-*,
-# FROM=their OUTROOT; RUN=<a tune-* run's name>, e.g. dfm3-h192-xpred-ov-p622, with its training overrides in every
-# variant); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training
-# settings; fm: Flow Matching's tuned run alone (other budgets).
+# samples (runs/photo-1k). resample-fm|resample-dfm3|resample-dfm4 "TAG OVERRIDES"...: the overlapping-head runs
+# scored again with other sampler settings (runs/photo-sampler; resample-128fm|-128dfm3|-128dfm4: the 128 px runs of
+# 128p8ov-*, FROM=their OUTROOT; RUN=<a tune-* run's name>, e.g. dfm3-h192-xpred-ov-p622, with its training overrides
+# in every variant); tune-fm|tune-dfm3 "TAG OVERRIDES"...: trained again with other training settings; fm: Flow
+# Matching's tuned run alone (other budgets).
 # python benchmarks/photo_tuning_table.py --compare dfm-h192-xpred fm-h192-xpred: the comparison's table.
 # Results: runs/photo-tune/<name>/summary.json; python benchmarks/photo_tuning_table.py prints them side by side.
 set -e
@@ -32,7 +32,7 @@ PINNED=(-o sampler.thresholds=0.7 -o model.overrides.hidden_size=128 -o model.ov
 # the tuned 64 px settings with the overlapping head, and the 3-stage DFM's split (the cpu64 study's, not tuned here)
 OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
 DFM3=(method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85)
-# four stages at 128 px (16 -> 32 -> 64 -> 128): the same coarse share and steps
+# four stages (16 -> 32 -> 64 -> 128 px at 128 px, 8 -> 16 -> 32 -> 64 at 64 px): the same coarse share and steps
 DFM4=(method.stages=4 method.stage_probs=0.4,0.2,0.2,0.2 sampler.steps=8,4,4,4 sampler.thresholds=0.6,0.75,0.85)
 p128() {  # patch overlap: the 128 px lanes' data and model settings, into P128
   P128=(data.dataset=data/photos/128/fit data.resolution=128 model.overrides.patch_size=$1
@@ -120,13 +120,14 @@ case "$1" in
     bench pyr-h192-xpred-${1##*-} pyramidal model.overrides.hidden_size=192 method.prediction=data \
       method.options.shares=$shares
     ;;
-  overlap-fm|overlap-dfm|overlap-dfm3|overlap-pyramidal)  # the tuned 64 px settings with the overlapping output head
-    # (model.overrides.head_overlap=true: each token's 2p x 2p window blended with its neighbours', no edges on the
-    # token grid), against the token seams every method's samples show (benchmarks/token_seams.py)
+  overlap-fm|overlap-dfm|overlap-dfm3|overlap-dfm4|overlap-pyramidal)  # the tuned 64 px settings with the overlapping
+    # output head (model.overrides.head_overlap=true: each token's 2p x 2p window blended with its neighbours', no
+    # edges on the token grid), against the token seams every method's samples show (benchmarks/token_seams.py)
     case "${1#overlap-}" in
       fm) bench fm-h192-xpred-ov fm "${OV[@]}" ;;
       dfm) bench dfm-h192-xpred-ov dfm "${OV[@]}" ;;
       dfm3) bench dfm3-h192-xpred-ov dfm "${OV[@]}" "${DFM3[@]}" ;;
+      dfm4) bench dfm4-h192-xpred-ov dfm "${OV[@]}" "${DFM4[@]}" ;;  # 8 -> 16 -> 32 -> 64 px
       pyramidal) bench pyr-h192-xpred-ov pyramidal "${OV[@]}" ;;
     esac
     ;;
@@ -139,7 +140,7 @@ case "$1" in
     link_runs runs/photo-tune/$name runs/photo-1k/$name "*-s[01]"
     NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash benchmarks/photo_tuning.sh "$lane"
     ;;
-  resample-fm|resample-dfm3|resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3)
+  resample-fm|resample-dfm3|resample-dfm4|resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3)
     # the overlapping-head runs with other settings, each argument one
     # variant "TAG OVERRIDES...". resample-*: the trained seeds (SEEDS) scored again with other sampler settings at the
     # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (FROM=runs/photo-800: the
@@ -150,6 +151,7 @@ case "$1" in
     case "$1" in
       *-fm) m=fm name=fm-h192-xpred-ov TRAIN=("${OV[@]}") ;;
       *-dfm3) m=dfm name=dfm3-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM3[@]}") ;;
+      resample-dfm4) m=dfm name=dfm4-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM4[@]}") ;;  # lane overlap-dfm4's runs
       resample-128fm)  # the 128 px runs of lane 128p8ov-fm (FROM=its OUTROOT)
         p128 8 true
         m=fm name=p128p8-ov-fm TRAIN=("${P128[@]}") ;;
@@ -182,7 +184,8 @@ case "$1" in
          echo "  A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4"
          echo "  128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|pyramidal|pyramidal-xpred"
          echo "  pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm"
-         echo "  overlap-dfm3|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm|resample-dfm3"
+         echo "  overlap-dfm3|overlap-dfm4|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm"
+         echo "  resample-dfm3|resample-dfm4"
          echo "  resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3"
        } >&2
      exit 2 ;;

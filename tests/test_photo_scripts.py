@@ -214,6 +214,9 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
             calls[-1][calls[-1].index("--methods") + 1] == method and _overrides(calls[-1])[: len(overlap)] == overlap
         )
     assert "method.stages=3" in _overrides(_lane(tmp_path, "photo_tuning.sh", "overlap-dfm3")[1][-1])
+    _, calls = _lane(tmp_path, "photo_tuning.sh", "overlap-dfm4")  # four stages at 64 px: 8 -> 16 -> 32 -> 64
+    assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/dfm4-h192-xpred-ov"
+    assert _overrides(calls[-1])[: len(overlap)] == overlap and "method.stages=4" in _overrides(calls[-1])
     # 1,000 samples at a headline point: the lane's trained runs linked into runs/photo-1k and scored, not retrained
     done, calls = _lane(tmp_path, "photo_tuning.sh", "1k-overlap-fm")
     assert done.returncode == 1 and "no finished run runs/photo-tune/fm-h192-xpred-ov/runs/*-s[01]" in done.stderr
@@ -320,6 +323,15 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert _overrides(calls[-1]) == [*_overrides(train[-1]), "sampler.thresholds=0.8,0.89,0.95"]
     assert "method.stages=4" in _overrides(train[-1])
     assert (tmp_path / "runs" / "photo-128a-sampler" / "p128p8-ov-dfm4-t808995" / "runs" / "dfm-abc-s0").is_symlink()
+    four64 = tmp_path / "runs" / "photo-tune" / "dfm4-h192-xpred-ov" / "runs" / "dfm-abc-s0"  # four stages at 64 px
+    four64.mkdir(parents=True)
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-dfm4", "t808995 sampler.thresholds=0.8,0.89,0.95")
+    assert done.returncode == 0, done.stderr
+    assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-sampler/dfm4-h192-xpred-ov-t808995"
+    _, train = _lane(tmp_path, "photo_tuning.sh", "overlap-dfm4")
+    assert _overrides(calls[-1]) == [*_overrides(train[-1]), "sampler.thresholds=0.8,0.89,0.95"]
+    link = tmp_path / "runs" / "photo-sampler" / "dfm4-h192-xpred-ov-t808995" / "runs" / "dfm-abc-s0"
+    assert link.is_symlink() and link.resolve() == four64.resolve()
     tuned = tmp_path / "runs" / "photo-tune" / "dfm3-h192-xpred-ov-p622" / "runs" / "dfm-abc-s0"  # RUN: a tune-* run
     tuned.mkdir(parents=True)
     done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-dfm3",
