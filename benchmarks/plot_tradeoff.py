@@ -97,11 +97,11 @@ def plot(table: list, target: float, title: str, out: Path) -> None:
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, _, per) in enumerate(table):
-        c = colors[i % len(colors)]
+        c, m = colors[i % len(colors)], "os^D"[i // len(colors) % 4]  # a new marker each time the colours repeat
         px, py = [r[0] for r in per.values()], [r[1] for r in per.values()]
-        ax.scatter(px, py, s=12, color=c, alpha=0.5)
+        ax.scatter(px, py, s=12, color=c, marker=m, alpha=0.5)
         mx, my = sum(px) / len(px), sum(py) / len(py)
-        ax.scatter([mx], [my], s=60, color=c, edgecolor="black", zorder=3)
+        ax.scatter([mx], [my], s=60, color=c, marker=m, edgecolor="black", zorder=3)
         ax.annotate(label, (mx, my), xytext=(6, 4), textcoords="offset points", fontsize=8)
     ax.set(xlim=(lo_x, hi_x), ylim=(lo_y, hi_y), title=title, xlabel="ImageNet-feature FD / baseline's (same seed)",
            ylabel="mean SWD / baseline's (same seed)")  # fmt: skip
