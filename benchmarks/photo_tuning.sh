@@ -185,8 +185,7 @@ case "$1" in
          echo "  128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|pyramidal|pyramidal-xpred"
          echo "  pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm"
          echo "  overlap-dfm3|overlap-dfm4|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm"
-         echo "  resample-dfm3|resample-dfm4"
-         echo "  resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3"
+         echo "  resample-dfm3|resample-dfm4|resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3"
        } >&2
      exit 2 ;;
 esac
