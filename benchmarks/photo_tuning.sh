@@ -10,9 +10,11 @@
 # and DFM with three stages (dfm3), and the tuned checkpoints sampled with Euler instead of Heun (euler).
 # 128 px: Flow Matching and DFM with three and four stages (128-fm, 128-dfm3, 128-dfm4 at patch 16; 128p8-fm,
 # 128p8-dfm3, 128p8-dfm4 at patch 8; 128p8ov-* at patch 8 with the overlapping head; SEEDS=0,1 adds the second seed).
+# 128p8ov-pyramidal3: Pyramidal Flow with three stages (32 -> 64 -> 128 px) there.
 # Pyramidal Flow at hidden 192 predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln:
 # LogitNormal local time; pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage).
-# overlap-fm|dfm|dfm3|dfm4|pyramidal: the tuned settings with the overlapping output head (dfm4: four stages)
+# overlap-fm|dfm|dfm3|dfm4|pyramidal|pyramidal3: the tuned settings with the overlapping output head (dfm4: four
+# stages; pyramidal3: Pyramidal Flow with three stages, DFM's three-stage steps split equally, 7 + 7 + 6 -> 6 + 7 + 7)
 # (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|1k-dfm3: those runs' two seeds scored with 1,000
 # samples (runs/photo-1k). resample-fm|resample-dfm3|resample-dfm4 "TAG OVERRIDES"...: the overlapping-head runs
 # scored again with other sampler settings (runs/photo-sampler; resample-128fm|-128dfm3|-128dfm4: the 128 px runs of
@@ -85,7 +87,8 @@ case "$1" in
         > runs/photo-sampler/$m-h192-xpred-euler40.log 2>&1
     done
     ;;
-  128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal)
+  128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|\
+  128p8ov-pyramidal3)
     # 128 px (data/photos/128/fit) at the tuned settings of 64 px (hidden 192, predicting the data). 128-*: patch 16, so
     # that the model still sees 64 tokens and costs what it costs at 64 px, but a token (768 values) is four times the
     # model's width; 128p8-*: patch 8 (256 tokens, the token fits the width; about 3x the cost per step). Three stages
@@ -101,6 +104,7 @@ case "$1" in
       dfm3) bench $tag-dfm3 dfm "${P128[@]}" "${DFM3[@]}" ;;
       dfm4) bench $tag-dfm4 dfm "${P128[@]}" "${DFM4[@]}" ;;
       pyramidal) bench $tag-pyramidal pyramidal "${P128[@]}" ;;
+      pyramidal3) bench $tag-pyramidal3 pyramidal "${P128[@]}" "${DFM3[@]}" ;;  # 32 -> 64 -> 128 px
     esac
     ;;
   pyramidal)  # Pyramidal Flow at the width the tuning chose, predicting the velocity (the paper's), Heun 10 + 10
@@ -120,15 +124,17 @@ case "$1" in
     bench pyr-h192-xpred-${1##*-} pyramidal model.overrides.hidden_size=192 method.prediction=data \
       method.options.shares=$shares
     ;;
-  overlap-fm|overlap-dfm|overlap-dfm3|overlap-dfm4|overlap-pyramidal)  # the tuned 64 px settings with the overlapping
-    # output head (model.overrides.head_overlap=true: each token's 2p x 2p window blended with its neighbours', no
-    # edges on the token grid), against the token seams every method's samples show (benchmarks/token_seams.py)
+  overlap-fm|overlap-dfm|overlap-dfm3|overlap-dfm4|overlap-pyramidal|overlap-pyramidal3)
+    # the tuned 64 px settings with the overlapping output head (model.overrides.head_overlap=true: each token's
+    # 2p x 2p window blended with its neighbours', no edges on the token grid), against the token seams every
+    # method's samples show (benchmarks/token_seams.py)
     case "${1#overlap-}" in
       fm) bench fm-h192-xpred-ov fm "${OV[@]}" ;;
       dfm) bench dfm-h192-xpred-ov dfm "${OV[@]}" ;;
       dfm3) bench dfm3-h192-xpred-ov dfm "${OV[@]}" "${DFM3[@]}" ;;
       dfm4) bench dfm4-h192-xpred-ov dfm "${OV[@]}" "${DFM4[@]}" ;;  # 8 -> 16 -> 32 -> 64 px
       pyramidal) bench pyr-h192-xpred-ov pyramidal "${OV[@]}" ;;
+      pyramidal3) bench pyr3-h192-xpred-ov pyramidal "${OV[@]}" "${DFM3[@]}" ;;  # 16 -> 32 -> 64 px
     esac
     ;;
   1k-overlap-fm|1k-overlap-dfm3|1k-dfm3)  # a headline lane's trained seeds 0 and 1 scored again with 1,000 samples
@@ -182,9 +188,9 @@ case "$1" in
     ;;
   *) { echo "usage: bash benchmarks/photo_tuning.sh LANE [\"TAG OVERRIDES\"...], LANE one of:"
          echo "  A|B|compare-dfm|compare-fm|fm|dfm3|euler|128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4"
-         echo "  128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|pyramidal|pyramidal-xpred"
-         echo "  pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm"
-         echo "  overlap-dfm3|overlap-dfm4|overlap-pyramidal|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm"
+         echo "  128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|128p8ov-pyramidal3|pyramidal|pyramidal-xpred"
+         echo "  pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3"
+         echo "  overlap-dfm4|overlap-pyramidal|overlap-pyramidal3|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm"
          echo "  resample-dfm3|resample-dfm4|resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3"
        } >&2
      exit 2 ;;

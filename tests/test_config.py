@@ -184,6 +184,23 @@ def test_a_config_written_by_hand_without_a_format_keeps_its_sampler_section() -
         RunConfig.from_dict({"method": {"name": "dfm", "steps": [12, 4]}, "sampler": {"solver": "heun"}})
 
 
+def test_a_baselines_twin_keeps_dfms_stages_and_splits_the_steps_equally() -> None:
+    """Pyramidal Flow's twin of a three-stage DFM config has three stages and DFM's steps in equal parts (the later
+    stages one more where they do not divide); the cascade has two stages and says so; one stage is refused."""
+    dfm3 = ["method.stages=3", "method.stage_probs=0.4,0.3,0.3", "sampler.steps=10,5,5", "sampler.thresholds=0.7,0.85"]
+    three = apply_overrides(get_preset("quickstart"), dfm3)
+    pyr = with_method(three, "pyramidal")
+    assert (pyr.method.stages, pyr.sampler.steps, pyr.method.stage_probs) == (3, (6, 7, 7), None)
+    assert with_method(apply_overrides(three, ["sampler.steps=8,8,8"]), "pyramidal").sampler.steps == (8, 8, 8)
+    assert with_method(get_preset("quickstart"), "pyramidal").sampler.steps == (10, 10)  # 15 + 5
+    with pytest.raises(ValueError, match="method cascade has two stages .*: set method.stages=2"):
+        with_method(three, "cascade")
+    one = apply_overrides(get_preset("quickstart"), ["method.stages=1", "method.stage_probs=1", "sampler.steps=20",
+                                                     "sampler.thresholds="])  # fmt: skip
+    with pytest.raises(ValueError, match="DFM configs of two or more stages; this one has 1"):
+        with_method(one, "pyramidal")
+
+
 @pytest.mark.parametrize("name", ["cascade", "pyramidal"])
 def test_the_two_stage_baselines_refuse_stage_probs_and_their_old_configs_drop_it(name: str) -> None:
     """Neither baseline draws a main stage: method.stage_probs is refused, not ignored; configs of format 2 (saved

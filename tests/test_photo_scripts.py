@@ -217,6 +217,13 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     _, calls = _lane(tmp_path, "photo_tuning.sh", "overlap-dfm4")  # four stages at 64 px: 8 -> 16 -> 32 -> 64
     assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/dfm4-h192-xpred-ov"
     assert _overrides(calls[-1])[: len(overlap)] == overlap and "method.stages=4" in _overrides(calls[-1])
+    for lane, out in (("overlap-pyramidal3", "runs/photo-tune/pyr3-h192-xpred-ov"),  # Pyramidal Flow, three stages
+                      ("128p8ov-pyramidal3", "runs/photo-tune/p128p8-ov-pyramidal3")):  # fmt: skip
+        done, calls = _lane(tmp_path, "photo_tuning.sh", lane)
+        argv = calls[-1]
+        assert done.returncode == 0 and argv[argv.index("--out") + 1] == out
+        assert argv[argv.index("--methods") + 1] == "pyramidal" and "method.stages=3" in _overrides(argv)
+        assert "model.overrides.head_overlap=true" in _overrides(argv)
     # 1,000 samples at a headline point: the lane's trained runs linked into runs/photo-1k and scored, not retrained
     done, calls = _lane(tmp_path, "photo_tuning.sh", "1k-overlap-fm")
     assert done.returncode == 1 and "no finished run runs/photo-tune/fm-h192-xpred-ov/runs/*-s[01]" in done.stderr

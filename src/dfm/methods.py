@@ -214,17 +214,18 @@ def stage_factors(m: MethodConfig) -> tuple[int, ...]:
     return tuple(math.prod(factors[i:]) for i in range(len(factors))) + (1,)
 
 
-def two_stage_baseline(cfg: RunConfig, name: str) -> RunConfig:
-    """A two-stage baseline's twin of a two-stage DFM config: the sampling steps split equally, no
-    standardisation, the velocity loss and prediction (what the baselines train with), the baseline's default
-    options."""
+def staged_baseline(cfg: RunConfig, name: str) -> RunConfig:
+    """A staged baseline's twin of a DFM config: as many stages, the sampling steps split equally among them (the
+    later stages get one more where they do not divide), no standardisation, the velocity loss and prediction (what
+    the baselines train with), the baseline's default options. A baseline with a fixed number of stages (the
+    cascade's two) refuses other counts when the twin is resolved."""
     m = cfg.method
-    if m.stages != 2:
-        raise ValueError(f"method {name} is compared with two-stage DFM configs; this one has {m.stages}")
-    total = sum(cfg.sampler.steps)
+    if m.stages < 2:
+        raise ValueError(f"method {name} is compared with DFM configs of two or more stages; this one has {m.stages}")
+    total, k = sum(cfg.sampler.steps), m.stages
     cfg.method = dataclasses.replace(m, name=name, standardize=False, level_std=None, data_std=None, stage_probs=None,
                                      loss_weighting="velocity", prediction="velocity", options={})  # fmt: skip
-    cfg.sampler = dataclasses.replace(cfg.sampler, steps=(total // 2, total - total // 2))
+    cfg.sampler = dataclasses.replace(cfg.sampler, steps=tuple(total // k + (i >= k - total % k) for i in range(k)))
     return cfg
 
 

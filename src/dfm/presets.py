@@ -20,8 +20,9 @@ from dfm.resolve import resolve
 def with_method(cfg: RunConfig, method: str) -> RunConfig:
     """The same run with another method: same backbone, data, optimiser and number of network evaluations.
 
-    ``fm`` becomes one stage with all sampling steps; ``cascade`` and ``pyramidal`` split the steps equally
-    between two stages (the paper's 20 + 20 for the cascade, equal steps per stage for Pyramidal Flow).
+    ``fm`` becomes one stage with all sampling steps; ``cascade`` and ``pyramidal`` keep DFM's stages and split the
+    steps equally among them (the paper's 20 + 20 for the two-stage cascade, equal steps per stage for Pyramidal
+    Flow, which also runs three or more stages).
     """
     entry = get_method(method)
     if method == cfg.method.name:

@@ -51,7 +51,7 @@ from dfm.baselines.cascade.objective import CascadeDraw, CascadeObjective, Casca
 from dfm.baselines.cascade.sampler import CascadeSampler
 from dfm.config import MethodConfig, RunConfig
 from dfm.decomposition import Decomposition, downsample
-from dfm.methods import Method, TrainingCallback, register_method, stage_factors, two_stage_baseline
+from dfm.methods import Method, TrainingCallback, register_method, stage_factors, staged_baseline
 
 __all__ = [
     "CASCADE_CONFIG",
@@ -105,7 +105,7 @@ class Cascade(Method):
         return 2  # its low-resolution model, then the full one
 
     def from_dfm(self, cfg: RunConfig) -> RunConfig:
-        return two_stage_baseline(cfg, self.name)
+        return staged_baseline(cfg, self.name)
 
     def objective(self, m: MethodConfig, decomposition: Decomposition, total_steps: int | None = None) -> Any:
         opts = self.options(m)

@@ -116,7 +116,7 @@ from dfm.baselines.pyramidal.path import (
 from dfm.baselines.pyramidal.sampler import PyramidalSampler
 from dfm.config import MethodConfig, RunConfig
 from dfm.decomposition import Decomposition
-from dfm.methods import Method, register_method, two_stage_baseline
+from dfm.methods import Method, register_method, staged_baseline
 from dfm.models.precondition import Preconditioned
 
 __all__ = [
@@ -169,7 +169,7 @@ class Pyramidal(Method):
         check_shares(self.options(m).shares, m.stages)
 
     def from_dfm(self, cfg: RunConfig) -> RunConfig:
-        return two_stage_baseline(cfg, self.name)
+        return staged_baseline(cfg, self.name)
 
     def decomposition(self, m: MethodConfig, standardized: bool = True) -> Decomposition:
         return GaussianPyramid(m.stages, m.factors)  # downsampled images, not residuals
