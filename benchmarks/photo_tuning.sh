@@ -14,7 +14,7 @@
 # Pyramidal Flow at hidden 192 predicting the velocity (pyramidal) and the data (pyramidal-xpred; pyramidal-xpred-ln:
 # LogitNormal local time; pyramidal-xpred-fine / -coarse: 70% of every batch on the fine / coarse stage).
 # overlap-fm|dfm|dfm3|dfm4|pyramidal|pyramidal3: the tuned settings with the overlapping output head (dfm4: four
-# stages; pyramidal3: Pyramidal Flow with three stages, DFM's three-stage steps split equally, 7 + 7 + 6 -> 6 + 7 + 7)
+# stages; pyramidal3: Pyramidal Flow with three stages, DFM's three-stage Heun 10 + 5 + 5 split equally: 6 + 7 + 7)
 # (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|1k-dfm3: those runs' two seeds scored with 1,000
 # samples (runs/photo-1k). resample-fm|resample-dfm3|resample-dfm4 "TAG OVERRIDES"...: the overlapping-head runs
 # scored again with other sampler settings (runs/photo-sampler; resample-128fm|-128dfm3|-128dfm4: the 128 px runs of

@@ -222,10 +222,10 @@ def staged_baseline(cfg: RunConfig, name: str) -> RunConfig:
     m = cfg.method
     if m.stages < 2:
         raise ValueError(f"method {name} is compared with DFM configs of two or more stages; this one has {m.stages}")
-    total, k = sum(cfg.sampler.steps), m.stages
+    each, extra = divmod(sum(cfg.sampler.steps), m.stages)
     cfg.method = dataclasses.replace(m, name=name, standardize=False, level_std=None, data_std=None, stage_probs=None,
                                      loss_weighting="velocity", prediction="velocity", options={})  # fmt: skip
-    cfg.sampler = dataclasses.replace(cfg.sampler, steps=tuple(total // k + (i >= k - total % k) for i in range(k)))
+    cfg.sampler = dataclasses.replace(cfg.sampler, steps=(each,) * (m.stages - extra) + (each + 1,) * extra)
     return cfg
 
 
