@@ -213,14 +213,14 @@ def test_the_switch_callback_initialises_stage2_once_in_model_and_ema() -> None:
 def sample_cascade(model, shape, y=None, *, steps, guidance=1.0, solver="euler", cond_noise=0.025, shift=1.0,
                    **kwargs):  # fmt: skip
     """The cascade's sampler with ``steps`` per stage (factor and filter of ``model``)."""
-    settings = SamplerConfig(steps=tuple(steps), thresholds=(0.5,), solver=solver, guidance=(guidance,), shift=shift)
+    settings = SamplerConfig(steps=tuple(steps), thresholds=(), solver=solver, guidance=(guidance,), shift=shift)
     sampler = CascadeSampler(getattr(model, "factor", 2), getattr(model, "mode", "bilinear"), cond_noise)
     return sampler.sample(model, shape, y, settings=settings, **kwargs)
 
 
 def sample_pyramidal(model, path, shape, y=None, *, steps, guidance=1.0, solver="euler", shift=1.0, **kwargs):
-    settings = SamplerConfig(steps=tuple(steps), thresholds=tuple(path.boundaries[1:-1]), solver=solver,
-                             guidance=(guidance,), shift=shift)  # fmt: skip
+    # thresholds do not apply to Pyramidal Flow (nor to the cascade): its sampler neither needs nor checks them
+    settings = SamplerConfig(steps=tuple(steps), thresholds=(), solver=solver, guidance=(guidance,), shift=shift)
     return PyramidalSampler(path).sample(model, shape, y, settings=settings, **kwargs)
 
 

@@ -201,6 +201,21 @@ def test_a_baselines_twin_keeps_dfms_stages_and_splits_the_steps_equally() -> No
         with_method(one, "pyramidal")
 
 
+def test_thresholds_are_asked_of_the_methods_that_use_them_with_an_example_for_the_stage_count(tmp_path) -> None:
+    """A three-stage Pyramidal Flow trains with the preset's sampler.thresholds (one value), which it does not use;
+    a three-stage DFM must be given two, and the error's example has two."""
+    three = ["method.stages=3", "method.stage_probs=none", "sampler.steps=4,4,4"]
+    pyr = apply_overrides(with_method(get_preset("quickstart"), "pyramidal"), three[::2])  # as `dfm train --method`
+    assert (pyr.method.stages, len(pyr.sampler.thresholds)) == (3, 1)
+    pyr.save(tmp_path / "config.json")
+    assert RunConfig.load(tmp_path / "config.json").method.stages == 3
+    with pytest.raises(ValueError, match=r"give 2 threshold\(s\), one per stage jump, e.g. 0.7,0.85$"):
+        apply_overrides(get_preset("quickstart"), three)
+    with pytest.raises(ValueError, match=r"e.g. 0.6,0.75,0.85$"):
+        SamplerConfig(steps=(2, 2, 2, 2), thresholds=(0.5, 0.4, 0.9)).validate(4)
+    assert SamplerConfig(steps=(2, 2, 2, 2), thresholds=()).validate(4, thresholds=False).steps == (2, 2, 2, 2)
+
+
 @pytest.mark.parametrize("name", ["cascade", "pyramidal"])
 def test_the_two_stage_baselines_refuse_stage_probs_and_their_old_configs_drop_it(name: str) -> None:
     """Neither baseline draws a main stage: method.stage_probs is refused, not ignored; configs of format 2 (saved

@@ -105,6 +105,7 @@ def test_api_refuses_bad_requests_and_keeps_serving(server):
     assert status == 200 and info["stages"] == 2 and info["classes"][3] == "Dress"
     assert info["solver"] == "heun" and info["solvers"] == ["euler", "heun"]  # the run's own solver is the default
     assert info["shift"] == 1.0 and info["shift_from"] == 0
+    assert info["thresholds"] == [0.9] and info["thresholds_apply"] is True  # DFM's jumps (not Pyramidal Flow's)
     bad = [
         (b'{"shift": 0}', 422, "sampler.shift=0"),
         (b'{"shift": 0.3, "shift_from": 2}', 422, "sampler.shift_from=2: give a stage of the model's 2"),

@@ -19,6 +19,7 @@ from PIL import Image
 from dfm.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
 from dfm.cli import main as cli
 from dfm.config import RunConfig
+from dfm.generate import Generator
 from helpers import FMNIST, needs_data
 
 # A tiny model and short schedules: every run below takes a few seconds on 2 CPU cores.
@@ -250,7 +251,7 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path: Path) -> None:
 
 @needs_data
 @pytest.mark.parametrize("method", ["cascade", "pyramidal"])
-def test_baselines_train_resume_and_sample(tmp_path: Path, method: str) -> None:
+def test_baselines_train_resume_and_sample(tmp_path: Path, method: str, capsys) -> None:
     run = tmp_path / method
     assert _train(run, 3, "--method", method, "-o", "train.ckpt_every=3") == 0
     assert _train(run, 5, "--method", method, "--resume", "auto") == 0
@@ -261,6 +262,11 @@ def test_baselines_train_resume_and_sample(tmp_path: Path, method: str) -> None:
     out = tmp_path / "s"
     assert cli(["sample", str(run), "--seeds", "0-3", "--out", str(out), "--npz"]) == 0
     assert np.load(out / "samples.npz")["arr_0"].shape == (4, 28, 28, 1)
+    # thresholds do not apply to these methods: other values are refused, not silently ignored
+    assert cli(["sample", str(run), "--seeds", "0", "--thresholds", "0.5", "--out", str(tmp_path / "t")]) == 2
+    assert "does not use them" in capsys.readouterr().err and not (tmp_path / "t").exists()
+    own = list(cfg.sampler.thresholds)  # the run's own, as the web page sends them: accepted
+    assert Generator.from_run(run).settings(thresholds=own).thresholds == cfg.sampler.thresholds
 
 
 def test_latent_space_prepare_train_sample_decodes(tmp_path: Path) -> None:

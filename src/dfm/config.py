@@ -84,7 +84,8 @@ class SamplerConfig:
     """
 
     steps: tuple[int, ...] = (30, 10)  #: sampling steps per stage, coarse to fine (paper: 30 + 10 Euler steps)
-    thresholds: tuple[float, ...] = (0.7,)  #: τ per stage jump (paper: 0.7 at 512 px, 0.9 robust default)
+    #: τ per stage jump (paper: 0.7 at 512 px, 0.9 robust default); Pyramidal Flow and the cascade do not use them
+    thresholds: tuple[float, ...] = (0.7,)
     solver: str = "euler"  #: euler | heun (Heun's last step, which ends on the data, is an Euler step)
     guidance: tuple[float, ...] = (1.0,)  #: classifier-free guidance: one scale, or one per stage (1 = none)
     #: FLUX's resolution-dependent time shift of the grid (dfm.adapters.flux_time_shift): more steps at high noise
@@ -97,8 +98,11 @@ class SamplerConfig:
     #: ``shift`` warps: 0 = every stage. The stages before it keep the uniform grid (their layout's steps at high noise)
     shift_from: int = 0
 
-    def validate(self, stages: int) -> SamplerConfig:
-        """Check the settings for a model of ``stages`` stages; a ``ValueError`` says what to change. Returns self."""
+    def validate(self, stages: int, thresholds: bool = True) -> SamplerConfig:
+        """Check the settings for a model of ``stages`` stages; a ``ValueError`` says what to change. Returns self.
+
+        ``thresholds=False``: the method's sampler does not use them (Pyramidal Flow, the cascade), so they are
+        not checked."""
         if stages < 1 or not self.steps:
             raise ValueError("sampler.steps: give the sampling steps of at least one stage, e.g. 30,10")
         if len(self.steps) != stages:
@@ -107,18 +111,8 @@ class SamplerConfig:
             )
         if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in self.steps):
             raise ValueError(f"sampler.steps={_text(self.steps)}: every stage needs at least 1 step, e.g. 30,10")
-        if len(self.thresholds) != stages - 1:
-            raise ValueError(
-                f"sampler.thresholds={_text(self.thresholds)}: the model has {stages} stage(s); give "
-                f"{stages - 1} threshold(s), one per stage jump, e.g. 0.7 for two stages"
-            )
-        if any(not 0 < v < 1 for v in self.thresholds) or any(
-            b <= a for a, b in zip(self.thresholds, self.thresholds[1:])
-        ):
-            raise ValueError(
-                f"sampler.thresholds={_text(self.thresholds)} must lie strictly inside (0, 1) and "
-                "increase, e.g. 0.7 (two stages) or 0.5,0.8 (three)"
-            )
+        if thresholds:
+            self._check_thresholds(stages)
         if self.solver not in SOLVERS:
             raise ValueError(f"sampler.solver={self.solver!r}: choose {' or '.join(SOLVERS)}")
         if len(self.guidance) not in (1, stages):
@@ -146,6 +140,22 @@ class SamplerConfig:
         if any(not math.isfinite(g) or g < 0 for g in self.guidance):
             raise ValueError(f"sampler.guidance={_text(self.guidance)}: scales must be finite and >= 0 (1 = none)")
         return self
+
+    def _check_thresholds(self, stages: int) -> None:
+        examples = {1: "none (one stage)", 2: "0.7", 3: "0.7,0.85", 4: "0.6,0.75,0.85"}
+        example = examples.get(stages) or ",".join(f"{0.5 + 0.4 * i / (stages - 2):.2f}" for i in range(stages - 1))
+        if len(self.thresholds) != stages - 1:
+            raise ValueError(
+                f"sampler.thresholds={_text(self.thresholds)}: the model has {stages} stage(s); give "
+                f"{stages - 1} threshold(s), one per stage jump, e.g. {example}"
+            )
+        if any(not 0 < v < 1 for v in self.thresholds) or any(
+            b <= a for a, b in zip(self.thresholds, self.thresholds[1:])
+        ):
+            raise ValueError(
+                f"sampler.thresholds={_text(self.thresholds)} must lie strictly inside (0, 1) and "
+                f"increase, e.g. {example}"
+            )
 
     def stage_shift(self, stage: int, stages: int) -> float:
         """The constant time shift of stage ``stage`` (0-based) of ``stages``: ``shift`` from ``shift_from`` on, else
@@ -351,7 +361,8 @@ class RunConfig:
             raise ValueError(f"model.backbone={self.model.backbone!r}: choose one of {', '.join(BACKBONES)}")
         if self.model.lora_rank < 0:
             raise ValueError(f"model.lora_rank={self.model.lora_rank} must be >= 0 (0 = no LoRA)")
-        self.sampler.validate(m.stages)
+        # the thresholds are checked where the method is known (dfm.resolve, the samplers): not every method uses them
+        self.sampler.validate(m.stages, thresholds=False)
 
 
 #: settings a resumed run may change: bookkeeping, threads, the preset's name and the sampler (training never reads

@@ -132,7 +132,12 @@ class Generator:
             if key in given:
                 value = given[key]
                 given[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        return dataclasses.replace(self.config.sampler, **given).validate(self.stages)
+        if not self.sampler.uses_thresholds and "thresholds" in given:
+            # a front end may send the run's own (the web page does); other values would be silently ignored
+            if tuple(float(v) for v in given.pop("thresholds")) != tuple(self.config.sampler.thresholds):
+                raise ValueError(f"thresholds: method {self.config.method.name} does not use them (each of its "
+                                 "stages runs its own time grid): leave them out")  # fmt: skip
+        return dataclasses.replace(self.config.sampler, **given).validate(self.stages, self.sampler.uses_thresholds)
 
     def network_evaluations(self, settings: SamplerConfig | None = None) -> int:
         """Network evaluations of one sample with ``settings`` (default: the run's), guidance's doubled batch aside."""
@@ -170,7 +175,7 @@ class Generator:
 
         ``until_stage=k`` stops when stage k (0-based) reaches its threshold: the images are that stage's
         previews, and ``state`` is where the sampling stands, for :meth:`refine`."""
-        settings = (settings or self.config.sampler).validate(self.stages)
+        settings = (settings or self.config.sampler).validate(self.stages, self.sampler.uses_thresholds)
         options = {} if until_stage is None else {"until_stage": self.check_stage(until_stage, "stop after")}
         shape = self.spec.sample_shape
 
@@ -197,7 +202,7 @@ class Generator:
         ones worth finishing), with the settings they started with: each image is the one an uninterrupted
         ``generate`` gives for its seed, bit for bit when the images are finished in the same batches."""
         sampler = self._dfm_sampler("refine")
-        settings = (settings or self.config.sampler).validate(self.stages)
+        settings = (settings or self.config.sampler).validate(self.stages, self.sampler.uses_thresholds)
 
         def run(lo: int, hi: int, y: Any, on_stage: Any) -> SampleOutput:
             part = state.select(range(lo, hi))
@@ -255,7 +260,7 @@ class Generator:
             raise ValueError(
                 f"keep={keep}: keep 1 to {self.stages - 1} coarse levels of this {self.stages}-stage model"
             )
-        settings = (settings or self.config.sampler).validate(self.stages)
+        settings = (settings or self.config.sampler).validate(self.stages, self.sampler.uses_thresholds)
         y = None if label is None else torch.tensor([int(label)], device=self.device)
         with self._autocast(precision):
             base = sampler.sample(self.model, (1, *self.spec.sample_shape), y, settings=settings, seeds=[int(seed)],
@@ -273,7 +278,7 @@ class Generator:
         """Sampling with the first levels given (clean, held): :meth:`upscale` and :meth:`vary`."""
         if len(seeds) != given[0].shape[0]:
             raise ValueError(f"give one seed per image: {len(seeds)} seeds for {given[0].shape[0]} images")
-        settings = (settings or self.config.sampler).validate(self.stages)
+        settings = (settings or self.config.sampler).validate(self.stages, self.sampler.uses_thresholds)
         shape = self.spec.sample_shape
 
         def run(lo: int, hi: int, y: Any, on_stage: Any) -> SampleOutput:

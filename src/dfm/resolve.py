@@ -34,6 +34,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     method = get_method(m.name)
     _resolve_options(cfg)  # first, so that the method's own checks see its typed options
     method.validate(cfg)
+    cfg.sampler.validate(m.stages, method.uses_thresholds)
     if m.stage_probs is not None and not method.uses_stage_probs:
         raise ValueError(f"method {m.name} does not draw a main stage: remove method.stage_probs (set it to none)")
     if cfg.train.distributed == "fsdp" and not method.supports_fsdp:

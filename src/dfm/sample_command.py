@@ -67,7 +67,11 @@ def add_sampler_flags(p) -> None:
     p.add_argument("--guidance", help="classifier-free guidance: one scale, or one per stage like 1.0,2.0 "
                    "(sampler.guidance)")  # fmt: skip
     p.add_argument("--steps", help="sampling steps per stage, e.g. 30,10 (sampler.steps)")
-    p.add_argument("--thresholds", help="stage thresholds, e.g. 0.7 (sampler.thresholds)")
+    p.add_argument(
+        "--thresholds",
+        help="stage thresholds, e.g. 0.7 (sampler.thresholds; DFM only: Pyramidal Flow "
+        "and the cascade run each stage on its own time grid)",
+    )
     p.add_argument("--solver", choices=["euler", "heun"], help="sampler.solver")
 
 

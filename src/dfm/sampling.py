@@ -108,6 +108,8 @@ class Sampler:
     grids: int = 1
     #: the options beyond the contract that :meth:`sample` passes on to :meth:`integrate`
     options: tuple[str, ...] = ()
+    #: whether ``settings.thresholds`` steer it (DFM's stage jumps); a sampler without them does not check them
+    uses_thresholds: bool = True
 
     @torch.no_grad()
     def sample(
@@ -139,7 +141,7 @@ class Sampler:
             callback: called as ``callback(stage, preview)`` when a stage is done.
             options: what a sampler offers beyond the contract (:class:`StageSampler`: ``until_stage``, ``given``).
         """
-        settings.validate(self.num_stages)
+        settings.validate(self.num_stages, self.uses_thresholds)
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: {type(self).__name__} cannot do that; stopping after a stage "

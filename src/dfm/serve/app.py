@@ -223,7 +223,8 @@ class Server:
     def info(self) -> dict:
         sampler = self.cfg.sampler
         return {"method": self.cfg.method.name, "stages": self.cfg.method.stages, "steps": list(sampler.steps),
-                "thresholds": list(sampler.thresholds), "guidance": list(sampler.guidance), "solver": sampler.solver,
+                "thresholds": list(sampler.thresholds), "thresholds_apply": self.generator.sampler.uses_thresholds,
+                "guidance": list(sampler.guidance), "solver": sampler.solver,
                 "shift": sampler.shift, "shift_from": sampler.shift_from, "solvers": list(SOLVERS),
                 "classes": self.class_names,
                 "limits": {"images": MAX_IMAGES, "steps": MAX_STEPS, "queue": MAX_QUEUE},

@@ -48,6 +48,8 @@ class CascadeSampler(Sampler):
     grids = 2  # each model integrates to t = 1
     num_stages = 2
 
+    uses_thresholds = False
+
     def __init__(self, factor: int = 2, mode: str = "bilinear", cond_noise: float = 0.025) -> None:
         if not 0.0 <= cond_noise < 1.0:
             raise ValueError(f"cond_noise={cond_noise} must be in [0, 1)")

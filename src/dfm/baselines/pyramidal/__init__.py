@@ -154,6 +154,7 @@ class Pyramidal(Method):
     description = "Pyramidal Flow: one model, per-stage time windows over a Gaussian pyramid"
     Options = PyramidalOptions
     uses_stage_probs = False
+    uses_thresholds = False  # its stages run their own grids from 0 to 1
 
     def validate(self, cfg: RunConfig) -> None:
         m = cfg.method

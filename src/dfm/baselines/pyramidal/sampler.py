@@ -47,6 +47,8 @@ class PyramidalSampler(Sampler):
     preconditioned); only the current stage's input is non-zero and its time slot holds the global time.
     """
 
+    uses_thresholds = False
+
     def __init__(self, path: PyramidalPath) -> None:
         self.path = path
         self.num_stages = path.num_stages
