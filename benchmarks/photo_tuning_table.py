@@ -2,6 +2,10 @@
 
     python benchmarks/photo_tuning_table.py runs/photo-tune [--markdown]
     python benchmarks/photo_tuning_table.py runs/photo-tune --compare dfm-h192-xpred fm-h192-xpred [--markdown]
+    python benchmarks/photo_tuning_table.py runs/photo-128a runs/photo-128b --compare p128p8-ov-dfm3 p128p8-ov-fm
+
+Several folders are read as one (the seeds of a lane run side by side in separate folders: a run of the same name
+in each is one run, its seeds together); a seed scored twice at one step is refused.
 
 Reads every ``<run>/scores/*.json`` the bench wrote under the folder and prints the ImageNet-feature FD, the mean
 SWD and the SWD of each pyramid level (finest first), and where the bench scored it the spread (sigma) of each level in
@@ -17,11 +21,17 @@ import sys
 from pathlib import Path
 
 
-def rows(root: Path) -> list[dict]:
-    out = []
-    for path in sorted(root.glob("*/scores/*.json")):
-        row = json.loads(path.read_text())
-        out.append({"run": path.parent.parent.name, **row})
+def rows(*roots: Path) -> list[dict]:
+    out, seen = [], {}
+    for root in roots:
+        for path in sorted(root.glob("*/scores/*.json")):
+            row = {"run": path.parent.parent.name, **json.loads(path.read_text())}
+            key = (row["run"], row["seed"], row["step"], row.get("guidance", 1.0))
+            if key in seen:
+                raise SystemExit(f"{path} and {seen[key]} score the same run, seed, step and guidance: give one of "
+                                 "their folders")  # fmt: skip
+            seen[key] = path
+            out.append(row)
     return sorted(out, key=lambda r: (r["method"], r["step"], r["seed"], r.get("fd_efficientnet-lite0", 0.0)))
 
 
@@ -59,13 +69,16 @@ def compare(table: list[dict], a: str, b: str, markdown: bool) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("root", nargs="?", default="runs/photo-tune")
+    p.add_argument("roots", nargs="*", default=["runs/photo-tune"], metavar="root",
+                   help="bench folders (several are read as one: a lane's seeds run in separate folders)")  # fmt: skip
     p.add_argument("--markdown", action="store_true", help="a Markdown table (for docs/RESULTS.md)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two runs' means over seeds and their ratio A / B")
     args = p.parse_args()
-    table = rows(Path(args.root))
+    table = rows(*map(Path, args.roots))
     if not table:
-        print(f"no scores under {args.root}/*/scores: run benchmarks/photo_tuning.sh first", file=sys.stderr)
+        print(
+            f"no scores under {' '.join(args.roots)} (*/scores): run benchmarks/photo_tuning.sh first", file=sys.stderr
+        )
         return 1
     if args.compare:
         print("\n".join(compare(table, *args.compare, args.markdown)))

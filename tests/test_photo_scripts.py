@@ -55,6 +55,19 @@ def test_table_compare_gives_seed_means_spreads_and_ratios(tmp_path: Path) -> No
     assert empty.returncode == 1 and "no scores under" in empty.stderr
 
 
+def test_table_reads_a_lanes_seeds_from_separate_folders_and_refuses_a_seed_twice(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _scores(a, "dfm-x", "dfm", [(0, 100, 90.0, 40.0)])
+    _scores(b, "dfm-x", "dfm", [(1, 100, 110.0, 60.0)])
+    _scores(a, "fm-x", "fm", [(0, 100, 200.0, 100.0)])
+    _scores(b, "fm-x", "fm", [(1, 100, 200.0, 100.0)])
+    out = _run("photo_tuning_table.py", str(a), str(b), "--compare", "dfm-x", "fm-x", "--markdown")
+    assert out.returncode == 0, out.stderr
+    assert "| 100 | dfm-x (2) | 100.0 ± 10.0 | 50.0 ± 10.0 | 100.0 ± 20.0 | 25.0 ± 5.0 |" in out.stdout.splitlines()
+    twice = _run("photo_tuning_table.py", str(a), str(a), "--compare", "dfm-x", "fm-x")
+    assert twice.returncode != 0 and "score the same run, seed, step and guidance" in twice.stderr
+
+
 def test_tradeoff_scores_each_point_against_the_same_seed_of_the_base(tmp_path: Path) -> None:
     _scores(tmp_path, "fm", "fm", [(0, 100, 200.0, 100.0), (1, 100, 100.0, 50.0), (0, 50, 400.0, 400.0)])
     _scores(tmp_path, "late", "dfm", [(0, 100, 150.0, 120.0), (1, 100, 80.0, 40.0)])
