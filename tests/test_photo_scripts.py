@@ -403,6 +403,26 @@ def test_glyph_sampler_lane_scores_the_trained_run_without_retraining(tmp_path: 
         assert link.is_symlink() and link.resolve() == trained.resolve()
 
 
+def test_glyph_fm_loc_lanes_train_flow_matching_at_both_time_laws(tmp_path: Path) -> None:
+    done, calls = _lane(tmp_path, "glyph_check.sh", "fm-loc")
+    assert done.returncode == 0, done.stderr
+    assert [c[c.index("--out") + 1] for c in calls] == ["runs/glyph-check/fm-xpred", "runs/glyph-check/fm-xpred-mlm10"]
+    assert [_overrides(c)[len(GLYPH_PINNED) :] for c in calls] == [
+        ["method.prediction=data"],
+        ["method.prediction=data", "method.main_loc=-1.0"],
+    ]
+    assert all(c[c.index("--preset") + 1] == "cpu-glyph" and c[c.index("--methods") + 1] == "fm" for c in calls)
+    done, calls = _lane(tmp_path, "glyph_check.sh", "fm-loc-fmnist")
+    assert done.returncode == 0, done.stderr
+    calls = calls[2:]  # this lane's calls (after the first lane's)
+    assert [c[c.index("--out") + 1] for c in calls] == [
+        "runs/preset-check/fmnist-fm-data",
+        "runs/preset-check/fmnist-fm-data-mlm10",
+    ]
+    assert all(c[c.index("--preset") + 1] == "cpu" and c[c.index("--reference") + 1] == "val" for c in calls)
+    assert _overrides(calls[-1])[len(GLYPH_PINNED) :] == ["method.prediction=data", "method.main_loc=-1.0"]
+
+
 def test_border_contrast_finds_a_busy_border_in_a_saved_grid(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("border_contrast", BENCH / "border_contrast.py")
     module = importlib.util.module_from_spec(spec)
