@@ -168,6 +168,26 @@ def test_page_shows_the_stage_preview_before_the_final_image(server, page):
     assert _request(f"{server}/api/info")[0] == 200
 
 
+def test_page_greys_out_the_thresholds_of_a_three_stage_pyramidal_flow_and_samples_it(tmp_path, page):
+    """Pyramidal Flow has no thresholds: its run keeps the preset's one value for three stages, the page shows it
+    greyed out and sends it back unchanged, and the server samples; another value is refused by the API."""
+    run = tmp_path / "pyramidal"
+    assert cli(["train", "--method", "pyramidal", "--out", str(run), "--steps", "2", "--batch-size", "4",
+                "--no-progress", *TINY_RUN, "-o", "method.stages=3", "-o", "sampler.steps=2,2,2"]) == 0  # fmt: skip
+    with running_server(run, threads=1) as url:
+        assert _request(f"{url}/api/info")[1]["thresholds_apply"] is False
+        status, reply = _request(f"{url}/api/generate", b'{"seeds": [0], "thresholds": [0.5, 0.8]}')
+        assert status == 422 and "does not use them" in reply["error"]
+        page.goto(url)
+        page.wait_for_function("document.querySelectorAll('#class_label option').length === 11")
+        assert page.is_disabled("#thresholds") and page.get_attribute("#thresholds", "title").startswith("pyramidal")
+        page.fill("#seeds", "0-1")
+        page.click("#generate")
+        page.wait_for_selector("#final[data-final='1']", timeout=120_000)
+        assert page.text_content("#error") == ""
+        assert page.eval_on_selector_all("img.preview", "els => els.map(e => +e.dataset.stage)") == [0, 1, 2]
+
+
 def test_video_runs_stream_clips(tmp_path):
     run = tmp_path / "video"
     assert cli(["train", "--preset", "video-quickstart", "--out", str(run), "--steps", "2", "--batch-size", "4",
