@@ -61,7 +61,8 @@ class Method:
     predictions: tuple[str, ...] = ("velocity", "data")
     #: whether the objective draws its main stage from ``method.stage_probs`` (a method that does not refuses it)
     uses_stage_probs: bool = True
-    #: whether its sampler takes ``sampler.thresholds`` (DFM's stage jumps); one that does not ignores them
+    #: whether its sampler takes ``sampler.thresholds`` (DFM's stage jumps); a front end refuses values for one that
+    #: does not, other than its run's own
     uses_thresholds: bool = True
 
     # -- settings
