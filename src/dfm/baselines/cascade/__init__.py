@@ -91,7 +91,7 @@ class Cascade(Method):
     supports_fsdp = False  # it copies weights between its models at the switch
     predictions = ("velocity",)  # its own preconditioning (CascadePreconditioned)
     uses_stage_probs = False  # its schedule is method.options.stage1_fraction / switch_step
-    uses_thresholds = False  # its stages run their own grids from 0 to 1
+    uses_thresholds = CascadeSampler.uses_thresholds  # its sampler's (each stage runs its own grid)
 
     def validate(self, cfg: RunConfig) -> None:
         m = cfg.method

@@ -48,7 +48,7 @@ class CascadeSampler(Sampler):
     grids = 2  # each model integrates to t = 1
     num_stages = 2
 
-    uses_thresholds = False
+    uses_thresholds = False  # each stage integrates its own grid from 0 to 1
 
     def __init__(self, factor: int = 2, mode: str = "bilinear", cond_noise: float = 0.025) -> None:
         if not 0.0 <= cond_noise < 1.0:

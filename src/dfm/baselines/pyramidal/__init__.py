@@ -154,7 +154,7 @@ class Pyramidal(Method):
     description = "Pyramidal Flow: one model, per-stage time windows over a Gaussian pyramid"
     Options = PyramidalOptions
     uses_stage_probs = False
-    uses_thresholds = False  # its stages run their own grids from 0 to 1
+    uses_thresholds = PyramidalSampler.uses_thresholds  # its sampler's (each stage runs its own window)
 
     def validate(self, cfg: RunConfig) -> None:
         m = cfg.method

@@ -47,7 +47,7 @@ class PyramidalSampler(Sampler):
     preconditioned); only the current stage's input is non-zero and its time slot holds the global time.
     """
 
-    uses_thresholds = False
+    uses_thresholds = False  # each stage integrates its own grid from 0 to 1
 
     def __init__(self, path: PyramidalPath) -> None:
         self.path = path
