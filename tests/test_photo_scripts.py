@@ -369,14 +369,17 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/fm-h192-xpred-ov-lr2e-3"
     assert calls[-1][calls[-1].index("--methods") + 1] == "fm" and _overrides(calls[-1]) == [*overlap, "optim.lr=2e-3"]
-    for lane, out, m in (("tune-128fm", "p128p8-ov-fm", "fm"), ("tune-128dfm3", "p128p8-ov-dfm3", "dfm")):  # 128 px
+    lanes = (("tune-128fm", "p128p8-ov-fm", "fm", None), ("tune-128dfm3", "p128p8-ov-dfm3", "dfm", "3"),
+             ("tune-128dfm4", "p128p8-ov-dfm4", "dfm", "4"))  # fmt: skip
+    for lane, out, m, stages in lanes:  # 128 px
         done, calls = _lane(tmp_path, "photo_tuning.sh", lane, "mlm05 method.main_loc=-0.5",
                             env={"OUTROOT": "runs/photo-128-400", "STEPS": "400"})  # fmt: skip
         argv = calls[-1]
         assert done.returncode == 0 and argv[argv.index("--out") + 1] == f"runs/photo-128-400/{out}-mlm05"
         assert argv[argv.index("--methods") + 1] == m and argv[argv.index("--steps") + 1] == "400"
         assert "data.resolution=128" in _overrides(argv) and _overrides(argv)[-1] == "method.main_loc=-0.5"
-        assert ("method.stages=3" in _overrides(argv)) == (m == "dfm")
+        asked = [o for o in _overrides(argv) if o.startswith("method.stages=")]
+        assert asked == ([f"method.stages={stages}"] if stages else [])
     done, calls = _lane(tmp_path, "photo_tuning.sh", "fm", env={"STEPS": "800", "OUTROOT": "runs/photo-800"})
     assert done.returncode == 0, done.stderr
     argv = calls[-1]
