@@ -137,6 +137,34 @@ def test_a_method_option_reaches_only_the_methods_that_have_it() -> None:
         checked_run_config(wrong, wrong.variants[0], 0)
 
 
+def test_an_override_scoped_to_a_method_reaches_only_its_runs() -> None:
+    asked = ["-o", "fm:method.main_loc=-1.0", "-o", "fm:sampler.steps=40", "-o", "method.main_scale=0.8",
+             "-o", "pyramidal:method.main_loc=-0.5", "-o", "pyramidal:method.main_loc=-0.7"]  # fmt: skip
+    settings = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm,pyramidal", *asked))
+    assert settings.overrides[-1] == "method.main_scale=0.8"  # unscoped: every variant
+    assert settings.method_overrides == {"fm": ("method.main_loc=-1.0", "sampler.steps=40"),
+                                         "pyramidal": ("method.main_loc=-0.5", "method.main_loc=-0.7")}  # fmt: skip
+    cfgs = {v.method: checked_run_config(settings, v, 0) for v in settings.variants}
+    assert {m: c.method.main_loc for m, c in cfgs.items()} == {"dfm": 0.0, "fm": -1.0, "pyramidal": -0.7}
+    assert {c.method.main_scale for c in cfgs.values()} == {0.8}
+    assert cfgs["fm"].sampler.steps == (40,)  # after the switch: Flow Matching's own steps, not DFM's split
+    assert cfgs["dfm"].sampler.steps == run_config(settings_from_args(_parse("--preset", "smoke")),
+                                                   Variant("DFM", "dfm"), 0).sampler.steps  # fmt: skip
+    # the cpu-photo preset trains Flow Matching at its own best location on photographs, and -o adds to it
+    photo = settings_from_args(_parse("--preset", "cpu-photo", "-o", "fm:optim.lr=2e-4", "-o", "dfm:method.tied=true"))
+    assert photo.method_overrides == {"dfm": ("method.tied=true",), "fm": ("method.main_loc=-1.0", "optim.lr=2e-4")}
+    assert "method.main_loc=-1.0" not in photo.overrides
+    pinned = settings_from_args(_parse("--preset", "cpu-photo", "-o", "method.main_loc=-1.5", "-o", "fm:optim.lr=2e-4"))
+    assert pinned.method_overrides == {"fm": ("optim.lr=2e-4",)}  # a location for every method replaces the preset's
+    with pytest.raises(ValueError, match=r"-o cascade:optim.lr=1e-3: 'cascade' is not a method of this bench; choose "
+                                         r"from dfm, fm"):  # fmt: skip
+        settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm", "-o", "cascade:optim.lr=1e-3"))
+    with pytest.raises(ValueError, match=r"-o fm:=1: expected METHOD:SECTION.KEY=VALUE"):
+        settings_from_args(_parse("--preset", "smoke", "--methods", "fm", "-o", "fm:=1"))
+    data = settings_from_args(_parse("--preset", "smoke", "-o", "data.dataset=fashion-mnist:fit"))  # ':' in a value
+    assert data.overrides[-1] == "data.dataset=fashion-mnist:fit" and data.method_overrides == {}
+
+
 def test_a_prediction_asked_for_reaches_the_baselines_that_implement_it() -> None:
     plain = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm,cascade,pyramidal"))
     asked = settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm,cascade,pyramidal",

@@ -75,6 +75,7 @@ def run_config(settings: QualitySettings, variant: Variant, seed: int) -> RunCon
     if asked and asked[-1].split("=", 1)[1] in get_method(variant.method).predictions:
         cfg = apply_overrides(cfg, asked[-1:])
     cfg = apply_overrides(cfg, _own_options(settings.overrides, variant.method))
+    cfg = apply_overrides(cfg, settings.method_overrides.get(variant.method, ()))  # that method's own settings
     every = settings.eval_steps[0] if settings.eval_steps else settings.steps
     extra = [f"train.steps={settings.steps}", f"train.seed={seed}", f"train.ckpt_every={every}",
              f"train.keep_last={len(settings.eval_steps) + 1}", "train.sample_every=0"]  # fmt: skip
@@ -133,7 +134,8 @@ def checked_run_config(settings: QualitySettings, variant: Variant, seed: int) -
             raise
         raise ValueError(
             f"{e} (bench overrides apply to the DFM config every method is derived from: give the "
-            f"sampler's steps as DFM's, e.g. -o sampler.steps=30,10 gives Flow Matching 40)"
+            f"sampler's steps as DFM's, e.g. -o sampler.steps=30,10 gives Flow Matching 40, or one method's own: "
+            f"-o fm:sampler.steps=40)"
         ) from None
 
 
@@ -393,7 +395,8 @@ def run_quality(
         settings,
         command,
         hardware,
-        [*_data_overrides(settings), *(o for o in settings.overrides if o.startswith(OPTIONS))],
+        [*_data_overrides(settings), *(o for o in settings.overrides if o.startswith(OPTIONS)),
+         *(f"{m}:{o}" for m, scoped in settings.method_overrides.items() for o in scoped)],
     )
     atomic_write_text(out / "report.md", report)
     payload = {"settings": _settings_dict(settings), "rows": rows, "summary": summary, "hardware": hardware}

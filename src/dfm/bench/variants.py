@@ -47,6 +47,9 @@ class QualitySettings:
     guidance: tuple[float, ...] = (1.0, 1.25, 1.5)
     sample_batch: int = 250
     overrides: tuple[str, ...] = ()  #: applied to every variant (e.g. a model size)
+    #: per method, applied to that method's runs only, after the switch from the DFM config (a baseline's own best
+    #: setting, e.g. ``{"fm": ("method.main_loc=-1.0",)}``); on the command line ``-o fm:method.main_loc=-1.0``
+    method_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     metrics: tuple[str, ...] = METRICS
     num_reference: int | None = None  #: test images behind the reference statistics (None = all 10,000)
     device: str = "cpu"
@@ -110,8 +113,9 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # tokens. Unconditional, so the metrics are the ImageNet-feature FD, the per-level SWD and how much detail each
     # level holds (sigma: too much or too little, which a level's SWD cannot say). Every method at the settings the
     # photograph study found best for all three (docs/RESULTS.md): a model as wide as its token (8x8x3 = 192 values),
-    # predicting the data (baselines included) and the overlapping output head. Six runs of 6,400 steps: about 9
-    # hours on two CPU cores.
+    # predicting the data (baselines included) and the overlapping output head; Flow Matching with its training
+    # times drawn nearer the noise (main_loc -1.0: better on both metrics at 64 and 128 px on photographs only, so
+    # not in its preset). Six runs of 6,400 steps: about 9 hours on two CPU cores.
     "cpu-photo": dict(preset="quickstart", methods=("dfm", "fm", "pyramidal"), seeds=(0, 1), steps=6400,
                       eval_points=4, num_samples=1000, guidance=(1.0,), sample_batch=250, num_reference=None,
                       metrics=("fd:efficientnet-lite0", "swd", "sigma"),
@@ -119,6 +123,7 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
                                  "model.overrides.patch_size=8", "data.random_flip=true",
                                  "model.overrides.hidden_size=192", "model.overrides.head_overlap=true",
                                  "method.prediction=data"),
+                      method_overrides={"fm": ("method.main_loc=-1.0",)},
                       data_hint="build it with `dfm data photos --source debian-photos --crops-per-photo 256 --out "
                                 "data/photos`, or give -o data.dataset=<out>/64/fit"),
     # A third kind of data: glyphs of the installed fonts (dfm data glyphs), 36 classes, thin strokes and sharp edges.
@@ -179,7 +184,14 @@ def settings_from_args(args) -> QualitySettings:
         base["guidance"] = tuple(float(g) for g in args.guidance.split(","))
     if args.device:
         base["device"] = args.device
-    base["overrides"] = tuple(base.get("overrides", ())) + tuple(args.override)
+    shared, scoped = split_overrides(args.override, wanted)
+    base["overrides"] = tuple(base.get("overrides", ())) + tuple(shared)
+    # the preset's per-method settings yield to a setting of the same key given with -o for every variant
+    given = {o.split("=", 1)[0] for o in shared}
+    preset_scoped = {m: tuple(o for o in os if o.split("=", 1)[0] not in given)
+                     for m, os in base.get("method_overrides", {}).items()}  # fmt: skip
+    base["method_overrides"] = {m: (*preset_scoped.get(m, ()), *scoped.get(m, ())) for m in wanted
+                                if preset_scoped.get(m) or scoped.get(m)}  # fmt: skip
     base["reference"] = args.reference
     settings = QualitySettings(variants=variants, **base)
     if 1.0 not in settings.guidance:
@@ -187,6 +199,26 @@ def settings_from_args(args) -> QualitySettings:
     if settings.steps < 1 or settings.num_samples < 2:
         raise ValueError("--steps must be >= 1 and --num-samples >= 2")
     return settings
+
+
+def split_overrides(overrides: Sequence[str], methods: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``-o`` values: those for every variant (``section.key=value``) and those for one method's runs only
+    (``method:section.key=value``, e.g. ``fm:method.main_loc=-1.0``), by method."""
+    shared: list[str] = []
+    scoped: dict[str, list[str]] = {}
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if ":" not in key:
+            shared.append(o)
+            continue
+        method, setting = o.split(":", 1)
+        if method not in methods:
+            raise ValueError(f"-o {o}: {method!r} is not a method of this bench; choose from {', '.join(methods)} "
+                             "(METHOD:SECTION.KEY=VALUE sets one method's runs only)")  # fmt: skip
+        if "=" not in setting or not setting.split("=", 1)[0]:
+            raise ValueError(f"-o {o}: expected METHOD:SECTION.KEY=VALUE, e.g. fm:method.main_loc=-1.0")
+        scoped.setdefault(method, []).append(setting)
+    return shared, scoped
 
 
 def add_quality_arguments(commands):
@@ -212,7 +244,8 @@ def add_quality_arguments(commands):
                         "held-aside training images (val) to choose settings without the test split; fit: a draw "
                         "of the training split of a dfm data set (see docs/RESULTS.md on the photographs)")  # fmt: skip
     p.add_argument("-o", "--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="training setting applied to every variant (repeatable)")  # fmt: skip
+                   help="training setting applied to every variant (repeatable); METHOD:SECTION.KEY=VALUE "
+                        "applies to one method's runs only, e.g. fm:method.main_loc=-1.0")  # fmt: skip
     p.add_argument("--out", help="output directory (default: runs/bench-quality-<preset>[-<ablation>])")
     p.add_argument("--weights", type=_weights_arg, action="append", default=[], metavar="NAME=PATH",
                    help="use this extractor weights file, e.g. fashion-cnn=cnn.safetensors instead of training "
