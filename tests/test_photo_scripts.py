@@ -179,9 +179,14 @@ def _overrides(argv: list[str]) -> list[str]:
 
 
 #: what every photo_tuning.sh lane gives first: the settings of the time the runs were made (the presets' threshold,
-#: now 0.9; the cpu-photo preset's model, now hidden 192 with the overlapping head); a lane's own come later and win
-PINNED = ["sampler.thresholds=0.7", "model.overrides.hidden_size=128", "model.overrides.head_overlap=false",
-          "method.main_loc=0"]
+#: now 0.9; the cpu-photo preset's model, now hidden 192 with the overlapping head, and Flow Matching's location 0,
+#: now -1.0 there); a lane's own come later and win
+PINNED = [
+    "sampler.thresholds=0.7",
+    "model.overrides.hidden_size=128",
+    "model.overrides.head_overlap=false",
+    "method.main_loc=0",
+]
 GLYPH_PINNED = ["sampler.thresholds=0.7", "model.overrides.head_overlap=false"]  # glyph_check.sh's (photo() widens)
 
 

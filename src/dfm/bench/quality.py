@@ -395,8 +395,11 @@ def run_quality(
         settings,
         command,
         hardware,
-        [*_data_overrides(settings), *(o for o in settings.overrides if o.startswith(OPTIONS)),
-         *(f"{m}:{o}" for m, scoped in settings.method_overrides.items() for o in scoped)],
+        [
+            *_data_overrides(settings),
+            *(o for o in settings.overrides if o.startswith(OPTIONS)),
+            *(f"{m}:{o}" for m, scoped in settings.method_overrides.items() for o in scoped),
+        ],
     )
     atomic_write_text(out / "report.md", report)
     payload = {"settings": _settings_dict(settings), "rows": rows, "summary": summary, "hardware": hardware}
