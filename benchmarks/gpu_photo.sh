@@ -22,7 +22,7 @@ fi
 ARGS="--preset cpu-photo --reference fit --eval-points 2 --guidance 1.0 -o data.dataset=$DATA -o data.resolution=128"
 ARGS="$ARGS -o method.stages=3 -o method.stage_probs=0.4,0.3,0.3 -o sampler.steps=10,5,5 -o sampler.thresholds=0.7,0.85"
 # both with the overlapping output head, each method's best on the CPU photographs (docs/RESULTS.md, "Token seams");
-# OVERLAP=false for the plain head
+# OVERLAP=false for the plain head. Flow Matching trains at main_loc -1.0, the cpu-photo preset's setting for it.
 ARGS="$ARGS -o model.overrides.head_overlap=${OVERLAP:-true}"
 if [ "${TINY:-0}" = 1 ]; then  # the same commands at toy sizes, for a CPU
     ARGS="$ARGS --num-samples 16 --sample-batch 16 -o model.overrides.depth=1 -o model.overrides.hidden_size=32"
