@@ -149,14 +149,15 @@ case "$1" in
     NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash benchmarks/photo_tuning.sh "$lane"
     ;;
   resample-fm|resample-dfm3|resample-dfm4|resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3|\
-  tune-128fm|tune-128dfm3|tune-128dfm4)
+  tune-128fm|tune-128dfm3|tune-128dfm4|tune-128pyramidal)
     # the overlapping-head runs with other settings, each argument one
     # variant "TAG OVERRIDES...". resample-*: the trained seeds (SEEDS) scored again with other sampler settings at the
     # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (FROM=runs/photo-800: the
     # runs trained there, scored in runs/photo-800-sampler/<run>-<tag>) (the 3-stage split and
     # thresholds came from the Fashion-MNIST study; Flow Matching gets the knobs it has: the time shift, Euler).
     # tune-*: trained afresh with other training settings (learning rate, preconditioning) as
-    # runs/photo-tune/<run>-<tag> (tune-128fm|tune-128dfm3|tune-128dfm4: the 128 px lanes' runs, in OUTROOT/<run>-<tag>)
+    # runs/photo-tune/<run>-<tag> (tune-128fm|tune-128dfm3|tune-128dfm4|tune-128pyramidal: the 128 px lanes' runs, in
+    # OUTROOT/<run>-<tag>)
     case "$1" in
       *-fm) m=fm name=fm-h192-xpred-ov TRAIN=("${OV[@]}") ;;
       *-dfm3) m=dfm name=dfm3-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM3[@]}") ;;
@@ -170,6 +171,10 @@ case "$1" in
       resample-128dfm4|tune-128dfm4)  # the 128 px runs of lane 128p8ov-dfm4 (FROM=its OUTROOT; tune-128*: OUTROOT)
         p128 8 true
         m=dfm name=p128p8-ov-dfm4 TRAIN=("${P128[@]}" "${DFM4[@]}") ;;
+      tune-128pyramidal)  # the 128 px runs of lane 128p8ov-pyramidal, e.g. with its own time law:
+        # "ln-mlm10 method.options.time=logit_normal method.main_loc=-1.0"
+        p128 8 true
+        m=pyramidal name=p128p8-ov-pyramidal TRAIN=("${P128[@]}") ;;
     esac
     lane=$1
     shift
@@ -195,7 +200,7 @@ case "$1" in
          echo "  pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3"
          echo "  overlap-dfm4|overlap-pyramidal|overlap-pyramidal3|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm"
          echo "  resample-dfm3|resample-dfm4|resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3"
-         echo "  tune-128fm|tune-128dfm3|tune-128dfm4"
+         echo "  tune-128fm|tune-128dfm3|tune-128dfm4|tune-128pyramidal"
        } >&2
      exit 2 ;;
 esac

@@ -376,7 +376,8 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/fm-h192-xpred-ov-lr2e-3"
     assert calls[-1][calls[-1].index("--methods") + 1] == "fm" and _overrides(calls[-1]) == [*overlap, "optim.lr=2e-3"]
     lanes = (("tune-128fm", "p128p8-ov-fm", "fm", None), ("tune-128dfm3", "p128p8-ov-dfm3", "dfm", "3"),
-             ("tune-128dfm4", "p128p8-ov-dfm4", "dfm", "4"))  # fmt: skip
+             ("tune-128dfm4", "p128p8-ov-dfm4", "dfm", "4"),
+             ("tune-128pyramidal", "p128p8-ov-pyramidal", "pyramidal", None))  # fmt: skip
     for lane, out, m, stages in lanes:  # 128 px
         done, calls = _lane(tmp_path, "photo_tuning.sh", lane, "mlm05 method.main_loc=-0.5",
                             env={"OUTROOT": "runs/photo-128-400", "STEPS": "400"})  # fmt: skip
