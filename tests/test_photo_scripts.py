@@ -375,6 +375,13 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/fm-h192-xpred-ov-lr2e-3"
     assert calls[-1][calls[-1].index("--methods") + 1] == "fm" and _overrides(calls[-1]) == [*overlap, "optim.lr=2e-3"]
+    ln = "ln-mlm10 method.options.time=logit_normal method.main_loc=-1.0"
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "tune-pyramidal", ln, env={"SEEDS": "1"})  # 64 px
+    assert done.returncode == 0, done.stderr
+    argv = calls[-1]
+    assert argv[argv.index("--out") + 1] == "runs/photo-tune/pyr-h192-xpred-ov-ln-mlm10"
+    assert argv[argv.index("--methods") + 1] == "pyramidal" and argv[argv.index("--seeds") + 1] == "1"
+    assert _overrides(argv) == [*overlap, "method.options.time=logit_normal", "method.main_loc=-1.0"]
     lanes = (("tune-128fm", "p128p8-ov-fm", "fm", None), ("tune-128dfm3", "p128p8-ov-dfm3", "dfm", "3"),
              ("tune-128dfm4", "p128p8-ov-dfm4", "dfm", "4"),
              ("tune-128pyramidal", "p128p8-ov-pyramidal", "pyramidal", None))  # fmt: skip
