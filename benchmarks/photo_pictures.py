@@ -6,7 +6,9 @@
 Each ``LABEL=FOLDER`` names a `dfm bench quality --out` folder (its seed-0 run) or a run folder; the panel is that
 run's ``samples/step_<step>.png`` (the EMA model's images from the same sampling seeds in every run, so runs of one
 method start from the same noise). ``--rows`` keeps the first rows of each grid. ``LABEL=FOLDER@STEP`` shows that
-panel at its own step (budgets side by side; ``--step`` is then the default of the others).
+panel at its own step (budgets side by side; ``--step`` is then the default of the others). ``--draw`` draws a
+grid the run did not save (a bench run saves one at its last step only) from its checkpoint at that step, with the
+trainer's seeds, sampler and precision, into the run's ``samples/`` where the trainer would have put it.
 """
 
 from __future__ import annotations
@@ -21,14 +23,31 @@ from PIL import Image, ImageDraw
 from dfm.visual import save_png
 
 
-def sheet(folder: Path, step: int, seed: int) -> Path:
-    """The sample grid of ``folder`` (a bench --out folder or one run) at ``step``."""
-    candidates = [folder / "samples", *sorted(folder.glob(f"runs/*-s{seed}/samples"))]
-    for samples in candidates:
-        path = samples / f"step_{step:08d}.png"
+def sheet(folder: Path, step: int, seed: int, draw: bool = False) -> Path:
+    """The sample grid of ``folder`` (a bench --out folder or one run) at ``step``; with ``draw``, drawn from the
+    run's checkpoint at ``step`` when the run did not save it."""
+    runs = [folder, *sorted(folder.glob(f"runs/*-s{seed}"))]
+    for run in runs:
+        path = run / "samples" / f"step_{step:08d}.png"
         if path.is_file():
             return path
-    raise FileNotFoundError(f"no samples/step_{step:08d}.png of seed {seed} under {folder}: is the run finished?")
+    checkpoint = f"checkpoints/step_{step:08d}"
+    if draw:
+        for run in runs:
+            if (run / checkpoint).is_dir():
+                return drawn(run, run / checkpoint, step)
+    hint = f" (--draw draws it from {checkpoint})" if any((r / checkpoint).is_dir() for r in runs) else ""
+    raise FileNotFoundError(f"no samples/step_{step:08d}.png of seed {seed} under {folder}{hint}: is the run finished?")
+
+
+def drawn(run: Path, checkpoint: Path, step: int) -> Path:
+    """The grid the trainer would have saved at ``step``: its EMA weights there, seeds 0..n-1, the run's sampler."""
+    from dfm.generate import Generator, write_sample_grid
+
+    generator = Generator.from_run(run, checkpoint=checkpoint)
+    train = generator.config.train
+    print(f"drawing {run}/samples/step_{step:08d}.png from {checkpoint}", file=sys.stderr)
+    return write_sample_grid(generator, run / "samples", step, train.num_sample_images, precision=train.precision)
 
 
 def main() -> int:
@@ -40,6 +59,7 @@ def main() -> int:
     p.add_argument("--cell", type=int, default=66, help="pixel pitch of the saved grids (image + gap)")
     p.add_argument("--wrap", type=int, default=0, help="panels per row (default: all in one row)")
     p.add_argument("--out", required=True)
+    p.add_argument("--draw", action="store_true", help="draw a grid a run did not save from its checkpoint there")
     args = p.parse_args()
     panels = []
     for item in args.panels:
@@ -53,7 +73,7 @@ def main() -> int:
         if step is None:
             p.error(f"{item!r}: give the panel's step (LABEL=FOLDER@STEP) or --step")
         try:
-            grid = Image.open(sheet(Path(folder), step, args.seed)).convert("RGB")
+            grid = Image.open(sheet(Path(folder), step, args.seed, args.draw)).convert("RGB")
         except FileNotFoundError as e:
             p.error(str(e))
         keep = min(grid.height, args.rows * args.cell)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from helpers import needs_data
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -128,6 +130,29 @@ def test_pictures_lay_out_labelled_panels_and_refuse_missing_runs(tmp_path: Path
     ).all()
     nostep = _run("photo_pictures.py", "--out", str(out), f"A={tmp_path / 'a'}@100", f"B={tmp_path / 'b'}")
     assert nostep.returncode == 2 and "give the panel's step (LABEL=FOLDER@STEP) or --step" in nostep.stderr
+
+
+@needs_data
+def test_pictures_draw_a_grid_the_run_did_not_save_as_the_trainer_would_have(tmp_path: Path) -> None:
+    from dfm.cli import main as cli
+
+    run = tmp_path / "run"
+    tiny = ["-o", "model.overrides.depth=1", "-o", "model.overrides.hidden_size=32", "-o", "train.threads=1",
+            "-o", "model.overrides.num_heads=2", "-o", "train.num_sample_images=4", "-o", "sampler.steps=2,2",
+            "-o", "optim.warmup_steps=1", "-o", "train.ckpt_every=1", "-o", "train.sample_every=0"]  # fmt: skip
+    assert cli(["train", "--out", str(run), "--steps", "2", "--batch-size", "8", "--no-progress", *tiny]) == 0
+    saved = run / "samples" / "step_00000002.png"
+    trainer = np.asarray(Image.open(saved))
+    assert not (run / "samples" / "step_00000001.png").exists()  # a grid at the last step only
+    out = tmp_path / "sheet.png"
+    missing = _run("photo_pictures.py", "--step", "1", "--out", str(out), f"A={run}")
+    assert missing.returncode == 2 and "(--draw draws it from checkpoints/step_00000001)" in missing.stderr
+    saved.unlink()
+    drawn = _run("photo_pictures.py", "--draw", "--out", str(out), f"A={run}@1", f"B={run}@2")
+    assert drawn.returncode == 0, drawn.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(saved)), trainer)  # the trainer's picture, pixel for pixel
+    assert (run / "samples" / "step_00000001.png").is_file()
+    assert not np.array_equal(np.asarray(Image.open(run / "samples" / "step_00000001.png")), trainer)
 
 
 def test_calibration_picture_has_one_labelled_column_per_set(tmp_path: Path) -> None:
