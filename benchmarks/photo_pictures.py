@@ -74,7 +74,7 @@ def main() -> int:
             p.error(f"{item!r}: give the panel's step (LABEL=FOLDER@STEP) or --step")
         try:
             grid = Image.open(sheet(Path(folder), step, args.seed, args.draw)).convert("RGB")
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:  # no grid; a checkpoint that does not fit its run
             p.error(str(e))
         keep = min(grid.height, args.rows * args.cell)
         panels.append((label, grid.crop((0, 0, grid.width, keep))))
