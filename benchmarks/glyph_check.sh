@@ -26,7 +26,7 @@ bench() {  # name methods overrides...
   for o in "$@"; do args+=(-o "$o"); done
   dfm bench quality --preset cpu-glyph --reference ${REFERENCE:-fit} --methods "$methods" --seeds ${SEEDS:-0} \
     --steps ${STEPS:-1600} --eval-points 1 --num-samples 1000 --threads 1 "${args[@]}" --out "runs/glyph-check/$name" \
-    > "runs/glyph-check/$name$(seed_tag).log" 2>&1
+    >> "runs/glyph-check/$name$(seed_tag).log" 2>&1
 }
 seed_tag() { [ "${SEEDS:-0}" = 0 ] || echo ".seed$SEEDS"; }  # logs of another seed beside seed 0's
 photo() {  # name overrides...: the tuned 64 px photograph DFM (photo_tuning.sh's dfm-h192-xpred settings), 1,600 steps
@@ -34,13 +34,13 @@ photo() {  # name overrides...: the tuned 64 px photograph DFM (photo_tuning.sh'
   for o in "$@"; do args+=(-o "$o"); done
   dfm bench quality --preset cpu-photo --reference fit --methods dfm --seeds ${SEEDS:-0} --steps 1600 --eval-points 1 \
     --num-samples 500 --threads 1 -o model.overrides.hidden_size=192 -o method.prediction=data "${args[@]}" \
-    --out "runs/preset-check/$name" > "runs/preset-check/$name$(seed_tag).log" 2>&1
+    --out "runs/preset-check/$name" >> "runs/preset-check/$name$(seed_tag).log" 2>&1
 }
 garments() {  # name method overrides...: the `cpu` bench preset on Fashion-MNIST, scored on held-aside images
   local name=$1 method=$2 args=("${PINNED[@]}"); shift 2
   for o in "$@"; do args+=(-o "$o"); done
   dfm bench quality --preset cpu --reference val --methods "$method" --seeds ${SEEDS:-0} --threads 1 "${args[@]}" \
-    --out "runs/preset-check/$name" > "runs/preset-check/$name$(seed_tag).log" 2>&1
+    --out "runs/preset-check/$name" >> "runs/preset-check/$name$(seed_tag).log" 2>&1
 }
 link_trained() {  # from to: the finished DFM run (seed $SEEDS, default 0) of bench folder `from` scored in `to`
   link_runs "$1" "$2" "dfm-*-s${SEEDS:-0}"

@@ -50,7 +50,7 @@ bench() {  # name methods overrides...
   $DFM bench quality --preset cpu-photo --reference fit --methods "$methods" --seeds ${SEEDS:-0} \
     --steps ${STEPS:-1600} --eval-points ${POINTS:-1} --num-samples ${NUM:-500} --threads 1 "${args[@]}" \
     --out "${OUTROOT:-runs/photo-tune}/$name" \
-    > "${OUTROOT:-runs/photo-tune}/$name.log" 2>&1
+    >> "${OUTROOT:-runs/photo-tune}/$name.log" 2>&1
 }
 mkdir -p runs/photo-tune "${OUTROOT:-runs/photo-tune}"
 case "$1" in
@@ -87,7 +87,7 @@ case "$1" in
         --num-samples 500 --threads 1 "${PINNED[@]}" -o model.overrides.hidden_size=192 \
         -o method.prediction=data -o sampler.solver=euler -o sampler.steps=30,10 \
         --out runs/photo-sampler/$m-h192-xpred-euler40 \
-        > runs/photo-sampler/$m-h192-xpred-euler40.log 2>&1
+        >> runs/photo-sampler/$m-h192-xpred-euler40.log 2>&1
     done
     ;;
   128-fm|128-dfm3|128-dfm4|128p8-fm|128p8-dfm3|128p8-dfm4|128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|\

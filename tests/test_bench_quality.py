@@ -71,7 +71,7 @@ def test_smoke_bench_runs_caches_and_reports(tmp_path: Path, classifier: str) ->
     logs.clear()
     again = run_quality(settings, tmp_path, command="test", log=logs.append, weights={"fashion-cnn": classifier},
                         cache=tmp_path / "cache")  # fmt: skip
-    assert not any(line.startswith("training") for line in logs)
+    assert not any(line.startswith(("training", "scoring", "sampled")) for line in logs)
     assert json.dumps(again["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)
 
 
@@ -226,13 +226,19 @@ def test_cli_shares_reference_statistics_and_never_reuses_stale_ones(tmp_path: P
     common = ["bench", "quality", "--preset", "smoke", "--methods", "fm", "--cache", str(cache),
               "--weights", f"fashion-cnn={classifier}", "--num-samples", "8"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "a")]) == 0
-    assert "| Flow Matching | 1.0 |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| Flow Matching | 1.0 |" in captured.out
+    # every point says what it is doing (scoring takes minutes at 128 px), with progress bars on stderr
+    assert "at step 2, guidance 1.0: sampling 8 images" in captured.out and "sampled in" in captured.out
+    assert "train: 100%|" in captured.err and "%|" in captured.err.split("train: 100%|")[-1]
     report = (tmp_path / "a" / "report.md").read_text()
     assert "Command: `dfm bench quality --preset smoke --methods fm --cache" in report  # the full command line
     refs = sorted(p.name for p in cache.glob("ref_*.npz"))
     assert len(refs) == 2 and all("_n64.npz" in r for r in refs)  # one per Fréchet extractor, smoke's 64 images
     stamp = {p: p.stat().st_mtime_ns for p in cache.glob("ref_*.npz")}
-    assert cli([*common, "--out", str(tmp_path / "b")]) == 0  # another bench: reuses the statistics
+    assert cli([*common, "--out", str(tmp_path / "b"), "--no-progress"]) == 0  # another bench: reuses the statistics
+    captured = capsys.readouterr()
+    assert "%|" not in captured.err and "sampling 8 images" in captured.out  # no bars; the log lines stay
     # The finished run in "a" was trained with the velocity loss: asking for another loss there must not score it.
     capsys.readouterr()
     assert cli([*common, "--out", str(tmp_path / "a"), "-o", "method.loss_weighting=edm"]) == 2

@@ -231,8 +231,11 @@ def ensure_references(cache: Path, settings: QualitySettings, weights: dict[str,
     return [*refs, images]
 
 
-def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], device: str = "cpu") -> float:
-    """Train (or finish) one run on ``device``; returns the wall time spent training it, summed over resumes."""
+def train_run(
+    cfg: RunConfig, run_dir: Path, log: Callable[[str], None], device: str = "cpu", progress: bool = False
+) -> float:
+    """Train (or finish) one run on ``device`` (``progress``: the trainer's progress bar); returns the wall time
+    spent training it, summed over resumes."""
 
     timing = run_dir / "bench_time.json"
     spent = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else 0.0
@@ -252,7 +255,7 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None], device:
     cfg.train.keep_last += len(list_checkpoints(run_dir / "checkpoints"))
     tic = time.perf_counter()
     # The bench's device, not the Trainer's default (the CPU): --device cuda trains on the GPU, not only scores there.
-    Trainer(cfg, run_dir, resume="auto", dist_info=Dist(device=torch.device(device)), progress=False).fit()
+    Trainer(cfg, run_dir, resume="auto", dist_info=Dist(device=torch.device(device)), progress=progress).fit()
     spent += time.perf_counter() - tic
     timing.write_text(json.dumps({"train_seconds": spent}) + "\n")
     return spent
@@ -274,6 +277,8 @@ def evaluate_checkpoint(
     refs: list[str],
     weights: dict[str, str],
     out_file: Path,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> dict:
     """Sample ``num_samples`` images from checkpoint ``step`` (EMA) and score them; cached in ``out_file``."""
     if out_file.is_file():
@@ -284,13 +289,16 @@ def evaluate_checkpoint(
     sampler = gen.settings(**sampler_settings(variant, cfg), guidance=guidance)
     seeds = list(range(settings.num_samples))
     labels = gen.labels(seeds)
+    log(f"scoring {run_dir.name} at step {step}, guidance {guidance}: sampling {len(seeds)} images")
     tic = time.perf_counter()
-    images = gen.generate(seeds, labels, sampler, batch_size=settings.sample_batch).images
+    images = gen.generate(seeds, labels, sampler, batch_size=settings.sample_batch, progress=progress).images
     sample_seconds = time.perf_counter() - tic
+    log(f"sampled in {sample_seconds:.0f}s; scoring {', '.join(settings.metrics)}")
     native = gen.crop(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
     image_set = ImageSet(native, torch.tensor(labels), {"kind": "bench", "count": len(seeds)})
     config = EvalConfig(metrics=settings.metrics, num_reference=settings.num_samples, device=settings.device,
-                        weights=weights, download=False, progress=False, swd=SWDConfig(min_resolution=8))  # fmt: skip
+                        weights=weights, download=False, progress=progress,
+                        swd=SWDConfig(min_resolution=8))  # fmt: skip
     result = evaluate(image_set, refs, config)
     row = {"variant": variant.name, "method": variant.method, "seed": gen.config.train.seed, "step": step,
            "guidance": guidance, "nfe": gen.network_evaluations(sampler) * (1 if guidance == 1 else 2),
@@ -335,8 +343,10 @@ def run_quality(
     log: Callable[[str], None] = print,
     weights: dict[str, str] | None = None,
     cache: str | Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Train every variant and seed, score the checkpoints, write ``report.md``, ``results.json`` and plots.
+    """Train every variant and seed, score the checkpoints, write ``report.md``, ``results.json`` and plots
+    (``progress``: progress bars on stderr while a run trains, samples and is scored; the CLI's default).
 
     Everything is cached: finished runs and scores under ``out``, the domain classifier and the reference
     statistics under ``cache`` (default :func:`default_cache`), so an interrupted bench resumes where it stopped.
@@ -362,7 +372,7 @@ def run_quality(
         for variant in settings.variants:
             cfg = configs[(seed, variant.name)]
             run_dir = out / "runs" / f"{variant.run_key()}-s{seed}"
-            seconds = train_run(cfg, run_dir, log, settings.device)
+            seconds = train_run(cfg, run_dir, log, settings.device, progress=progress)
 
             run = Run.open(run_dir)  # the run's own config holds what it measured (data_std)
             runs[run_dir.name] = {"method": variant.method, "train_seconds": seconds,
@@ -381,7 +391,7 @@ def run_quality(
             for step, g in dict.fromkeys(points):
                 name = f"{variant.name}-s{seed}-step{step}-g{g}-{tag}".replace(" ", "_").replace("/", "_")
                 row = evaluate_checkpoint(settings, variant, cfg, run_dir, step, g, refs, weights,
-                                          out / "scores" / f"{name}.json")  # fmt: skip
+                                          out / "scores" / f"{name}.json", log, progress)  # fmt: skip
                 rows.append(row)
             done += 1
             headline = headline_metric(rows)
@@ -425,7 +435,9 @@ def _run_quality_cli(args) -> int:
     out = args.out or (f"runs/bench-quality-{args.preset}{'-' + args.ablation if args.ablation else ''}"
                        f"{'' if args.reference == 'test' else '-' + args.reference}")  # fmt: skip
     command = getattr(args, "command_line", None) or "dfm bench quality"
-    result = run_quality(settings, out, command=command, cache=args.cache, weights=dict(args.weights))
+    result = run_quality(
+        settings, out, command=command, cache=args.cache, weights=dict(args.weights), progress=not args.no_progress
+    )
     print(result["report"])
     print(f"report: {Path(out) / 'report.md'}; plots: {', '.join(result['plots'])}")
     return 0

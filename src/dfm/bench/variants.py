@@ -247,6 +247,11 @@ def add_quality_arguments(commands):
                    help="training setting applied to every variant (repeatable); METHOD:SECTION.KEY=VALUE "
                         "applies to one method's runs only, e.g. fm:method.main_loc=-1.0")  # fmt: skip
     p.add_argument("--out", help="output directory (default: runs/bench-quality-<preset>[-<ablation>])")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bars of training, sampling and scoring (the log lines stay)",
+    )
     p.add_argument("--weights", type=_weights_arg, action="append", default=[], metavar="NAME=PATH",
                    help="use this extractor weights file, e.g. fashion-cnn=cnn.safetensors instead of training "
                         "the domain classifier (repeatable)")  # fmt: skip
