@@ -30,10 +30,11 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 DFM=${DFM:-dfm}
 # the settings of the time these runs were made, first: the presets' threshold (now 0.9), and the cpu-photo bench
-# preset's model (now hidden 192 with the overlapping head), and Flow Matching's time law (now main_loc -1.0 in that
-# preset: a main_loc given here, for every method, replaces it); a lane's own settings come later and win
+# preset's model (now hidden 192 with the overlapping head), and Flow Matching's and Pyramidal Flow's time laws (now
+# main_loc -1.0, and LogitNormal local time for Pyramidal Flow, in that preset: a setting given here, for every method,
+# replaces the preset's per-method one); a lane's own settings come later and win
 PINNED=(-o sampler.thresholds=0.7 -o model.overrides.hidden_size=128 -o model.overrides.head_overlap=false
-        -o method.main_loc=0)
+        -o method.main_loc=0 -o method.options.time=uniform)
 # the tuned 64 px settings with the overlapping head, and the 3-stage DFM's split (the cpu64 study's, not tuned here)
 OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
 DFM3=(method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85)

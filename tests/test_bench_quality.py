@@ -24,6 +24,7 @@ from dfm.bench.quality import (
     run_quality,
     settings_from_args,
 )
+from dfm.presets import get_preset
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 pytestmark = pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed")
@@ -150,12 +151,16 @@ def test_an_override_scoped_to_a_method_reaches_only_its_runs() -> None:
     assert cfgs["fm"].sampler.steps == (40,)  # after the switch: Flow Matching's own steps, not DFM's split
     assert cfgs["dfm"].sampler.steps == run_config(settings_from_args(_parse("--preset", "smoke")),
                                                    Variant("DFM", "dfm"), 0).sampler.steps  # fmt: skip
-    # the cpu-photo preset trains Flow Matching at its own best location on photographs, and -o adds to it
+    # the cpu-photo preset trains Flow Matching and Pyramidal Flow at their own best time laws on photographs, and -o
+    # adds to them
     photo = settings_from_args(_parse("--preset", "cpu-photo", "-o", "fm:optim.lr=2e-4", "-o", "dfm:method.tied=true"))
-    assert photo.method_overrides == {"dfm": ("method.tied=true",), "fm": ("method.main_loc=-1.0", "optim.lr=2e-4")}
+    law = ("method.options.time=logit_normal", "method.main_loc=-1.0")
+    assert photo.method_overrides == {"dfm": ("method.tied=true",), "fm": ("method.main_loc=-1.0", "optim.lr=2e-4"),
+                                      "pyramidal": law}  # fmt: skip
     assert "method.main_loc=-1.0" not in photo.overrides
     pinned = settings_from_args(_parse("--preset", "cpu-photo", "-o", "method.main_loc=-1.5", "-o", "fm:optim.lr=2e-4"))
-    assert pinned.method_overrides == {"fm": ("optim.lr=2e-4",)}  # a location for every method replaces the preset's
+    # a location for every method replaces the preset's
+    assert pinned.method_overrides == {"fm": ("optim.lr=2e-4",), "pyramidal": law[:1]}
     with pytest.raises(ValueError, match=r"-o cascade:optim.lr=1e-3: 'cascade' is not a method of this bench; choose "
                                          r"from dfm, fm"):  # fmt: skip
         settings_from_args(_parse("--preset", "smoke", "--methods", "dfm,fm", "-o", "cascade:optim.lr=1e-3"))
@@ -311,6 +316,16 @@ def test_the_photo_preset_runs_every_method_at_the_settings_the_study_chose(tmp_
     for method, cfg in chosen.items():
         assert cfg.method.name == method and cfg.method.prediction == "data"
         assert cfg.model.overrides == {"patch_size": 8, "hidden_size": 192, "head_overlap": True}
+    # each baseline's time law at its best on photographs; DFM keeps its preset's
+    assert chosen["fm"].method.main_loc == chosen["pyramidal"].method.main_loc == -1.0
+    assert chosen["pyramidal"].method.options["time"] == "logit_normal"
+    assert chosen["dfm"].method.main_loc == get_preset("quickstart").method.main_loc
+    # a setting given with -o for every method wins over the preset's per-method one (photo_tuning.sh pins the old law)
+    pinned = settings_from_args(_parse("--preset", "cpu-photo", "-o", "method.options.time=uniform",
+                                       "-o", f"data.dataset={tmp_path}"))  # fmt: skip
+    pyramidal = next(v for v in pinned.variants if v.method == "pyramidal")
+    cfg = run_config(pinned, pyramidal, seed=0)
+    assert cfg.method.options["time"] == "uniform" and cfg.method.main_loc == -1.0
     preset["overrides"] = (*preset["overrides"], "model.overrides.head_overlap=false", "method.prediction=velocity")
     cfg = run_config(QualitySettings(**preset), comparison_variants()[1], seed=0)
     assert cfg.model.overrides["head_overlap"] is False and cfg.method.prediction == "velocity"

@@ -204,13 +204,14 @@ def _overrides(argv: list[str]) -> list[str]:
 
 
 #: what every photo_tuning.sh lane gives first: the settings of the time the runs were made (the presets' threshold,
-#: now 0.9; the cpu-photo preset's model, now hidden 192 with the overlapping head, and Flow Matching's location 0,
-#: now -1.0 there); a lane's own come later and win
+#: now 0.9; the cpu-photo preset's model, now hidden 192 with the overlapping head, Flow Matching's location 0, now
+#: -1.0 there, and Pyramidal Flow's uniform local time, now LogitNormal there); a lane's own come later and win
 PINNED = [
     "sampler.thresholds=0.7",
     "model.overrides.hidden_size=128",
     "model.overrides.head_overlap=false",
     "method.main_loc=0",
+    "method.options.time=uniform",
 ]
 GLYPH_PINNED = ["sampler.thresholds=0.7", "model.overrides.head_overlap=false"]  # glyph_check.sh's (photo() widens)
 
