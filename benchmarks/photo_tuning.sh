@@ -16,7 +16,7 @@
 # overlap-fm|dfm|dfm3|dfm4|pyramidal|pyramidal3: the tuned settings with the overlapping output head (dfm4: four
 # stages; pyramidal3: Pyramidal Flow with three stages, DFM's three-stage Heun 10 + 5 + 5 split equally: 6 + 7 + 7)
 # (model.overrides.head_overlap=true). 1k-overlap-fm|1k-overlap-dfm3|1k-dfm3: those runs' two seeds scored with 1,000
-# samples (runs/photo-1k). resample-fm|resample-dfm3|resample-dfm4 "TAG OVERRIDES"...: the overlapping-head runs
+# samples (runs/photo-1k). resample-fm|-dfm3|-dfm4|-pyramidal "TAG OVERRIDES"...: the overlapping-head runs
 # scored again with other sampler settings (runs/photo-sampler; resample-128fm|-128dfm3|-128dfm4: the 128 px runs of
 # 128p8ov-*, FROM=their OUTROOT; RUN=<a tune-* run's name>, e.g. dfm3-h192-xpred-ov-p622, with its training overrides
 # in every variant); tune-fm|tune-dfm3|tune-pyramidal "TAG OVERRIDES"...: trained again with other training settings
@@ -150,8 +150,8 @@ case "$1" in
     link_runs runs/photo-tune/$name runs/photo-1k/$name "*-s[01]"
     NUM=1000 OUTROOT=runs/photo-1k SEEDS=0,1 bash benchmarks/photo_tuning.sh "$lane"
     ;;
-  resample-fm|resample-dfm3|resample-dfm4|resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3|\
-  tune-pyramidal|tune-128fm|tune-128dfm3|tune-128dfm4|tune-128pyramidal)
+  resample-fm|resample-dfm3|resample-dfm4|resample-pyramidal|resample-128fm|resample-128dfm3|resample-128dfm4|\
+  tune-fm|tune-dfm3|tune-pyramidal|tune-128fm|tune-128dfm3|tune-128dfm4|tune-128pyramidal)
     # the overlapping-head runs with other settings, each argument one
     # variant "TAG OVERRIDES...". resample-*: the trained seeds (SEEDS) scored again with other sampler settings at the
     # same cost (39 network evaluations), not retrained, in runs/photo-sampler/<run>-<tag> (FROM=runs/photo-800: the
@@ -164,7 +164,7 @@ case "$1" in
       *-fm) m=fm name=fm-h192-xpred-ov TRAIN=("${OV[@]}") ;;
       *-dfm3) m=dfm name=dfm3-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM3[@]}") ;;
       resample-dfm4) m=dfm name=dfm4-h192-xpred-ov TRAIN=("${OV[@]}" "${DFM4[@]}") ;;  # lane overlap-dfm4's runs
-      tune-pyramidal)  # lane overlap-pyramidal's runs, e.g. with its own time law (as the 128 px one below)
+      resample-pyramidal|tune-pyramidal)  # lane overlap-pyramidal's runs, e.g. with its own time law (as at 128 px)
         m=pyramidal name=pyr-h192-xpred-ov TRAIN=("${OV[@]}") ;;
       resample-128fm|tune-128fm)  # the 128 px runs of lane 128p8ov-fm (FROM=its OUTROOT; tune-128*: OUTROOT)
         p128 8 true
@@ -203,7 +203,8 @@ case "$1" in
          echo "  128p8ov-fm|128p8ov-dfm3|128p8ov-dfm4|128p8ov-pyramidal|128p8ov-pyramidal3|pyramidal|pyramidal-xpred"
          echo "  pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3"
          echo "  overlap-dfm4|overlap-pyramidal|overlap-pyramidal3|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm"
-         echo "  resample-dfm3|resample-dfm4|resample-128fm|resample-128dfm3|resample-128dfm4|tune-fm|tune-dfm3"
+         echo "  resample-dfm3|resample-dfm4|resample-pyramidal|resample-128fm|resample-128dfm3|resample-128dfm4"
+         echo "  tune-fm|tune-dfm3"
          echo "  tune-pyramidal|tune-128fm|tune-128dfm3|tune-128dfm4|tune-128pyramidal"
        } >&2
      exit 2 ;;

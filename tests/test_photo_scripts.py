@@ -408,6 +408,17 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     assert argv[argv.index("--out") + 1] == "runs/photo-tune/pyr-h192-xpred-ov-ln-mlm10"
     assert argv[argv.index("--methods") + 1] == "pyramidal" and argv[argv.index("--seeds") + 1] == "1"
     assert _overrides(argv) == [*overlap, "method.options.time=logit_normal", "method.main_loc=-1.0"]
+    trained_with = _overrides(argv)
+    pyr = tmp_path / "runs" / "photo-64-800" / "pyr-h192-xpred-ov-ln-mlm10" / "runs" / "pyramidal-abc-s0"
+    pyr.mkdir(parents=True)  # that run, trained for 800 steps, scored again with 1,000 samples
+    env = {"FROM": "runs/photo-64-800", "RUN": "pyr-h192-xpred-ov-ln-mlm10", "NUM": "1000"}
+    done, calls = _lane(tmp_path, "photo_tuning.sh", "resample-pyramidal", f"n1000 {ln.split(' ', 1)[1]}", env=env)
+    assert done.returncode == 0, done.stderr
+    argv = calls[-1]
+    assert argv[argv.index("--out") + 1] == "runs/photo-64-800-sampler/pyr-h192-xpred-ov-ln-mlm10-n1000"
+    assert argv[argv.index("--num-samples") + 1] == "1000" and _overrides(argv) == trained_with
+    link = tmp_path / "runs" / "photo-64-800-sampler" / "pyr-h192-xpred-ov-ln-mlm10-n1000" / "runs" / "pyramidal-abc-s0"
+    assert link.is_symlink() and link.resolve() == pyr.resolve()
     lanes = (("tune-128fm", "p128p8-ov-fm", "fm", None), ("tune-128dfm3", "p128p8-ov-dfm3", "dfm", "3"),
              ("tune-128dfm4", "p128p8-ov-dfm4", "dfm", "4"),
              ("tune-128pyramidal", "p128p8-ov-pyramidal", "pyramidal", None))  # fmt: skip
