@@ -32,9 +32,10 @@ DFM=${DFM:-dfm}
 # the settings of the time these runs were made, first: the presets' threshold (now 0.9), and the cpu-photo bench
 # preset's model (now hidden 192 with the overlapping head), and Flow Matching's and Pyramidal Flow's time laws (now
 # main_loc -1.0, and LogitNormal local time for Pyramidal Flow, in that preset: a setting given here, for every method,
-# replaces the preset's per-method one); a lane's own settings come later and win
+# replaces the preset's per-method one; the local time only where Pyramidal Flow runs, the bench refuses a method
+# option that none of its methods has); a lane's own settings come later and win
 PINNED=(-o sampler.thresholds=0.7 -o model.overrides.hidden_size=128 -o model.overrides.head_overlap=false
-        -o method.main_loc=0 -o method.options.time=uniform)
+        -o method.main_loc=0)
 # the tuned 64 px settings with the overlapping head, and the 3-stage DFM's split (the cpu64 study's, not tuned here)
 OV=(model.overrides.hidden_size=192 method.prediction=data model.overrides.head_overlap=true)
 DFM3=(method.stages=3 method.stage_probs=0.4,0.3,0.3 sampler.steps=10,5,5 sampler.thresholds=0.7,0.85)
@@ -47,6 +48,7 @@ p128() {  # patch overlap: the 128 px lanes' data and model settings, into P128
 bench() {  # name methods overrides...
   local name=$1 methods=$2; shift 2
   local args=("${PINNED[@]}")
+  [[ ,$methods, == *,pyramidal,* ]] && args+=(-o method.options.time=uniform)
   for o in "$@"; do args+=(-o "$o"); done
   $DFM bench quality --preset cpu-photo --reference fit --methods "$methods" --seeds ${SEEDS:-0} \
     --steps ${STEPS:-1600} --eval-points ${POINTS:-1} --num-samples ${NUM:-500} --threads 1 "${args[@]}" \

@@ -205,14 +205,15 @@ def _overrides(argv: list[str]) -> list[str]:
 
 #: what every photo_tuning.sh lane gives first: the settings of the time the runs were made (the presets' threshold,
 #: now 0.9; the cpu-photo preset's model, now hidden 192 with the overlapping head, Flow Matching's location 0, now
-#: -1.0 there, and Pyramidal Flow's uniform local time, now LogitNormal there); a lane's own come later and win
+#: -1.0 there, and, where Pyramidal Flow runs, its uniform local time, now LogitNormal there: PYRAMIDAL_PINNED); a
+#: lane's own come later and win
 PINNED = [
     "sampler.thresholds=0.7",
     "model.overrides.hidden_size=128",
     "model.overrides.head_overlap=false",
     "method.main_loc=0",
-    "method.options.time=uniform",
 ]
+PYRAMIDAL_PINNED = [*PINNED, "method.options.time=uniform"]
 GLYPH_PINNED = ["sampler.thresholds=0.7", "model.overrides.head_overlap=false"]  # glyph_check.sh's (photo() widens)
 
 
@@ -243,7 +244,7 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
     assert not [o for o in _overrides(argv) if o.startswith(("method.stages", "method.stage_probs"))]  # two stages
     done, calls = _lane(tmp_path, "photo_tuning.sh", "pyramidal-xpred")
     assert calls[-1][calls[-1].index("--methods") + 1] == "pyramidal"
-    pyramidal = [*PINNED, "model.overrides.hidden_size=192", "method.prediction=data"]
+    pyramidal = [*PYRAMIDAL_PINNED, "model.overrides.hidden_size=192", "method.prediction=data"]
     assert _overrides(calls[-1]) == pyramidal
     for lane, shares in (("fine", "0.3,0.7"), ("coarse", "0.7,0.3")):
         done, calls = _lane(tmp_path, "photo_tuning.sh", f"pyramidal-xpred-{lane}")
@@ -255,9 +256,10 @@ def test_photo_tuning_128_lanes_pass_their_settings(tmp_path: Path) -> None:
                               ("pyramidal", "pyr-h192-xpred-ov", "pyramidal")):  # fmt: skip
         done, calls = _lane(tmp_path, "photo_tuning.sh", f"overlap-{lane}")
         assert calls[-1][calls[-1].index("--out") + 1] == f"runs/photo-tune/{out}"
-        assert (
-            calls[-1][calls[-1].index("--methods") + 1] == method and _overrides(calls[-1])[: len(overlap)] == overlap
-        )
+        pinned = PYRAMIDAL_PINNED if method == "pyramidal" else PINNED
+        assert calls[-1][calls[-1].index("--methods") + 1] == method
+        expected = [*pinned, *overlap[len(PINNED) :]]
+        assert _overrides(calls[-1])[: len(expected)] == expected
     assert "method.stages=3" in _overrides(_lane(tmp_path, "photo_tuning.sh", "overlap-dfm3")[1][-1])
     _, calls = _lane(tmp_path, "photo_tuning.sh", "overlap-dfm4")  # four stages at 64 px: 8 -> 16 -> 32 -> 64
     assert calls[-1][calls[-1].index("--out") + 1] == "runs/photo-tune/dfm4-h192-xpred-ov"
@@ -407,7 +409,8 @@ def test_photo_tuning_resample_tune_and_budget_lanes(tmp_path: Path) -> None:
     argv = calls[-1]
     assert argv[argv.index("--out") + 1] == "runs/photo-tune/pyr-h192-xpred-ov-ln-mlm10"
     assert argv[argv.index("--methods") + 1] == "pyramidal" and argv[argv.index("--seeds") + 1] == "1"
-    assert _overrides(argv) == [*overlap, "method.options.time=logit_normal", "method.main_loc=-1.0"]
+    assert _overrides(argv) == [*PYRAMIDAL_PINNED, *overlap[len(PINNED) :], "method.options.time=logit_normal",
+                                "method.main_loc=-1.0"]  # fmt: skip
     trained_with = _overrides(argv)
     pyr = tmp_path / "runs" / "photo-64-800" / "pyr-h192-xpred-ov-ln-mlm10" / "runs" / "pyramidal-abc-s0"
     pyr.mkdir(parents=True)  # that run, trained for 800 steps, scored again with 1,000 samples
@@ -537,3 +540,30 @@ def test_border_swd_separates_the_border_from_the_inside(tmp_path: Path) -> None
     done = _run("border_swd.py", *args, "--shift", "0.3", f"clean={tmp_path / 'bench'}")
     assert done.returncode == 0, done.stderr
     assert f"clean                    whole  32: {clean['whole']['swd_32']:6.1f}" in done.stdout
+
+
+def test_photo_tuning_lanes_are_accepted_by_the_real_bench(tmp_path: Path) -> None:
+    """The stand-in ``dfm`` records a lane's arguments; the real `dfm bench quality` parser and run configs must
+    take them (a pinned method option that none of a lane's methods has was once refused by every lane)."""
+    import argparse
+
+    from dfm.bench.quality import add_quality_parser, checked_run_config, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_quality_parser(parser.add_subparsers())
+    ln = "ln-mlm10 method.options.time=logit_normal method.main_loc=-1.0"
+    lanes = [("overlap-fm",), ("overlap-dfm3",), ("overlap-dfm4",), ("overlap-pyramidal",), ("128p8ov-dfm4",),
+             ("tune-fm", "mlm10 method.main_loc=-1.0"), ("tune-pyramidal", ln), ("tune-128pyramidal", ln),
+             ("tune-128dfm4", "t808995 sampler.thresholds=0.8,0.89,0.95"), ("pyramidal-xpred-fine",)]  # fmt: skip
+    times = {}
+    for lane, *variants in lanes:
+        done, calls = _lane(tmp_path, "photo_tuning.sh", lane, *variants)
+        assert done.returncode == 0, done.stderr
+        settings = settings_from_args(parser.parse_args(calls[-1][1:]))
+        for variant in settings.variants:
+            cfg = checked_run_config(settings, variant, seed=0)
+            if cfg.method.name == "pyramidal":
+                times[lane] = (cfg.method.options["time"], cfg.method.main_loc)
+    # the pinned uniform law (the runs' own time) unless the lane asks for its own
+    assert times == {"overlap-pyramidal": ("uniform", 0.0), "tune-pyramidal": ("logit_normal", -1.0),
+                     "tune-128pyramidal": ("logit_normal", -1.0), "pyramidal-xpred-fine": ("uniform", 0.0)}  # fmt: skip
