@@ -116,8 +116,8 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
     # predicting the data (baselines included) and the overlapping output head; Flow Matching with its training
     # times drawn nearer the noise (main_loc -1.0: better on both metrics at 64 and 128 px on photographs only, so
     # not in its preset), and Pyramidal Flow with the same law in each of its time windows (LogitNormal(-1.0, 1):
-    # better on both metrics at both sizes, "Pyramidal Flow's own time law at 128 px"). Six runs of 6,400 steps: about
-    # 9 hours on two CPU cores.
+    # better on both metrics wherever it was compared with the uniform law, at 64 and 128 px; "Pyramidal Flow's own
+    # time law at 128 px"). Six runs of 6,400 steps: about 9 hours on two CPU cores.
     "cpu-photo": dict(preset="quickstart", methods=("dfm", "fm", "pyramidal"), seeds=(0, 1), steps=6400,
                       eval_points=4, num_samples=1000, guidance=(1.0,), sample_batch=250, num_reference=None,
                       metrics=("fd:efficientnet-lite0", "swd", "sigma"),
