@@ -542,13 +542,17 @@ def test_border_swd_separates_the_border_from_the_inside(tmp_path: Path) -> None
     assert f"clean                    whole  32: {clean['whole']['swd_32']:6.1f}" in done.stdout
 
 
-def test_photo_tuning_lanes_are_accepted_by_the_real_bench(tmp_path: Path) -> None:
+def test_photo_tuning_lanes_are_accepted_by_the_real_bench(tmp_path: Path, monkeypatch) -> None:
     """The stand-in ``dfm`` records a lane's arguments; the real `dfm bench quality` parser and run configs must
     take them (a pinned method option that none of a lane's methods has was once refused by every lane)."""
     import argparse
 
     from dfm.bench.quality import add_quality_parser, checked_run_config, settings_from_args
 
+    monkeypatch.chdir(tmp_path)  # the lanes name the photographs relative to the repository root: not built here
+    for size in (64, 128):  # the folders of a data set built with splits, which --reference fit asks for
+        for split in ("fit", "val", "test"):
+            (tmp_path / "data" / "photos" / str(size) / split).mkdir(parents=True)
     parser = argparse.ArgumentParser()
     add_quality_parser(parser.add_subparsers())
     ln = "ln-mlm10 method.options.time=logit_normal method.main_loc=-1.0"
