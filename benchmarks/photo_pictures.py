@@ -32,11 +32,10 @@ def sheet(folder: Path, step: int, seed: int, draw: bool = False) -> Path:
         if path.is_file():
             return path
     checkpoint = f"checkpoints/step_{step:08d}"
-    if draw:
-        for run in runs:
-            if (run / checkpoint).is_dir():
-                return drawn(run, run / checkpoint, step)
-    hint = f" (--draw draws it from {checkpoint})" if any((r / checkpoint).is_dir() for r in runs) else ""
+    saved = next((run for run in runs if (run / checkpoint).is_dir()), None)  # the run that can draw it
+    if draw and saved is not None:
+        return drawn(saved, saved / checkpoint, step)
+    hint = f" (--draw draws it from {checkpoint})" if saved is not None else ""
     raise FileNotFoundError(f"no samples/step_{step:08d}.png of seed {seed} under {folder}{hint}: is the run finished?")
 
 

@@ -206,8 +206,7 @@ case "$1" in
          echo "  pyramidal-xpred-ln|pyramidal-xpred-fine|pyramidal-xpred-coarse|overlap-fm|overlap-dfm|overlap-dfm3"
          echo "  overlap-dfm4|overlap-pyramidal|overlap-pyramidal3|1k-overlap-fm|1k-overlap-dfm3|1k-dfm3|resample-fm"
          echo "  resample-dfm3|resample-dfm4|resample-pyramidal|resample-128fm|resample-128dfm3|resample-128dfm4"
-         echo "  tune-fm|tune-dfm3"
-         echo "  tune-pyramidal|tune-128fm|tune-128dfm3|tune-128dfm4|tune-128pyramidal"
+         echo "  tune-fm|tune-dfm3|tune-pyramidal|tune-128fm|tune-128dfm3|tune-128dfm4|tune-128pyramidal"
        } >&2
      exit 2 ;;
 esac
